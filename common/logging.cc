@@ -1,0 +1,66 @@
+#include "common/logging.h"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
+namespace meshpost {
+namespace {
+
+// Logging is process-wide by nature (one stderr); this is the one registry of loggers.
+struct LogState {
+  std::mutex mu;
+  std::string tag = "meshpost";
+  spdlog::level::level_enum level = spdlog::level::info;
+  std::shared_ptr<spdlog::sinks::sink> sink;
+  std::unordered_map<std::string, std::shared_ptr<spdlog::logger>> loggers;
+};
+
+LogState& State() {
+  static LogState* state = [] {
+    auto* s = new LogState();
+    s->sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+    if (const char* v = std::getenv("PS_VERBOSE")) {
+      if (v[0] == '1') s->level = spdlog::level::debug;
+      if (v[0] == '2') s->level = spdlog::level::trace;
+    }
+    return s;
+  }();
+  return *state;
+}
+
+void ApplyPattern(spdlog::logger& l, const std::string& tag) {
+  l.set_pattern("[%H:%M:%S.%f] [" + tag + "] [%n] [%l] %v");
+}
+
+}  // namespace
+
+spdlog::logger& Log(const char* layer) {
+  LogState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.loggers.find(layer);
+  if (it != s.loggers.end()) return *it->second;
+  auto logger = std::make_shared<spdlog::logger>(layer, s.sink);
+  logger->set_level(s.level);
+  ApplyPattern(*logger, s.tag);
+  logger->flush_on(spdlog::level::warn);
+  s.loggers.emplace(layer, logger);
+  return *logger;
+}
+
+void ConfigureLogging(const std::string& role_tag, int verbose) {
+  LogState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.tag = role_tag;
+  s.level = verbose >= 2 ? spdlog::level::trace
+            : verbose == 1 ? spdlog::level::debug
+                           : spdlog::level::info;
+  for (auto& [name, logger] : s.loggers) {
+    logger->set_level(s.level);
+    ApplyPattern(*logger, s.tag);
+  }
+}
+
+}  // namespace meshpost

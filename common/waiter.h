@@ -1,0 +1,84 @@
+// Adaptive waiting (DESIGN §4): spin on a predicate for a short, configurable time,
+// then block on a condition variable until notified or the deadline passes. In busy-poll
+// mode the waiter never blocks (for dedicated cores). Notify() is cheap when nobody sleeps.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+
+#include "common/clock.h"
+
+namespace meshpost {
+
+struct WaitPolicy {
+  int64_t spin_ns = 50'000;  // spin this long before blocking
+  bool busy_poll = false;    // never block (dedicated cores)
+};
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class Waiter {
+ public:
+  explicit Waiter(WaitPolicy policy = {}) : policy_(policy) {}
+
+  void set_policy(WaitPolicy policy) { policy_ = policy; }
+
+  // Returns true once pred() holds, false if deadline_ns (GetNanosecond clock) passed first.
+  // pred must read state that the notifier publishes before calling Notify().
+  template <typename Pred>
+  bool WaitUntil(Pred pred, uint64_t deadline_ns) {
+    if (pred()) return true;
+    const uint64_t start = GetNanosecond();
+    const uint64_t spin_end = start + static_cast<uint64_t>(policy_.spin_ns);
+    for (;;) {
+      if (pred()) return true;
+      const uint64_t now = GetNanosecond();
+      if (now >= deadline_ns) return false;
+      if (!policy_.busy_poll && now >= spin_end) break;
+      CpuRelax();
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    bool result = true;
+    while (!pred()) {
+      const uint64_t now = GetNanosecond();
+      if (now >= deadline_ns) {
+        result = pred();
+        break;
+      }
+      // Sleep in slices of at most 100 ms so a lost wakeup can never stall a waiter long,
+      // and so callers that wait in a loop can check for interruption.
+      const uint64_t slice = std::min<uint64_t>(deadline_ns - now, 100'000'000ull);
+      cv_.wait_for(lock, std::chrono::nanoseconds(slice));
+    }
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+    return result;
+  }
+
+  void Notify() {
+    // Pairs with the seq_cst increment in WaitUntil: either the sleeper sees the new state
+    // in its pred() check, or we see it counted and wake it under the mutex.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) == 0) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    cv_.notify_all();
+  }
+
+ private:
+  WaitPolicy policy_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<int> sleepers_{0};
+};
+
+}  // namespace meshpost

@@ -1,0 +1,415 @@
+#include "ps/af_server.h"
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "common/clock.h"
+#include "common/logging.h"
+#include "ps/node_context.h"
+#include "ps/request_queues.h"
+
+namespace meshpost {
+namespace {
+
+constexpr const char* kLog = "ps";
+
+struct ServerRequest {
+  uint64_t handle = 0;
+  int worker_rank = 0;
+  int worker_node = 0;
+  uint64_t request_id = 0;
+  std::vector<TensorDesc> push;
+  std::vector<RecvSegment> segments;  // owners keep van buffers alive until answered
+  std::vector<TensorDesc> slots;
+  uint64_t received = 0;
+  uint64_t processed = 0;
+};
+
+struct RecvChunk {
+  char* data = nullptr;
+  size_t capacity = 0;
+  std::shared_ptr<const void> owner;
+};
+
+}  // namespace
+
+class AFTensorServer::Impl : public DataHandler {
+ public:
+  explicit Impl(NodeContext* ctx)
+      : ctx_(ctx),
+        num_workers_(ctx->options().num_workers),
+        num_servers_(ctx->options().num_servers),
+        waiter_(ctx->wait_policy()),
+        queues_(num_workers_),
+        worker_down_(num_workers_) {}
+
+  Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
+    const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
+    uint64_t seen_epoch = 0;  // 0 first: check down workers once before waiting
+    for (;;) {
+      const bool woke = waiter_.WaitUntil(
+          [this, seen_epoch] {
+            return ready_.load(std::memory_order_acquire) ||
+                   down_epoch_.load(std::memory_order_acquire) != seen_epoch;
+          },
+          deadline);
+      seen_epoch = down_epoch_.load(std::memory_order_acquire);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (queues_.BatchReady()) {
+        std::vector<std::shared_ptr<ServerRequest>> batch = queues_.PopBatch();
+        ready_.store(queues_.BatchReady(), std::memory_order_release);
+        const uint64_t now = GetNanosecond();
+        std::vector<BatchRequest> out;
+        out.reserve(batch.size());
+        for (auto& r : batch) {
+          r->processed = now;
+          BatchRequest b;
+          b.handle = r->handle;
+          b.worker_rank = r->worker_rank;
+          for (size_t i = 0; i < r->push.size(); ++i) {
+            KeyTensor kt;
+            kt.key = r->push[i].key;
+            kt.tensor.data = r->segments[i].data;
+            kt.tensor.dtype = r->push[i].dtype;
+            kt.tensor.shape = r->push[i].shape;
+            b.push.push_back(std::move(kt));
+          }
+          b.pull_slots = SlotsOf(*r);
+          outstanding_.emplace(r->handle, std::move(r));
+          out.push_back(std::move(b));
+        }
+        return out;
+      }
+      for (int w = 0; w < num_workers_; ++w) {
+        if (!worker_down_[w].ok() && !queues_.HasPending(w)) {
+          return UnavailableError("GetBatch: worker " + std::to_string(w) +
+                                  " is down and has no pending request, so no batch can "
+                                  "complete: " + worker_down_[w].message());
+        }
+      }
+      if (!woke && GetNanosecond() >= deadline) {
+        std::string missing;
+        for (int w = 0; w < num_workers_; ++w) {
+          if (!queues_.HasPending(w)) missing += (missing.empty() ? "" : ", ") + std::to_string(w);
+        }
+        return DeadlineExceededError("GetBatch: no complete batch after " +
+                                     std::to_string(timeout_ms) + " ms; waiting for worker(s) " +
+                                     missing);
+      }
+      // Woken by a down worker whose queue still holds requests: wait on.
+    }
+  }
+
+  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors) {
+    const uint64_t start = GetNanosecond();
+    std::shared_ptr<ServerRequest> r;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = outstanding_.find(handle);
+      if (it == outstanding_.end()) return UnknownHandle("Respond", handle);
+      r = it->second;
+      MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors));
+      outstanding_.erase(it);
+    }
+    return SendResponse(std::move(r), tensors, start);
+  }
+
+  Status RespondVec(const TensorView& ret_buffer, const std::vector<TensorView>& tensors_vec,
+                    const std::vector<uint64_t>& handles) {
+    const uint64_t start = GetNanosecond();
+    const char* fn = "RespondVec";
+    if (tensors_vec.size() != handles.size()) {
+      return InvalidArgumentError(std::string(fn) + ": tensors_vec has " +
+                                  std::to_string(tensors_vec.size()) + " tensors but handles has " +
+                                  std::to_string(handles.size()) + "; expected equal lengths");
+    }
+    MESHPOST_RETURN_IF_ERROR(ValidateTensor(ret_buffer, std::string(fn) + ": ret_buffer"));
+    if (ret_buffer.shape.empty()) {
+      return InvalidArgumentError(std::string(fn) + ": ret_buffer is a scalar (" +
+                                  ret_buffer.Describe() + "); expected at least one dimension");
+    }
+    std::vector<int64_t> rows;
+    for (size_t i = 0; i < tensors_vec.size(); ++i) {
+      if (tensors_vec[i].shape.empty()) {
+        return InvalidArgumentError(std::string(fn) + ": tensors_vec[" + std::to_string(i) +
+                                    "] is a scalar; expected a tensor with rows (dim 0)");
+      }
+      rows.push_back(tensors_vec[i].shape[0]);
+    }
+    MESHPOST_ASSIGN_OR_RETURN(std::vector<RowSlice> slices,
+                              RunningOffsetSlices(rows, ret_buffer.shape[0]));
+    const size_t row_bytes =
+        ret_buffer.shape[0] == 0 ? 0 : ret_buffer.nbytes() / static_cast<size_t>(ret_buffer.shape[0]);
+    std::vector<TensorView> views(handles.size());
+    for (size_t i = 0; i < handles.size(); ++i) {
+      TensorView& v = views[i];
+      v = ret_buffer;
+      v.data = static_cast<char*>(ret_buffer.data) + slices[i].begin * row_bytes;
+      v.shape[0] = slices[i].rows;
+    }
+    // Check every handle before sending anything, so a bad entry sends nothing.
+    std::vector<std::shared_ptr<ServerRequest>> requests;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < handles.size(); ++i) {
+        for (size_t j = 0; j < i; ++j) {
+          if (handles[j] == handles[i]) {
+            return InvalidArgumentError(std::string(fn) + ": handle " + std::to_string(handles[i]) +
+                                        " appears twice (handles[" + std::to_string(j) + "] and [" +
+                                        std::to_string(i) + "])");
+          }
+        }
+        auto it = outstanding_.find(handles[i]);
+        if (it == outstanding_.end()) return UnknownHandle(fn, handles[i]);
+        MESHPOST_RETURN_IF_ERROR(CheckResponse(
+            (std::string(fn) + " handles[" + std::to_string(i) + "]").c_str(), *it->second,
+            {views[i]}));
+        requests.push_back(it->second);
+      }
+      for (uint64_t h : handles) outstanding_.erase(h);
+    }
+    Status first_error;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      Status s = SendResponse(std::move(requests[i]), {views[i]}, start);
+      if (!s.ok() && first_error.ok()) first_error = s;
+    }
+    return first_error;
+  }
+
+  Status RegisterRecvBuffer(const TensorView& tensor, const std::vector<int>& worker_ranks,
+                            const std::vector<int64_t>& keys) {
+    const std::string fn = "RegisterRecvBuffer";
+    MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensor, fn + ": tensor"));
+    if (worker_ranks.empty() || worker_ranks.size() != keys.size()) {
+      return InvalidArgumentError(fn + ": worker_ranks has " + std::to_string(worker_ranks.size()) +
+                                  " entries and keys " + std::to_string(keys.size()) +
+                                  "; expected equal, non-zero lengths (one chunk per pair)");
+    }
+    const size_t n = worker_ranks.size();
+    if (tensor.nbytes() == 0 || tensor.nbytes() % n != 0) {
+      return InvalidArgumentError(fn + ": tensor " + tensor.Describe() + " has " +
+                                  std::to_string(tensor.nbytes()) +
+                                  " bytes, which do not split evenly into " + std::to_string(n) +
+                                  " chunks");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (worker_ranks[i] < 0 || worker_ranks[i] >= num_workers_) {
+        return InvalidArgumentError(fn + ": worker_ranks[" + std::to_string(i) + "]=" +
+                                    std::to_string(worker_ranks[i]) + "; expected 0 <= rank < " +
+                                    std::to_string(num_workers_));
+      }
+      MESHPOST_RETURN_IF_ERROR(ValidateKey(keys[i], fn + ": keys[" + std::to_string(i) + "]"));
+      for (size_t j = 0; j < i; ++j) {
+        if (worker_ranks[j] == worker_ranks[i] && keys[j] == keys[i]) {
+          return InvalidArgumentError(fn + ": (worker " + std::to_string(worker_ranks[i]) +
+                                      ", key " + std::to_string(keys[i]) + ") appears twice");
+        }
+      }
+    }
+    const size_t chunk = tensor.nbytes() / n;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < n; ++i) {
+      RecvChunk c;
+      c.data = static_cast<char*>(tensor.data) + i * chunk;
+      c.capacity = chunk;
+      c.owner = tensor.owner;
+      recv_buffers_[{worker_ranks[i], keys[i]}] = std::move(c);
+    }
+    MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes", n, chunk);
+    return OkStatus();
+  }
+
+  Result<std::vector<PullSlot>> PullSlots(uint64_t handle) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = outstanding_.find(handle);
+    if (it == outstanding_.end()) return UnknownHandle("PullSlots", handle);
+    return SlotsOf(*it->second);
+  }
+
+  int num_workers() const { return num_workers_; }
+
+  // --- DataHandler, called on the van's receive thread ---
+
+  Result<void*> Destination(const Meta& meta, size_t index) override {
+    MESHPOST_ASSIGN_OR_RETURN(int rank, WorkerRankOf(meta));
+    const TensorDesc& d = meta.data[index];
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = recv_buffers_.find({rank, d.key});
+    if (it == recv_buffers_.end()) return nullptr;
+    if (d.nbytes > it->second.capacity) {
+      return InvalidArgumentError("push of key " + std::to_string(d.key) + " from worker " +
+                                  std::to_string(rank) + " is " + std::to_string(d.nbytes) +
+                                  " bytes but its registered receive buffer chunk holds " +
+                                  std::to_string(it->second.capacity));
+    }
+    return static_cast<void*>(it->second.data);
+  }
+
+  void OnData(InMessage&& msg) override {
+    auto rank = WorkerRankOf(msg.meta);
+    if (!rank.ok()) {
+      MP_LOG_ERROR(kLog, "server dropped message: {}", rank.status().ToString());
+      return;
+    }
+    auto r = std::make_shared<ServerRequest>();
+    r->received = GetNanosecond();
+    r->worker_rank = *rank;
+    r->worker_node = msg.meta.sender;
+    r->request_id = msg.meta.id;
+    r->push = std::move(msg.meta.data);
+    r->slots = std::move(msg.meta.slots);
+    r->segments = std::move(msg.segments);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      r->handle = next_handle_++;
+      queues_.Push(*rank, std::move(r));
+      ready_.store(queues_.BatchReady(), std::memory_order_release);
+    }
+    waiter_.Notify();
+  }
+
+  void OnDropped(const Meta& meta, const Status& why) override {
+    if (meta.cmd != Command::kRequest || !WorkerRankOf(meta).ok()) return;
+    // Tell the worker, so its handle fails now instead of timing out.
+    OutMessage out;
+    out.meta.cmd = Command::kResponse;
+    out.meta.sender = ctx_->node_id();
+    out.meta.recipient = meta.sender;
+    out.meta.id = meta.id;
+    out.meta.status_code = static_cast<int32_t>(why.code());
+    out.meta.body = why.message();
+    Status s = ctx_->Send(std::move(out));
+    if (!s.ok()) MP_LOG_ERROR(kLog, "could not report a refused request: {}", s.ToString());
+  }
+
+  void OnNodeDown(int node_id, const Status& why) override {
+    const int w = node_id - 1 - num_servers_;
+    if (w < 0 || w >= num_workers_) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      worker_down_[w] = why;
+    }
+    down_epoch_.fetch_add(1, std::memory_order_acq_rel);
+    waiter_.Notify();
+  }
+
+ private:
+  Result<int> WorkerRankOf(const Meta& meta) const {
+    if (meta.cmd != Command::kRequest) {
+      return DataLossError(std::string("server got unexpected ") + CommandName(meta.cmd));
+    }
+    const int rank = meta.sender - 1 - num_servers_;
+    if (rank < 0 || rank >= num_workers_) {
+      return DataLossError("request from node " + std::to_string(meta.sender) +
+                           ", which is not a worker");
+    }
+    return rank;
+  }
+
+  static std::vector<PullSlot> SlotsOf(const ServerRequest& r) {
+    std::vector<PullSlot> slots;
+    for (const TensorDesc& d : r.slots) slots.push_back({d.key, d.dtype, d.shape, d.nbytes});
+    return slots;
+  }
+
+  Status UnknownHandle(const char* fn, uint64_t handle) const {
+    return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
+                         (handle > 0 && handle < next_handle_
+                              ? " was already answered (or is not yet returned by GetBatch)"
+                              : " was never returned by GetBatch"));
+  }
+
+  // Requires mu_.
+  static Status CheckResponse(const char* fn, const ServerRequest& r,
+                              const std::vector<TensorView>& tensors) {
+    if (tensors.size() != r.slots.size()) {
+      return InvalidArgumentError(std::string(fn) + ": " + std::to_string(tensors.size()) +
+                                  " tensors for handle " + std::to_string(r.handle) + "; worker " +
+                                  std::to_string(r.worker_rank) + " expects " +
+                                  std::to_string(r.slots.size()) + " (its pull slots)");
+    }
+    for (size_t j = 0; j < tensors.size(); ++j) {
+      const std::string where = std::string(fn) + ": tensors[" + std::to_string(j) + "]";
+      MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensors[j], where));
+      const TensorDesc& slot = r.slots[j];
+      if (tensors[j].dtype != slot.dtype || tensors[j].nbytes() != slot.nbytes) {
+        TensorView want;
+        want.dtype = slot.dtype;
+        want.shape = slot.shape;
+        return InvalidArgumentError(where + " is " + tensors[j].Describe() + " (" +
+                                    std::to_string(tensors[j].nbytes()) + " bytes); worker " +
+                                    std::to_string(r.worker_rank) + "'s pull slot " +
+                                    std::to_string(j) + " (key " + std::to_string(slot.key) +
+                                    ") expects " + want.Describe() + " (" +
+                                    std::to_string(slot.nbytes) + " bytes)");
+      }
+    }
+    return OkStatus();
+  }
+
+  Status SendResponse(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
+                      uint64_t start) {
+    OutMessage out;
+    out.meta.cmd = Command::kResponse;
+    out.meta.sender = ctx_->node_id();
+    out.meta.recipient = r->worker_node;
+    out.meta.id = r->request_id;
+    out.meta.data.reserve(tensors.size());
+    for (size_t j = 0; j < tensors.size(); ++j) {
+      TensorDesc d = r->slots[j];
+      out.meta.data.push_back(std::move(d));
+      out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner});
+    }
+    out.meta.stamps = {r->received, r->processed, start, GetNanosecond()};
+    Status s = ctx_->Send(std::move(out));
+    if (!s.ok()) {
+      return s.Annotate("response for handle " + std::to_string(r->handle) + " to worker " +
+                        std::to_string(r->worker_rank));
+    }
+    return OkStatus();
+  }
+
+  NodeContext* ctx_;
+  const int num_workers_;
+  const int num_servers_;
+  Waiter waiter_;
+  std::mutex mu_;
+  RequestQueues<std::shared_ptr<ServerRequest>> queues_;
+  std::atomic<bool> ready_{false};
+  std::atomic<uint64_t> down_epoch_{0};
+  std::vector<Status> worker_down_;
+  uint64_t next_handle_ = 1;
+  std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
+  std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
+};
+
+AFTensorServer::AFTensorServer(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {
+  ctx->SetDataHandler(impl_.get());
+}
+AFTensorServer::~AFTensorServer() = default;
+
+Result<std::vector<BatchRequest>> AFTensorServer::GetBatch(int64_t timeout_ms) {
+  return impl_->GetBatch(timeout_ms);
+}
+Status AFTensorServer::Respond(uint64_t handle, const std::vector<TensorView>& tensors) {
+  return impl_->Respond(handle, tensors);
+}
+Status AFTensorServer::RespondVec(const TensorView& ret_buffer,
+                                  const std::vector<TensorView>& tensors_vec,
+                                  const std::vector<uint64_t>& handles) {
+  return impl_->RespondVec(ret_buffer, tensors_vec, handles);
+}
+Status AFTensorServer::RegisterRecvBuffer(const TensorView& tensor,
+                                          const std::vector<int>& worker_ranks,
+                                          const std::vector<int64_t>& keys) {
+  return impl_->RegisterRecvBuffer(tensor, worker_ranks, keys);
+}
+Result<std::vector<PullSlot>> AFTensorServer::PullSlots(uint64_t handle) {
+  return impl_->PullSlots(handle);
+}
+int AFTensorServer::num_workers() const { return impl_->num_workers(); }
+
+}  // namespace meshpost

@@ -1,0 +1,64 @@
+// AFTensorServer: the FFN-side API. Requests are queued per worker; GetBatch returns one
+// request from every worker, in worker-rank order, once each worker has one pending.
+// Respond / RespondVec answer a request into the worker's pull tensors after checking
+// count, bytes and dtype against the worker's pull slots; nothing is sent on a mismatch.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/result.h"
+#include "tensor/tensor_view.h"
+
+namespace meshpost {
+
+class NodeContext;
+
+// A worker's pull slot as described in its request.
+struct PullSlot {
+  int64_t key = 0;
+  DType dtype = DType::kUInt8;
+  std::vector<int64_t> shape;
+  size_t nbytes = 0;
+};
+
+struct BatchRequest {
+  uint64_t handle = 0;   // server-side handle for Respond; never reused
+  int worker_rank = 0;
+  KeyTensorBatch push;   // views of the received bytes; valid until this request is answered
+  std::vector<PullSlot> pull_slots;
+};
+
+class AFTensorServer {
+ public:
+  explicit AFTensorServer(NodeContext* ctx);
+  ~AFTensorServer();
+  AFTensorServer(const AFTensorServer&) = delete;
+  AFTensorServer& operator=(const AFTensorServer&) = delete;
+
+  // One request per worker in worker-rank order. DeadlineExceeded after timeout_ms
+  // (< 0: no limit); Unavailable if a worker died or left while requests are incomplete.
+  Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms);
+  // Sends tensors[j] into pull slot j of the request's worker. Tensors must stay valid
+  // until the transport is done with them unless their `owner` is set.
+  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors);
+  // Handle i gets rows [off_i, off_i + tensors_vec[i].shape[0]) of ret_buffer, where
+  // off_i is the running sum of the previous row counts.
+  Status RespondVec(const TensorView& ret_buffer, const std::vector<TensorView>& tensors_vec,
+                    const std::vector<uint64_t>& handles);
+  // Splits `tensor` evenly along its bytes into worker_ranks.size() chunks; pushes of
+  // keys[i] from worker worker_ranks[i] then land in chunk i.
+  Status RegisterRecvBuffer(const TensorView& tensor, const std::vector<int>& worker_ranks,
+                            const std::vector<int64_t>& keys);
+  // Pull slots of a pending request (NotFound when unknown or already answered).
+  Result<std::vector<PullSlot>> PullSlots(uint64_t handle);
+  int num_workers() const;
+
+  class Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace meshpost

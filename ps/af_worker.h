@@ -1,0 +1,47 @@
+// AFTensorWorker: the attention-side API. ZBatchPushPull sends the push tensors to every
+// server and registers the pull tensors as destinations (server-major: with S servers and
+// S * P pull tensors, entry s * P + j is slot j of server s); it returns a 64-bit handle
+// that completes once every server has answered. Handles are never reused.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/result.h"
+#include "ps/trace.h"
+#include "tensor/tensor_view.h"
+
+namespace meshpost {
+
+class NodeContext;
+
+class AFTensorWorker {
+ public:
+  explicit AFTensorWorker(NodeContext* ctx);
+  ~AFTensorWorker();
+  AFTensorWorker(const AFTensorWorker&) = delete;
+  AFTensorWorker& operator=(const AFTensorWorker&) = delete;
+
+  // Push tensors and pull tensors must stay valid until the handle completes, unless
+  // their `owner` is set (then meshpost holds it as long as it needs the memory).
+  Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull);
+  // OK once every server answered; DeadlineExceeded after timeout_ms (the request stays
+  // pending and may be waited on again); Unavailable when a server died or left; any error
+  // the server reported. timeout_ms < 0 waits without limit.
+  Status Wait(uint64_t handle, int64_t timeout_ms);
+  // True once the handle completed (successfully or not); NotFound for unknown handles.
+  Result<bool> Done(uint64_t handle);
+  // Per-server request ids of a handle, in server-rank order.
+  Result<std::vector<uint64_t>> GetAllHandlers(uint64_t handle);
+  // One Trace per server, in server-rank order.
+  Result<std::vector<Trace>> FetchTrace(uint64_t handle);
+  int num_servers() const;
+
+  class Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace meshpost

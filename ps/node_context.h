@@ -1,0 +1,58 @@
+// Internal seam between the Postoffice and the AF worker/server: what they need from the
+// node (options, sending, peer liveness) and what the node delivers to them (data
+// messages, destinations for incoming payloads, peer failures). Not a public header.
+#pragma once
+
+#include "common/result.h"
+#include "common/waiter.h"
+#include "ps/options.h"
+#include "van/message.h"
+
+namespace meshpost {
+
+// Node ids are derived from ranks so that every process can compute them: the scheduler
+// is 0, server rank r is 1 + r, worker rank r is 1 + num_servers + r.
+constexpr int kSchedulerId = 0;
+inline int ServerNodeId(int rank) { return 1 + rank; }
+inline int WorkerNodeId(int num_servers, int rank) { return 1 + num_servers + rank; }
+
+// Request ids carry the server index in their low bits so a response maps back to
+// (handle, server) without a lookup table.
+constexpr int kServerIndexBits = 12;
+constexpr int kMaxServers = 1 << kServerIndexBits;
+inline uint64_t RequestId(uint64_t handle, int server) {
+  return (handle << kServerIndexBits) | static_cast<uint64_t>(server);
+}
+inline uint64_t HandleOf(uint64_t request_id) { return request_id >> kServerIndexBits; }
+inline int ServerOf(uint64_t request_id) {
+  return static_cast<int>(request_id & (kMaxServers - 1));
+}
+
+class DataHandler {
+ public:
+  virtual ~DataHandler() = default;
+  virtual Result<void*> Destination(const Meta& meta, size_t index) = 0;
+  virtual void OnData(InMessage&& msg) = 0;
+  virtual void OnDropped(const Meta& meta, const Status& why) = 0;
+  virtual void OnNodeDown(int node_id, const Status& why) = 0;
+};
+
+class NodeContext {
+ public:
+  virtual ~NodeContext() = default;
+  virtual const Options& options() const = 0;
+  virtual int node_id() const = 0;
+  virtual Status Send(OutMessage&& msg) = 0;
+  // OK while the peer is alive; otherwise why it is not (died, left).
+  virtual Status PeerStatus(int node_id) const = 0;
+  virtual void SetDataHandler(DataHandler* handler) = 0;
+
+  WaitPolicy wait_policy() const {
+    WaitPolicy p;
+    p.spin_ns = options().spin_us * 1000;
+    p.busy_poll = options().busy_poll;
+    return p;
+  }
+};
+
+}  // namespace meshpost

@@ -1,0 +1,47 @@
+// Launch configuration. Every DMLC_* / MESHPOST_* variable maps to one field here;
+// OptionsFromEnv() is the one place the environment is read, and Validate() checks any
+// options object (from env or built in code) with messages naming the field and value.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/env.h"
+#include "common/result.h"
+
+namespace meshpost {
+
+enum class Role { kScheduler, kServer, kWorker };
+const char* RoleName(Role role);
+
+struct Options {
+  Role role = Role::kWorker;           // DMLC_ROLE
+  std::string root_uri = "127.0.0.1";  // DMLC_PS_ROOT_URI
+  int root_port = 0;                   // DMLC_PS_ROOT_PORT (0: scheduler picks, see port_fd)
+  int num_workers = 1;                 // DMLC_NUM_WORKER
+  int num_servers = 1;                 // DMLC_NUM_SERVER
+  int group_size = 1;                  // DMLC_GROUP_SIZE
+  int node_rank = 0;                   // DMLC_NODE_RANK
+  int instance = 0;                    // STEPMESH_GPU or DMLC_INSTANCE_ID
+  std::string node_host;               // DMLC_NODE_HOST (default: from interface / root)
+  std::string interface;               // DMLC_INTERFACE
+  int port = 0;                        // DMLC_PORT (0: OS-assigned)
+  int verbose = 0;                     // PS_VERBOSE 0/1/2
+  bool enable_rdma = false;            // DMLC_ENABLE_RDMA
+  std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|tcp
+  int heartbeat_interval_ms = 1000;    // MESHPOST_HEARTBEAT_INTERVAL_MS
+  int heartbeat_timeout_ms = 6000;     // MESHPOST_HEARTBEAT_TIMEOUT_MS
+  int64_t spin_us = 50;                // MESHPOST_SPIN_US: spin before blocking
+  bool busy_poll = false;              // MESHPOST_BUSY_POLL: never block
+  int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
+  int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
+  int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
+
+  // Global rank of a worker or server: node_rank * group_size + instance.
+  int Rank() const { return node_rank * group_size + instance; }
+  Status Validate() const;
+};
+
+Result<Options> OptionsFromEnv(const EnvLookup& env = ProcessEnv());
+
+}  // namespace meshpost

@@ -1,0 +1,27 @@
+// Per-request trace: eight nanosecond stamps taken on the GetNanosecond() clock. Worker
+// stamps (request start/posted, response received/processed) are from the worker's host,
+// server stamps from the server's host; subtract only stamps from the same host.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+namespace meshpost {
+
+struct Trace {
+  uint64_t request_start = 0;       // worker: ZBatchPushPull entered
+  uint64_t request_posted = 0;      // worker: request handed to the transport
+  uint64_t request_received = 0;    // server: request fully received
+  uint64_t request_processed = 0;   // server: request returned by GetBatch
+  uint64_t response_start = 0;      // server: Respond entered
+  uint64_t response_posted = 0;     // server: response handed to the transport
+  uint64_t response_received = 0;   // worker: response header received
+  uint64_t response_processed = 0;  // worker: payload in the pull tensors, handle complete
+
+  std::array<uint64_t, 8> ToArray() const {
+    return {request_start,  request_posted,  request_received,  request_processed,
+            response_start, response_posted, response_received, response_processed};
+  }
+};
+
+}  // namespace meshpost

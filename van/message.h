@@ -1,0 +1,83 @@
+// Messages that vans carry: a Meta header (control command or request/response
+// description) plus zero or more data segments, one per TensorDesc in meta.data.
+// Send segments reference caller memory (zero-copy) and carry an owner kept alive until
+// the transport is done with the bytes; received segments point at their final
+// destination (registered memory) or at a van-owned buffer kept alive by `owner`.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tensor/dtype.h"
+
+namespace meshpost {
+
+enum class Command : uint8_t {
+  kRegister = 1,       // node → scheduler: who I am and where I listen
+  kRegisterReply = 2,  // scheduler → node: refused (status_code != 0, body says why)
+  kNodeTable = 3,      // scheduler → all: every node's address
+  kBarrier = 4,        // node → scheduler: arrived at barrier (arg = group mask, id = seq)
+  kBarrierDone = 5,    // scheduler → members: barrier released
+  kHeartbeat = 6,      // node → scheduler
+  kHeartbeatAck = 7,   // scheduler → node
+  kLeave = 8,          // node → scheduler: stopping
+  kLeaveAck = 9,       // scheduler → node: may close now
+  kNodeDown = 10,      // scheduler → all: node `arg` died or left (body says which)
+  kRequest = 20,       // worker → server: pushes in data, pull slots in slots
+  kResponse = 21,      // server → worker: pull-slot payloads in data
+};
+bool IsValidCommand(int value);
+const char* CommandName(Command cmd);
+
+// Describes one tensor on the wire. `addr` is the receiver-registered destination address
+// for one-sided transports (a worker's pull slot, a server's registered buffer); 0 if none.
+struct TensorDesc {
+  int64_t key = 0;
+  DType dtype = DType::kUInt8;
+  std::vector<int64_t> shape;
+  uint64_t nbytes = 0;
+  uint64_t addr = 0;
+};
+
+// Server-side trace stamps carried back in a response (see ps/trace.h for their order).
+constexpr int kServerStamps = 4;
+
+struct Meta {
+  Command cmd = Command::kHeartbeat;
+  int32_t sender = -1;     // node id
+  int32_t recipient = -1;  // node id
+  uint64_t id = 0;         // request id / barrier sequence / heartbeat sequence
+  int32_t arg = 0;         // barrier group mask, node id of a down node, ...
+  int32_t status_code = 0; // non-zero: the operation failed; body holds the message
+  std::string body;        // control payload (encoded node table, ...) or error text
+  std::vector<TensorDesc> data;   // one per data segment, in order
+  std::vector<TensorDesc> slots;  // kRequest: the worker's pull slots for this server
+  std::array<uint64_t, kServerStamps> stamps{};
+};
+
+struct SendSegment {
+  const void* data = nullptr;
+  size_t size = 0;
+  std::shared_ptr<const void> owner;  // kept alive until the van no longer reads `data`
+};
+
+struct RecvSegment {
+  void* data = nullptr;
+  size_t size = 0;
+  std::shared_ptr<void> owner;  // null when data points at registered memory
+};
+
+struct OutMessage {
+  Meta meta;
+  std::vector<SendSegment> segments;
+};
+
+struct InMessage {
+  Meta meta;
+  std::vector<RecvSegment> segments;
+};
+
+}  // namespace meshpost
