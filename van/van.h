@@ -15,8 +15,10 @@ namespace meshpost {
 
 struct PeerAddress {
   int id = -1;
-  std::string host;
-  int port = 0;
+  std::string host;      // TCP host (zmq van)
+  int port = 0;          // TCP port (zmq van)
+  std::string endpoint;  // the peer van's endpoint() string (non-TCP vans)
+  int pid = 0;           // peer process id (same-host vans)
 };
 
 class VanReceiver {
@@ -45,6 +47,8 @@ class Van {
   virtual const char* name() const = 0;
   // Binds the receive endpoint on host:port (port 0 picks a free port); returns the port.
   virtual Result<int> Bind(const std::string& host, int port) = 0;
+  // Opaque address peers pass back in PeerAddress::endpoint to Connect; valid after Bind.
+  virtual std::string endpoint() const = 0;
   // Starts the receive thread delivering to `receiver` (which must outlive Stop()).
   virtual Status Start(VanReceiver* receiver) = 0;
   virtual Status Connect(const PeerAddress& peer) = 0;

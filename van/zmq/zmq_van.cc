@@ -60,6 +60,7 @@ class ZmqVan : public Van {
   }
 
   const char* name() const override { return "tcp"; }
+  std::string endpoint() const override { return endpoint_; }
 
   Result<int> Bind(const std::string& host, int port) override {
     if (receiver_socket_ != nullptr) return FailedPreconditionError("van already bound");
@@ -86,6 +87,7 @@ class ZmqVan : public Van {
       return InternalError(std::string("cannot read bound port from ") + last);
     }
     receiver_socket_ = s;
+    endpoint_ = last;
     MP_LOG_DEBUG(kLog, "bound {}", last);
     return bound;
   }
@@ -307,6 +309,7 @@ class ZmqVan : public Van {
   VanOptions options_;
   void* ctx_ = nullptr;
   void* receiver_socket_ = nullptr;
+  std::string endpoint_;
   VanReceiver* receiver_ = nullptr;
   std::atomic<bool> running_{false};
   std::atomic<int64_t> inflight_{0};  // zero-copy frames ZeroMQ has not released yet
