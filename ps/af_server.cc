@@ -75,6 +75,8 @@ class AFTensorServer::Impl : public DataHandler {
             kt.tensor.data = r->segments[i].data;
             kt.tensor.dtype = r->push[i].dtype;
             kt.tensor.shape = r->push[i].shape;
+            // Van-owned bytes outlive the request for as long as a caller holds the view.
+            kt.tensor.owner = r->segments[i].owner;
             b.push.push_back(std::move(kt));
           }
           b.pull_slots = SlotsOf(*r);
@@ -189,11 +191,11 @@ class AFTensorServer::Impl : public DataHandler {
                                   "; expected equal, non-zero lengths (one chunk per pair)");
     }
     const size_t n = worker_ranks.size();
-    if (tensor.nbytes() == 0 || tensor.nbytes() % n != 0) {
-      return InvalidArgumentError(fn + ": tensor " + tensor.Describe() + " has " +
-                                  std::to_string(tensor.nbytes()) +
-                                  " bytes, which do not split evenly into " + std::to_string(n) +
-                                  " chunks");
+    if (tensor.shape.empty() || tensor.shape[0] == 0 ||
+        tensor.shape[0] % static_cast<int64_t>(n) != 0) {
+      return InvalidArgumentError(fn + ": tensor " + tensor.Describe() +
+                                  " does not split evenly along dim 0 into " + std::to_string(n) +
+                                  " chunks (one per (worker, key) pair)");
     }
     for (size_t i = 0; i < n; ++i) {
       if (worker_ranks[i] < 0 || worker_ranks[i] >= num_workers_) {

@@ -26,7 +26,10 @@ struct PullSlot {
 struct BatchRequest {
   uint64_t handle = 0;   // server-side handle for Respond; never reused
   int worker_rank = 0;
-  KeyTensorBatch push;   // views of the received bytes; valid until this request is answered
+  // Views of the received bytes. Each view's `owner` (set when the bytes sit in a van
+  // buffer, null for a registered receive buffer) keeps them valid for as long as the caller
+  // holds it; without holding it they are valid until this request is answered.
+  KeyTensorBatch push;
   std::vector<PullSlot> pull_slots;
 };
 
@@ -47,8 +50,9 @@ class AFTensorServer {
   // off_i is the running sum of the previous row counts.
   Status RespondVec(const TensorView& ret_buffer, const std::vector<TensorView>& tensors_vec,
                     const std::vector<uint64_t>& handles);
-  // Splits `tensor` evenly along its bytes into worker_ranks.size() chunks; pushes of
-  // keys[i] from worker worker_ranks[i] then land in chunk i.
+  // Splits `tensor` evenly along dim 0 into worker_ranks.size() chunks; pushes of keys[i]
+  // from worker worker_ranks[i] then land in chunk i (a push larger than its chunk fails
+  // that worker's request). Re-registering a (worker, key) pair replaces its chunk.
   Status RegisterRecvBuffer(const TensorView& tensor, const std::vector<int>& worker_ranks,
                             const std::vector<int64_t>& keys);
   // Pull slots of a pending request (NotFound when unknown or already answered).

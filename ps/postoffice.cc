@@ -83,6 +83,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   Status PeerStatus(int id) const override {
     std::lock_guard<std::mutex> lock(mu_);
     if (id < 0 || id >= num_nodes_) return NotFoundError("no node " + std::to_string(id));
+    auto leaving = leaving_.find(id);
+    if (leaving != leaving_.end()) return UnavailableError(leaving->second.second);
     return down_[id];
   }
   void SetDataHandler(DataHandler* h) override { data_ = h; }
@@ -189,6 +191,24 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                                        std::to_string(timeout_ms) + " ms");
       }
     } else {
+      // Tell data peers first, on the connection our last responses/requests used: they
+      // process everything we sent before learning we are gone.
+      std::vector<int> peers;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const NodeInfo& n : table_) {
+          if (IsDataPeer(n.role) && down_[n.id].ok()) peers.push_back(n.id);
+        }
+      }
+      for (int id : peers) {
+        OutMessage bye;
+        bye.meta.cmd = Command::kPeerLeave;
+        bye.meta.sender = my_id_;
+        bye.meta.recipient = id;
+        bye.meta.body = self_.Describe() + " stopped";
+        Status s = Send(std::move(bye));
+        (void)s;
+      }
       OutMessage leave;
       leave.meta.cmd = Command::kLeave;
       leave.meta.sender = my_id_;
@@ -287,6 +307,14 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       return;
     }
     MP_LOG_DEBUG(kLog, "{} from node {}", CommandName(m.cmd), m.sender);
+    if (m.cmd == Command::kPeerLeave) {
+      if (m.sender <= 0 || m.sender >= num_nodes_ || !IsDataPeer(RoleOfId(m.sender))) {
+        MP_LOG_ERROR(kLog, "PEER_LEAVE from non-peer node {} dropped", m.sender);
+        return;
+      }
+      PeerGone(m.sender, UnavailableError(m.body));
+      return;
+    }
     if (opts_.role == Role::kScheduler) {
       SchedulerControl(m);
     } else {
@@ -371,22 +399,44 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         leave_acked_ = true;
         break;
       case Command::kNodeDown:
-        if (m.arg > 0 && m.arg < num_nodes_ && down_[m.arg].ok()) {
-          down_[m.arg] = UnavailableError(m.body);
-          MP_LOG_INFO(kLog, "peer down: {}", m.body);
-          DataHandler* h = data_;
-          const int id = m.arg;
-          const Status why = down_[id];
-          // Never call into the worker/server holding our lock.
-          lock.unlock();
-          if (h) h->OnNodeDown(id, why);
-          lock.lock();
+        if (m.arg > 0 && m.arg < num_nodes_) {
+          if (m.id == 0) {
+            lock.unlock();
+            PeerGone(m.arg, UnavailableError(m.body));
+            lock.lock();
+          } else if (down_[m.arg].ok() && !leaving_.count(m.arg)) {
+            // An orderly leave: the peer's own PEER_LEAVE follows its last data on the
+            // data connection. Refuse new requests now; fail pending ones when PEER_LEAVE
+            // arrives, or after a heartbeat timeout if it never does.
+            leaving_[m.arg] = {GetNanosecond(), m.body};
+          }
         }
         break;
       default:
         MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
     }
     cv_.notify_all();
+  }
+
+  bool IsDataPeer(Role other) const {
+    return (opts_.role == Role::kWorker && other == Role::kServer) ||
+           (opts_.role == Role::kServer && other == Role::kWorker);
+  }
+
+  // A data peer died or finished leaving: fail what depends on it, exactly once.
+  void PeerGone(int id, const Status& why) {
+    DataHandler* h = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      leaving_.erase(id);
+      if (!down_[id].ok()) return;
+      down_[id] = why;
+      h = data_;
+      cv_.notify_all();
+    }
+    MP_LOG_INFO(kLog, "peer down: {}", why.message());
+    // Never call into the worker/server holding our lock.
+    if (h) h->OnNodeDown(id, why);
   }
 
   // ---- scheduler side ----
@@ -418,7 +468,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         if (!left_.count(m.sender)) {
           left_.insert(m.sender);
           ReplyLocked(m.sender, Command::kLeaveAck);
-          MarkDownLocked(m.sender, registered_[m.sender].Describe() + " stopped");
+          MarkDownLocked(m.sender, registered_[m.sender].Describe() + " stopped", true);
         }
         break;
       default:
@@ -515,7 +565,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   bool AliveLocked(int id) const { return down_[id].ok(); }
 
   // Scheduler: a node died or left. Tells every live node and settles barriers.
-  void MarkDownLocked(int id, const std::string& why) {
+  void MarkDownLocked(int id, const std::string& why, bool left) {
     if (!down_[id].ok()) return;
     down_[id] = UnavailableError(why);
     MP_LOG_INFO(kLog, "node down: {}", why);
@@ -526,6 +576,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       out.meta.sender = kSchedulerId;
       out.meta.recipient = other;
       out.meta.arg = id;
+      out.meta.id = left ? 1 : 0;
       out.meta.body = why;
       Status s = van_->Send(std::move(out));
       (void)s;
@@ -603,10 +654,20 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
           if (now - last_seen_[id] > timeout_ns) {
             MarkDownLocked(id, info.Describe() + " missed heartbeats for " +
                                    std::to_string((now - last_seen_[id]) / 1000000) +
-                                   " ms and is presumed dead");
+                                   " ms and is presumed dead",
+                           false);
           }
         }
         continue;
+      }
+      std::vector<std::pair<int, std::string>> overdue;
+      for (auto& [id, info] : leaving_) {
+        if (now - info.first > timeout_ns) overdue.emplace_back(id, info.second);
+      }
+      if (!overdue.empty()) {
+        lock.unlock();
+        for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
+        lock.lock();
       }
       OutMessage hb;
       hb.meta.cmd = Command::kHeartbeat;
@@ -656,6 +717,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   std::map<int, uint64_t> barrier_seq_;
   std::map<std::pair<int, uint64_t>, Status> barrier_done_;
   bool leave_acked_ = false;
+  std::map<int, std::pair<uint64_t, std::string>> leaving_;  // peer id → (notice time, why)
   uint64_t last_ack_ns_ = 0;
   bool threads_running_ = false;
   std::thread heartbeat_thread_;

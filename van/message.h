@@ -25,7 +25,8 @@ enum class Command : uint8_t {
   kHeartbeatAck = 7,   // scheduler → node
   kLeave = 8,          // node → scheduler: stopping
   kLeaveAck = 9,       // scheduler → node: may close now
-  kNodeDown = 10,      // scheduler → all: node `arg` died or left (body says which)
+  kNodeDown = 10,      // scheduler → all: node `arg` died (id=0) or left (id=1)
+  kPeerLeave = 11,     // node → its data peers, after its last data message: stopping
   kRequest = 20,       // worker → server: pushes in data, pull slots in slots
   kResponse = 21,      // server → worker: pull-slot payloads in data
 };

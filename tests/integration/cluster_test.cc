@@ -1,1 +1,78 @@
+// Multi-process integration tests: each test launches a real scheduler + servers + workers
+// (separate processes, DMLC_* variables, OS-assigned ports) running one scenario of
+// itest_node.cc, which asserts its data and exits non-zero on any mismatch.
+#include <signal.h>
+
 #include <gtest/gtest.h>
+
+#include <string>
+
+#include "launch/local_cluster.h"
+
+namespace meshpost {
+namespace {
+
+constexpr int64_t kProcessLimitMs = 120000;
+
+ClusterSpec Spec(const std::string& scenario, int workers = 2, int servers = 2) {
+  ClusterSpec spec;
+  spec.argv = {MESHPOST_ITEST_NODE};
+  spec.num_workers = workers;
+  spec.num_servers = servers;
+  spec.env["MESHPOST_ITEST_SCENARIO"] = scenario;
+  // Fast failure detection keeps the dead-peer tests short.
+  spec.env["MESHPOST_HEARTBEAT_INTERVAL_MS"] = "200";
+  spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
+  spec.env["MESHPOST_START_TIMEOUT_MS"] = "60000";
+  return spec;
+}
+
+void RunAndExpectSuccess(const ClusterSpec& spec) {
+  LocalCluster cluster;
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
+    EXPECT_TRUE(e.ok()) << e.Describe();
+  }
+}
+
+TEST(ClusterTest, SumRoundTripRoutingAndTraces) { RunAndExpectSuccess(Spec("sum")); }
+TEST(ClusterTest, ThreeMicroBatchesInFlight) { RunAndExpectSuccess(Spec("microbatch")); }
+TEST(ClusterTest, DTypesAndChangingRowsOnOneKey) { RunAndExpectSuccess(Spec("dtypes")); }
+TEST(ClusterTest, RegisteredReceiveBufferLandsInPlace) { RunAndExpectSuccess(Spec("recvbuf")); }
+TEST(ClusterTest, RespondVecRunningOffsets) { RunAndExpectSuccess(Spec("respondvec", 3, 2)); }
+TEST(ClusterTest, BarriersOverEveryGroupCombination) { RunAndExpectSuccess(Spec("barrier")); }
+TEST(ClusterTest, WaitTimesOutThenCompletes) { RunAndExpectSuccess(Spec("timeout")); }
+TEST(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) { RunAndExpectSuccess(Spec("badinput")); }
+TEST(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
+TEST(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }
+
+TEST(ClusterTest, KilledServerFailsPendingWait) {
+  LocalCluster cluster;
+  ASSERT_TRUE(cluster.Start(Spec("kill")).ok());
+  for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
+    if (e.name == "server:1") {
+      EXPECT_TRUE(e.exited && e.signal == SIGKILL) << e.Describe();
+    } else {
+      EXPECT_TRUE(e.ok()) << e.Describe();
+    }
+  }
+}
+
+TEST(ClusterTest, ClashingRanksAreRefused) {
+  ClusterSpec spec = Spec("clash");
+  spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
+  spec.env_for["server:1"]["DMLC_NODE_RANK"] = "0";  // both servers claim rank 0
+  LocalCluster cluster;
+  ASSERT_TRUE(cluster.Start(spec).ok());
+  int refused = 0;
+  for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
+    ASSERT_TRUE(e.exited && e.signal == 0) << e.Describe();
+    if (e.name.rfind("server:", 0) == 0 && e.exit_code == 0) ++refused;
+    // Everyone else gives up at the start timeout with an error, not a hang (exit 10).
+    if (e.exit_code != 0) EXPECT_EQ(e.exit_code, 10) << e.Describe();
+  }
+  EXPECT_EQ(refused, 1);
+}
+
+}  // namespace
+}  // namespace meshpost

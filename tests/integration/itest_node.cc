@@ -1,1 +1,524 @@
-int main(){return 0;}
+// One program for every role of the multi-process integration tests. The scenario comes
+// from MESHPOST_ITEST_SCENARIO; each scenario asserts its data and exits non-zero (with
+// the reason on stderr) on the first mismatch, so the launching test only checks exits.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "ps/postoffice.h"
+
+using namespace meshpost;
+
+namespace {
+
+[[noreturn]] void Die(const std::string& why) {
+  std::fprintf(stderr, "ITEST FAILURE: %s\n", why.c_str());
+  std::fflush(stderr);
+  _exit(1);
+}
+
+#define EXPECT_OR_DIE(cond, msg)                                                       \
+  do {                                                                                 \
+    if (!(cond)) Die(std::string(__FILE__ ":") + std::to_string(__LINE__) + " " + #cond + \
+                     " -- " + (msg));                                                  \
+  } while (0)
+#define OK_OR_DIE(expr)                                      \
+  do {                                                       \
+    ::meshpost::Status _s = (expr);                          \
+    EXPECT_OR_DIE(_s.ok(), #expr " -> " + _s.ToString());    \
+  } while (0)
+
+template <typename T>
+T ValueOrDie(Result<T> r, const char* what) {
+  if (!r.ok()) Die(std::string(what) + " -> " + r.status().ToString());
+  return std::move(r).value();
+}
+
+// Owned host buffer exposed as a TensorView whose owner keeps it alive.
+struct Buf {
+  std::shared_ptr<std::vector<char>> bytes;
+  TensorView view;
+  Buf(DType dtype, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    bytes = std::make_shared<std::vector<char>>(n * DTypeSize(dtype));
+    view = TensorView{bytes->data(), dtype, shape, {}, bytes};
+  }
+  template <typename T>
+  T* as() { return reinterpret_cast<T*>(bytes->data()); }
+  template <typename T>
+  int64_t count() const { return static_cast<int64_t>(bytes->size() / sizeof(T)); }
+};
+
+TensorView ViewOf(const TensorView& t, DType dtype, std::vector<int64_t> shape) {
+  TensorView v = t;
+  v.dtype = dtype;
+  v.shape = std::move(shape);
+  return v;
+}
+
+struct Ctx {
+  Postoffice* po;
+  const Options& o;
+  int W() const { return o.num_workers; }
+  int S() const { return o.num_servers; }
+  int rank() const { return po->rank(); }
+};
+
+// ---------------- sum: round trip, per-slot routing, get_batch order, traces ----------------
+constexpr int64_t kSumCols = 64;
+
+void SumServer(Ctx& c) {
+  for (int it = 0; it < 20; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    EXPECT_OR_DIE(static_cast<int>(batch.size()) == c.W(), "one request per worker");
+    Buf sum(DType::kFloat32, {4, kSumCols});
+    for (int w = 0; w < c.W(); ++w) {
+      EXPECT_OR_DIE(batch[w].worker_rank == w, "batch in worker-rank order");
+      EXPECT_OR_DIE(batch[w].push.size() == 1 && batch[w].push[0].key == 0, "one push, key 0");
+      const TensorView& t = batch[w].push[0].tensor;
+      EXPECT_OR_DIE(t.dtype == DType::kFloat32 && t.shape == std::vector<int64_t>({4, kSumCols}),
+                    "push dtype/shape " + t.Describe());
+      const float* p = static_cast<const float*>(t.data);
+      EXPECT_OR_DIE(p[0] == static_cast<float>(w + 1 + it), "push value names worker");
+      for (int i = 0; i < 4 * kSumCols; ++i) sum.as<float>()[i] += p[i];
+      EXPECT_OR_DIE(batch[w].pull_slots.size() == 1 && batch[w].pull_slots[0].key == 100 + c.rank(),
+                    "pull slot key for this server");
+    }
+    // Tag the answer with this server's rank so workers can check slot routing.
+    for (int i = 0; i < 4 * kSumCols; ++i) sum.as<float>()[i] += 1000.0f * c.rank();
+    for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {sum.view}));
+  }
+}
+
+void SumWorker(Ctx& c) {
+  for (int it = 0; it < 20; ++it) {
+    Buf push(DType::kFloat32, {4, kSumCols});
+    for (int i = 0; i < 4 * kSumCols; ++i) push.as<float>()[i] = c.rank() + 1 + it + i % 3;
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < c.S(); ++s) {
+      pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{4, kSumCols});
+      pull.push_back({100 + s, pulls.back().view});
+    }
+    uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{0, push.view}}, pull), "push_pull");
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (int s = 0; s < c.S(); ++s) {
+      for (int i = 0; i < 4 * kSumCols; ++i) {
+        float expect = 1000.0f * s;
+        for (int w = 0; w < c.W(); ++w) expect += w + 1 + it + i % 3;
+        EXPECT_OR_DIE(pulls[s].as<float>()[i] == expect,
+                      "server " + std::to_string(s) + " elem " + std::to_string(i) + " = " +
+                          std::to_string(pulls[s].as<float>()[i]) + ", want " + std::to_string(expect));
+      }
+    }
+    auto ids = ValueOrDie(c.po->worker()->GetAllHandlers(h), "GetAllHandlers");
+    EXPECT_OR_DIE(static_cast<int>(ids.size()) == c.S(), "one sub-handle per server");
+    auto traces = ValueOrDie(c.po->worker()->FetchTrace(h), "FetchTrace");
+    EXPECT_OR_DIE(static_cast<int>(traces.size()) == c.S(), "one trace per server");
+    for (const Trace& t : traces) {
+      EXPECT_OR_DIE(t.request_start > 0 && t.request_start <= t.request_posted, "worker send stamps");
+      EXPECT_OR_DIE(t.request_posted <= t.response_received, "posted before received");
+      EXPECT_OR_DIE(t.response_received <= t.response_processed, "received before processed");
+      EXPECT_OR_DIE(t.request_received > 0 && t.request_received <= t.request_processed &&
+                        t.request_processed <= t.response_start &&
+                        t.response_start <= t.response_posted,
+                    "server stamps ordered");
+    }
+  }
+}
+
+// ---------------- microbatch: 3 requests in flight with different keys ----------------
+void MicroServer(Ctx& c) {
+  for (int round = 0; round < 5; ++round) {
+    for (int mb = 0; mb < 3; ++mb) {
+      auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+      for (auto& req : batch) {
+        EXPECT_OR_DIE(req.push[0].key == 10 + mb, "micro-batches arrive in order per worker");
+        const int32_t* p = static_cast<const int32_t*>(req.push[0].tensor.data);
+        Buf out(DType::kInt32, {8});
+        for (int i = 0; i < 8; ++i) out.as<int32_t>()[i] = p[i] * 2 + c.rank();
+        OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
+      }
+    }
+  }
+}
+
+void MicroWorker(Ctx& c) {
+  for (int round = 0; round < 5; ++round) {
+    std::vector<Buf> pushes, pulls;
+    std::vector<uint64_t> handles;
+    pushes.reserve(3);
+    pulls.reserve(3 * c.S());
+    for (int mb = 0; mb < 3; ++mb) {
+      pushes.emplace_back(DType::kInt32, std::vector<int64_t>{8});
+      for (int i = 0; i < 8; ++i) pushes.back().as<int32_t>()[i] = 100 * mb + 10 * c.rank() + i + round;
+      KeyTensorBatch pull;
+      for (int s = 0; s < c.S(); ++s) {
+        pulls.emplace_back(DType::kInt32, std::vector<int64_t>{8});
+        pull.push_back({20 + mb, pulls.back().view});
+      }
+      handles.push_back(ValueOrDie(
+          c.po->worker()->ZBatchPushPull({{10 + mb, pushes.back().view}}, pull), "push_pull"));
+    }
+    for (int mb = 2; mb >= 0; --mb) OK_OR_DIE(c.po->worker()->Wait(handles[mb], 30000));
+    for (int mb = 0; mb < 3; ++mb) {
+      for (int s = 0; s < c.S(); ++s) {
+        for (int i = 0; i < 8; ++i) {
+          int32_t want = (100 * mb + 10 * c.rank() + i + round) * 2 + s;
+          EXPECT_OR_DIE(pulls[mb * c.S() + s].as<int32_t>()[i] == want, "micro-batch result");
+        }
+      }
+    }
+  }
+}
+
+// ---------------- dtypes: bf16/fp32/int32 payloads, rows changing on one key ----------------
+const DType kDTypes[] = {DType::kBFloat16, DType::kFloat32, DType::kInt32};
+int64_t RowsFor(int it) { return 1 + (it * 37) % 128; }
+
+void DTypeServer(Ctx& c) {
+  for (int it = 0; it < 24; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    for (auto& req : batch) {
+      const TensorView& t = req.push[0].tensor;
+      EXPECT_OR_DIE(req.push[0].key == 5, "reused key");
+      EXPECT_OR_DIE(t.dtype == kDTypes[it % 3], "dtype round trip");
+      EXPECT_OR_DIE(t.shape == std::vector<int64_t>({RowsFor(it), 32}), "rows change per iteration");
+      // Echo the push back; bytes and dtype match the pull slot.
+      auto copy = std::make_shared<std::vector<char>>(static_cast<const char*>(t.data),
+                                                      static_cast<const char*>(t.data) + t.nbytes());
+      TensorView v{copy->data(), t.dtype, t.shape, {}, copy};
+      OK_OR_DIE(c.po->server()->Respond(req.handle, {v}));
+    }
+  }
+}
+
+void DTypeWorker(Ctx& c) {
+  for (int it = 0; it < 24; ++it) {
+    const DType dt = kDTypes[it % 3];
+    Buf push(dt, {RowsFor(it), 32});
+    for (size_t i = 0; i < push.bytes->size(); ++i) (*push.bytes)[i] = static_cast<char>(i * 7 + it + c.rank());
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < c.S(); ++s) {
+      pulls.emplace_back(dt, std::vector<int64_t>{RowsFor(it), 32});
+      pull.push_back({6, pulls.back().view});
+    }
+    uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{5, push.view}}, pull), "push_pull");
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (int s = 0; s < c.S(); ++s) {
+      EXPECT_OR_DIE(*pulls[s].bytes == *push.bytes, "echoed bytes equal for " + std::string(DTypeName(dt)));
+    }
+  }
+}
+
+// ---------------- recvbuf: registered receive buffer lands in place ----------------
+void RecvBufServer(Ctx& c) {
+  Buf reg(DType::kFloat32, {c.W() * 16, 8});
+  std::vector<int> ranks;
+  std::vector<int64_t> keys;
+  for (int w = 0; w < c.W(); ++w) {
+    ranks.push_back(w);
+    keys.push_back(7);
+  }
+  OK_OR_DIE(c.po->server()->RegisterRecvBuffer(reg.view, ranks, keys));
+  // Registration before any worker pushes: the start barrier of this scenario.
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+  for (int it = 0; it < 5; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    for (auto& req : batch) {
+      const char* expect_at = reg.bytes->data() + req.worker_rank * 16 * 8 * sizeof(float);
+      EXPECT_OR_DIE(req.push[0].tensor.data == expect_at, "push viewed in its registered chunk");
+      const float* chunk = reinterpret_cast<const float*>(expect_at);
+      EXPECT_OR_DIE(chunk[0] == req.worker_rank * 100 + it && chunk[16 * 8 - 1] == req.worker_rank * 100 + it,
+                    "registered chunk holds the pushed data");
+      Buf out(DType::kFloat32, {1});
+      out.as<float>()[0] = chunk[5] + 0.5f;
+      OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
+    }
+  }
+}
+
+void RecvBufWorker(Ctx& c) {
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+  for (int it = 0; it < 5; ++it) {
+    Buf push(DType::kFloat32, {16, 8});
+    for (int i = 0; i < 16 * 8; ++i) push.as<float>()[i] = c.rank() * 100 + it;
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < c.S(); ++s) {
+      pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{1});
+      pull.push_back({8, pulls.back().view});
+    }
+    uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{7, push.view}}, pull), "push_pull");
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (auto& p : pulls) EXPECT_OR_DIE(p.as<float>()[0] == c.rank() * 100 + it + 0.5f, "reply");
+  }
+}
+
+// ---------------- respondvec: running offsets across workers ----------------
+int64_t VecRows(int w) { return 3 + 2 * w; }
+
+void RespondVecServer(Ctx& c) {
+  for (int it = 0; it < 5; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    int64_t total = 0;
+    for (int w = 0; w < c.W(); ++w) total += VecRows(w);
+    Buf ret(DType::kInt32, {total + 3, 4});  // spare rows at the end stay unused
+    std::vector<TensorView> tensors;
+    std::vector<uint64_t> handles;
+    int64_t row = 0;
+    for (auto& req : batch) {
+      EXPECT_OR_DIE(req.push[0].tensor.shape[0] == VecRows(req.worker_rank), "rows per worker");
+      for (int64_t r = 0; r < VecRows(req.worker_rank); ++r, ++row) {
+        for (int k = 0; k < 4; ++k) ret.as<int32_t>()[row * 4 + k] = req.worker_rank * 1000 + r * 10 + k + it;
+      }
+      tensors.push_back(req.push[0].tensor);
+      handles.push_back(req.handle);
+    }
+    OK_OR_DIE(c.po->server()->RespondVec(ret.view, tensors, handles));
+  }
+}
+
+void RespondVecWorker(Ctx& c) {
+  for (int it = 0; it < 5; ++it) {
+    const int64_t rows = VecRows(c.rank());
+    Buf push(DType::kInt32, {rows, 4});
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < c.S(); ++s) {
+      pulls.emplace_back(DType::kInt32, std::vector<int64_t>{rows, 4});
+      pull.push_back({3, pulls.back().view});
+    }
+    uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{2, push.view}}, pull), "push_pull");
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (auto& p : pulls) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int k = 0; k < 4; ++k) {
+          EXPECT_OR_DIE(p.as<int32_t>()[r * 4 + k] == c.rank() * 1000 + r * 10 + k + it,
+                        "respond_vec slice row " + std::to_string(r));
+        }
+      }
+    }
+  }
+}
+
+// ---------------- barrier: every group combination, scheduler included ----------------
+void BarrierAny(Ctx& c) {
+  const int mine = c.o.role == Role::kScheduler ? kSchedulerGroup
+                   : c.o.role == Role::kServer  ? kServerGroup
+                                                : kWorkerGroup;
+  for (int round = 0; round < 3; ++round) {
+    for (int mask = 1; mask <= kAllGroups; ++mask) {
+      if (mask & mine) OK_OR_DIE(c.po->Barrier(mask, 30000));
+    }
+  }
+  Status bad = c.po->Barrier(0, 1000);
+  EXPECT_OR_DIE(bad.code() == StatusCode::kInvalidArgument, bad.ToString());
+  const int other = mine == kWorkerGroup ? kServerGroup : kWorkerGroup;
+  bad = c.po->Barrier(other, 1000);
+  EXPECT_OR_DIE(bad.code() == StatusCode::kInvalidArgument &&
+                    bad.message().find("does not include") != std::string::npos,
+                bad.ToString());
+}
+
+// ---------------- timeout: Wait times out, then completes ----------------
+void TimeoutServer(Ctx& c) {
+  auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+  // Answer only after the workers saw their wait time out.
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+  Buf out(DType::kInt64, {2});
+  out.as<int64_t>()[0] = 42;
+  for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
+  auto none = c.po->server()->GetBatch(200);
+  EXPECT_OR_DIE(none.status().code() == StatusCode::kDeadlineExceeded, none.status().ToString());
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+}
+
+void TimeoutWorker(Ctx& c) {
+  Buf push(DType::kInt64, {2});
+  std::vector<Buf> pulls;
+  KeyTensorBatch pull;
+  for (int s = 0; s < c.S(); ++s) {
+    pulls.emplace_back(DType::kInt64, std::vector<int64_t>{2});
+    pull.push_back({1, pulls.back().view});
+  }
+  uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
+  const uint64_t t0 = GetNanosecond();
+  Status w = c.po->worker()->Wait(h, 300);
+  const uint64_t waited_ms = (GetNanosecond() - t0) / 1000000;
+  EXPECT_OR_DIE(w.code() == StatusCode::kDeadlineExceeded, w.ToString());
+  EXPECT_OR_DIE(waited_ms >= 300, "returned before its timeout: " + std::to_string(waited_ms));
+  EXPECT_OR_DIE(!ValueOrDie(c.po->worker()->Done(h), "Done"), "not done yet");
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+  OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+  for (auto& p : pulls) EXPECT_OR_DIE(p.as<int64_t>()[0] == 42, "late answer arrives");
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));  // server's GetBatch timed out
+}
+
+// ---------------- kill: a server dies mid-request; the worker's wait fails ----------------
+void KillServer(Ctx& c) {
+  auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+  if (c.rank() == c.S() - 1) {
+    raise(SIGKILL);  // kill -9 of ourselves, mid-request
+  }
+  Buf out(DType::kFloat32, {4});
+  for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
+  // The workers stop after their failed wait: the next GetBatch must fail, not hang.
+  auto next = c.po->server()->GetBatch(60000);
+  EXPECT_OR_DIE(next.status().code() == StatusCode::kUnavailable, next.status().ToString());
+}
+
+void KillWorker(Ctx& c) {
+  Buf push(DType::kFloat32, {4});
+  std::vector<Buf> pulls;
+  KeyTensorBatch pull;
+  for (int s = 0; s < c.S(); ++s) {
+    pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{4});
+    pull.push_back({1, pulls.back().view});
+  }
+  uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
+  Status w = c.po->worker()->Wait(h, 60000);
+  EXPECT_OR_DIE(w.code() == StatusCode::kUnavailable, w.ToString());
+  const std::string dead = "server " + std::to_string(c.S() - 1);
+  EXPECT_OR_DIE(w.message().find(dead) != std::string::npos, "error names the dead server: " + w.ToString());
+  auto again = c.po->worker()->ZBatchPushPull({{1, push.view}}, pull);
+  EXPECT_OR_DIE(again.status().code() == StatusCode::kUnavailable, "new requests fail fast");
+}
+
+// ---------------- badinput: errors, then the process keeps working ----------------
+void BadInputServer(Ctx& c) {
+  auto* server = c.po->server();
+  Buf reg(DType::kFloat32, {5});
+  Status s = server->RegisterRecvBuffer(reg.view, {0, 1}, {1, 2});
+  EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "uneven split: " + s.ToString());
+  s = server->RegisterRecvBuffer(reg.view, {0}, {1, 2});
+  EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "length mismatch: " + s.ToString());
+  s = server->RegisterRecvBuffer(reg.view, {99}, {1});
+  EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "bad rank: " + s.ToString());
+  Buf out(DType::kFloat32, {4});
+  s = server->Respond(12345, {out.view});
+  EXPECT_OR_DIE(s.code() == StatusCode::kNotFound, "unknown handle: " + s.ToString());
+
+  auto batch = ValueOrDie(server->GetBatch(30000), "GetBatch");
+  for (auto& req : batch) {
+    Buf wrong_dtype(DType::kInt32, {4});
+    s = server->Respond(req.handle, {wrong_dtype.view});
+    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument && s.message().find("int32") != std::string::npos,
+                  "dtype mismatch: " + s.ToString());
+    Buf wrong_size(DType::kFloat32, {5});
+    s = server->Respond(req.handle, {wrong_size.view});
+    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "size mismatch: " + s.ToString());
+    s = server->Respond(req.handle, {out.view, out.view});
+    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "count mismatch: " + s.ToString());
+    Buf small(DType::kFloat32, {1, 4});
+    TensorView big_rows = ViewOf(out.view, DType::kFloat32, {4, 1});
+    s = server->RespondVec(small.view, {big_rows}, {req.handle});
+    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "respond_vec rows: " + s.ToString());
+    TensorView null_view = out.view;
+    null_view.data = nullptr;
+    s = server->Respond(req.handle, {null_view});
+    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "null data: " + s.ToString());
+    // After all that, the right answer still goes through.
+    for (int i = 0; i < 4; ++i) out.as<float>()[i] = 7.0f + c.rank();
+    OK_OR_DIE(server->Respond(req.handle, {out.view}));
+    s = server->Respond(req.handle, {out.view});
+    EXPECT_OR_DIE(s.code() == StatusCode::kNotFound, "answered twice: " + s.ToString());
+  }
+}
+
+void BadInputWorker(Ctx& c) {
+  auto* worker = c.po->worker();
+  Buf push(DType::kFloat32, {4});
+  std::vector<Buf> pulls;
+  KeyTensorBatch pull;
+  for (int s = 0; s < c.S(); ++s) {
+    pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{4});
+    pull.push_back({1, pulls.back().view});
+  }
+  KeyTensorBatch uneven = pull;
+  uneven.push_back(pull[0]);
+  auto r = worker->ZBatchPushPull({{1, push.view}}, uneven);
+  EXPECT_OR_DIE(r.status().code() == StatusCode::kInvalidArgument &&
+                    r.status().message().find("divisible") != std::string::npos,
+                r.status().ToString());
+  r = worker->ZBatchPushPull({{-3, push.view}}, pull);
+  EXPECT_OR_DIE(r.status().code() == StatusCode::kInvalidArgument &&
+                    r.status().message().find("-3") != std::string::npos,
+                r.status().ToString());
+  TensorView null_view = push.view;
+  null_view.data = nullptr;
+  r = worker->ZBatchPushPull({{1, null_view}}, pull);
+  EXPECT_OR_DIE(r.status().code() == StatusCode::kInvalidArgument, r.status().ToString());
+  r = worker->ZBatchPushPull({}, {});
+  EXPECT_OR_DIE(r.status().code() == StatusCode::kInvalidArgument, r.status().ToString());
+  Status w = worker->Wait(987654, 10);
+  EXPECT_OR_DIE(w.code() == StatusCode::kNotFound, w.ToString());
+  auto t = worker->FetchTrace(987654);
+  EXPECT_OR_DIE(t.status().code() == StatusCode::kNotFound, t.status().ToString());
+  uint64_t h = ValueOrDie(worker->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
+  OK_OR_DIE(worker->Wait(h, 30000));
+  for (int s = 0; s < c.S(); ++s) EXPECT_OR_DIE(pulls[s].as<float>()[3] == 7.0f + s, "answer after errors");
+}
+
+// ---------------- clash: two servers claim the same rank ----------------
+int Clash(Postoffice& po) {
+  Status s = po.Start();
+  if (!s.ok() && s.message().find("clashes") != std::string::npos &&
+      s.code() == StatusCode::kInvalidArgument) {
+    return 0;  // we are the refused node: the expected outcome
+  }
+  if (!s.ok() && s.code() == StatusCode::kDeadlineExceeded) return 10;
+  std::fprintf(stderr, "clash: unexpected Start result %s\n", s.ToString().c_str());
+  return 1;
+}
+
+struct Scenario {
+  std::function<void(Ctx&)> server, worker, scheduler;
+};
+
+}  // namespace
+
+int main() {
+  const char* name = std::getenv("MESHPOST_ITEST_SCENARIO");
+  if (name == nullptr) Die("MESHPOST_ITEST_SCENARIO is not set");
+  auto opts = OptionsFromEnv();
+  if (!opts.ok()) {
+    std::fprintf(stderr, "%s\n", opts.status().ToString().c_str());
+    return 2;
+  }
+  auto po = ValueOrDie(Postoffice::Create(*opts), "Create");
+  if (std::string(name) == "clash") return Clash(*po);
+
+  std::map<std::string, Scenario> scenarios = {
+      {"sum", {SumServer, SumWorker, nullptr}},
+      {"microbatch", {MicroServer, MicroWorker, nullptr}},
+      {"dtypes", {DTypeServer, DTypeWorker, nullptr}},
+      {"recvbuf", {RecvBufServer, RecvBufWorker, nullptr}},
+      {"respondvec", {RespondVecServer, RespondVecWorker, nullptr}},
+      {"barrier", {BarrierAny, BarrierAny, BarrierAny}},
+      {"timeout", {TimeoutServer, TimeoutWorker, nullptr}},
+      {"kill", {KillServer, KillWorker, nullptr}},
+      {"badinput", {BadInputServer, BadInputWorker, nullptr}},
+  };
+  auto it = scenarios.find(name);
+  if (it == scenarios.end()) Die(std::string("unknown scenario ") + name);
+  OK_OR_DIE(po->Start());
+  Ctx c{po.get(), po->options()};
+  const Scenario& sc = it->second;
+  if (opts->role == Role::kServer && sc.server) sc.server(c);
+  if (opts->role == Role::kWorker && sc.worker) sc.worker(c);
+  if (opts->role == Role::kScheduler && sc.scheduler) sc.scheduler(c);
+  OK_OR_DIE(po->Stop(60000));
+  return 0;
+}
