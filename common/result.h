@@ -30,6 +30,8 @@ class [[nodiscard]] Result {
   T* operator->() { CheckOk(); return &*value_; }
   const T* operator->() const { CheckOk(); return &*value_; }
   T& operator*() & { CheckOk(); return *value_; }
+  const T& operator*() const& { CheckOk(); return *value_; }
+  T&& operator*() && { CheckOk(); return std::move(*value_); }
 
  private:
   void CheckOk() const {

@@ -1,1 +1,147 @@
+// ZeroMQ van in one process: two vans on loopback exchanging messages, with the
+// receiver choosing destinations and refusing payloads.
 #include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+
+#include "van/van.h"
+
+namespace meshpost {
+namespace {
+
+class Recorder : public VanReceiver {
+ public:
+  void* dest = nullptr;  // where data segment 0 should land (nullptr: van buffer)
+  bool refuse = false;
+
+  Result<void*> Destination(const Meta& meta, size_t index) override {
+    if (refuse) return InvalidArgumentError("refused by test");
+    return index == 0 ? dest : nullptr;
+  }
+  void OnMessage(InMessage&& msg) override {
+    std::lock_guard<std::mutex> lock(mu);
+    messages.push_back(std::move(msg));
+    cv.notify_all();
+  }
+  void OnDropped(const Meta& meta, const Status& why) override {
+    std::lock_guard<std::mutex> lock(mu);
+    dropped.push_back(why);
+    cv.notify_all();
+  }
+  bool WaitFor(size_t n_messages, size_t n_dropped) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(20), [&] {
+      return messages.size() >= n_messages && dropped.size() >= n_dropped;
+    });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<InMessage> messages;
+  std::vector<Status> dropped;
+};
+
+struct Pair {
+  std::unique_ptr<Van> a = CreateZmqVan({});
+  std::unique_ptr<Van> b = CreateZmqVan({});
+  Recorder ra, rb;
+  Pair() {
+    int pa = *a->Bind("127.0.0.1", 0);
+    int pb = *b->Bind("127.0.0.1", 0);
+    EXPECT_GT(pa, 0);
+    EXPECT_TRUE(a->Start(&ra).ok());
+    EXPECT_TRUE(b->Start(&rb).ok());
+    EXPECT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
+    EXPECT_TRUE(b->Connect({1, "127.0.0.1", pa}).ok());
+    EXPECT_NE(a->endpoint().find(std::to_string(pa)), std::string::npos);
+  }
+};
+
+OutMessage DataMessage(int to, const std::vector<char>& bytes) {
+  OutMessage m;
+  m.meta.cmd = Command::kRequest;
+  m.meta.sender = 1;
+  m.meta.recipient = to;
+  m.meta.data.push_back({1, DType::kUInt8, {static_cast<int64_t>(bytes.size())}, bytes.size(), 0});
+  m.segments.push_back({bytes.data(), bytes.size(), nullptr});
+  return m;
+}
+
+TEST(ZmqVanTest, BytesLandInTheChosenDestination) {
+  Pair p;
+  std::vector<char> payload(100000);
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 13);
+  std::vector<char> dest(payload.size());
+  p.rb.dest = dest.data();
+  ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(1, 0));
+  EXPECT_EQ(p.rb.messages[0].segments[0].data, dest.data());
+  EXPECT_EQ(dest, payload);
+}
+
+TEST(ZmqVanTest, VanBufferWhenNoDestinationAndOrderKept) {
+  Pair p;
+  for (int i = 0; i < 50; ++i) {
+    std::vector<char> payload(5000 + i, static_cast<char>(i));
+    auto owner = std::make_shared<std::vector<char>>(payload);
+    OutMessage m = DataMessage(2, *owner);
+    m.segments[0].data = owner->data();
+    m.segments[0].owner = owner;
+    m.meta.id = i;
+    ASSERT_TRUE(p.a->Send(std::move(m)).ok());
+  }
+  ASSERT_TRUE(p.rb.WaitFor(50, 0));
+  for (int i = 0; i < 50; ++i) {
+    const InMessage& in = p.rb.messages[i];
+    EXPECT_EQ(in.meta.id, static_cast<uint64_t>(i));
+    ASSERT_EQ(in.segments.size(), 1u);
+    EXPECT_EQ(in.segments[0].size, 5000u + i);
+    EXPECT_TRUE(in.segments[0].owner != nullptr);
+    EXPECT_EQ(static_cast<char*>(in.segments[0].data)[17], static_cast<char>(i));
+  }
+}
+
+TEST(ZmqVanTest, RefusedDestinationReportsDrop) {
+  Pair p;
+  p.rb.refuse = true;
+  std::vector<char> payload(64, 1);
+  ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(0, 1));
+  EXPECT_NE(p.rb.dropped[0].message().find("refused by test"), std::string::npos);
+  // The van keeps working afterwards.
+  p.rb.refuse = false;
+  ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(1, 1));
+}
+
+// A sender whose frames disagree with its own header (hostile or buggy) is refused.
+TEST(ZmqVanTest, FrameSizeMismatchIsDropped) {
+  Pair p;
+  std::vector<char> dest(64);
+  p.rb.dest = dest.data();
+  std::vector<char> payload(32, 5);
+  OutMessage m = DataMessage(2, payload);
+  m.meta.data[0].shape = {64};
+  m.meta.data[0].nbytes = 64;  // claims 64 bytes, sends 32
+  ASSERT_TRUE(p.a->Send(std::move(m)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(0, 1));
+  EXPECT_EQ(p.rb.dropped[0].code(), StatusCode::kDataLoss);
+  EXPECT_EQ(dest, std::vector<char>(64, 0)) << "nothing written for a refused frame";
+  OutMessage extra = DataMessage(2, payload);
+  extra.segments.push_back(extra.segments[0]);  // one frame more than described
+  ASSERT_TRUE(p.a->Send(std::move(extra)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(0, 2));
+  ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(1, 2));
+}
+
+TEST(ZmqVanTest, SendToUnknownPeerIsAnError) {
+  Pair p;
+  std::vector<char> payload(8);
+  Status s = p.a->Send(DataMessage(9, payload));
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace meshpost
