@@ -107,8 +107,10 @@ class AFTensorWorker::Impl : public DataHandler {
         msg.segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
       }
       p->traces[s].request_start = start;
-      Status sent = ctx_->Send(std::move(msg));
+      // Stamped as the request is handed to the transport: the response may be received
+      // on another thread before Send() returns, and the stamps must stay ordered.
       p->traces[s].request_posted = GetNanosecond();
+      Status sent = ctx_->Send(std::move(msg));
       if (!sent.ok()) {
         Fail(p, sent.Annotate(std::string(fn) + ": sending to server " + std::to_string(s)));
         break;
@@ -199,6 +201,10 @@ class AFTensorWorker::Impl : public DataHandler {
     }
     const uint64_t now = GetNanosecond();
     std::shared_ptr<Pending> done;
+    // Pull tensors of a completed handle: their owners are released here, outside mu_
+    // (an owner may run user code, e.g. free a torch tensor), instead of when the handle
+    // is forgotten kFinishedKeep handles later, which would pin thousands of tensors.
+    KeyTensorBatch released;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto found = LookupForResponse(meta);
@@ -226,7 +232,11 @@ class AFTensorWorker::Impl : public DataHandler {
       } else {
         p->answered[s] = 1;
         t.response_processed = GetNanosecond();
-        if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
+        if (--p->remaining == 0) {
+          done = CompleteLocked(p->handle, OkStatus());
+          // Every response is written; nothing reads p->pull once the handle is done.
+          if (done) released.swap(p->pull);
+        }
       }
     }
     if (done) waiter_.Notify();

@@ -21,6 +21,11 @@ std::string EncodeNodes(const std::vector<NodeInfo>& nodes) {
     w.Put<int32_t>(n.port);
     w.Put<int32_t>(n.pid);
     w.PutString(n.host_identity);
+    w.Put<uint32_t>(static_cast<uint32_t>(n.vans.size()));
+    for (const auto& [name, endpoint] : n.vans) {
+      w.PutString(name);
+      w.PutString(endpoint);
+    }
   }
   return w.Release();
 }
@@ -40,6 +45,14 @@ Result<std::vector<NodeInfo>> DecodeNodes(const std::string& bytes) {
     r.Get(&node.port);
     r.Get(&node.pid);
     r.GetString(&node.host_identity, 1024);
+    uint32_t nvans = 0;
+    r.Get(&nvans);
+    if (nvans > 16) return DataLossError("node offers " + std::to_string(nvans) + " transports");
+    node.vans.resize(nvans);
+    for (auto& [name, endpoint] : node.vans) {
+      r.GetString(&name, 64);
+      r.GetString(&endpoint, 4096);
+    }
     if (!r.ok()) return r.status();
     if (role > static_cast<uint8_t>(Role::kWorker)) {
       return DataLossError("node table entry has invalid role " + std::to_string(role));

@@ -18,6 +18,8 @@ struct NodeInfo {
   int port = 0;
   int pid = 0;
   std::string host_identity;  // hostname + boot id (same-host detection)
+  // Data transports this node offers beyond tcp: (name, van endpoint) pairs.
+  std::vector<std::pair<std::string, std::string>> vans;
 
   std::string Describe() const;  // "server 1 (node 2 at 10.0.0.3:4567, pid 99)"
 };

@@ -125,12 +125,12 @@ Status Options::Validate() const {
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
   if (verbose < 0 || verbose > 2) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), "0, 1 or 2");
-  if (transport != "auto" && transport != "tcp") {
-    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'", "auto or tcp in this build");
+  if (transport != "auto" && transport != "tcp" && transport != "cma" && transport != "rdma") {
+    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'", "auto, cma, rdma or tcp");
   }
-  if (enable_rdma) {
-    return UnimplementedError(
-        "DMLC_ENABLE_RDMA=1 but this build of meshpost has no RDMA van; unset it to use tcp");
+  if (enable_rdma && transport != "auto" && transport != "rdma") {
+    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
+               "auto or rdma when DMLC_ENABLE_RDMA=1");
   }
   if (heartbeat_interval_ms < 10) {
     return bad("heartbeat_interval_ms", std::to_string(heartbeat_interval_ms), ">= 10");

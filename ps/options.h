@@ -28,7 +28,12 @@ struct Options {
   int port = 0;                        // DMLC_PORT (0: OS-assigned)
   int verbose = 0;                     // PS_VERBOSE 0/1/2
   bool enable_rdma = false;            // DMLC_ENABLE_RDMA
-  std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|tcp
+  std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
+  // The transport a data pair must use ("" = choose per pair); DMLC_ENABLE_RDMA=1 is rdma.
+  std::string ForcedTransport() const {
+    if (enable_rdma) return "rdma";
+    return transport == "auto" ? std::string() : transport;
+  }
   int heartbeat_interval_ms = 1000;    // MESHPOST_HEARTBEAT_INTERVAL_MS
   int heartbeat_timeout_ms = 6000;     // MESHPOST_HEARTBEAT_TIMEOUT_MS
   int64_t spin_us = 50;                // MESHPOST_SPIN_US: spin before blocking

@@ -15,6 +15,7 @@
 #include "common/net.h"
 #include "ps/node.h"
 #include "ps/node_context.h"
+#include "van/registry.h"
 #include "van/van.h"
 
 namespace meshpost {
@@ -50,7 +51,9 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   explicit Impl(const Options& options)
       : opts_(options),
         num_nodes_(1 + options.num_servers + options.num_workers),
-        down_(num_nodes_) {
+        down_(num_nodes_),
+        route_(num_nodes_, nullptr),
+        route_name_(num_nodes_, "tcp") {
     switch (opts_.role) {
       case Role::kScheduler: my_id_ = kSchedulerId; break;
       case Role::kServer: my_id_ = ServerNodeId(opts_.Rank()); break;
@@ -59,9 +62,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     ConfigureLogging(std::string(RoleName(opts_.role)) +
                          (opts_.role == Role::kScheduler ? "" : ":" + std::to_string(opts_.Rank())),
                      opts_.verbose);
-    VanOptions vo;
-    vo.wait = wait_policy();
-    van_ = CreateZmqVan(vo);
+    van_options_.wait = wait_policy();
+    van_ = CreateZmqVan(van_options_);
     if (opts_.role == Role::kWorker) worker_ = std::make_unique<AFTensorWorker>(this);
     if (opts_.role == Role::kServer) server_ = std::make_unique<AFTensorServer>(this);
   }
@@ -73,13 +75,18 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       (void)s;
     }
     StopThreads();
-    van_->Stop();
+    StopVans();
   }
 
   // --- NodeContext ---
   const Options& options() const override { return opts_; }
   int node_id() const override { return my_id_; }
-  Status Send(OutMessage&& msg) override { return van_->Send(std::move(msg)); }
+  // Data to a peer goes over the transport chosen for that pair; everything else over tcp.
+  Status Send(OutMessage&& msg) override {
+    const int to = msg.meta.recipient;
+    Van* van = (to > 0 && to < num_nodes_ && route_[to] != nullptr) ? route_[to] : van_.get();
+    return van->Send(std::move(msg));
+  }
   Status PeerStatus(int id) const override {
     std::lock_guard<std::mutex> lock(mu_);
     if (id < 0 || id >= num_nodes_) return NotFoundError("no node " + std::to_string(id));
@@ -98,7 +105,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     std::lock_guard<std::mutex> lock(mu_);
     for (const NodeInfo& n : table_) {
       if (n.role == Role::kScheduler || n.role == opts_.role) continue;
-      out[std::string(RoleName(n.role)) + " " + std::to_string(n.rank)] = van_->name();
+      out[std::string(RoleName(n.role)) + " " + std::to_string(n.rank)] = route_name_[n.id];
     }
     return out;
   }
@@ -124,6 +131,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     self_.host_identity = HostIdentity();
     MESHPOST_RETURN_IF_ERROR(van_->Start(this));
     started_ = true;
+    MESHPOST_RETURN_IF_ERROR(StartDataVans());
     MP_LOG_INFO(kLog, "{} listening on {}:{}", RoleName(opts_.role), host, port_);
 
     const uint64_t deadline = DeadlineFromTimeoutMs(opts_.start_timeout_ms);
@@ -224,7 +232,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       }
     }
     StopThreads();
-    van_->Stop();
+    StopVans();
     MP_LOG_INFO(kLog, "stopped");
     return result;
   }
@@ -375,12 +383,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         }
         table_ = std::move(nodes).value();
         for (const NodeInfo& n : table_) {
-          const bool peer = (opts_.role == Role::kWorker && n.role == Role::kServer) ||
-                            (opts_.role == Role::kServer && n.role == Role::kWorker);
-          if (!peer) continue;
-          Status c = van_->Connect({n.id, n.host, n.port});
+          if (!IsDataPeer(n.role)) continue;
+          Status c = ConnectPeerLocked(n);
           if (!c.ok()) {
-            start_error_ = c.Annotate("connecting to " + n.Describe());
+            start_error_ = c;
             break;
           }
         }
@@ -416,6 +422,87 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
     }
     cv_.notify_all();
+  }
+
+  // Creates, binds and starts every data van this node may use besides tcp, and records
+  // their endpoints in self_ so the scheduler's node table advertises them.
+  Status StartDataVans() {
+    if (opts_.role == Role::kScheduler) return OkStatus();
+    const std::string forced = opts_.ForcedTransport();
+    std::vector<std::string> wanted;
+    if (forced.empty()) {
+      for (const std::string& name : CompiledTransports()) {
+        if (name != "tcp") wanted.push_back(name);
+      }
+    } else if (forced != "tcp") {
+      wanted.push_back(forced);
+    }
+    for (const std::string& name : wanted) {
+      auto van = CreateVan(name, van_options_);
+      Status st = van.status();
+      if (van.ok()) {
+        auto bound = (*van)->Bind(self_.host, 0);
+        st = bound.ok() ? (*van)->Start(this) : bound.status();
+      }
+      if (!st.ok()) {
+        if (!forced.empty()) {
+          return st.Annotate("Start: transport '" + forced + "' was forced (" +
+                             (opts_.enable_rdma ? "DMLC_ENABLE_RDMA=1" : "MESHPOST_TRANSPORT") +
+                             ") but cannot run here");
+        }
+        MP_LOG_INFO(kLog, "transport {} not used: {}", name, st.message());
+        continue;
+      }
+      self_.vans.emplace_back(name, (*van)->endpoint());
+      data_vans_[name] = std::move(van).value();
+    }
+    return OkStatus();
+  }
+
+  // Requires mu_. Picks the transport for one data peer: the highest-priority one both
+  // sides offer (same-host transports only between processes on one running kernel).
+  Status ConnectPeerLocked(const NodeInfo& n) {
+    MESHPOST_RETURN_IF_ERROR(van_->Connect({n.id, n.host, n.port}).Annotate("connecting to " + n.Describe()));
+    const std::string forced = opts_.ForcedTransport();
+    std::string why_not;
+    for (const std::string& name : CompiledTransports()) {
+      if (name == "tcp") break;
+      auto mine = data_vans_.find(name);
+      if (mine == data_vans_.end()) continue;
+      const std::string* endpoint = nullptr;
+      for (const auto& [peer_name, peer_endpoint] : n.vans) {
+        if (peer_name == name) endpoint = &peer_endpoint;
+      }
+      if (endpoint == nullptr) {
+        why_not += name + ": the peer does not offer it; ";
+        continue;
+      }
+      if (IsSameHostTransport(name) && n.host_identity != self_.host_identity) {
+        why_not += name + ": the peer runs on " + n.host_identity + ", this node on " +
+                   self_.host_identity + "; ";
+        continue;
+      }
+      PeerAddress addr{n.id, n.host, n.port, *endpoint, n.pid};
+      Status c = mine->second->Connect(addr);
+      if (!c.ok()) {
+        why_not += name + ": " + c.message() + "; ";
+        continue;
+      }
+      route_[n.id] = mine->second.get();
+      route_name_[n.id] = name;
+      break;
+    }
+    if (!forced.empty() && forced != route_name_[n.id]) {
+      return InvalidArgumentError("transport '" + forced + "' was forced but cannot reach " +
+                                  n.Describe() + ": " + why_not);
+    }
+    MP_LOG_INFO(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
+    return OkStatus();
+  }
+
+  void StopVans() {
+    for (auto& [name, van] : data_vans_) van->Stop();
+    van_->Stop();
   }
 
   bool IsDataPeer(Role other) const {
@@ -701,7 +788,11 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   int my_id_ = 0;
   int port_ = 0;
   NodeInfo self_;
-  std::unique_ptr<Van> van_;
+  VanOptions van_options_;
+  std::unique_ptr<Van> van_;  // tcp: control plane, and data where nothing better fits
+  std::map<std::string, std::unique_ptr<Van>> data_vans_;  // other transports by name
+  std::vector<Van*> route_;               // per node id: data van (nullptr = tcp)
+  std::vector<std::string> route_name_;   // per node id: transport name
   std::unique_ptr<AFTensorWorker> worker_;
   std::unique_ptr<AFTensorServer> server_;
   DataHandler* data_ = nullptr;

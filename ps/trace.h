@@ -10,11 +10,11 @@ namespace meshpost {
 
 struct Trace {
   uint64_t request_start = 0;       // worker: ZBatchPushPull entered
-  uint64_t request_posted = 0;      // worker: request handed to the transport
+  uint64_t request_posted = 0;      // worker: request being handed to the transport
   uint64_t request_received = 0;    // server: request fully received
   uint64_t request_processed = 0;   // server: request returned by GetBatch
   uint64_t response_start = 0;      // server: Respond entered
-  uint64_t response_posted = 0;     // server: response handed to the transport
+  uint64_t response_posted = 0;     // server: response being handed to the transport
   uint64_t response_received = 0;   // worker: response header received
   uint64_t response_processed = 0;  // worker: payload in the pull tensors, handle complete
 

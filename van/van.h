@@ -39,6 +39,10 @@ struct VanOptions {
   WaitPolicy wait;           // receive-thread spin/block policy
   int io_threads = 1;        // ZeroMQ I/O threads
   size_t zero_copy_min = 4096;  // smaller segments are copied into the frame
+  // Same-host (cma) van: never use cross-memory attach, always the shared-memory copy
+  // path (the automatic fallback where CMA is refused; set to test it).
+  bool cma_disable = false;
+  int64_t connect_timeout_ms = 10'000;  // cma van: Connect handshake deadline
 };
 
 class Van {
@@ -59,6 +63,9 @@ class Van {
   virtual Status Send(OutMessage&& msg) = 0;
   // Stops the receive thread and closes every socket; idempotent.
   virtual void Stop() = 0;
+  // The mechanism used towards a connected peer (e.g. "cma" or "cma-shm" for the
+  // same-host van when CMA is refused); name() unless a van distinguishes.
+  virtual std::string PeerTransport(int peer_id) const { return name(); }
 };
 
 std::unique_ptr<Van> CreateZmqVan(const VanOptions& options);

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <string>
 
 #include "launch/local_cluster.h"
@@ -56,6 +57,20 @@ TEST(ClusterTest, KilledServerFailsPendingWait) {
       EXPECT_TRUE(e.ok()) << e.Describe();
     }
   }
+}
+
+TEST(ClusterTest, ForcingAnUnavailableTransportIsAClearError) {
+  std::error_code ec;
+  if (std::filesystem::exists("/sys/class/infiniband", ec) &&
+      !std::filesystem::is_empty("/sys/class/infiniband", ec)) {
+    GTEST_SKIP() << "this host has RDMA devices (/sys/class/infiniband), so forcing rdma may work";
+  }
+  ClusterSpec spec = Spec("forced", 1, 1);
+  spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
+  spec.env["DMLC_ENABLE_RDMA"] = "1";
+  // Without an RDMA device (or without the rdma van) Start names the transport and why.
+  spec.env["MESHPOST_ITEST_FORCED_ERROR"] = "transport 'rdma' was forced (DMLC_ENABLE_RDMA=1)";
+  RunAndExpectSuccess(spec);
 }
 
 TEST(ClusterTest, ClashingRanksAreRefused) {

@@ -101,6 +101,10 @@ void SumServer(Ctx& c) {
 }
 
 void SumWorker(Ctx& c) {
+  const std::string want = std::getenv("MESHPOST_ITEST_TRANSPORT") ? std::getenv("MESHPOST_ITEST_TRANSPORT") : "tcp";
+  const auto transports = c.po->Transports();
+  EXPECT_OR_DIE(static_cast<int>(transports.size()) == c.S(), "one transport per server");
+  for (const auto& [peer, name] : transports) EXPECT_OR_DIE(name == want, peer + " via " + name);
   for (int it = 0; it < 20; ++it) {
     Buf push(DType::kFloat32, {4, kSumCols});
     for (int i = 0; i < 4 * kSumCols; ++i) push.as<float>()[i] = c.rank() + 1 + it + i % 3;
@@ -471,6 +475,17 @@ void BadInputWorker(Ctx& c) {
   for (int s = 0; s < c.S(); ++s) EXPECT_OR_DIE(pulls[s].as<float>()[3] == 7.0f + s, "answer after errors");
 }
 
+// ---------------- forced: a transport that cannot run here is a clear error ----------------
+int Forced(Postoffice& po) {
+  Status s = po.Start();
+  if (po.role() == Role::kScheduler) return s.code() == StatusCode::kDeadlineExceeded ? 0 : 1;
+  const std::string want = std::getenv("MESHPOST_ITEST_FORCED_ERROR");
+  if (!s.ok() && s.message().find(want) != std::string::npos) return 0;
+  std::fprintf(stderr, "forced: expected an error containing '%s', got %s\n", want.c_str(),
+               s.ToString().c_str());
+  return 1;
+}
+
 // ---------------- clash: two servers claim the same rank ----------------
 int Clash(Postoffice& po) {
   Status s = po.Start();
@@ -499,6 +514,7 @@ int main() {
   }
   auto po = ValueOrDie(Postoffice::Create(*opts), "Create");
   if (std::string(name) == "clash") return Clash(*po);
+  if (std::string(name) == "forced") return Forced(*po);
 
   std::map<std::string, Scenario> scenarios = {
       {"sum", {SumServer, SumWorker, nullptr}},

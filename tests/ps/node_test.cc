@@ -22,6 +22,14 @@ TEST(NodeTest, TableRoundTrip) {
   EXPECT_EQ((*d)[1].Describe(), "server 0 (node 1 at 10.0.0.2:9001, pid 12)");
 }
 
+TEST(NodeTest, AdvertisedTransportsRoundTrip) {
+  NodeInfo n{1, Role::kServer, 0, "h", 9001, 1, "host/boot"};
+  n.vans = {{"cma", "@meshpost-1"}, {"rdma", "blob"}};
+  auto d = DecodeNodes(EncodeNodes({n}));
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)[0].vans, n.vans);
+}
+
 TEST(NodeTest, MalformedTablesRejected) {
   std::string b = EncodeNodes({{1, Role::kServer, 0, "h", 9001, 1, ""}});
   for (size_t n = 0; n < b.size(); ++n) {

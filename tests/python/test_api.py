@@ -1,0 +1,94 @@
+"""In-process tests of the Python layer: options, error mapping, misuse before init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fserver_lib as ps
+import meshpost
+from meshpost import _options
+
+
+def test_error_classes_subclass_builtins():
+    assert issubclass(meshpost.InvalidArgumentError, ValueError)
+    assert issubclass(meshpost.InvalidTypeError, TypeError)
+    assert issubclass(meshpost.DeadlineExceededError, TimeoutError)
+    assert issubclass(meshpost.UnavailableError, ConnectionError)
+    assert issubclass(meshpost.NotFoundError, ValueError)
+    assert issubclass(meshpost.UnimplementedError, NotImplementedError)
+    for cls in (meshpost.InvalidArgumentError, meshpost.DeadlineExceededError,
+                meshpost.UnavailableError, meshpost.NotFoundError,
+                meshpost.FailedPreconditionError):
+        assert issubclass(cls, meshpost.Error)
+    assert str(meshpost.NotFoundError("handle 3")) == "handle 3"
+
+
+def test_missing_environment_names_required_variables(clean_env):
+    with pytest.raises(ValueError) as info:
+        meshpost.Worker()
+    assert isinstance(info.value, meshpost.Error)
+    assert "DMLC_PS_ROOT_URI" in str(info.value)
+
+
+def test_malformed_option_names_option(clean_env):
+    with pytest.raises(ValueError) as info:
+        meshpost.Worker(root_uri="127.0.0.1", root_port=1234, num_workers=1, num_servers=1,
+                        node_rank=5)
+    assert "rank" in str(info.value)
+
+
+def test_unknown_keyword_is_type_error(clean_env):
+    with pytest.raises(TypeError, match="unknown option"):
+        meshpost.Worker(root_url="x")
+
+
+def test_keywords_override_environment(clean_env):
+    clean_env.setenv("DMLC_NUM_WORKER", "3")
+    env = _options.build_env("worker", {"num_workers": 2, "busy_poll": True, "instance": 1})
+    assert env["DMLC_NUM_WORKER"] == "2"
+    assert env["MESHPOST_BUSY_POLL"] == "1"
+    assert env["DMLC_ROLE"] == "worker"
+    assert env["STEPMESH_GPU"] == env["DMLC_INSTANCE_ID"] == "1"
+
+
+def test_rdma_without_device_is_clear_error(clean_env):
+    with pytest.raises(meshpost.Error, match="RDMA"):
+        meshpost.Worker(root_uri="127.0.0.1", root_port=1234, num_workers=1, num_servers=1,
+                        enable_rdma=True)
+
+
+def test_fserver_lib_before_init_raises():
+    with pytest.raises(meshpost.FailedPreconditionError, match="init"):
+        ps.push_pull([torch.ones(1)], [0], [torch.ones(1)], [0])
+    with pytest.raises(RuntimeError):
+        ps.wait(1)
+
+
+def test_fserver_lib_signatures_match_stepmesh():
+    import inspect
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    e = inspect.Parameter.empty
+    assert params(ps.push_pull) == [("push_tensors", e), ("push_keys", e), ("pull_tensors", e),
+                                    ("pull_keys", e), ("need_event", True)]
+    assert params(ps.wait) == [("handler", e), ("timeout_ms", 10000)]
+    assert params(ps.respond) == [("tensors", e), ("handler", e), ("need_event", False)]
+    assert params(ps.respond_vec) == [("ret_buffer", e), ("tensors_vec", e), ("handler_vec", e)]
+    assert params(ps.register_recv_buffer) == [("tensor", e), ("worker_ranks", e),
+                                               ("push_keys", e)]
+    assert params(ps.barrier) == [("include_server", e), ("include_worker", e),
+                                  ("instance_barrier", True)]
+    assert params(ps.init) == [] and params(ps.stop) == []
+    assert params(ps.get_all_handlers) == [("handler", e)]
+    assert params(ps.fetch_trace) == [("handler", e)]
+
+
+def test_transports_and_clock():
+    assert "tcp" in meshpost.transports()
+    a = ps.get_nanosecond()
+    b = meshpost.get_nanosecond()
+    assert isinstance(a, int) and b >= a > 0
+    assert "bfloat16" in meshpost.supported_dtypes()

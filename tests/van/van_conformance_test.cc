@@ -1,0 +1,501 @@
+// Van conformance suite: every transport (tcp, cma, cma with its shared-memory fallback)
+// must pass the same behavioural tests. Two vans live in this process and talk to each
+// other; every wait has a timeout and no test sleeps for synchronisation.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#include "van/cma/cma_van.h"
+#include "van/van.h"
+
+namespace meshpost {
+namespace {
+
+constexpr auto kTimeout = std::chrono::seconds(60);
+
+// Records what a van delivers and lets the test choose destinations.
+class RecordingReceiver : public VanReceiver {
+ public:
+  using DestinationFn = std::function<Result<void*>(const Meta&, size_t)>;
+
+  void set_destination(DestinationFn fn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    destination_ = std::move(fn);
+  }
+
+  Result<void*> Destination(const Meta& meta, size_t index) override {
+    DestinationFn fn;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn = destination_;
+    }
+    if (fn) return fn(meta, index);
+    return static_cast<void*>(nullptr);
+  }
+  void OnMessage(InMessage&& msg) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    messages_.push_back(std::move(msg));
+    cv_.notify_all();
+  }
+  void OnDropped(const Meta& meta, const Status& why) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    dropped_.emplace_back(meta, why);
+    cv_.notify_all();
+  }
+
+  // True once at least `messages` messages and `dropped` drops arrived (60 s timeout).
+  bool WaitFor(size_t messages, size_t dropped = 0) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, kTimeout, [&] {
+      return messages_.size() >= messages && dropped_.size() >= dropped;
+    });
+  }
+  std::vector<InMessage> TakeMessages() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::move(messages_);
+  }
+  std::vector<std::pair<Meta, Status>> TakeDropped() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::move(dropped_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  DestinationFn destination_;
+  std::vector<InMessage> messages_;
+  std::vector<std::pair<Meta, Status>> dropped_;
+};
+
+// Counts owner releases so tests can check the van lets go of every sent buffer.
+class ReleaseCounter {
+ public:
+  std::shared_ptr<const void> Track(std::shared_ptr<std::vector<uint8_t>> buf) {
+    return std::shared_ptr<const void>(buf->data(), [this, buf](const void*) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++released_;
+      cv_.notify_all();
+    });
+  }
+  bool WaitFor(int n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, kTimeout, [&] { return released_ >= n; });
+  }
+  int released() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return released_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int released_ = 0;
+};
+
+struct VanFactory {
+  std::string name;
+  std::function<std::unique_ptr<Van>()> create;
+};
+
+std::ostream& operator<<(std::ostream& os, const VanFactory& f) { return os << f.name; }
+
+VanOptions TestOptions() {
+  VanOptions o;
+  o.wait.spin_ns = 20'000;
+  o.connect_timeout_ms = 30'000;
+  return o;
+}
+
+constexpr int kIdA = 8;
+constexpr int kIdB = 9;
+
+class VanConformanceTest : public ::testing::TestWithParam<VanFactory> {
+ protected:
+  void SetUp() override {
+    a_ = GetParam().create();
+    b_ = GetParam().create();
+    auto pa = a_->Bind("127.0.0.1", 0);
+    auto pb = b_->Bind("127.0.0.1", 0);
+    ASSERT_TRUE(pa.ok()) << pa.status();
+    ASSERT_TRUE(pb.ok()) << pb.status();
+    addr_a_ = {kIdA, "127.0.0.1", *pa, a_->endpoint(), static_cast<int>(getpid())};
+    addr_b_ = {kIdB, "127.0.0.1", *pb, b_->endpoint(), static_cast<int>(getpid())};
+    ASSERT_TRUE(a_->Start(&ra_).ok());
+    ASSERT_TRUE(b_->Start(&rb_).ok());
+    ASSERT_TRUE(a_->Connect(addr_b_).ok());
+    ASSERT_TRUE(b_->Connect(addr_a_).ok());
+  }
+  void TearDown() override {
+    if (a_) a_->Stop();
+    if (b_) b_->Stop();
+  }
+
+  static OutMessage Request(uint64_t id, int from = kIdA, int to = kIdB) {
+    OutMessage m;
+    m.meta.cmd = Command::kRequest;
+    m.meta.sender = from;
+    m.meta.recipient = to;
+    m.meta.id = id;
+    return m;
+  }
+  // Adds a segment of `n` bytes filled with a pattern derived from `seed`.
+  static std::shared_ptr<std::vector<uint8_t>> AddSegment(OutMessage* m, size_t n, uint8_t seed,
+                                                          ReleaseCounter* counter = nullptr) {
+    auto buf = std::make_shared<std::vector<uint8_t>>(n);
+    for (size_t i = 0; i < n; ++i) (*buf)[i] = static_cast<uint8_t>(seed + i * 7 + (i >> 12));
+    TensorDesc d;
+    d.key = static_cast<int64_t>(m->meta.data.size());
+    d.dtype = DType::kUInt8;
+    d.shape = {static_cast<int64_t>(n)};
+    d.nbytes = n;
+    m->meta.data.push_back(d);
+    std::shared_ptr<const void> owner = counter ? counter->Track(buf) : buf;
+    m->segments.push_back({buf->data(), n, owner});
+    return buf;
+  }
+  static bool Matches(const RecvSegment& seg, size_t n, uint8_t seed) {
+    if (seg.size != n) return false;
+    const auto* p = static_cast<const uint8_t*>(seg.data);
+    for (size_t i = 0; i < n; ++i) {
+      if (p[i] != static_cast<uint8_t>(seed + i * 7 + (i >> 12))) return false;
+    }
+    return true;
+  }
+
+  std::unique_ptr<Van> a_, b_;
+  RecordingReceiver ra_, rb_;
+  PeerAddress addr_a_, addr_b_;
+};
+
+TEST_P(VanConformanceTest, DeliversInOrder) {
+  constexpr int kCount = 500;
+  for (int i = 0; i < kCount; ++i) {
+    OutMessage m = Request(i);
+    AddSegment(&m, 64 + (i % 5) * 3000, static_cast<uint8_t>(i));
+    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  }
+  ASSERT_TRUE(rb_.WaitFor(kCount));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got.size(), static_cast<size_t>(kCount));
+  for (int i = 0; i < kCount; ++i) {
+    EXPECT_EQ(got[i].meta.id, static_cast<uint64_t>(i));
+    EXPECT_EQ(got[i].meta.sender, kIdA);
+    ASSERT_EQ(got[i].segments.size(), 1u);
+    EXPECT_TRUE(Matches(got[i].segments[0], 64 + (i % 5) * 3000, static_cast<uint8_t>(i)));
+  }
+}
+
+TEST_P(VanConformanceTest, BothDirections) {
+  OutMessage m = Request(1);
+  AddSegment(&m, 100000, 1);
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  OutMessage r = Request(2, kIdB, kIdA);
+  r.meta.cmd = Command::kResponse;
+  AddSegment(&r, 200000, 2);
+  ASSERT_TRUE(b_->Send(std::move(r)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  ASSERT_TRUE(ra_.WaitFor(1));
+  auto at_b = rb_.TakeMessages();
+  auto at_a = ra_.TakeMessages();
+  EXPECT_TRUE(Matches(at_b[0].segments[0], 100000, 1));
+  EXPECT_EQ(at_a[0].meta.cmd, Command::kResponse);
+  EXPECT_TRUE(Matches(at_a[0].segments[0], 200000, 2));
+}
+
+TEST_P(VanConformanceTest, EmptyMessagesAndEmptySegments) {
+  OutMessage empty = Request(1);
+  empty.meta.body = "no data";
+  ASSERT_TRUE(a_->Send(std::move(empty)).ok());
+  OutMessage zero = Request(2);
+  AddSegment(&zero, 0, 0);
+  AddSegment(&zero, 10, 3);
+  AddSegment(&zero, 0, 0);
+  ASSERT_TRUE(a_->Send(std::move(zero)).ok());
+  ASSERT_TRUE(rb_.WaitFor(2));
+  auto got = rb_.TakeMessages();
+  EXPECT_EQ(got[0].meta.body, "no data");
+  EXPECT_TRUE(got[0].segments.empty());
+  ASSERT_EQ(got[1].segments.size(), 3u);
+  EXPECT_EQ(got[1].segments[0].size, 0u);
+  EXPECT_TRUE(Matches(got[1].segments[1], 10, 3));
+  EXPECT_EQ(got[1].segments[2].size, 0u);
+}
+
+TEST_P(VanConformanceTest, LargeHeaderBody) {
+  OutMessage m = Request(1);
+  m.meta.body.assign(300000, 'x');  // larger than one doorbell frame
+  AddSegment(&m, 5000, 9);
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto got = rb_.TakeMessages();
+  EXPECT_EQ(got[0].meta.body, std::string(300000, 'x'));
+  EXPECT_TRUE(Matches(got[0].segments[0], 5000, 9));
+}
+
+TEST_P(VanConformanceTest, Large64MiBToVanBufferAndToRegisteredMemory) {
+  constexpr size_t kBig = 64u << 20;
+  OutMessage m = Request(1);
+  AddSegment(&m, kBig, 5);
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got[0].segments.size(), 1u);
+  EXPECT_NE(got[0].segments[0].owner, nullptr);  // van-owned buffer kept alive by owner
+  EXPECT_TRUE(Matches(got[0].segments[0], kBig, 5));
+
+  std::vector<uint8_t> registered(kBig, 0);
+  rb_.set_destination([&](const Meta& meta, size_t i) -> Result<void*> {
+    return static_cast<void*>(registered.data());
+  });
+  OutMessage m2 = Request(2);
+  AddSegment(&m2, kBig, 6);
+  ASSERT_TRUE(a_->Send(std::move(m2)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  got = rb_.TakeMessages();
+  EXPECT_EQ(got[0].segments[0].data, registered.data());
+  EXPECT_TRUE(Matches(got[0].segments[0], kBig, 6));
+}
+
+TEST_P(VanConformanceTest, ManyInFlightAllOwnersReleased) {
+  constexpr int kCount = 200;
+  ReleaseCounter released;
+  for (int i = 0; i < kCount; ++i) {
+    OutMessage m = Request(i);
+    AddSegment(&m, 256 << 10, static_cast<uint8_t>(i), &released);
+    AddSegment(&m, 100, static_cast<uint8_t>(i + 1), &released);
+    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  }
+  ASSERT_TRUE(rb_.WaitFor(kCount));
+  auto got = rb_.TakeMessages();
+  for (int i = 0; i < kCount; ++i) {
+    ASSERT_EQ(got[i].meta.id, static_cast<uint64_t>(i));
+    EXPECT_TRUE(Matches(got[i].segments[0], 256 << 10, static_cast<uint8_t>(i)));
+    EXPECT_TRUE(Matches(got[i].segments[1], 100, static_cast<uint8_t>(i + 1)));
+  }
+  EXPECT_TRUE(released.WaitFor(2 * kCount));
+}
+
+TEST_P(VanConformanceTest, ManySegmentsLandInRegisteredDestinations) {
+  // Mixed small (inline-sized) and large segments, each into its own registered slot.
+  constexpr int kSegs = 40;
+  std::vector<std::vector<uint8_t>> slots(kSegs);
+  std::vector<size_t> sizes(kSegs);
+  OutMessage m = Request(7);
+  for (int i = 0; i < kSegs; ++i) {
+    sizes[i] = (i % 3 == 0) ? 700000 + i : 17 * i + 1;
+    slots[i].assign(sizes[i], 0);
+    AddSegment(&m, sizes[i], static_cast<uint8_t>(i * 3));
+  }
+  rb_.set_destination([&](const Meta& meta, size_t i) -> Result<void*> {
+    if (i >= slots.size() || meta.data[i].nbytes != slots[i].size()) {
+      return InvalidArgumentError("unexpected segment");
+    }
+    return static_cast<void*>(slots[i].data());
+  });
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got[0].segments.size(), static_cast<size_t>(kSegs));
+  for (int i = 0; i < kSegs; ++i) {
+    EXPECT_EQ(got[0].segments[i].data, slots[i].data());
+    EXPECT_EQ(got[0].segments[i].owner, nullptr);
+    EXPECT_TRUE(Matches(got[0].segments[i], sizes[i], static_cast<uint8_t>(i * 3)));
+  }
+}
+
+TEST_P(VanConformanceTest, DestinationErrorDropsTheMessageAndTheVanCarriesOn) {
+  rb_.set_destination([&](const Meta& meta, size_t i) -> Result<void*> {
+    if (meta.id == 666) return InvalidArgumentError("outside registered memory");
+    return static_cast<void*>(nullptr);
+  });
+  ReleaseCounter released;
+  OutMessage bad = Request(666);
+  AddSegment(&bad, 1 << 20, 1, &released);
+  ASSERT_TRUE(a_->Send(std::move(bad)).ok());
+  OutMessage good = Request(667);
+  AddSegment(&good, 1 << 20, 2);
+  ASSERT_TRUE(a_->Send(std::move(good)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1, 1));
+  auto dropped = rb_.TakeDropped();
+  ASSERT_EQ(dropped.size(), 1u);
+  EXPECT_EQ(dropped[0].first.id, 666u);
+  EXPECT_EQ(dropped[0].second.code(), StatusCode::kInvalidArgument);
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].meta.id, 667u);
+  EXPECT_TRUE(Matches(got[0].segments[0], 1 << 20, 2));
+  EXPECT_TRUE(released.WaitFor(1));  // the refused message's buffer is released too
+}
+
+TEST_P(VanConformanceTest, SizeMismatchIsRefused) {
+  // A descriptor claiming more bytes than the segment has is a protocol error.
+  OutMessage m = Request(5);
+  AddSegment(&m, 1000, 1);
+  m.meta.data[0].nbytes = 2000;
+  m.meta.data[0].shape = {2000};
+  Status s = a_->Send(std::move(m));
+  if (s.ok()) {
+    ASSERT_TRUE(rb_.WaitFor(0, 1));
+    EXPECT_EQ(rb_.TakeDropped()[0].second.code(), StatusCode::kDataLoss);
+  }
+  OutMessage ok = Request(6);
+  AddSegment(&ok, 10, 1);
+  ASSERT_TRUE(a_->Send(std::move(ok)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  EXPECT_EQ(rb_.TakeMessages()[0].meta.id, 6u);
+}
+
+TEST_P(VanConformanceTest, PeerExitIsSurvived) {
+  OutMessage m = Request(1);
+  AddSegment(&m, 1 << 20, 1);
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  b_->Stop();
+  b_.reset();
+  // Sends to the departed peer fail or are dropped; they never crash or hang, and every
+  // buffer handed to the van is eventually released.
+  ReleaseCounter released;
+  for (int i = 0; i < 20; ++i) {
+    OutMessage x = Request(100 + i);
+    AddSegment(&x, 1 << 20, 2, &released);
+    (void)a_->Send(std::move(x));
+  }
+  a_->Disconnect(kIdB);
+  a_->Stop();
+  a_.reset();
+  EXPECT_EQ(released.released(), 20);
+}
+
+TEST_P(VanConformanceTest, CleanStopWithMessagesInFlight) {
+  constexpr int kCount = 64;
+  ReleaseCounter released;
+  for (int i = 0; i < kCount; ++i) {
+    OutMessage m = Request(i);
+    AddSegment(&m, 1 << 20, static_cast<uint8_t>(i), &released);
+    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  }
+  a_->Stop();
+  a_.reset();
+  EXPECT_EQ(released.released(), kCount);
+  // Stop drained the sends: the receiver gets every message, intact and in order.
+  ASSERT_TRUE(rb_.WaitFor(kCount));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got.size(), static_cast<size_t>(kCount));
+  for (int i = 0; i < kCount; ++i) {
+    EXPECT_EQ(got[i].meta.id, static_cast<uint64_t>(i));
+    EXPECT_TRUE(Matches(got[i].segments[0], 1 << 20, static_cast<uint8_t>(i)));
+  }
+}
+
+TEST_P(VanConformanceTest, SendToUnknownPeerFails) {
+  OutMessage m = Request(1, kIdA, 12345);
+  EXPECT_EQ(a_->Send(std::move(m)).code(), StatusCode::kUnavailable);
+}
+
+VanOptions CmaShmOptions() {
+  VanOptions o = TestOptions();
+  o.cma_disable = true;
+  return o;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllVans, VanConformanceTest,
+    ::testing::Values(VanFactory{"tcp", [] { return CreateZmqVan(TestOptions()); }},
+                      VanFactory{"cma", [] { return CreateCmaVan(TestOptions()); }},
+                      VanFactory{"cma_shm", [] { return CreateCmaVan(CmaShmOptions()); }}),
+    [](const ::testing::TestParamInfo<VanFactory>& info) { return info.param.name; });
+
+// --- same-host van specifics ---------------------------------------------------------
+
+class CmaVanTest : public ::testing::Test {
+ protected:
+  void Init(VanOptions oa, VanOptions ob) {
+    a_ = CreateCmaVan(oa);
+    b_ = CreateCmaVan(ob);
+    ASSERT_TRUE(a_->Bind("", 0).ok());
+    ASSERT_TRUE(b_->Bind("", 0).ok());
+    ASSERT_TRUE(a_->Start(&ra_).ok());
+    ASSERT_TRUE(b_->Start(&rb_).ok());
+    ASSERT_TRUE(a_->Connect({kIdB, "", 0, b_->endpoint(), getpid()}).ok());
+    ASSERT_TRUE(b_->Connect({kIdA, "", 0, a_->endpoint(), getpid()}).ok());
+  }
+  void TearDown() override {
+    if (a_) a_->Stop();
+    if (b_) b_->Stop();
+  }
+  std::unique_ptr<Van> a_, b_;
+  RecordingReceiver ra_, rb_;
+};
+
+TEST_F(CmaVanTest, ReportsMechanismPerPeer) {
+  VanOptions shm = TestOptions();
+  shm.cma_disable = true;
+  Init(TestOptions(), shm);
+  EXPECT_STREQ(a_->name(), "cma");
+  // Either side refusing CMA puts the pair on the shared-memory path.
+  EXPECT_EQ(a_->PeerTransport(kIdB), "cma-shm");
+  EXPECT_EQ(b_->PeerTransport(kIdA), "cma-shm");
+}
+
+TEST_F(CmaVanTest, UsesCmaWhenAllowed) {
+  Init(TestOptions(), TestOptions());
+  EXPECT_EQ(a_->PeerTransport(kIdB), "cma");
+}
+
+TEST_F(CmaVanTest, ConnectToBadEndpointFails) {
+  Init(TestOptions(), TestOptions());
+  EXPECT_EQ(a_->Connect({20, "", 0, "tcp://1.2.3.4:5", 0}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(a_->Connect({20, "", 0, "@meshpost-cma-no-such-endpoint", 0}).code(),
+            StatusCode::kUnavailable);
+}
+
+TEST_F(CmaVanTest, MalformedDoorbellFramesAreDroppedNotFatal) {
+  Init(TestOptions(), TestOptions());
+  const std::string name = b_->endpoint().substr(1);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path + 1, name.data(), name.size());
+  const socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  // Garbage, a truncated data frame, and a data frame claiming a remote read before any
+  // handshake: each one is refused and b keeps serving a.
+  const std::vector<std::string> frames = {
+      std::string("hello there, not a frame"),
+      std::string("\x4d\x50\x43\x4d\x01\x00\x04\x01\x01", 9),
+      std::string(200, '\xff'),
+  };
+  for (const std::string& f : frames) {
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), len), 0);
+    ASSERT_EQ(::send(fd, f.data(), f.size(), MSG_NOSIGNAL), static_cast<ssize_t>(f.size()));
+    ::close(fd);
+  }
+  OutMessage m;
+  m.meta.cmd = Command::kRequest;
+  m.meta.sender = kIdA;
+  m.meta.recipient = kIdB;
+  m.meta.id = 42;
+  std::vector<uint8_t> payload(1 << 20, 7);
+  TensorDesc d;
+  d.nbytes = payload.size();
+  d.shape = {static_cast<int64_t>(payload.size())};
+  m.meta.data.push_back(d);
+  m.segments.push_back({payload.data(), payload.size(), nullptr});
+  ASSERT_TRUE(a_->Send(std::move(m)).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].meta.id, 42u);
+  EXPECT_EQ(static_cast<const uint8_t*>(got[0].segments[0].data)[12345], 7);
+}
+
+}  // namespace
+}  // namespace meshpost

@@ -1,0 +1,1242 @@
+// Same-host van (see cma_van.h for the contract).
+//
+// Design (docs/performance.md explains the measurements behind it):
+// - Doorbell: one SOCK_SEQPACKET unix socket per (sender, receiver) pair in the abstract
+//   namespace. Seqpacket keeps frame boundaries, reports peer death as EOF and can carry
+//   memfds (SCM_RIGHTS) for the fallback, so it needs no extra rendezvous.
+// - Payload: the receiver *pulls*. A data frame names, per segment, the sender's address
+//   (CMA), a range of a shared staging buffer (fallback) or bytes inline in the frame
+//   (small segments). The receive thread asks its VanReceiver for the destination and
+//   copies once, so it only ever writes into memory it chose itself. No address exchange
+//   is needed and a hostile sender can at worst make us read its own memory.
+// - The sender keeps segment owners until the receiver acknowledges the copy (an ack frame
+//   on the same socket); acks are cumulative and processed by the sender's receive thread.
+// - One receive thread per van owns the epoll set (listen socket, inbound connections,
+//   the ack side of outbound connections, a wake eventfd). It spins with epoll_wait(0) for
+//   WaitPolicy::spin_ns after the last event, then blocks, so an idle van costs no CPU.
+#include "van/cma/cma_van.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/logging.h"
+#include "common/wire.h"
+#include "van/codec.h"
+
+namespace meshpost {
+namespace {
+
+constexpr const char* kLog = "van";
+
+// --- RAII wrappers -------------------------------------------------------------------
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() { Reset(); }
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.Release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      fd_ = o.Release();
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int Release() {
+    int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+  void Reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* p, size_t n) : p_(p), n_(n) {}
+  ~Mapping() {
+    if (p_ != nullptr) ::munmap(p_, n_);
+  }
+  Mapping(Mapping&& o) noexcept : p_(o.p_), n_(o.n_) {
+    o.p_ = nullptr;
+    o.n_ = 0;
+  }
+  Mapping& operator=(Mapping&& o) noexcept {
+    if (this != &o) {
+      if (p_ != nullptr) ::munmap(p_, n_);
+      p_ = o.p_;
+      n_ = o.n_;
+      o.p_ = nullptr;
+      o.n_ = 0;
+    }
+    return *this;
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  char* data() const { return static_cast<char*>(p_); }
+  size_t size() const { return n_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+std::string ErrnoText(const char* what, int err) {
+  return std::string(what) + ": " + std::strerror(err);
+}
+
+// --- Doorbell wire format ------------------------------------------------------------
+// Every frame: magic u32, version u16, type u8, flags u8, then per type:
+//   kHello    : pid u32, probe_addr u64, probe_len u32, cookie[16], want_cma u8
+//   kHelloAck : cma_ok u8
+//   kStaging  : id u32, size u64          (+ one memfd via SCM_RIGHTS)
+//   kData     : seq u64, nseg u32, Source(meta), nseg x Source, inline bytes to the end
+//   kAck      : seq u64                   (cumulative: releases every send <= seq)
+// Source: kind u8, staging_id u32, offset_or_addr u64, len u64.
+
+constexpr uint32_t kFrameMagic = 0x4D43504D;  // "MPCM"
+constexpr uint16_t kFrameVersion = 1;
+constexpr size_t kFramePreamble = 8;
+constexpr size_t kSourceBytes = 1 + 4 + 8 + 8;
+constexpr size_t kDataFixed = kFramePreamble + 8 + 4;
+constexpr size_t kMaxFrameBytes = 128 << 10;  // < the default unix socket send buffer
+constexpr size_t kMaxMetaBytes = kMaxBodyBytes + (1u << 20);
+constexpr size_t kCookieBytes = 16;
+constexpr size_t kMaxStagingBuffers = 4096;      // per inbound connection
+constexpr uint64_t kMaxStagingBytes = 4ull << 30;  // per outbound peer
+constexpr size_t kMinStagingClass = 16;            // 64 KiB
+constexpr size_t kIovBatch = 1024;                 // IOV_MAX
+
+enum FrameType : uint8_t { kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5 };
+enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2 };
+constexpr uint8_t kFlagNeedsAck = 1;
+
+struct Source {
+  uint8_t kind = kInline;
+  uint32_t staging_id = 0;
+  uint64_t offset = 0;  // inline offset, staging offset or remote address
+  uint64_t len = 0;
+};
+
+void PutPreamble(WireWriter* w, FrameType type, uint8_t flags) {
+  w->Put<uint32_t>(kFrameMagic);
+  w->Put<uint16_t>(kFrameVersion);
+  w->Put<uint8_t>(type);
+  w->Put<uint8_t>(flags);
+}
+
+void PutSource(WireWriter* w, const Source& s) {
+  w->Put<uint8_t>(s.kind);
+  w->Put<uint32_t>(s.staging_id);
+  w->Put<uint64_t>(s.offset);
+  w->Put<uint64_t>(s.len);
+}
+
+bool GetSource(WireReader* r, Source* s) {
+  return r->Get(&s->kind) && r->Get(&s->staging_id) && r->Get(&s->offset) && r->Get(&s->len);
+}
+
+int SizeClass(size_t n) {
+  int c = 0;
+  while ((size_t{1} << c) < n) ++c;
+  return c;
+}
+
+// Sends one frame (optionally with an fd). MSG_NOSIGNAL: a dead peer is an error, not a
+// SIGPIPE. Blocks when the socket buffer is full, but never longer than timeout_ms.
+Status SendFrame(int fd, const void* data, size_t size, int pass_fd, int timeout_ms) {
+  iovec iov{const_cast<void*>(data), size};
+  msghdr mh{};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  if (pass_fd >= 0) {
+    std::memset(control, 0, sizeof(control));
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof(control);
+    cmsghdr* c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+  }
+  const uint64_t deadline = GetNanosecond() + static_cast<uint64_t>(timeout_ms) * 1000000ull;
+  for (;;) {
+    ssize_t n = ::sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n == static_cast<ssize_t>(size)) return OkStatus();
+    if (n >= 0) return InternalError("short seqpacket send");
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      return UnavailableError(ErrnoText("doorbell send", errno));
+    }
+    const uint64_t now = GetNanosecond();
+    if (now >= deadline) return DeadlineExceededError("doorbell send: peer not reading");
+    pollfd p{fd, POLLOUT, 0};
+    ::poll(&p, 1, static_cast<int>((deadline - now) / 1000000ull) + 1);
+  }
+}
+
+// Pool of van-owned receive buffers (used when Destination returns nullptr), so large
+// messages do not page-fault fresh memory every time. Buffers return on owner release.
+class BufferPool : public std::enable_shared_from_this<BufferPool> {
+ public:
+  ~BufferPool() {
+    for (auto& list : free_) {
+      for (void* p : list) std::free(p);
+    }
+  }
+  std::shared_ptr<void> Get(size_t size) {
+    const int cls = std::max(SizeClass(size), 12);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_[cls].empty()) {
+        p = free_[cls].back();
+        free_[cls].pop_back();
+      }
+    }
+    if (p == nullptr) p = std::aligned_alloc(64, size_t{1} << cls);
+    if (p == nullptr) return nullptr;
+    std::shared_ptr<BufferPool> self = shared_from_this();
+    return std::shared_ptr<void>(p, [self, cls](void* q) { self->Put(q, cls); });
+  }
+
+ private:
+  static constexpr size_t kKeepPerClass = 4;
+  void Put(void* p, int cls) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_[cls].size() < kKeepPerClass && cls <= 30) {
+        free_[cls].push_back(p);
+        return;
+      }
+    }
+    std::free(p);
+  }
+  std::mutex mu_;
+  std::array<std::vector<void*>, 64> free_;
+};
+
+// A growable FIFO ring (no allocation once warm): unacknowledged sends of one peer.
+template <typename T>
+class Ring {
+ public:
+  bool empty() const { return count_ == 0; }
+  size_t size() const { return count_; }
+  T& front() { return items_[head_]; }
+  void push_back(T&& v) {
+    if (count_ == items_.size()) Grow();
+    items_[(head_ + count_) % items_.size()] = std::move(v);
+    ++count_;
+  }
+  T pop_front() {
+    T v = std::move(items_[head_]);
+    head_ = (head_ + 1) % items_.size();
+    --count_;
+    return v;
+  }
+
+ private:
+  void Grow() {
+    std::vector<T> bigger(std::max<size_t>(16, items_.size() * 2));
+    for (size_t i = 0; i < count_; ++i) bigger[i] = std::move(items_[(head_ + i) % items_.size()]);
+    items_ = std::move(bigger);
+    head_ = 0;
+  }
+  std::vector<T> items_;
+  size_t head_ = 0;
+  size_t count_ = 0;
+};
+
+// A shared-memory staging buffer (fallback path), created by the sender, sealed against
+// resizing so the receiver's mapping can never SIGBUS, announced once over the socket.
+struct StagingBuffer {
+  uint32_t id = 0;
+  int size_class = 0;
+  UniqueFd fd;
+  Mapping map;
+};
+
+Result<std::unique_ptr<StagingBuffer>> CreateStaging(uint32_t id, int size_class) {
+  const size_t size = size_t{1} << size_class;
+  UniqueFd fd(::memfd_create("meshpost-staging", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return UnavailableError(ErrnoText("memfd_create", errno));
+  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+    return ResourceExhaustedError(ErrnoText("ftruncate staging buffer", errno));
+  }
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return UnavailableError(ErrnoText("seal staging buffer", errno));
+  }
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) return ResourceExhaustedError(ErrnoText("mmap staging buffer", errno));
+  auto b = std::make_unique<StagingBuffer>();
+  b->id = id;
+  b->size_class = size_class;
+  b->fd = std::move(fd);
+  b->map = Mapping(p, size);
+  return b;
+}
+
+// --- The van -------------------------------------------------------------------------
+
+class CmaVan : public Van {
+ public:
+  explicit CmaVan(const VanOptions& options)
+      : options_(options), pool_(std::make_shared<BufferPool>()), drain_(options.wait) {
+    std::random_device rd;
+    for (auto& b : probe_cookie_) b = static_cast<uint8_t>(rd());
+  }
+  ~CmaVan() override { Stop(); }
+
+  const char* name() const override { return "cma"; }
+  std::string endpoint() const override { return endpoint_; }
+
+  std::string PeerTransport(int peer_id) const override {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_.find(peer_id);
+    if (it == peers_.end()) return name();
+    return it->second->cma ? "cma" : "cma-shm";
+  }
+
+  Result<int> Bind(const std::string& /*host*/, int /*port*/) override {
+    if (listen_fd_.valid()) return FailedPreconditionError("cma van already bound");
+    static std::atomic<uint32_t> counter{0};
+    std::random_device rd;
+    const std::string name = "meshpost-cma-" + std::to_string(::getpid()) + "-" +
+                             std::to_string(counter.fetch_add(1)) + "-" +
+                             std::to_string(rd() & 0xffffff);
+    UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) return UnavailableError(ErrnoText("socket(AF_UNIX)", errno));
+    sockaddr_un addr{};
+    socklen_t len = 0;
+    MESHPOST_RETURN_IF_ERROR(AbstractAddress(name, &addr, &len));
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) != 0) {
+      return UnavailableError(ErrnoText(("bind @" + name).c_str(), errno));
+    }
+    if (::listen(fd.get(), 128) != 0) return UnavailableError(ErrnoText("listen", errno));
+    listen_fd_ = std::move(fd);
+    endpoint_ = "@" + name;
+    MP_LOG_DEBUG(kLog, "cma van bound {}", endpoint_);
+    return 0;
+  }
+
+  Status Start(VanReceiver* receiver) override {
+    if (!listen_fd_.valid()) return FailedPreconditionError("cma van Start before Bind");
+    if (receiver == nullptr) return InvalidArgumentError("cma van Start: receiver is null");
+    if (running_.load() || stopped_.load()) {
+      return FailedPreconditionError("cma van already started");
+    }
+    epoll_fd_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll_fd_.valid()) return UnavailableError(ErrnoText("epoll_create1", errno));
+    wake_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!wake_fd_.valid()) return UnavailableError(ErrnoText("eventfd", errno));
+    MESHPOST_RETURN_IF_ERROR(Watch(wake_fd_.get(), kWakeId));
+    MESHPOST_RETURN_IF_ERROR(Watch(listen_fd_.get(), kListenId));
+    receiver_ = receiver;
+    running_ = true;
+    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    return OkStatus();
+  }
+
+  Status Connect(const PeerAddress& peer) override {
+    if (!running_.load()) return FailedPreconditionError("cma van Connect before Start");
+    if (peer.endpoint.size() < 2 || peer.endpoint[0] != '@') {
+      return InvalidArgumentError("cma van Connect: peer " + std::to_string(peer.id) +
+                                  " endpoint '" + peer.endpoint +
+                                  "' is not a cma endpoint (expected '@name')");
+    }
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = peers_.find(peer.id);
+      if (it != peers_.end() && it->second->endpoint == peer.endpoint &&
+          !it->second->dead.load()) {
+        return OkStatus();
+      }
+    }
+    const int timeout_ms = static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms));
+    // Blocking connect (bounded by SO_SNDTIMEO when the listener's backlog is full), then
+    // non-blocking for the rest of the connection's life.
+    UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    if (!fd.valid()) return UnavailableError(ErrnoText("socket(AF_UNIX)", errno));
+    int sndbuf = 1 << 20;
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    sockaddr_un addr{};
+    socklen_t len = 0;
+    MESHPOST_RETURN_IF_ERROR(AbstractAddress(peer.endpoint.substr(1), &addr, &len));
+    int rc;
+    do {
+      rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), len);
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+      return UnavailableError(
+          ErrnoText(("cma van connect to node " + std::to_string(peer.id) + " at " +
+                     peer.endpoint).c_str(), errno));
+    }
+    ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK);
+    // Handshake: the receiver proves it can read our memory (CMA) by reading a cookie.
+    WireWriter w;
+    PutPreamble(&w, kHello, 0);
+    w.Put<uint32_t>(static_cast<uint32_t>(::getpid()));
+    w.Put<uint64_t>(reinterpret_cast<uint64_t>(probe_cookie_.data()));
+    w.Put<uint32_t>(kCookieBytes);
+    w.PutBytes(probe_cookie_.data(), kCookieBytes);
+    w.Put<uint8_t>(options_.cma_disable ? 0 : 1);
+    Status s = SendFrame(fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
+    if (!s.ok()) return s.Annotate("cma van handshake with node " + std::to_string(peer.id));
+    auto cma_ok = AwaitHelloAck(fd.get(), timeout_ms);
+    if (!cma_ok.ok()) {
+      return cma_ok.status().Annotate("cma van handshake with node " + std::to_string(peer.id) +
+                                      " at " + peer.endpoint);
+    }
+    auto p = std::make_shared<Peer>();
+    p->id = peer.id;
+    p->endpoint = peer.endpoint;
+    p->cma = *cma_ok;
+    p->conn_id = next_conn_id_.fetch_add(1);
+    p->fd = std::move(fd);
+    if (!p->cma && !logged_fallback_.exchange(true)) {
+      MP_LOG_INFO(kLog,
+                  "cross-memory attach not usable towards node {}{}: using the shared-memory "
+                  "copy path (logged once)",
+                  peer.id, options_.cma_disable ? " (disabled by options)" : "");
+    }
+    std::shared_ptr<Peer> old;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = peers_.find(peer.id);
+      if (it != peers_.end()) old = it->second;
+      peers_[peer.id] = p;
+      out_conns_[p->conn_id] = p;
+    }
+    if (old) Retire(old);
+    Status ws = Watch(p->fd.get(), p->conn_id);
+    if (!ws.ok()) {
+      Retire(p);
+      return ws;
+    }
+    MP_LOG_DEBUG(kLog, "cma van connected to node {} at {} ({})", peer.id, peer.endpoint,
+                 p->cma ? "cma" : "shm");
+    return OkStatus();
+  }
+
+  void Disconnect(int peer_id) override {
+    std::shared_ptr<Peer> p;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = peers_.find(peer_id);
+      if (it == peers_.end()) return;
+      p = it->second;
+      peers_.erase(it);
+    }
+    // The peer may still be reading our memory; give it a bounded chance to finish.
+    if (std::this_thread::get_id() != recv_thread_.get_id()) {
+      drain_.WaitUntil([&] { return p->Idle(); }, GetNanosecond() + 1'000'000'000ull);
+    }
+    Retire(p);
+  }
+
+  Status Send(OutMessage&& msg) override {
+    if (msg.segments.size() != msg.meta.data.size()) {
+      return InvalidArgumentError("cma van Send: " + std::to_string(msg.segments.size()) +
+                                  " segments but meta describes " +
+                                  std::to_string(msg.meta.data.size()));
+    }
+    std::shared_ptr<Peer> peer;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = peers_.find(msg.meta.recipient);
+      if (it == peers_.end()) {
+        return UnavailableError("cma van: no connection to node " +
+                                std::to_string(msg.meta.recipient));
+      }
+      peer = it->second;
+    }
+    std::string header = EncodeMeta(msg.meta);
+    std::lock_guard<std::mutex> lock(peer->send_mu);
+    if (peer->dead.load()) {
+      return UnavailableError("cma van: node " + std::to_string(peer->id) +
+                              " closed its connection");
+    }
+    const size_t n = msg.segments.size();
+    const size_t fixed = kDataFixed + kSourceBytes * (n + 1);
+    if (fixed > kMaxFrameBytes) {
+      return InvalidArgumentError("cma van Send: " + std::to_string(n) +
+                                  " segments do not fit one doorbell frame");
+    }
+    // Decide where every segment's bytes come from. Small ones ride inline in the frame
+    // (one syscall fewer than a remote read); the rest are read by the receiver.
+    size_t budget = kMaxFrameBytes - fixed;
+    size_t inline_bytes = 0;
+    size_t staged_bytes = 0;
+    std::vector<Source>& src = peer->sources;
+    src.assign(n + 1, Source{});
+    auto place = [&](Source* s, size_t size, size_t inline_limit) {
+      s->len = size;
+      if (size <= inline_limit && size <= budget) {
+        s->kind = kInline;
+        s->offset = inline_bytes;
+        inline_bytes += size;
+        budget -= size;
+      } else if (peer->cma) {
+        s->kind = kRemote;
+      } else {
+        s->kind = kStaged;
+        s->offset = staged_bytes;
+        staged_bytes += (size + 63) & ~size_t{63};
+      }
+    };
+    place(&src[0], header.size(), kMaxFrameBytes);
+    for (size_t i = 0; i < n; ++i) {
+      place(&src[i + 1], msg.segments[i].size,
+            msg.segments[i].data == nullptr ? 0 : options_.zero_copy_min);
+      if (msg.segments[i].size != msg.meta.data[i].nbytes) {
+        return InvalidArgumentError("cma van Send: segment " + std::to_string(i) + " has " +
+                                    std::to_string(msg.segments[i].size) +
+                                    " bytes but meta.data says " +
+                                    std::to_string(msg.meta.data[i].nbytes));
+      }
+      if (msg.segments[i].size > 0 && msg.segments[i].data == nullptr) {
+        return InvalidArgumentError("cma van Send: segment " + std::to_string(i) +
+                                    " has size " + std::to_string(msg.segments[i].size) +
+                                    " but no data");
+      }
+    }
+    StagingBuffer* staging = nullptr;
+    if (staged_bytes > 0) {
+      auto st = AcquireStaging(peer.get(), staged_bytes);
+      if (!st.ok()) return st.status();
+      staging = *st;
+    }
+    std::shared_ptr<std::string> header_owner;
+    const bool needs_ack = src[0].kind != kInline ||
+                           std::any_of(src.begin() + 1, src.end(),
+                                       [](const Source& s) { return s.kind != kInline; });
+    auto payload_of = [&](size_t k) -> const void* {
+      return k == 0 ? static_cast<const void*>(header.data()) : msg.segments[k - 1].data;
+    };
+    for (size_t k = 0; k <= n; ++k) {
+      Source& s = src[k];
+      if (s.kind == kStaged) {
+        s.staging_id = staging->id;
+        if (s.len) std::memcpy(staging->map.data() + s.offset, payload_of(k), s.len);
+      } else if (s.kind == kRemote) {
+        if (k == 0) {
+          header_owner = std::make_shared<std::string>(std::move(header));
+          s.offset = reinterpret_cast<uint64_t>(header_owner->data());
+        } else {
+          s.offset = reinterpret_cast<uint64_t>(msg.segments[k - 1].data);
+        }
+      }
+    }
+    WireWriter& w = peer->frame;
+    w.buffer().clear();
+    PutPreamble(&w, kData, needs_ack ? kFlagNeedsAck : 0);
+    const uint64_t seq = ++peer->next_seq;
+    w.Put<uint64_t>(seq);
+    w.Put<uint32_t>(static_cast<uint32_t>(n));
+    for (const Source& s : src) PutSource(&w, s);
+    for (size_t k = 0; k <= n; ++k) {
+      if (src[k].kind == kInline && src[k].len) w.PutBytes(payload_of(k), src[k].len);
+    }
+    if (needs_ack) {
+      // Registered before the doorbell rings: the ack may arrive before sendmsg returns.
+      std::lock_guard<std::mutex> plock(peer->pending_mu);
+      if (header_owner) peer->pending.push_back({seq, std::move(header_owner), nullptr});
+      if (staging) peer->pending.push_back({seq, nullptr, staging});
+      for (size_t i = 0; i < n; ++i) {
+        if (src[i + 1].kind != kInline && msg.segments[i].owner) {
+          peer->pending.push_back({seq, std::move(msg.segments[i].owner), nullptr});
+        }
+      }
+      peer->pending.push_back({seq, nullptr, nullptr});  // marks seq as in flight
+    }
+    Status s = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1,
+                         static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+    if (!s.ok()) {
+      MarkDead(peer.get(), s);
+      return s.Annotate("cma van send to node " + std::to_string(peer->id));
+    }
+    return OkStatus();
+  }
+
+  void Stop() override {
+    if (running_.load()) {
+      // Peers may still be reading our memory: wait (bounded) for their acks before the
+      // owners go away, so the last response of a run reaches its worker.
+      std::vector<std::shared_ptr<Peer>> peers;
+      {
+        std::lock_guard<std::mutex> lock(peers_mu_);
+        for (auto& kv : peers_) peers.push_back(kv.second);
+      }
+      if (std::this_thread::get_id() != recv_thread_.get_id()) {
+        drain_.WaitUntil(
+            [&] {
+              for (auto& p : peers) {
+                if (!p->Idle()) return false;
+              }
+              return true;
+            },
+            GetNanosecond() + 5'000'000'000ull);
+      }
+      running_ = false;
+      uint64_t one = 1;
+      ssize_t ignored = ::write(wake_fd_.get(), &one, sizeof(one));
+      (void)ignored;
+      if (recv_thread_.joinable()) {
+        if (std::this_thread::get_id() == recv_thread_.get_id()) {
+          recv_thread_.detach();  // Stop from a callback; the loop exits on return
+        } else {
+          recv_thread_.join();
+        }
+      }
+    }
+    stopped_ = true;
+    std::unordered_map<int, std::shared_ptr<Peer>> peers;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peers.swap(peers_);
+      out_conns_.clear();
+    }
+    for (auto& kv : peers) Retire(kv.second);
+    in_conns_.clear();
+    listen_fd_.Reset();
+  }
+
+ private:
+  static constexpr uint64_t kWakeId = 0;
+  static constexpr uint64_t kListenId = 1;
+
+  struct Pending {
+    uint64_t seq = 0;
+    std::shared_ptr<const void> owner;
+    StagingBuffer* staging = nullptr;
+  };
+
+  // Outbound connection: sends data frames, reads acks (receive thread).
+  struct Peer {
+    int id = -1;
+    std::string endpoint;
+    bool cma = false;
+    uint64_t conn_id = 0;
+    UniqueFd fd;
+    std::atomic<bool> dead{false};
+    std::mutex send_mu;  // frame building + sendmsg
+    uint64_t next_seq = 0;
+    WireWriter frame;
+    std::vector<Source> sources;
+    std::mutex pending_mu;  // pending, staging pool (receive thread releases)
+    Ring<Pending> pending;
+    std::vector<std::unique_ptr<StagingBuffer>> staging_all;
+    std::array<std::vector<StagingBuffer*>, 64> staging_free;
+    uint64_t staging_bytes = 0;
+    bool Idle() {
+      std::lock_guard<std::mutex> lock(pending_mu);
+      return pending.empty() || dead.load();
+    }
+  };
+
+  // Inbound connection: receives data frames, sends acks. Owned by the receive thread.
+  struct InConn {
+    UniqueFd fd;
+    pid_t pid = 0;
+    bool hello = false;
+    bool cma = false;
+    std::unordered_map<uint32_t, Mapping> staging;
+  };
+
+  static Status AbstractAddress(const std::string& name, sockaddr_un* addr, socklen_t* len) {
+    if (name.empty() || name.size() + 1 > sizeof(addr->sun_path)) {
+      return InvalidArgumentError("cma endpoint name '" + name + "' is empty or too long");
+    }
+    addr->sun_family = AF_UNIX;
+    addr->sun_path[0] = '\0';
+    std::memcpy(addr->sun_path + 1, name.data(), name.size());
+    *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    return OkStatus();
+  }
+
+  Status Watch(int fd, uint64_t id) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = id;
+    if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+      return InternalError(ErrnoText("epoll_ctl(ADD)", errno));
+    }
+    return OkStatus();
+  }
+
+  Result<bool> AwaitHelloAck(int fd, int timeout_ms) {
+    const uint64_t deadline = GetNanosecond() + static_cast<uint64_t>(timeout_ms) * 1000000ull;
+    char buf[64];
+    for (;;) {
+      ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+      if (n == 0) return UnavailableError("peer closed the connection during the handshake");
+      if (n > 0) {
+        WireReader r(buf, static_cast<size_t>(n));
+        uint32_t magic = 0;
+        uint16_t version = 0;
+        uint8_t type = 0, flags = 0, cma_ok = 0;
+        if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
+            !r.Get(&cma_ok) || magic != kFrameMagic || version != kFrameVersion ||
+            type != kHelloAck) {
+          return DataLossError("malformed handshake reply");
+        }
+        return cma_ok != 0;
+      }
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        return UnavailableError(ErrnoText("handshake recv", errno));
+      }
+      const uint64_t now = GetNanosecond();
+      if (now >= deadline) {
+        return DeadlineExceededError("no handshake reply within " + std::to_string(timeout_ms) +
+                                     " ms (is the peer van started?)");
+      }
+      pollfd p{fd, POLLIN, 0};
+      ::poll(&p, 1, static_cast<int>((deadline - now) / 1000000ull) + 1);
+    }
+  }
+
+  Result<StagingBuffer*> AcquireStaging(Peer* peer, size_t bytes) {
+    const int cls = std::max<int>(SizeClass(bytes), kMinStagingClass);
+    {
+      std::lock_guard<std::mutex> lock(peer->pending_mu);
+      auto& list = peer->staging_free[cls];
+      if (!list.empty()) {
+        StagingBuffer* b = list.back();
+        list.pop_back();
+        return b;
+      }
+      if (peer->staging_bytes + (uint64_t{1} << cls) > kMaxStagingBytes) {
+        return ResourceExhaustedError(
+            "cma van: shared-memory staging towards node " + std::to_string(peer->id) +
+            " exceeds " + std::to_string(kMaxStagingBytes >> 20) +
+            " MiB of unacknowledged sends");
+      }
+    }
+    auto created = CreateStaging(static_cast<uint32_t>(peer->staging_all.size() + 1), cls);
+    if (!created.ok()) return created.status();
+    WireWriter w;
+    PutPreamble(&w, kStaging, 0);
+    w.Put<uint32_t>((*created)->id);
+    w.Put<uint64_t>((*created)->map.size());
+    Status s = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), (*created)->fd.get(),
+                         static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+    if (!s.ok()) {
+      MarkDead(peer, s);
+      return s;
+    }
+    StagingBuffer* b = created->get();
+    std::lock_guard<std::mutex> lock(peer->pending_mu);
+    peer->staging_bytes += b->map.size();
+    peer->staging_all.push_back(std::move(created).value());
+    return b;
+  }
+
+  // Releases everything pending towards a peer; owners are destroyed outside the lock.
+  void MarkDead(Peer* peer, const Status& why) {
+    if (!peer->dead.exchange(true) && why.code() != StatusCode::kCancelled) {
+      MP_LOG_INFO(kLog, "cma van: connection to node {} closed: {}", peer->id, why.ToString());
+    }
+    Ring<Pending> released;
+    {
+      std::lock_guard<std::mutex> lock(peer->pending_mu);
+      while (!peer->pending.empty()) released.push_back(peer->pending.pop_front());
+    }
+    drain_.Notify();
+  }
+
+  void Retire(const std::shared_ptr<Peer>& p) {
+    if (epoll_fd_.valid() && p->fd.valid()) {
+      ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, p->fd.get(), nullptr);
+    }
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      out_conns_.erase(p->conn_id);
+    }
+    ::shutdown(p->fd.get(), SHUT_RDWR);
+    MarkDead(p.get(), CancelledError("disconnected"));
+  }
+
+  // --- receive thread ---
+
+  void ReceiveLoop() {
+    std::array<epoll_event, 64> events;
+    uint64_t last_activity = GetNanosecond();
+    while (running_.load(std::memory_order_relaxed)) {
+      const bool spin = options_.wait.busy_poll ||
+                        GetNanosecond() - last_activity < static_cast<uint64_t>(options_.wait.spin_ns);
+      int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()),
+                           spin ? 0 : -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        MP_LOG_ERROR(kLog, "cma van epoll_wait: {}", std::strerror(errno));
+        break;
+      }
+      if (n == 0) {
+        CpuRelax();
+        continue;
+      }
+      for (int i = 0; i < n; ++i) {
+        const uint64_t id = events[i].data.u64;
+        if (id == kWakeId) {
+          uint64_t v;
+          ssize_t ignored = ::read(wake_fd_.get(), &v, sizeof(v));
+          (void)ignored;
+        } else if (id == kListenId) {
+          AcceptAll();
+        } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
+          if (!ServeInbound(in->second.get())) {
+            ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
+            in_conns_.erase(in);
+          }
+        } else {
+          ServeOutbound(id);
+        }
+        if (!running_.load(std::memory_order_relaxed)) break;
+      }
+      last_activity = GetNanosecond();
+    }
+  }
+
+  void AcceptAll() {
+    for (;;) {
+      UniqueFd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+      if (!fd.valid()) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+          MP_LOG_ERROR(kLog, "cma van accept: {}", std::strerror(errno));
+        }
+        return;
+      }
+      ucred cred{};
+      socklen_t len = sizeof(cred);
+      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        MP_LOG_ERROR(kLog, "cma van SO_PEERCRED: {}", std::strerror(errno));
+        continue;
+      }
+      auto c = std::make_unique<InConn>();
+      c->fd = std::move(fd);
+      c->pid = cred.pid;
+      const uint64_t id = next_conn_id_.fetch_add(1);
+      if (!Watch(c->fd.get(), id).ok()) continue;
+      in_conns_[id] = std::move(c);
+    }
+  }
+
+  // Reads one frame (and any passed fd) from a non-blocking socket. Returns the frame
+  // size, 0 when nothing is queued, -1 on EOF/error.
+  ssize_t ReadFrame(int fd, UniqueFd* passed) {
+    iovec iov{recv_buf_.data(), recv_buf_.size()};
+    msghdr mh{};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+    mh.msg_control = control;
+    mh.msg_controllen = sizeof(control);
+    ssize_t n;
+    do {
+      n = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    // Any descriptor that arrives is owned at once, even in a frame we then drop.
+    for (cmsghdr* c = CMSG_FIRSTHDR(&mh); c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t k = 0; k < count; ++k) {
+        int f;
+        std::memcpy(&f, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+        if (k == 0 && passed != nullptr && !passed->valid()) {
+          *passed = UniqueFd(f);
+        } else {
+          ::close(f);
+        }
+      }
+    }
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    if (n == 0) return -1;
+    if (mh.msg_flags & MSG_TRUNC) {
+      MP_LOG_ERROR(kLog, "cma van: dropped an oversized doorbell frame");
+      return -2;
+    }
+    return n;
+  }
+
+  // Drains an outbound connection: acks (and EOF when the peer goes away).
+  void ServeOutbound(uint64_t conn_id) {
+    std::shared_ptr<Peer> peer;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = out_conns_.find(conn_id);
+      if (it == out_conns_.end()) return;
+      peer = it->second;
+    }
+    for (int budget = 0; budget < 256; ++budget) {
+      const ssize_t n = ReadFrame(peer->fd.get(), nullptr);
+      if (n == 0) return;
+      if (n == -2) continue;
+      if (n < 0) {
+        ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, peer->fd.get(), nullptr);
+        MarkDead(peer.get(), UnavailableError("peer closed the doorbell socket"));
+        return;
+      }
+      WireReader r(recv_buf_.data(), static_cast<size_t>(n));
+      uint32_t magic = 0;
+      uint16_t version = 0;
+      uint8_t type = 0, flags = 0;
+      uint64_t seq = 0;
+      if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
+          magic != kFrameMagic || version != kFrameVersion || type != kAck || !r.Get(&seq)) {
+        MP_LOG_ERROR(kLog, "cma van: dropped a malformed ack frame from node {}", peer->id);
+        continue;
+      }
+      {
+        std::lock_guard<std::mutex> lock(peer->pending_mu);
+        while (!peer->pending.empty() && peer->pending.front().seq <= seq) {
+          Pending p = peer->pending.pop_front();
+          if (p.staging) peer->staging_free[p.staging->size_class].push_back(p.staging);
+          // Owners may run user deleters: release them outside the lock.
+          if (p.owner) released_.push_back(std::move(p.owner));
+        }
+      }
+      released_.clear();
+      drain_.Notify();
+    }
+  }
+
+  // Drains an inbound connection. Returns false when it must be closed.
+  bool ServeInbound(InConn* c) {
+    for (int budget = 0; budget < 64; ++budget) {
+      UniqueFd passed;
+      const ssize_t n = ReadFrame(c->fd.get(), &passed);
+      if (n == 0) return true;
+      if (n == -2) continue;
+      if (n < 0) return false;
+      WireReader r(recv_buf_.data(), static_cast<size_t>(n));
+      uint32_t magic = 0;
+      uint16_t version = 0;
+      uint8_t type = 0, flags = 0;
+      if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
+          magic != kFrameMagic || version != kFrameVersion) {
+        MP_LOG_ERROR(kLog, "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
+        continue;
+      }
+      if (type == kHello) {
+        if (!OnHello(c, &r)) return false;
+      } else if (!c->hello) {
+        MP_LOG_ERROR(kLog, "cma van: frame before handshake from pid {}; closing", c->pid);
+        return false;
+      } else if (type == kStaging) {
+        OnStaging(c, &r, std::move(passed));
+      } else if (type == kData) {
+        if (!OnData(c, flags, static_cast<size_t>(n))) return false;
+      } else {
+        MP_LOG_ERROR(kLog, "cma van: dropped a doorbell frame of unknown type {}", type);
+      }
+      if (!running_.load(std::memory_order_relaxed)) return true;
+    }
+    return true;
+  }
+
+  bool OnHello(InConn* c, WireReader* r) {
+    uint32_t pid = 0, probe_len = 0;
+    uint64_t probe_addr = 0;
+    uint8_t cookie[kCookieBytes];
+    uint8_t want_cma = 0;
+    if (!r->Get(&pid) || !r->Get(&probe_addr) || !r->Get(&probe_len) ||
+        probe_len != kCookieBytes) {
+      MP_LOG_ERROR(kLog, "cma van: malformed handshake from pid {}", c->pid);
+      return false;
+    }
+    for (auto& b : cookie) {
+      if (!r->Get(&b)) return false;
+    }
+    if (!r->Get(&want_cma)) return false;
+    c->hello = true;
+    c->cma = false;
+    if (want_cma && !options_.cma_disable) {
+      uint8_t got[kCookieBytes] = {0};
+      iovec local{got, kCookieBytes};
+      iovec remote{reinterpret_cast<void*>(probe_addr), kCookieBytes};
+      // The kernel-reported pid (SO_PEERCRED) is the one valid in our pid namespace.
+      ssize_t n = ::process_vm_readv(c->pid, &local, 1, &remote, 1, 0);
+      if (n == static_cast<ssize_t>(kCookieBytes) && std::memcmp(got, cookie, kCookieBytes) == 0) {
+        c->cma = true;
+      } else if (!logged_refused_.exchange(true)) {
+        MP_LOG_INFO(kLog,
+                    "cross-memory attach refused reading pid {} ({}): using the shared-memory "
+                    "copy path (logged once)",
+                    c->pid, n < 0 ? std::strerror(errno) : "cookie mismatch");
+      }
+    }
+    WireWriter w;
+    PutPreamble(&w, kHelloAck, 0);
+    w.Put<uint8_t>(c->cma ? 1 : 0);
+    Status s = SendFrame(c->fd.get(), w.buffer().data(), w.size(), -1, 1000);
+    if (!s.ok()) {
+      MP_LOG_ERROR(kLog, "cma van: handshake reply to pid {}: {}", c->pid, s.ToString());
+      return false;
+    }
+    return true;
+  }
+
+  void OnStaging(InConn* c, WireReader* r, UniqueFd fd) {
+    uint32_t id = 0;
+    uint64_t size = 0;
+    if (!r->Get(&id) || !r->Get(&size) || !fd.valid()) {
+      MP_LOG_ERROR(kLog, "cma van: malformed staging announcement from pid {}", c->pid);
+      return;
+    }
+    if (c->staging.size() >= kMaxStagingBuffers || c->staging.count(id) != 0) {
+      MP_LOG_ERROR(kLog, "cma van: refused staging buffer {} from pid {} (duplicate or too many)",
+                   id, c->pid);
+      return;
+    }
+    // Only a sealed memfd of at least the announced size can be mapped without SIGBUS risk.
+    struct stat st {};
+    const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+    if (::fstat(fd.get(), &st) != 0 || seals < 0 || !(seals & F_SEAL_SHRINK) ||
+        static_cast<uint64_t>(st.st_size) < size || size == 0 || size > kMaxStagingBytes) {
+      MP_LOG_ERROR(kLog, "cma van: refused staging buffer {} from pid {} (not a sealed memfd "
+                   "of {} bytes)", id, c->pid, size);
+      return;
+    }
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
+    if (p == MAP_FAILED) {
+      MP_LOG_ERROR(kLog, "cma van: mmap staging buffer: {}", std::strerror(errno));
+      return;
+    }
+    c->staging.emplace(id, Mapping(p, size));
+  }
+
+  // Validates a source against the frame/connection; returns the local bytes for inline
+  // and staged sources (nullptr for remote ones).
+  Status CheckSource(InConn* c, const Source& s, size_t inline_begin, size_t frame_size,
+                     const char** local) {
+    *local = nullptr;
+    switch (s.kind) {
+      case kInline:
+        if (s.offset > frame_size - inline_begin || s.len > frame_size - inline_begin - s.offset) {
+          return DataLossError("inline bytes outside the frame");
+        }
+        *local = recv_buf_.data() + inline_begin + s.offset;
+        return OkStatus();
+      case kStaged: {
+        auto it = c->staging.find(s.staging_id);
+        if (it == c->staging.end()) return DataLossError("unknown staging buffer");
+        if (s.offset > it->second.size() || s.len > it->second.size() - s.offset) {
+          return DataLossError("range outside its staging buffer");
+        }
+        *local = it->second.data() + s.offset;
+        return OkStatus();
+      }
+      case kRemote:
+        if (!c->cma) return DataLossError("remote read on a connection without CMA");
+        return OkStatus();
+      default:
+        return DataLossError("unknown source kind " + std::to_string(s.kind));
+    }
+  }
+
+  // Copies the remote sources queued in read_local_/read_remote_ (process_vm_readv).
+  Status FlushReads(pid_t pid) {
+    for (size_t b = 0; b < read_local_.size(); b += kIovBatch) {
+      const size_t cnt = std::min(kIovBatch, read_local_.size() - b);
+      size_t want = 0;
+      for (size_t k = 0; k < cnt; ++k) want += read_local_[b + k].iov_len;
+      ssize_t got = ::process_vm_readv(pid, &read_local_[b], cnt, &read_remote_[b], cnt, 0);
+      if (got < 0) return UnavailableError(ErrnoText("process_vm_readv", errno));
+      if (static_cast<size_t>(got) != want) {
+        return DataLossError("process_vm_readv copied " + std::to_string(got) + " of " +
+                             std::to_string(want) + " bytes (sender address invalid)");
+      }
+    }
+    read_local_.clear();
+    read_remote_.clear();
+    return OkStatus();
+  }
+
+  bool OnData(InConn* c, uint8_t flags, size_t frame_size) {
+    WireReader r(recv_buf_.data() + kFramePreamble, frame_size - kFramePreamble);
+    uint64_t seq = 0;
+    uint32_t nseg = 0;
+    if (!r.Get(&seq) || !r.Get(&nseg) || nseg > kMaxTensorsPerMessage ||
+        kDataFixed + kSourceBytes * (size_t{nseg} + 1) > frame_size) {
+      MP_LOG_ERROR(kLog, "cma van: dropped a malformed data frame from pid {}", c->pid);
+      return true;  // no trustworthy seq to ack; the sender learns at disconnect
+    }
+    Source meta_src;
+    GetSource(&r, &meta_src);
+    sources_.resize(nseg);
+    for (auto& s : sources_) GetSource(&r, &s);
+    const size_t inline_begin = kDataFixed + kSourceBytes * (size_t{nseg} + 1);
+    const bool needs_ack = (flags & kFlagNeedsAck) != 0;
+    read_local_.clear();
+    read_remote_.clear();
+
+    // 1. The header (meta), inline or pulled.
+    const char* local = nullptr;
+    Status st = CheckSource(c, meta_src, inline_begin, frame_size, &local);
+    if (st.ok() && meta_src.len > kMaxMetaBytes) st = DataLossError("meta too large");
+    const char* meta_bytes = local;
+    if (st.ok() && meta_src.kind == kRemote) {
+      meta_buf_.resize(meta_src.len);
+      read_local_.push_back({meta_buf_.data(), meta_src.len});
+      read_remote_.push_back({reinterpret_cast<void*>(meta_src.offset), meta_src.len});
+      st = FlushReads(c->pid);
+      meta_bytes = meta_buf_.data();
+    }
+    Result<Meta> meta = st.ok() ? DecodeMeta(meta_bytes, meta_src.len) : Result<Meta>(st);
+    if (!meta.ok()) {
+      MP_LOG_ERROR(kLog, "cma van: dropped malformed frame from pid {}: {}", c->pid,
+                   meta.status().ToString());
+      return !needs_ack || SendAck(c, seq);
+    }
+    InMessage in;
+    in.meta = std::move(meta).value();
+
+    // 2. Every data segment into the destination the receiver chooses.
+    Status refused;
+    if (in.meta.data.size() != nseg) {
+      refused = DataLossError("frame carries " + std::to_string(nseg) +
+                              " segments; its header describes " +
+                              std::to_string(in.meta.data.size()));
+    }
+    in.segments.reserve(nseg);
+    for (size_t i = 0; refused.ok() && i < nseg; ++i) {
+      const Source& s = sources_[i];
+      if (s.len != in.meta.data[i].nbytes) {
+        refused = DataLossError("segment " + std::to_string(i) + " has " +
+                                std::to_string(s.len) + " bytes; descriptor says " +
+                                std::to_string(in.meta.data[i].nbytes));
+        break;
+      }
+      refused = CheckSource(c, s, inline_begin, frame_size, &local);
+      if (!refused.ok()) break;
+      auto dest = receiver_->Destination(in.meta, i);
+      if (!dest.ok()) {
+        refused = dest.status();
+        break;
+      }
+      RecvSegment seg;
+      seg.size = s.len;
+      if (*dest != nullptr) {
+        seg.data = *dest;
+      } else if (s.len > 0) {
+        seg.owner = pool_->Get(s.len);
+        if (!seg.owner) {
+          refused = ResourceExhaustedError("cannot allocate a receive buffer of " +
+                                           std::to_string(s.len) + " bytes");
+          break;
+        }
+        seg.data = seg.owner.get();
+      }
+      if (s.len > 0) {
+        if (s.kind == kRemote) {
+          read_local_.push_back({seg.data, s.len});
+          read_remote_.push_back({reinterpret_cast<void*>(s.offset), s.len});
+        } else {
+          std::memcpy(seg.data, local, s.len);
+        }
+      }
+      in.segments.push_back(std::move(seg));
+    }
+    if (refused.ok()) refused = FlushReads(c->pid);
+    read_local_.clear();
+    read_remote_.clear();
+    // Ack before user code runs: the sender may release its buffers right away.
+    const bool alive = !needs_ack || SendAck(c, seq);
+    if (!refused.ok()) {
+      MP_LOG_ERROR(kLog, "cma van: refused {} from node {}: {}", CommandName(in.meta.cmd),
+                   in.meta.sender, refused.ToString());
+      receiver_->OnDropped(in.meta, refused);
+    } else {
+      receiver_->OnMessage(std::move(in));
+    }
+    return alive;
+  }
+
+  bool SendAck(InConn* c, uint64_t seq) {
+    WireWriter& w = ack_frame_;
+    w.buffer().clear();
+    PutPreamble(&w, kAck, 0);
+    w.Put<uint64_t>(seq);
+    Status s = SendFrame(c->fd.get(), w.buffer().data(), w.size(), -1, 1000);
+    if (!s.ok()) {
+      MP_LOG_ERROR(kLog, "cma van: ack to pid {} failed ({}); closing", c->pid, s.ToString());
+      return false;
+    }
+    return true;
+  }
+
+  const VanOptions options_;
+  std::shared_ptr<BufferPool> pool_;
+  std::array<uint8_t, kCookieBytes> probe_cookie_{};
+  UniqueFd listen_fd_;
+  UniqueFd epoll_fd_;
+  UniqueFd wake_fd_;
+  std::string endpoint_;
+  VanReceiver* receiver_ = nullptr;
+  std::atomic<bool> running_{false};
+  std::atomic<bool> stopped_{false};
+  std::atomic<bool> logged_fallback_{false};
+  std::atomic<bool> logged_refused_{false};
+  std::atomic<uint64_t> next_conn_id_{2};
+  std::thread recv_thread_;
+  Waiter drain_;  // woken on acks and peer death (Stop / Disconnect drain)
+
+  mutable std::mutex peers_mu_;
+  std::unordered_map<int, std::shared_ptr<Peer>> peers_;
+  std::unordered_map<uint64_t, std::shared_ptr<Peer>> out_conns_;
+
+  // Receive-thread state (no locking).
+  std::unordered_map<uint64_t, std::unique_ptr<InConn>> in_conns_;
+  std::vector<char> recv_buf_ = std::vector<char>(kMaxFrameBytes + 64);
+  std::string meta_buf_;
+  std::vector<Source> sources_;
+  std::vector<iovec> read_local_;
+  std::vector<iovec> read_remote_;
+  std::vector<std::shared_ptr<const void>> released_;
+  WireWriter ack_frame_;
+};
+
+}  // namespace
+
+std::unique_ptr<Van> CreateCmaVan(const VanOptions& options) {
+  return std::make_unique<CmaVan>(options);
+}
+
+}  // namespace meshpost

@@ -1,0 +1,102 @@
+// The RDMA van (libibverbs, RC queue pairs): options from the environment, device probing
+// (CheckRdmaAvailable is what transport selection calls; it returns Unavailable "no RDMA
+// device: ..." on hosts without one), and RdmaVan, a Van whose rendezvous blobs travel over
+// the caller's control plane (control_send out, OnControlBlob in). See docs/rdma.md.
+// Only built when MESHPOST_HAVE_RDMA is defined.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/env.h"
+#include "common/result.h"
+#include "van/van.h"
+
+namespace meshpost {
+
+struct RdmaOptions {
+  std::string device;            // MESHPOST_RDMA_DEVICE ("mlx5_0"); "" = auto
+  std::string interface;         // DMLC_INTERFACE: pick the RDMA device behind this netdev
+  int port = 1;                  // MESHPOST_RDMA_PORT
+  int gid_index = -1;            // MESHPOST_RDMA_GID_INDEX; -1 = auto (RoCE v2 IPv4 GID)
+  uint32_t max_inline = 256;     // MESHPOST_RDMA_INLINE: requested; the NIC may grant less
+  uint32_t header_slots = 64;    // MESHPOST_RDMA_HEADER_SLOTS: in-flight messages per peer
+  uint32_t header_slot_bytes = 4096;  // MESHPOST_RDMA_HEADER_BYTES: max encoded header
+  size_t mr_cache_entries = 1024;     // MESHPOST_RDMA_MR_CACHE
+  uint32_t send_queue_depth = 1024;   // work requests per QP
+  size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
+  WaitPolicy wait;                    // completion poller spin/block policy
+};
+
+// Reads the variables above; a malformed value is an InvalidArgument naming it.
+Result<RdmaOptions> RdmaOptionsFromEnv(const EnvLookup& env);
+
+struct RdmaGidInfo {
+  int index = 0;
+  std::string gid;      // textual IPv6 form
+  std::string type;     // "RoCE v2", "IB/RoCE v1"
+  std::string netdev;   // for RoCE
+};
+
+struct RdmaPortInfo {
+  int port = 1;
+  std::string state;       // "PORT_ACTIVE", ...
+  std::string link_layer;  // "InfiniBand", "Ethernet (RoCE)"
+  int lid = 0;
+  int active_mtu = 0;
+  std::vector<RdmaGidInfo> gids;  // non-zero entries only
+};
+
+struct RdmaDeviceInfo {
+  std::string name;
+  uint64_t node_guid = 0;
+  std::vector<RdmaPortInfo> ports;
+};
+
+// Every RDMA device on this host (an empty vector when there is none).
+Result<std::vector<RdmaDeviceInfo>> ProbeRdmaDevices();
+// OK when the van can open the configured device/port/GID; otherwise Unavailable
+// ("no RDMA device: ibv_get_device_list found 0 devices ...") or NotFound listing what
+// exists. Cheap enough to call once at start-up.
+Status CheckRdmaAvailable(const RdmaOptions& options = {});
+
+// Sends a rendezvous blob to peer_id over the control plane (TCP). Must not block long
+// and must not call back into the van.
+using RdmaControlSend = std::function<Status(int peer_id, std::string blob)>;
+// Told once per connection that died (completion error, failed post, peer re-connected):
+// the caller fails requests that depend on that peer.
+using RdmaPeerFailure = std::function<void(int peer_id, const Status& why)>;
+
+class RdmaVan : public Van {
+ public:
+  // Van: Bind opens the device (host/port are ignored, returns 0); endpoint() is
+  // "rdma://<device>:<port>/gid/<index>"; Connect(peer) starts rendezvous with peer.id;
+  // Send posts asynchronously and its completion is tracked internally (failures go to the
+  // peer-failure callback).
+
+  // Feed a blob that peer_id sent through RdmaControlSend. Malformed blobs are DataLoss
+  // and change nothing.
+  virtual Status OnControlBlob(int peer_id, const std::string& blob) = 0;
+  // Server side register_recv_buffer: pushes of `key` from peer_id land in [addr, +size).
+  // The memory must stay valid until Disconnect/Stop or InvalidateMemory.
+  virtual Status RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) = 0;
+  // Pre-registers memory (pull tensors) whose lifetime `owner` tracks; the registration
+  // is dropped automatically once owner is freed.
+  virtual Status RegisterMemory(const void* addr, size_t size,
+                                const std::weak_ptr<const void>& owner) = 0;
+  // Must be called before freeing caller-managed memory that was registered or sent.
+  virtual void InvalidateMemory(const void* addr, size_t size) = 0;
+  // Like Send but returns a handle; WaitSend returns its final status (exactly once).
+  virtual Result<uint64_t> SendAsync(OutMessage&& msg) = 0;
+  virtual Status WaitSend(uint64_t handle, int64_t timeout_ms) = 0;
+  virtual bool IsReady(int peer_id) const = 0;
+  virtual void SetPeerFailureCallback(RdmaPeerFailure cb) = 0;
+};
+
+Result<std::unique_ptr<RdmaVan>> CreateRdmaVan(const RdmaOptions& options,
+                                               RdmaControlSend control_send);
+
+}  // namespace meshpost
