@@ -59,6 +59,18 @@ TEST(ClusterTest, KilledServerFailsPendingWait) {
   }
 }
 
+TEST(ClusterTest, DeadSchedulerFailsBarriersNotData) {
+  LocalCluster cluster;
+  ASSERT_TRUE(cluster.Start(Spec("schedkill")).ok());
+  for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
+    if (e.name == "scheduler") {
+      EXPECT_TRUE(e.exited && e.signal == SIGKILL) << e.Describe();
+    } else {
+      EXPECT_TRUE(e.ok()) << e.Describe();
+    }
+  }
+}
+
 TEST(ClusterTest, ForcingAnUnavailableTransportIsAClearError) {
   std::error_code ec;
   if (std::filesystem::exists("/sys/class/infiniband", ec) &&

@@ -400,6 +400,35 @@ void KillWorker(Ctx& c) {
   EXPECT_OR_DIE(again.status().code() == StatusCode::kUnavailable, "new requests fail fast");
 }
 
+// ---------------- schedkill: the scheduler dies; data keeps flowing, barriers fail ----------------
+void SchedKillScheduler(Ctx& c) { raise(SIGKILL); }
+
+void SchedKillServer(Ctx& c) {
+  auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+  Buf out(DType::kInt32, {2});
+  out.as<int32_t>()[1] = 5;
+  for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
+  Status b = c.po->Barrier(kServerGroup | kWorkerGroup, 30000);
+  EXPECT_OR_DIE(b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
+                b.ToString());
+}
+
+void SchedKillWorker(Ctx& c) {
+  Buf push(DType::kInt32, {2});
+  std::vector<Buf> pulls;
+  KeyTensorBatch pull;
+  for (int s = 0; s < c.S(); ++s) {
+    pulls.emplace_back(DType::kInt32, std::vector<int64_t>{2});
+    pull.push_back({1, pulls.back().view});
+  }
+  uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
+  OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+  for (auto& p : pulls) EXPECT_OR_DIE(p.as<int32_t>()[1] == 5, "data flows without the scheduler");
+  Status b = c.po->Barrier(kServerGroup | kWorkerGroup, 30000);
+  EXPECT_OR_DIE(b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
+                b.ToString());
+}
+
 // ---------------- badinput: errors, then the process keeps working ----------------
 void BadInputServer(Ctx& c) {
   auto* server = c.po->server();
@@ -526,6 +555,7 @@ int main() {
       {"timeout", {TimeoutServer, TimeoutWorker, nullptr}},
       {"kill", {KillServer, KillWorker, nullptr}},
       {"badinput", {BadInputServer, BadInputWorker, nullptr}},
+      {"schedkill", {SchedKillServer, SchedKillWorker, SchedKillScheduler}},
   };
   auto it = scenarios.find(name);
   if (it == scenarios.end()) Die(std::string("unknown scenario ") + name);
