@@ -180,7 +180,8 @@ TEST_P(VanConformanceTest, DeliversInOrder) {
   for (int i = 0; i < kCount; ++i) {
     OutMessage m = Request(i);
     AddSegment(&m, 64 + (i % 5) * 3000, static_cast<uint8_t>(i));
-    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+    Status sent = a_->Send(std::move(m));
+    ASSERT_TRUE(sent.ok()) << sent;
   }
   ASSERT_TRUE(rb_.WaitFor(kCount));
   auto got = rb_.TakeMessages();
@@ -271,7 +272,8 @@ TEST_P(VanConformanceTest, ManyInFlightAllOwnersReleased) {
     OutMessage m = Request(i);
     AddSegment(&m, 256 << 10, static_cast<uint8_t>(i), &released);
     AddSegment(&m, 100, static_cast<uint8_t>(i + 1), &released);
-    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+    Status sent = a_->Send(std::move(m));
+    ASSERT_TRUE(sent.ok()) << sent;
   }
   ASSERT_TRUE(rb_.WaitFor(kCount));
   auto got = rb_.TakeMessages();
@@ -380,7 +382,8 @@ TEST_P(VanConformanceTest, CleanStopWithMessagesInFlight) {
   for (int i = 0; i < kCount; ++i) {
     OutMessage m = Request(i);
     AddSegment(&m, 1 << 20, static_cast<uint8_t>(i), &released);
-    ASSERT_TRUE(a_->Send(std::move(m)).ok());
+    Status sent = a_->Send(std::move(m));
+    ASSERT_TRUE(sent.ok()) << sent;
   }
   a_->Stop();
   a_.reset();

@@ -872,6 +872,8 @@ class CmaVan : public Van {
     do {
       n = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     } while (n < 0 && errno == EINTR);
+    // On failure the control buffer is untouched garbage: never parse it.
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
     // Any descriptor that arrives is owned at once, even in a frame we then drop.
     for (cmsghdr* c = CMSG_FIRSTHDR(&mh); c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
       if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
@@ -886,7 +888,6 @@ class CmaVan : public Van {
         }
       }
     }
-    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
     if (n == 0) return -1;
     if (mh.msg_flags & MSG_TRUNC) {
       MP_LOG_ERROR(kLog, "cma van: dropped an oversized doorbell frame");
