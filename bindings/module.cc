@@ -240,21 +240,36 @@ class Node {
 
   bool Done(int64_t handle) {
     AFTensorWorker* w = RequireWorker("done");
-    auto r = w->Done(HandleOf(handle, "done"));
+    const uint64_t h = HandleOf(handle, "done");
+    // Core locks may be held by a van thread that frees a tensor (needing the GIL).
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return w->Done(h);
+    }();
     if (!r.ok()) RaiseStatus(r.status());
     return *r;
   }
 
   std::vector<uint64_t> GetAllHandlers(int64_t handle) {
     AFTensorWorker* w = RequireWorker("get_all_handlers");
-    auto r = w->GetAllHandlers(HandleOf(handle, "get_all_handlers"));
+    const uint64_t h = HandleOf(handle, "get_all_handlers");
+    // Core locks may be held by a van thread that frees a tensor (needing the GIL).
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return w->GetAllHandlers(h);
+    }();
     if (!r.ok()) RaiseStatus(r.status());
     return *r;
   }
 
   std::vector<std::array<uint64_t, 8>> FetchTraces(int64_t handle) {
     AFTensorWorker* w = RequireWorker("fetch_trace");
-    auto r = w->FetchTrace(HandleOf(handle, "fetch_trace"));
+    const uint64_t h = HandleOf(handle, "fetch_trace");
+    // Core locks may be held by a van thread that frees a tensor (needing the GIL).
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return w->FetchTrace(h);
+    }();
     if (!r.ok()) RaiseStatus(r.status());
     std::vector<std::array<uint64_t, 8>> out;
     for (const Trace& t : *r) out.push_back(t.ToArray());
@@ -357,7 +372,12 @@ class Node {
   // [(key, dtype name, shape, nbytes)] of a pending request's pull slots.
   py::list PullSlots(int64_t handle) {
     AFTensorServer* s = RequireServer("pull_slots");
-    auto r = s->PullSlots(HandleOf(handle, "pull_slots"));
+    const uint64_t h = HandleOf(handle, "pull_slots");
+    // Core locks may be held by a van thread that frees a tensor (needing the GIL).
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return s->PullSlots(h);
+    }();
     if (!r.ok()) RaiseStatus(r.status());
     py::list out;
     for (const PullSlot& slot : *r) {

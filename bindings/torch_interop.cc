@@ -73,7 +73,7 @@ TensorView ViewFromTensor(py::handle obj, const std::string& where) {
   if (!t.defined()) RaiseValueError(where + " is an undefined tensor");
   DType dtype;
   if (!ToDType(t.scalar_type(), &dtype)) {
-    RaiseTypeError(where + " has dtype " + std::string(c10::toString(t.scalar_type())) +
+    RaiseTypeError(where + " has dtype " + py::str(obj.attr("dtype")).cast<std::string>() +
                    ", which meshpost does not move; expected one of " + SupportedDTypeNames());
   }
   if (t.layout() != at::kStrided) {
