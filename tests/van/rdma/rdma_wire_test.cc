@@ -148,6 +148,7 @@ TEST(RdmaWireTest, HeaderFrameRoundTripAndValidation) {
   m.recipient = 8;
   TensorDesc slot;
   slot.key = 9;
+  slot.shape = {128};
   slot.nbytes = 128;
   slot.addr = 0x5000;
   m.slots = {slot};

@@ -1,0 +1,45 @@
+# RDMA van (van/rdma/, libibverbs). MESHPOST_WITH_RDMA:
+#   AUTO (default) builds it when infiniband/verbs.h and libibverbs are found,
+#   ON fails the configure step when they are missing, OFF never builds it.
+# Sets MESHPOST_HAVE_RDMA (CMake variable, and a compile definition on meshpost_rdma's
+# users) so tests/ and ps/ know whether the target exists.
+set(MESHPOST_WITH_RDMA "AUTO" CACHE STRING "Build the RDMA van over libibverbs (AUTO|ON|OFF)")
+set_property(CACHE MESHPOST_WITH_RDMA PROPERTY STRINGS AUTO ON OFF)
+string(TOUPPER "${MESHPOST_WITH_RDMA}" _mp_rdma_mode)
+if(NOT _mp_rdma_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MESHPOST_WITH_RDMA='${MESHPOST_WITH_RDMA}': expected AUTO, ON or OFF")
+endif()
+
+set(MESHPOST_HAVE_RDMA OFF)
+if(NOT _mp_rdma_mode STREQUAL "OFF")
+  find_path(MESHPOST_IBVERBS_INCLUDE_DIR infiniband/verbs.h)
+  find_library(MESHPOST_IBVERBS_LIBRARY ibverbs)
+  if(MESHPOST_IBVERBS_INCLUDE_DIR AND MESHPOST_IBVERBS_LIBRARY)
+    set(MESHPOST_HAVE_RDMA ON)
+  elseif(_mp_rdma_mode STREQUAL "ON")
+    message(FATAL_ERROR
+      "MESHPOST_WITH_RDMA=ON but libibverbs was not found "
+      "(infiniband/verbs.h: '${MESHPOST_IBVERBS_INCLUDE_DIR}', "
+      "libibverbs: '${MESHPOST_IBVERBS_LIBRARY}'). Install rdma-core development files "
+      "(Debian/Ubuntu: apt-get install libibverbs-dev; RHEL: dnf install rdma-core-devel) "
+      "or configure with -DMESHPOST_WITH_RDMA=OFF.")
+  else()
+    message(STATUS "meshpost: libibverbs not found; RDMA van disabled (MESHPOST_WITH_RDMA=AUTO)")
+  endif()
+endif()
+
+if(MESHPOST_HAVE_RDMA)
+  message(STATUS "meshpost: RDMA van enabled (${MESHPOST_IBVERBS_LIBRARY})")
+  add_library(meshpost_rdma STATIC
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/verbs_ibv.cc
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/mr_cache.cc
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/rdma_wire.cc
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/rdma_options.cc
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/rdma_transport.cc
+    ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/rdma_van.cc)
+  target_include_directories(meshpost_rdma PRIVATE ${MESHPOST_IBVERBS_INCLUDE_DIR})
+  target_link_libraries(meshpost_rdma PUBLIC meshpost_van PRIVATE ${MESHPOST_IBVERBS_LIBRARY})
+  target_compile_definitions(meshpost_rdma PUBLIC MESHPOST_HAVE_RDMA=1)
+  # ps/ owns transport selection, so it is the layer that links the RDMA van.
+  target_link_libraries(meshpost_ps PUBLIC meshpost_rdma)
+endif()
