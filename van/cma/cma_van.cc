@@ -227,8 +227,14 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
         free_[cls].pop_back();
       }
     }
-    if (p == nullptr) p = std::aligned_alloc(64, size_t{1} << cls);
-    if (p == nullptr) return nullptr;
+    if (p == nullptr) {
+      // Large buffers are 2 MiB aligned and THP-advised: process_vm_readv pins pages one
+      // by one and runs ~2x faster into huge pages (docs/performance.md).
+      const size_t align = cls >= 21 ? (size_t{1} << 21) : 64;
+      p = std::aligned_alloc(align, size_t{1} << cls);
+      if (p == nullptr) return nullptr;
+      if (cls >= 21) ::madvise(p, size_t{1} << cls, MADV_HUGEPAGE);
+    }
     std::shared_ptr<BufferPool> self = shared_from_this();
     return std::shared_ptr<void>(p, [self, cls](void* q) { self->Put(q, cls); });
   }

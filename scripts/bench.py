@@ -1,0 +1,316 @@
+#!/usr/bin/python3
+"""meshpost same-host benchmark driver (run with /usr/bin/python3).
+
+Runs, interleaved round by round so machine drift hits every system alike:
+  meshpost-cma, meshpost-cma-shm (forced fallback), meshpost-tcp  (build-cma/meshpost_bench)
+  memcpy (one-copy bound), zmq (raw ZeroMQ PAIR round trip)       (same binary)
+  gloo (torch.distributed send/recv), tensorpipe (torch.distributed.rpc rpc_sync)
+for the AFD shape (push uint8[128,7168] + int32[4], pull bf16[128,7168] per server), a 4 KiB
+each-way shape and a size sweep; then M x N clusters for the meshpost vans. Writes JSON
+(every round's raw stats + medians over rounds + ratios to meshpost-cma) and, with --plot,
+a PNG of latency vs size.
+
+  /usr/bin/python3 scripts/bench.py --bin build-cma/meshpost_bench --rounds 3 \
+      --out docs/bench_results.json --plot docs/bench_latency.png
+"""
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+AFD = dict(name="afd", push=128 * 7168, push_extra=16, pull=128 * 7168 * 2)
+SMALL = dict(name="4KiB", push=4096, push_extra=0, pull=4096)
+SWEEP = [dict(name=f"sym{n}", push=n, push_extra=0, pull=n)
+         for n in (4096, 65536, 262144, 1048576, 4194304)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iters_for(shape, base):
+    total = shape["push"] + shape["push_extra"] + shape["pull"]
+    return max(50, min(base * 10, int(base * 3_000_000 / max(total, 1))))
+
+
+class Servers:
+    """N meshpost_bench servers (or one zmq server); stops them on exit."""
+
+    def __init__(self, binary, role, n, extra):
+        self.procs, self.addrs = [], []
+        for _ in range(n):
+            p = subprocess.Popen([binary, role] + extra, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            line = p.stdout.readline().split()
+            if not line or line[0] != "READY":
+                raise RuntimeError(f"{role} did not start: {line}")
+            self.procs.append(p)
+            self.addrs.append(line[1:4])
+
+    def close(self):
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except Exception:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_json(cmd, timeout=600):
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, timeout=timeout, text=True, check=True)
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+def shape_flags(shape, iters, warmup):
+    return ["--push", str(shape["push"]), "--push-extra", str(shape["push_extra"]),
+            "--pull", str(shape["pull"]), "--iters", str(iters), "--warmup", str(warmup)]
+
+
+def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
+    extra = ["--transport", transport, "--cma-disable", "1" if shm else "0"]
+    srv = Servers(binary, "server", n, extra)
+    try:
+        servers = ";".join(",".join(a) for a in srv.addrs)
+        clients = [subprocess.Popen([binary, "client", "--servers", servers, "--id", str(i)] +
+                                    extra + shape_flags(shape, iters, warmup),
+                                    stdout=subprocess.PIPE, text=True) for i in range(m)]
+        results = []
+        for c in clients:
+            out, _ = c.communicate(timeout=600)
+            results += [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    finally:
+        srv.close()
+    if len(results) != m:
+        raise RuntimeError(f"meshpost {transport} {m}x{n}: {len(results)} of {m} clients reported")
+    r = dict(results[0])
+    if m > 1:
+        r["p50_us"] = statistics.median(x["p50_us"] for x in results)
+        r["p99_us"] = max(x["p99_us"] for x in results)
+        r["mean_us"] = statistics.mean(x["mean_us"] for x in results)
+        r["throughput_gbps"] = sum(x["throughput_gbps"] for x in results)
+    return r
+
+
+def run_zmq(binary, shape, iters, warmup):
+    srv = Servers(binary, "zmq-server", 1, shape_flags(shape, iters, warmup))
+    try:
+        return run_json([binary, "zmq-client", "--servers", srv.addrs[0][0]] +
+                        shape_flags(shape, iters, warmup))[0]
+    finally:
+        srv.close()
+
+
+# ---- torch baselines: this file re-executed as rank 0 / rank 1 ----
+
+def torch_peer(args):
+    import torch
+    import torch.distributed as dist
+    rank, kind = args.torch_rank, args.torch_kind
+    push = torch.ones(args.push + args.push_extra, dtype=torch.uint8)
+    pull = torch.zeros(args.pull // 2, dtype=torch.bfloat16)
+    total = args.iters + args.warmup
+    lat = []
+    if kind == "gloo":
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.torch_port}",
+                                rank=rank, world_size=2)
+        for i in range(total):
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(push, 1)
+                dist.recv(pull, 1)
+            else:
+                dist.recv(push, 0)
+                dist.send(pull, 0)
+            if rank == 0 and i >= args.warmup:
+                lat.append((time.perf_counter() - t0) * 1e6)
+        dist.destroy_process_group()
+    else:
+        import torch.distributed.rpc as rpc
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(args.torch_port)
+        opts = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=120)
+        rpc.init_rpc(f"r{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
+        if rank == 0:
+            for i in range(total):
+                t0 = time.perf_counter()
+                out = rpc.rpc_sync("r1", _rpc_respond, args=(push, args.pull))
+                pull.copy_(out)
+                if i >= args.warmup:
+                    lat.append((time.perf_counter() - t0) * 1e6)
+        rpc.shutdown()
+    if rank == 0:
+        lat.sort()
+        b = args.push + args.push_extra + args.pull
+        print(json.dumps({"system": kind, "push": args.push + args.push_extra, "pull": args.pull,
+                          "iters": len(lat), "p50_us": lat[len(lat) // 2],
+                          "p99_us": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                          "mean_us": sum(lat) / len(lat), "min_us": lat[0],
+                          "bytes_per_iter": b,
+                          "throughput_gbps": b * len(lat) / (sum(lat) / 1e6) / 1e9}), flush=True)
+
+
+_RESP = {}
+
+
+def _rpc_respond(push, nbytes):
+    import torch
+    if nbytes not in _RESP:
+        _RESP[nbytes] = torch.full((nbytes // 2,), 1.0, dtype=torch.bfloat16)
+    return _RESP[nbytes]
+
+
+def run_torch(kind, shape, iters, warmup):
+    port = free_port()
+    base = [sys.executable, os.path.abspath(__file__), "--torch-kind", kind,
+            "--torch-port", str(port)] + shape_flags(shape, iters, warmup)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    peer = subprocess.Popen(base + ["--torch-rank", "1"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        out = subprocess.run(base + ["--torch-rank", "0"], env=env, stdout=subprocess.PIPE,
+                             text=True, timeout=600, check=True).stdout
+    finally:
+        peer.wait(timeout=120)
+    return [json.loads(l) for l in out.splitlines() if l.startswith("{")][0]
+
+
+def machine():
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1),
+            "kernel": platform.release(), "load_avg": os.getloadavg()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default="build-cma/meshpost_bench")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=300, help="iterations for the AFD shape")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--systems", default="memcpy,meshpost-cma,meshpost-cma-shm,meshpost-tcp,zmq,gloo,tensorpipe")
+    ap.add_argument("--shapes", default="afd,4KiB,sweep")
+    ap.add_argument("--clusters", default="1x1,2x2,4x4", help="MxN for the meshpost vans (AFD shape)")
+    ap.add_argument("--out", default="bench_results.json")
+    ap.add_argument("--plot", default="")
+    # internal: torch peer processes
+    ap.add_argument("--torch-kind"), ap.add_argument("--torch-rank", type=int)
+    ap.add_argument("--torch-port", type=int)
+    ap.add_argument("--push", type=int), ap.add_argument("--push-extra", type=int)
+    ap.add_argument("--pull", type=int)
+    args = ap.parse_args()
+    if args.torch_kind:
+        return torch_peer(args)
+
+    systems = args.systems.split(",")
+    shapes = []
+    for s in args.shapes.split(","):
+        shapes += {"afd": [AFD], "4KiB": [SMALL], "sweep": SWEEP}[s]
+    runs = []  # (system, shape, cluster, stats)
+    for rnd in range(args.rounds):
+        for shape in shapes:
+            it = iters_for(shape, args.iters) if shape is not AFD else args.iters
+            for sysname in systems:
+                try:
+                    if sysname == "memcpy":
+                        r = run_json([args.bin, "memcpy"] + shape_flags(shape, it, args.warmup))[0]
+                    elif sysname.startswith("meshpost-"):
+                        transport = "tcp" if sysname == "meshpost-tcp" else "cma"
+                        r = run_meshpost(args.bin, transport, sysname.endswith("shm"), shape, 1, 1,
+                                         it, args.warmup)
+                    elif sysname == "zmq":
+                        r = run_zmq(args.bin, shape, it, args.warmup)
+                    else:
+                        r = run_torch(sysname, shape, it, args.warmup)
+                except Exception as e:  # a baseline that cannot run is reported, not fatal
+                    print(f"round {rnd} {sysname} {shape['name']}: FAILED {e}", file=sys.stderr)
+                    continue
+                r["system"] = sysname
+                runs.append({"round": rnd, "shape": shape["name"], "cluster": "1x1", **r})
+                print(f"round {rnd} {shape['name']:>10} {sysname:>17}: p50 {r['p50_us']:9.1f} us"
+                      f"  p99 {r['p99_us']:9.1f} us", file=sys.stderr, flush=True)
+        for cl in args.clusters.split(","):
+            m, n = (int(x) for x in cl.split("x"))
+            if (m, n) == (1, 1):
+                continue
+            for sysname in [s for s in systems if s.startswith("meshpost-")]:
+                transport = "tcp" if sysname == "meshpost-tcp" else "cma"
+                try:
+                    r = run_meshpost(args.bin, transport, sysname.endswith("shm"), AFD, m, n,
+                                     max(30, args.iters // (m * n)), args.warmup)
+                except Exception as e:
+                    print(f"round {rnd} {sysname} {cl}: FAILED {e}", file=sys.stderr)
+                    continue
+                r["system"] = sysname
+                runs.append({"round": rnd, "shape": "afd", "cluster": cl, **r})
+                print(f"round {rnd} {cl:>10} {sysname:>17}: p50 {r['p50_us']:9.1f} us"
+                      f"  {r['throughput_gbps']:.2f} GB/s", file=sys.stderr, flush=True)
+
+    # medians over rounds
+    summary = {}
+    for r in runs:
+        key = f"{r['shape']}|{r['cluster']}|{r['system']}"
+        summary.setdefault(key, []).append(r)
+    med = {}
+    for key, rs in summary.items():
+        med[key] = {f: statistics.median(x[f] for x in rs)
+                    for f in ("p50_us", "p99_us", "mean_us", "throughput_gbps")}
+        med[key]["bytes_per_iter"] = rs[0]["bytes_per_iter"]
+        med[key]["rounds"] = len(rs)
+    for key, v in med.items():
+        shape, cl, _ = key.split("|")
+        ref = med.get(f"{shape}|{cl}|meshpost-cma")
+        if ref:
+            v["p50_ratio_to_meshpost_cma"] = v["p50_us"] / ref["p50_us"]
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+              "command": " ".join(sys.argv), "median_over_rounds": med, "runs": runs}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(med, indent=1))
+    if args.plot:
+        plot(med, args.plot)
+
+
+def plot(med, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_sys = {}
+    for key, v in med.items():
+        shape, cl, sysname = key.split("|")
+        if cl != "1x1" or not shape.startswith("sym"):
+            continue
+        by_sys.setdefault(sysname, []).append((v["bytes_per_iter"] / 2, v["p50_us"]))
+    for sysname, pts in sorted(by_sys.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sysname)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes each way (request = response size)")
+    ax.set_ylabel("round-trip p50 (us)")
+    ax.set_title("same-host round trip, 1 worker x 1 server")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
