@@ -1,5 +1,6 @@
-"""For the launcher test: worker 1 fails; the server blocks in get_batch until stopped."""
-import sys
+"""For the launcher test: worker 1 crashes (no clean leave, so it is the first process to
+exit); the others block until the launcher stops them or they notice the dead peer."""
+import os
 
 import meshpost
 from common import rank, role
@@ -8,7 +9,7 @@ if role() == "worker":
     w = meshpost.Worker()
     print("worker ready", flush=True)
     if rank() == 1:
-        sys.exit(3)
+        os._exit(3)
     w.barrier(servers=False, workers=True)  # never released: worker 1 is gone
 elif role() == "server":
     s = meshpost.Server()

@@ -8,6 +8,7 @@ from common import passed, rank, role
 ps.init()
 N = 256
 if role() == "worker":
+    ps.barrier(True, True)  # the server registered its buffer
     for it in range(3):
         x = torch.arange(N, dtype=torch.int32) + 1000 * rank() + it
         out = torch.zeros(1, dtype=torch.int64)
@@ -17,6 +18,7 @@ if role() == "worker":
 elif role() == "server":
     buf = torch.zeros(2, N, dtype=torch.int32)
     ps.register_recv_buffer(buf, [0, 1], [5, 5])
+    ps.barrier(True, True)  # registered before any worker pushes
     base = buf.data_ptr()
     for it in range(3):
         batch = ps.get_batch(30000)
