@@ -84,6 +84,7 @@ Result<Options> OptionsFromEnv(const EnvLookup& env) {
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_SPIN_US", 0, 10000000, false, &spin));
   o.spin_us = spin;
   MESHPOST_RETURN_IF_ERROR(ReadBool(env, "MESHPOST_BUSY_POLL", &o.busy_poll));
+  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "MESHPOST_CMA_DISABLE", &o.cma_disable));
   MESHPOST_RETURN_IF_ERROR(
       ReadInt(env, "MESHPOST_START_TIMEOUT_MS", 100, INT_MAX, false, &o.start_timeout_ms));
   MESHPOST_RETURN_IF_ERROR(

@@ -34,6 +34,7 @@ struct Options {
     if (enable_rdma) return "rdma";
     return transport == "auto" ? std::string() : transport;
   }
+  bool cma_disable = false;            // MESHPOST_CMA_DISABLE: same-host van copies via shm
   int heartbeat_interval_ms = 1000;    // MESHPOST_HEARTBEAT_INTERVAL_MS
   int heartbeat_timeout_ms = 6000;     // MESHPOST_HEARTBEAT_TIMEOUT_MS
   int64_t spin_us = 50;                // MESHPOST_SPIN_US: spin before blocking

@@ -63,6 +63,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                          (opts_.role == Role::kScheduler ? "" : ":" + std::to_string(opts_.Rank())),
                      opts_.verbose);
     van_options_.wait = wait_policy();
+    van_options_.cma_disable = opts_.cma_disable;
     van_ = CreateZmqVan(van_options_);
     if (opts_.role == Role::kWorker) worker_ = std::make_unique<AFTensorWorker>(this);
     if (opts_.role == Role::kServer) server_ = std::make_unique<AFTensorServer>(this);
@@ -105,7 +106,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     std::lock_guard<std::mutex> lock(mu_);
     for (const NodeInfo& n : table_) {
       if (n.role == Role::kScheduler || n.role == opts_.role) continue;
-      out[std::string(RoleName(n.role)) + " " + std::to_string(n.rank)] = route_name_[n.id];
+      out[std::string(RoleName(n.role)) + " " + std::to_string(n.rank)] =
+          route_[n.id] != nullptr ? route_[n.id]->PeerTransport(n.id) : route_name_[n.id];
     }
     return out;
   }

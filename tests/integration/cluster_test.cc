@@ -9,14 +9,34 @@
 #include <string>
 
 #include "launch/local_cluster.h"
+#include "van/registry.h"
 
 namespace meshpost {
 namespace {
 
 constexpr int64_t kProcessLimitMs = 120000;
 
+// Every scenario runs on each transport the build has; "cma-shm" is the same-host van
+// with cross-memory attach disabled (its fallback where CMA is refused).
+std::vector<std::string> TransportsUnderTest() {
+  std::vector<std::string> out = {"tcp"};
+  for (const std::string& name : CompiledTransports()) {
+    if (name == "cma") {
+      out.push_back("cma");
+      out.push_back("cma-shm");
+    }
+  }
+  return out;
+}
+
+std::string g_transport = "tcp";  // set by the parameterized fixture below
+
 ClusterSpec Spec(const std::string& scenario, int workers = 2, int servers = 2) {
   ClusterSpec spec;
+  const bool shm = g_transport == "cma-shm";
+  spec.env["MESHPOST_TRANSPORT"] = shm ? "cma" : g_transport;
+  if (shm) spec.env["MESHPOST_CMA_DISABLE"] = "1";
+  spec.env["MESHPOST_ITEST_TRANSPORT"] = g_transport;
   spec.argv = {MESHPOST_ITEST_NODE};
   spec.num_workers = workers;
   spec.num_servers = servers;
@@ -36,18 +56,24 @@ void RunAndExpectSuccess(const ClusterSpec& spec) {
   }
 }
 
-TEST(ClusterTest, SumRoundTripRoutingAndTraces) { RunAndExpectSuccess(Spec("sum")); }
-TEST(ClusterTest, ThreeMicroBatchesInFlight) { RunAndExpectSuccess(Spec("microbatch")); }
-TEST(ClusterTest, DTypesAndChangingRowsOnOneKey) { RunAndExpectSuccess(Spec("dtypes")); }
-TEST(ClusterTest, RegisteredReceiveBufferLandsInPlace) { RunAndExpectSuccess(Spec("recvbuf")); }
-TEST(ClusterTest, RespondVecRunningOffsets) { RunAndExpectSuccess(Spec("respondvec", 3, 2)); }
-TEST(ClusterTest, BarriersOverEveryGroupCombination) { RunAndExpectSuccess(Spec("barrier")); }
-TEST(ClusterTest, WaitTimesOutThenCompletes) { RunAndExpectSuccess(Spec("timeout")); }
-TEST(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) { RunAndExpectSuccess(Spec("badinput")); }
-TEST(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
-TEST(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }
+class ClusterTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { g_transport = GetParam(); }
+  void TearDown() override { g_transport = "tcp"; }
+};
 
-TEST(ClusterTest, KilledServerFailsPendingWait) {
+TEST_P(ClusterTest, SumRoundTripRoutingAndTraces) { RunAndExpectSuccess(Spec("sum")); }
+TEST_P(ClusterTest, ThreeMicroBatchesInFlight) { RunAndExpectSuccess(Spec("microbatch")); }
+TEST_P(ClusterTest, DTypesAndChangingRowsOnOneKey) { RunAndExpectSuccess(Spec("dtypes")); }
+TEST_P(ClusterTest, RegisteredReceiveBufferLandsInPlace) { RunAndExpectSuccess(Spec("recvbuf")); }
+TEST_P(ClusterTest, RespondVecRunningOffsets) { RunAndExpectSuccess(Spec("respondvec", 3, 2)); }
+TEST_P(ClusterTest, BarriersOverEveryGroupCombination) { RunAndExpectSuccess(Spec("barrier")); }
+TEST_P(ClusterTest, WaitTimesOutThenCompletes) { RunAndExpectSuccess(Spec("timeout")); }
+TEST_P(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) { RunAndExpectSuccess(Spec("badinput")); }
+TEST_P(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
+TEST_P(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }
+
+TEST_P(ClusterTest, KilledServerFailsPendingWait) {
   LocalCluster cluster;
   ASSERT_TRUE(cluster.Start(Spec("kill")).ok());
   for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
@@ -59,7 +85,7 @@ TEST(ClusterTest, KilledServerFailsPendingWait) {
   }
 }
 
-TEST(ClusterTest, DeadSchedulerFailsBarriersNotData) {
+TEST_P(ClusterTest, DeadSchedulerFailsBarriersNotData) {
   LocalCluster cluster;
   ASSERT_TRUE(cluster.Start(Spec("schedkill")).ok());
   for (const ProcessExit& e : cluster.WaitAll(kProcessLimitMs)) {
@@ -71,7 +97,7 @@ TEST(ClusterTest, DeadSchedulerFailsBarriersNotData) {
   }
 }
 
-TEST(ClusterTest, ForcingAnUnavailableTransportIsAClearError) {
+TEST(ClusterStartTest, ForcingAnUnavailableTransportIsAClearError) {
   std::error_code ec;
   if (std::filesystem::exists("/sys/class/infiniband", ec) &&
       !std::filesystem::is_empty("/sys/class/infiniband", ec)) {
@@ -80,12 +106,23 @@ TEST(ClusterTest, ForcingAnUnavailableTransportIsAClearError) {
   ClusterSpec spec = Spec("forced", 1, 1);
   spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
   spec.env["DMLC_ENABLE_RDMA"] = "1";
+  spec.env.erase("MESHPOST_TRANSPORT");
   // Without an RDMA device (or without the rdma van) Start names the transport and why.
   spec.env["MESHPOST_ITEST_FORCED_ERROR"] = "transport 'rdma' was forced (DMLC_ENABLE_RDMA=1)";
   RunAndExpectSuccess(spec);
 }
 
-TEST(ClusterTest, ClashingRanksAreRefused) {
+// With no transport forced, co-located peers pick the same-host van when it is built.
+TEST(ClusterStartTest, AutoPicksTheSameHostTransport) {
+  ClusterSpec spec = Spec("sum");
+  spec.env["MESHPOST_TRANSPORT"] = "auto";
+  bool cma = false;
+  for (const std::string& n : CompiledTransports()) cma |= n == "cma";
+  spec.env["MESHPOST_ITEST_TRANSPORT"] = cma ? "cma" : "tcp";
+  RunAndExpectSuccess(spec);
+}
+
+TEST(ClusterStartTest, ClashingRanksAreRefused) {
   ClusterSpec spec = Spec("clash");
   spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
   spec.env_for["server:1"]["DMLC_NODE_RANK"] = "0";  // both servers claim rank 0
@@ -100,6 +137,13 @@ TEST(ClusterTest, ClashingRanksAreRefused) {
   }
   EXPECT_EQ(refused, 1);
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, ClusterTest, ::testing::ValuesIn(TransportsUnderTest()),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (char& ch : n) if (ch == '-') ch = '_';
+                           return n;
+                         });
 
 }  // namespace
 }  // namespace meshpost
