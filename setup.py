@@ -19,6 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 BUILD_DIR = ROOT / "build-py"
+BUILD_DIR.mkdir(exist_ok=True)  # egg_info writes here before any build step runs
 
 
 class CMakeExtension(Extension):
