@@ -198,7 +198,7 @@ int RunServer(const Args& a) {
 
 class Client : public VanReceiver {
  public:
-  explicit Client(size_t servers, size_t pull) {
+  Client(size_t servers, size_t pull, WaitPolicy wait) : waiter_(wait) {
     for (size_t i = 0; i < servers; ++i) pulls_.emplace_back(pull, 0);
   }
   Result<void*> Destination(const Meta& meta, size_t index) override {
@@ -247,7 +247,9 @@ int RunClient(const Args& a) {
   }
   if (servers.empty()) Die("client needs --servers");
   auto van = MakeVan(a);
-  Client client(servers.size(), a.pull);
+  WaitPolicy wait;
+  wait.spin_ns = a.spin_ns;
+  Client client(servers.size(), a.pull, wait);
   auto port = van->Bind("127.0.0.1", 0);
   if (!port.ok()) Die(port.status().ToString());
   if (!van->Start(&client).ok()) Die("start");

@@ -29,6 +29,9 @@ SWEEP = [dict(name=f"sym{n}", push=n, push_extra=0, pull=n)
          for n in (4096, 65536, 262144, 1048576, 4194304)]
 
 
+SPIN_NS = 0  # set from --spin-ns
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +81,8 @@ def shape_flags(shape, iters, warmup):
 
 
 def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
-    extra = ["--transport", transport, "--cma-disable", "1" if shm else "0"]
+    extra = ["--transport", transport, "--cma-disable", "1" if shm else "0",
+             "--spin-ns", str(SPIN_NS)]
     srv = Servers(binary, "server", n, extra)
     try:
         servers = ";".join(",".join(a) for a in srv.addrs)
@@ -209,6 +213,9 @@ def main():
     ap.add_argument("--clusters", default="1x1,2x2,4x4", help="MxN for the meshpost vans (AFD shape)")
     ap.add_argument("--out", default="bench_results.json")
     ap.add_argument("--plot", default="")
+    ap.add_argument("--spin-ns", type=int, default=0,
+                    help="meshpost WaitPolicy spin before blocking (0: block at once; spinning "
+                         "on a 2-core shared box steals the copying thread's CPU)")
     # internal: torch peer processes
     ap.add_argument("--torch-kind"), ap.add_argument("--torch-rank", type=int)
     ap.add_argument("--torch-port", type=int)
@@ -218,6 +225,8 @@ def main():
     if args.torch_kind:
         return torch_peer(args)
 
+    global SPIN_NS
+    SPIN_NS = args.spin_ns
     systems = args.systems.split(",")
     shapes = []
     for s in args.shapes.split(","):
