@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <map>
@@ -17,11 +18,26 @@
 #include "ps/node_context.h"
 #include "van/registry.h"
 #include "van/van.h"
+#ifdef MESHPOST_HAVE_RDMA
+#include "van/rdma/rdma_van.h"
+#endif
 
 namespace meshpost {
 namespace {
 
 constexpr const char* kLog = "ps";
+
+// Data transports in priority order. The registry (meshpost_van) knows the vans it builds;
+// the RDMA van is linked into ps/ because its rendezvous rides on the postoffice's tcp plane.
+std::vector<std::string> DataTransports() {
+  std::vector<std::string> names = CompiledTransports();
+#ifdef MESHPOST_HAVE_RDMA
+  if (std::find(names.begin(), names.end(), "rdma") == names.end()) {
+    names.insert(names.end() - 1, "rdma");  // before tcp
+  }
+#endif
+  return names;
+}
 
 bool IsLoopback(const std::string& host) {
   return host.rfind("127.", 0) == 0 || host == "localhost" || host == "::1";
@@ -317,6 +333,17 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       return;
     }
     MP_LOG_DEBUG(kLog, "{} from node {}", CommandName(m.cmd), m.sender);
+    if (m.cmd == Command::kRdmaRendezvous) {
+#ifdef MESHPOST_HAVE_RDMA
+      if (rdma_ != nullptr && m.sender > 0 && m.sender < num_nodes_ && IsDataPeer(RoleOfId(m.sender))) {
+        Status s = rdma_->OnControlBlob(m.sender, m.body);
+        if (!s.ok()) MP_LOG_ERROR(kLog, "rdma rendezvous from node {}: {}", m.sender, s.ToString());
+        return;
+      }
+#endif
+      MP_LOG_ERROR(kLog, "RDMA_RENDEZVOUS from node {} dropped: no rdma van here", m.sender);
+      return;
+    }
     if (m.cmd == Command::kPeerLeave) {
       if (m.sender <= 0 || m.sender >= num_nodes_ || !IsDataPeer(RoleOfId(m.sender))) {
         MP_LOG_ERROR(kLog, "PEER_LEAVE from non-peer node {} dropped", m.sender);
@@ -433,14 +460,14 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     const std::string forced = opts_.ForcedTransport();
     std::vector<std::string> wanted;
     if (forced.empty()) {
-      for (const std::string& name : CompiledTransports()) {
+      for (const std::string& name : DataTransports()) {
         if (name != "tcp") wanted.push_back(name);
       }
     } else if (forced != "tcp") {
       wanted.push_back(forced);
     }
     for (const std::string& name : wanted) {
-      auto van = CreateVan(name, van_options_);
+      auto van = name == "rdma" ? CreateRdma() : CreateVan(name, van_options_);
       Status st = van.status();
       if (van.ok()) {
         auto bound = (*van)->Bind(self_.host, 0);
@@ -467,7 +494,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     MESHPOST_RETURN_IF_ERROR(van_->Connect({n.id, n.host, n.port}).Annotate("connecting to " + n.Describe()));
     const std::string forced = opts_.ForcedTransport();
     std::string why_not;
-    for (const std::string& name : CompiledTransports()) {
+    for (const std::string& name : DataTransports()) {
       if (name == "tcp") break;
       auto mine = data_vans_.find(name);
       if (mine == data_vans_.end()) continue;
@@ -500,6 +527,31 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     }
     MP_LOG_INFO(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
     return OkStatus();
+  }
+
+  Result<std::unique_ptr<Van>> CreateRdma() {
+#ifdef MESHPOST_HAVE_RDMA
+    MESHPOST_ASSIGN_OR_RETURN(RdmaOptions ro, RdmaOptionsFromEnv(ProcessEnv()));
+    if (!opts_.interface.empty() && ro.interface.empty()) ro.interface = opts_.interface;
+    ro.wait = wait_policy();
+    // Rendezvous blobs travel to the peer over the tcp van (already connected to it).
+    auto van = CreateRdmaVan(ro, [this](int peer, std::string blob) {
+      OutMessage out;
+      out.meta.cmd = Command::kRdmaRendezvous;
+      out.meta.sender = my_id_;
+      out.meta.recipient = peer;
+      out.meta.body = std::move(blob);
+      return van_->Send(std::move(out));
+    });
+    if (!van.ok()) return van.status();
+    rdma_ = van->get();
+    rdma_->SetPeerFailureCallback([this](int peer, const Status& why) { PeerGone(peer, why); });
+    return std::unique_ptr<Van>(std::move(van).value());
+#else
+    return UnimplementedError(
+        "transport 'rdma' is not built into this meshpost (configure with "
+        "-DMESHPOST_WITH_RDMA=ON and libibverbs-dev installed)");
+#endif
   }
 
   void StopVans() {
@@ -794,6 +846,9 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   std::unique_ptr<Van> van_;  // tcp: control plane, and data where nothing better fits
   std::map<std::string, std::unique_ptr<Van>> data_vans_;  // other transports by name
   std::vector<Van*> route_;               // per node id: data van (nullptr = tcp)
+#ifdef MESHPOST_HAVE_RDMA
+  RdmaVan* rdma_ = nullptr;               // owned by data_vans_["rdma"] when created
+#endif
   std::vector<std::string> route_name_;   // per node id: transport name
   std::unique_ptr<AFTensorWorker> worker_;
   std::unique_ptr<AFTensorServer> server_;

@@ -9,7 +9,7 @@
 namespace meshpost {
 
 bool IsValidCommand(int v) {
-  return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kPeerLeave)) ||
+  return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kRdmaRendezvous)) ||
          v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse);
 }
 
@@ -26,6 +26,7 @@ const char* CommandName(Command cmd) {
     case Command::kLeaveAck: return "LEAVE_ACK";
     case Command::kNodeDown: return "NODE_DOWN";
     case Command::kPeerLeave: return "PEER_LEAVE";
+    case Command::kRdmaRendezvous: return "RDMA_RENDEZVOUS";
     case Command::kRequest: return "REQUEST";
     case Command::kResponse: return "RESPONSE";
   }

@@ -27,6 +27,7 @@ enum class Command : uint8_t {
   kLeaveAck = 9,       // scheduler → node: may close now
   kNodeDown = 10,      // scheduler → all: node `arg` died (id=0) or left (id=1)
   kPeerLeave = 11,     // node → its data peers, after its last data message: stopping
+  kRdmaRendezvous = 12,  // data peer → data peer over tcp: an RDMA van rendezvous blob in body
   kRequest = 20,       // worker → server: pushes in data, pull slots in slots
   kResponse = 21,      // server → worker: pull-slot payloads in data
 };
