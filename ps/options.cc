@@ -1,8 +1,11 @@
 #include "ps/options.h"
 
 #include <climits>
+#include <thread>
 
 namespace meshpost {
+
+int64_t DefaultSpinUs() { return std::thread::hardware_concurrency() >= 4 ? 50 : 0; }
 
 const char* RoleName(Role role) {
   switch (role) {

@@ -784,10 +784,18 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     const auto interval = std::chrono::milliseconds(opts_.heartbeat_interval_ms);
     const uint64_t timeout_ns = static_cast<uint64_t>(opts_.heartbeat_timeout_ms) * 1000000ull;
     uint64_t seq = 0;
+    const auto period = opts_.role == Role::kScheduler ? interval / 2 : interval;
     std::unique_lock<std::mutex> lock(mu_);
+    auto next = std::chrono::steady_clock::now() + period;
     while (threads_running_) {
-      cv_.wait_for(lock, opts_.role == Role::kScheduler ? interval / 2 : interval);
+      // cv_ is notified by every control message (heartbeat acks included): wait for the
+      // period to elapse, not for the next notification, or acks would pace heartbeats.
+      if (cv_.wait_until(lock, next) != std::cv_status::timeout &&
+          std::chrono::steady_clock::now() < next) {
+        continue;
+      }
       if (!threads_running_) break;
+      next = std::chrono::steady_clock::now() + period;
       const uint64_t now = GetNanosecond();
       if (opts_.role == Role::kScheduler) {
         for (auto& [id, info] : registered_) {

@@ -2,6 +2,7 @@
 // from MESHPOST_ITEST_SCENARIO; each scenario asserts its data and exits non-zero (with
 // the reason on stderr) on the first mismatch, so the launching test only checks exits.
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -429,6 +430,37 @@ void SchedKillWorker(Ctx& c) {
                 b.ToString());
 }
 
+// ---------------- idle: every role waits ~3 s with nothing to do ----------------
+// Reports the process's CPU time on stderr (for docs/performance.md; not asserted: the
+// machine is shared and CPU time is a measurement, not a correctness property).
+double CpuSeconds() {
+  rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec +
+         (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+void ReportCpu(Ctx& c, double cpu, uint64_t wall_ns) {
+  std::fprintf(stderr, "IDLE_CPU %s %d: %.3f s CPU over %.3f s idle wait\n",
+               RoleName(c.o.role), c.rank(), cpu, wall_ns / 1e9);
+}
+
+void IdleServer(Ctx& c) {
+  const uint64_t t0 = GetNanosecond();
+  const double cpu0 = CpuSeconds();
+  auto none = c.po->server()->GetBatch(3000);
+  EXPECT_OR_DIE(none.status().code() == StatusCode::kDeadlineExceeded, none.status().ToString());
+  ReportCpu(c, CpuSeconds() - cpu0, GetNanosecond() - t0);
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+}
+
+void IdleWorker(Ctx& c) {
+  const uint64_t t0 = GetNanosecond();
+  const double cpu0 = CpuSeconds();
+  OK_OR_DIE(c.po->Barrier(kServerGroup | kWorkerGroup, 30000));
+  ReportCpu(c, CpuSeconds() - cpu0, GetNanosecond() - t0);
+}
+
 // ---------------- badinput: errors, then the process keeps working ----------------
 void BadInputServer(Ctx& c) {
   auto* server = c.po->server();
@@ -556,6 +588,7 @@ int main() {
       {"kill", {KillServer, KillWorker, nullptr}},
       {"badinput", {BadInputServer, BadInputWorker, nullptr}},
       {"schedkill", {SchedKillServer, SchedKillWorker, SchedKillScheduler}},
+      {"idle", {IdleServer, IdleWorker, nullptr}},
   };
   auto it = scenarios.find(name);
   if (it == scenarios.end()) Die(std::string("unknown scenario ") + name);
