@@ -9,7 +9,10 @@ echo "== C++ tests (ctest) =="
 # Each test has its own time limit (tests/CMakeLists.txt); --timeout is a backstop.
 ctest --test-dir build --output-on-failure -j2 --timeout 600
 if [[ -f scripts/test_python.sh ]]; then
-  echo "== Python tests (pytest) =="
+  echo "== Python tests (pytest), transport chosen automatically (same-host: cma) =="
   bash scripts/test_python.sh
+  echo "== Python tests (pytest), MESHPOST_TRANSPORT=tcp =="
+  (cd tests/python && MESHPOST_TRANSPORT=tcp timeout --kill-after=30 1200 \
+     ../../.venv/bin/python -m pytest -q)
 fi
 echo "== all tests passed =="
