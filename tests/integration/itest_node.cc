@@ -75,6 +75,22 @@ struct Ctx {
   int rank() const { return po->rank(); }
 };
 
+// One pull tensor per server (server-major, one slot each) and the batch naming them.
+struct Pulls {
+  std::vector<Buf> bufs;
+  KeyTensorBatch batch;
+};
+
+Pulls MakePulls(const Ctx& c, int64_t key, DType dtype, const std::vector<int64_t>& shape) {
+  Pulls p;
+  p.bufs.reserve(c.S());
+  for (int s = 0; s < c.S(); ++s) {
+    p.bufs.emplace_back(dtype, shape);
+    p.batch.push_back({key, p.bufs.back().view});
+  }
+  return p;
+}
+
 // ---------------- sum: round trip, per-slot routing, get_batch order, traces ----------------
 constexpr int64_t kSumCols = 64;
 
@@ -213,12 +229,9 @@ void DTypeWorker(Ctx& c) {
     const DType dt = kDTypes[it % 3];
     Buf push(dt, {RowsFor(it), 32});
     for (size_t i = 0; i < push.bytes->size(); ++i) (*push.bytes)[i] = static_cast<char>(i * 7 + it + c.rank());
-    std::vector<Buf> pulls;
-    KeyTensorBatch pull;
-    for (int s = 0; s < c.S(); ++s) {
-      pulls.emplace_back(dt, std::vector<int64_t>{RowsFor(it), 32});
-      pull.push_back({6, pulls.back().view});
-    }
+    Pulls pl = MakePulls(c, 6, dt, {RowsFor(it), 32});
+    std::vector<Buf>& pulls = pl.bufs;
+    KeyTensorBatch& pull = pl.batch;
     uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{5, push.view}}, pull), "push_pull");
     OK_OR_DIE(c.po->worker()->Wait(h, 30000));
     for (int s = 0; s < c.S(); ++s) {
@@ -259,12 +272,9 @@ void RecvBufWorker(Ctx& c) {
   for (int it = 0; it < 5; ++it) {
     Buf push(DType::kFloat32, {16, 8});
     for (int i = 0; i < 16 * 8; ++i) push.as<float>()[i] = c.rank() * 100 + it;
-    std::vector<Buf> pulls;
-    KeyTensorBatch pull;
-    for (int s = 0; s < c.S(); ++s) {
-      pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{1});
-      pull.push_back({8, pulls.back().view});
-    }
+    Pulls pl = MakePulls(c, 8, DType::kFloat32, {1});
+    std::vector<Buf>& pulls = pl.bufs;
+    KeyTensorBatch& pull = pl.batch;
     uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{7, push.view}}, pull), "push_pull");
     OK_OR_DIE(c.po->worker()->Wait(h, 30000));
     for (auto& p : pulls) EXPECT_OR_DIE(p.as<float>()[0] == c.rank() * 100 + it + 0.5f, "reply");
@@ -299,12 +309,9 @@ void RespondVecWorker(Ctx& c) {
   for (int it = 0; it < 5; ++it) {
     const int64_t rows = VecRows(c.rank());
     Buf push(DType::kInt32, {rows, 4});
-    std::vector<Buf> pulls;
-    KeyTensorBatch pull;
-    for (int s = 0; s < c.S(); ++s) {
-      pulls.emplace_back(DType::kInt32, std::vector<int64_t>{rows, 4});
-      pull.push_back({3, pulls.back().view});
-    }
+    Pulls pl = MakePulls(c, 3, DType::kInt32, {rows, 4});
+    std::vector<Buf>& pulls = pl.bufs;
+    KeyTensorBatch& pull = pl.batch;
     uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{2, push.view}}, pull), "push_pull");
     OK_OR_DIE(c.po->worker()->Wait(h, 30000));
     for (auto& p : pulls) {
@@ -352,12 +359,9 @@ void TimeoutServer(Ctx& c) {
 
 void TimeoutWorker(Ctx& c) {
   Buf push(DType::kInt64, {2});
-  std::vector<Buf> pulls;
-  KeyTensorBatch pull;
-  for (int s = 0; s < c.S(); ++s) {
-    pulls.emplace_back(DType::kInt64, std::vector<int64_t>{2});
-    pull.push_back({1, pulls.back().view});
-  }
+  Pulls pl = MakePulls(c, 1, DType::kInt64, {2});
+  std::vector<Buf>& pulls = pl.bufs;
+  KeyTensorBatch& pull = pl.batch;
   uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
   const uint64_t t0 = GetNanosecond();
   Status w = c.po->worker()->Wait(h, 300);
@@ -386,12 +390,8 @@ void KillServer(Ctx& c) {
 
 void KillWorker(Ctx& c) {
   Buf push(DType::kFloat32, {4});
-  std::vector<Buf> pulls;
-  KeyTensorBatch pull;
-  for (int s = 0; s < c.S(); ++s) {
-    pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{4});
-    pull.push_back({1, pulls.back().view});
-  }
+  Pulls pl = MakePulls(c, 1, DType::kFloat32, {4});
+  KeyTensorBatch& pull = pl.batch;
   uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
   Status w = c.po->worker()->Wait(h, 60000);
   EXPECT_OR_DIE(w.code() == StatusCode::kUnavailable, w.ToString());
@@ -416,12 +416,9 @@ void SchedKillServer(Ctx& c) {
 
 void SchedKillWorker(Ctx& c) {
   Buf push(DType::kInt32, {2});
-  std::vector<Buf> pulls;
-  KeyTensorBatch pull;
-  for (int s = 0; s < c.S(); ++s) {
-    pulls.emplace_back(DType::kInt32, std::vector<int64_t>{2});
-    pull.push_back({1, pulls.back().view});
-  }
+  Pulls pl = MakePulls(c, 1, DType::kInt32, {2});
+  std::vector<Buf>& pulls = pl.bufs;
+  KeyTensorBatch& pull = pl.batch;
   uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
   OK_OR_DIE(c.po->worker()->Wait(h, 30000));
   for (auto& p : pulls) EXPECT_OR_DIE(p.as<int32_t>()[1] == 5, "data flows without the scheduler");
@@ -505,12 +502,9 @@ void BadInputServer(Ctx& c) {
 void BadInputWorker(Ctx& c) {
   auto* worker = c.po->worker();
   Buf push(DType::kFloat32, {4});
-  std::vector<Buf> pulls;
-  KeyTensorBatch pull;
-  for (int s = 0; s < c.S(); ++s) {
-    pulls.emplace_back(DType::kFloat32, std::vector<int64_t>{4});
-    pull.push_back({1, pulls.back().view});
-  }
+  Pulls pl = MakePulls(c, 1, DType::kFloat32, {4});
+  std::vector<Buf>& pulls = pl.bufs;
+  KeyTensorBatch& pull = pl.batch;
   KeyTensorBatch uneven = pull;
   uneven.push_back(pull[0]);
   auto r = worker->ZBatchPushPull({{1, push.view}}, uneven);
