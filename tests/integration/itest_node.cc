@@ -402,9 +402,22 @@ void KillWorker(Ctx& c) {
 }
 
 // ---------------- schedkill: the scheduler dies; data keeps flowing, barriers fail ----------------
-void SchedKillScheduler(Ctx& c) { raise(SIGKILL); }
+// The scheduler dies only once every node has passed Start (proved by their arrival at a
+// second barrier); the release of that barrier may die with it, so nodes accept either.
+void SchedKillScheduler(Ctx& c) {
+  OK_OR_DIE(c.po->Barrier(kAllGroups, 30000));
+  raise(SIGKILL);
+}
+
+void PassBarrierOrSeeSchedulerDie(Ctx& c) {
+  Status b = c.po->Barrier(kAllGroups, 30000);
+  EXPECT_OR_DIE(b.ok() || (b.code() == StatusCode::kUnavailable &&
+                           b.message().find("scheduler") != std::string::npos),
+                b.ToString());
+}
 
 void SchedKillServer(Ctx& c) {
+  PassBarrierOrSeeSchedulerDie(c);
   auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
   Buf out(DType::kInt32, {2});
   out.as<int32_t>()[1] = 5;
@@ -415,6 +428,7 @@ void SchedKillServer(Ctx& c) {
 }
 
 void SchedKillWorker(Ctx& c) {
+  PassBarrierOrSeeSchedulerDie(c);
   Buf push(DType::kInt32, {2});
   Pulls pl = MakePulls(c, 1, DType::kInt32, {2});
   std::vector<Buf>& pulls = pl.bufs;
