@@ -212,13 +212,19 @@ class AFTensorServer::Impl : public DataHandler {
       }
     }
     const size_t chunk = tensor.nbytes() / n;
-    std::lock_guard<std::mutex> lock(mu_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = 0; i < n; ++i) {
+        RecvChunk c;
+        c.data = static_cast<char*>(tensor.data) + i * chunk;
+        c.capacity = chunk;
+        c.owner = tensor.owner;
+        recv_buffers_[{worker_ranks[i], keys[i]}] = std::move(c);
+      }
+    }
     for (size_t i = 0; i < n; ++i) {
-      RecvChunk c;
-      c.data = static_cast<char*>(tensor.data) + i * chunk;
-      c.capacity = chunk;
-      c.owner = tensor.owner;
-      recv_buffers_[{worker_ranks[i], keys[i]}] = std::move(c);
+      ctx_->OnRecvBufferRegistered(worker_ranks[i], keys[i],
+                                   static_cast<char*>(tensor.data) + i * chunk, chunk);
     }
     MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes", n, chunk);
     return OkStatus();

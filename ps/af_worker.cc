@@ -90,6 +90,9 @@ class AFTensorWorker::Impl : public DataHandler {
       pending_.emplace(p->handle, p);
     }
 
+    for (const KeyTensor& kt : pull) {
+      if (kt.tensor.owner) ctx_->OnPullMemory(kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner);
+    }
     std::vector<TensorDesc> push_descs;
     push_descs.reserve(push.size());
     for (const KeyTensor& kt : push) push_descs.push_back(Describe(kt));

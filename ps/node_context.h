@@ -46,6 +46,12 @@ class NodeContext {
   // OK while the peer is alive; otherwise why it is not (died, left).
   virtual Status PeerStatus(int node_id) const = 0;
   virtual void SetDataHandler(DataHandler* handler) = 0;
+  // Memory a peer will write into one-sidedly: a server's receive buffer for pushes of
+  // `key` from worker `worker_rank`, and a worker's pull tensors (tracked by `owner`).
+  // Transports that need registration (RDMA) register it; the default ignores it.
+  virtual void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) {}
+  virtual void OnPullMemory(const void* addr, size_t size,
+                            const std::shared_ptr<const void>& owner) {}
 
   WaitPolicy wait_policy() const {
     WaitPolicy p;

@@ -67,9 +67,9 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   explicit Impl(const Options& options)
       : opts_(options),
         num_nodes_(1 + options.num_servers + options.num_workers),
-        down_(num_nodes_),
         route_(num_nodes_, nullptr),
-        route_name_(num_nodes_, "tcp") {
+        route_name_(num_nodes_, "tcp"),
+        down_(num_nodes_) {
     switch (opts_.role) {
       case Role::kScheduler: my_id_ = kSchedulerId; break;
       case Role::kServer: my_id_ = ServerNodeId(opts_.Rank()); break;
@@ -112,6 +112,23 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     return down_[id];
   }
   void SetDataHandler(DataHandler* h) override { data_ = h; }
+
+  void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) override {
+#ifdef MESHPOST_HAVE_RDMA
+    if (rdma_ == nullptr) return;
+    Status s = rdma_->RegisterRecvBuffer(WorkerNodeId(opts_.num_servers, worker_rank), key, addr, size);
+    if (!s.ok()) MP_LOG_WARN(kLog, "rdma: receive buffer not registered: {}", s.ToString());
+#endif
+  }
+
+  void OnPullMemory(const void* addr, size_t size,
+                    const std::shared_ptr<const void>& owner) override {
+#ifdef MESHPOST_HAVE_RDMA
+    if (rdma_ == nullptr) return;
+    Status s = rdma_->RegisterMemory(addr, size, owner);
+    if (!s.ok()) MP_LOG_WARN(kLog, "rdma: pull memory not registered: {}", s.ToString());
+#endif
+  }
 
   int port() const { return port_; }
   AFTensorWorker* worker() { return worker_.get(); }
@@ -484,6 +501,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       }
       self_.vans.emplace_back(name, (*van)->endpoint());
       data_vans_[name] = std::move(van).value();
+#ifdef MESHPOST_HAVE_RDMA
+      // Only a bound, started rdma van is reachable through rdma_.
+      if (name == "rdma") rdma_ = static_cast<RdmaVan*>(data_vans_[name].get());
+#endif
     }
     return OkStatus();
   }
@@ -544,8 +565,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       return van_->Send(std::move(out));
     });
     if (!van.ok()) return van.status();
-    rdma_ = van->get();
-    rdma_->SetPeerFailureCallback([this](int peer, const Status& why) { PeerGone(peer, why); });
+    (*van)->SetPeerFailureCallback([this](int peer, const Status& why) { PeerGone(peer, why); });
     return std::unique_ptr<Van>(std::move(van).value());
 #else
     return UnimplementedError(

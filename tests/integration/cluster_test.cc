@@ -134,7 +134,9 @@ TEST(ClusterStartTest, ClashingRanksAreRefused) {
     ASSERT_TRUE(e.exited && e.signal == 0) << e.Describe();
     if (e.name.rfind("server:", 0) == 0 && e.exit_code == 0) ++refused;
     // Everyone else gives up at the start timeout with an error, not a hang (exit 10).
-    if (e.exit_code != 0) EXPECT_EQ(e.exit_code, 10) << e.Describe();
+    if (e.exit_code != 0) {
+      EXPECT_EQ(e.exit_code, 10) << e.Describe();
+    }
   }
   EXPECT_EQ(refused, 1);
 }
@@ -142,7 +144,9 @@ TEST(ClusterStartTest, ClashingRanksAreRefused) {
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterTest, ::testing::ValuesIn(TransportsUnderTest()),
                          [](const auto& info) {
                            std::string n = info.param;
-                           for (char& ch : n) if (ch == '-') ch = '_';
+                           for (char& ch : n) {
+                             if (ch == '-') ch = '_';
+                           }
                            return n;
                          });
 
