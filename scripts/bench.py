@@ -2,15 +2,19 @@
 """meshpost same-host benchmark driver (run with /usr/bin/python3).
 
 Runs, interleaved round by round so machine drift hits every system alike:
-  meshpost-cma, meshpost-cma-shm (forced fallback), meshpost-tcp  (build-cma/meshpost_bench)
-  memcpy (one-copy bound), zmq (raw ZeroMQ PAIR round trip)       (same binary)
+  meshpost-cma, meshpost-cma-shm (forced fallback), meshpost-tcp  (van level: meshpost_bench)
+  meshpost-cluster-cma, -cluster-cma-shm, -cluster-tcp            (the real cluster: scheduler,
+      Postoffice, AFTensorWorker/Server processes; meshpost_cluster_bench next to --bin)
+  memcpy (one-copy bound), zmq (raw ZeroMQ PAIR round trip)       (meshpost_bench)
   gloo (torch.distributed send/recv), tensorpipe (torch.distributed.rpc rpc_sync)
 for the AFD shape (push uint8[128,7168] + int32[4], pull bf16[128,7168] per server), a 4 KiB
-each-way shape and a size sweep; then M x N clusters for the meshpost vans. Writes JSON
-(every round's raw stats + medians over rounds + ratios to meshpost-cma) and, with --plot,
-a PNG of latency vs size.
+each-way shape and a size sweep; then M x N clusters for the meshpost systems, in the same
+round. A cluster system may carry a spin setting, e.g. meshpost-cluster-cma@spin20 runs with
+MESHPOST_SPIN_US=20 (without it the library default). Writes JSON (every round's raw stats,
+medians over rounds, ratios to meshpost-cma, and the issue-4 ratio table as the median of
+per-round ratios) and, with --plot, a PNG of latency vs size.
 
-  /usr/bin/python3 scripts/bench.py --bin build-cma/meshpost_bench --rounds 3 \
+  /usr/bin/python3 scripts/bench.py --bin build-bench/meshpost_bench --rounds 3 \
       --out docs/bench_results.json --plot docs/bench_latency.png
 """
 import argparse
@@ -103,6 +107,32 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
         r["p99_us"] = max(x["p99_us"] for x in results)
         r["mean_us"] = statistics.mean(x["mean_us"] for x in results)
         r["throughput_gbps"] = sum(x["throughput_gbps"] for x in results)
+    return r
+
+
+def parse_cluster_system(sysname):
+    """meshpost-cluster-<transport>[@spin<us>] -> (transport, spin_us or None)."""
+    base, _, spin = sysname.partition("@")
+    transport = base[len("meshpost-cluster-"):]
+    if transport not in ("tcp", "cma", "cma-shm"):
+        raise ValueError(f"unknown cluster system {sysname}")
+    if spin and not spin.startswith("spin"):
+        raise ValueError(f"{sysname}: expected @spin<microseconds>")
+    return transport, (int(spin[4:]) if spin else None)
+
+
+def run_cluster(binary, sysname, shape, m, n, iters, warmup):
+    transport, spin = parse_cluster_system(sysname)
+    cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
+        shape_flags(shape, iters, warmup)
+    if spin is not None:
+        cmd += ["--spin-us", str(spin)]
+    r = run_json(cmd, timeout=1800)[0]
+    used = set(r["worker0"]["transports"].values())
+    want = {"tcp": "tcp", "cma": "cma", "cma-shm": "cma-shm"}[transport]
+    if used != {want}:
+        # e.g. CMA refused here: the run is real but is not the system it is named after.
+        raise RuntimeError(f"{sysname}: peers used {sorted(used)}, not {want}")
     return r
 
 
@@ -204,13 +234,20 @@ def machine():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default="build-cma/meshpost_bench")
+    ap.add_argument("--bin", default="build-bench/meshpost_bench")
+    ap.add_argument("--cluster-bin", default="",
+                    help="meshpost_cluster_bench (default: next to --bin)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=300, help="iterations for the AFD shape")
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--systems", default="memcpy,meshpost-cma,meshpost-cma-shm,meshpost-tcp,zmq,gloo,tensorpipe")
+    ap.add_argument("--systems", default="memcpy,meshpost-cma,meshpost-cma-shm,meshpost-tcp,"
+                    "meshpost-cluster-cma,meshpost-cluster-cma-shm,meshpost-cluster-tcp,"
+                    "zmq,gloo,tensorpipe")
     ap.add_argument("--shapes", default="afd,4KiB,sweep")
-    ap.add_argument("--clusters", default="1x1,2x2,4x4", help="MxN for the meshpost vans (AFD shape)")
+    ap.add_argument("--clusters", default="1x1,2x2,4x4",
+                    help="MxN for the meshpost systems (AFD shape)")
+    ap.add_argument("--cluster-shapes", default="afd",
+                    help="shapes the MxN (other than 1x1) runs use: afd and/or 4KiB")
     ap.add_argument("--out", default="bench_results.json")
     ap.add_argument("--plot", default="")
     ap.add_argument("--spin-ns", type=int, default=0,
@@ -227,6 +264,8 @@ def main():
 
     global SPIN_NS
     SPIN_NS = args.spin_ns
+    cluster_bin = args.cluster_bin or os.path.join(os.path.dirname(args.bin) or ".",
+                                                   "meshpost_cluster_bench")
     systems = args.systems.split(",")
     shapes = []
     for s in args.shapes.split(","):
@@ -239,6 +278,8 @@ def main():
                 try:
                     if sysname == "memcpy":
                         r = run_json([args.bin, "memcpy"] + shape_flags(shape, it, args.warmup))[0]
+                    elif sysname.startswith("meshpost-cluster-"):
+                        r = run_cluster(cluster_bin, sysname, shape, 1, 1, it, args.warmup)
                     elif sysname.startswith("meshpost-"):
                         transport = "tcp" if sysname == "meshpost-tcp" else "cma"
                         r = run_meshpost(args.bin, transport, sysname.endswith("shm"), shape, 1, 1,
@@ -252,24 +293,33 @@ def main():
                     continue
                 r["system"] = sysname
                 runs.append({"round": rnd, "shape": shape["name"], "cluster": "1x1", **r})
-                print(f"round {rnd} {shape['name']:>10} {sysname:>17}: p50 {r['p50_us']:9.1f} us"
+                print(f"round {rnd} {shape['name']:>10} {sysname:>30}: p50 {r['p50_us']:9.1f} us"
                       f"  p99 {r['p99_us']:9.1f} us", file=sys.stderr, flush=True)
+        cshapes = {"afd": AFD, "4KiB": SMALL}
         for cl in args.clusters.split(","):
             m, n = (int(x) for x in cl.split("x"))
             if (m, n) == (1, 1):
                 continue
-            for sysname in [s for s in systems if s.startswith("meshpost-")]:
-                transport = "tcp" if sysname == "meshpost-tcp" else "cma"
-                try:
-                    r = run_meshpost(args.bin, transport, sysname.endswith("shm"), AFD, m, n,
-                                     max(30, args.iters // (m * n)), args.warmup)
-                except Exception as e:
-                    print(f"round {rnd} {sysname} {cl}: FAILED {e}", file=sys.stderr)
-                    continue
-                r["system"] = sysname
-                runs.append({"round": rnd, "shape": "afd", "cluster": cl, **r})
-                print(f"round {rnd} {cl:>10} {sysname:>17}: p50 {r['p50_us']:9.1f} us"
-                      f"  {r['throughput_gbps']:.2f} GB/s", file=sys.stderr, flush=True)
+            for cname in args.cluster_shapes.split(","):
+                shape = cshapes[cname]
+                base_it = args.iters if shape is AFD else iters_for(shape, args.iters)
+                it = max(30, base_it // (m * n))
+                for sysname in [s for s in systems if s.startswith("meshpost-")]:
+                    try:
+                        if sysname.startswith("meshpost-cluster-"):
+                            r = run_cluster(cluster_bin, sysname, shape, m, n, it, args.warmup)
+                        else:
+                            transport = "tcp" if sysname == "meshpost-tcp" else "cma"
+                            r = run_meshpost(args.bin, transport, sysname.endswith("shm"), shape,
+                                             m, n, it, args.warmup)
+                    except Exception as e:
+                        print(f"round {rnd} {sysname} {cl}: FAILED {e}", file=sys.stderr)
+                        continue
+                    r["system"] = sysname
+                    runs.append({"round": rnd, "shape": shape["name"], "cluster": cl, **r})
+                    print(f"round {rnd} {cl:>5} {shape['name']:>5} {sysname:>30}: p50 "
+                          f"{r['p50_us']:9.1f} us  {r['throughput_gbps']:.2f} GB/s",
+                          file=sys.stderr, flush=True)
 
     # medians over rounds
     summary = {}
@@ -287,13 +337,70 @@ def main():
         ref = med.get(f"{shape}|{cl}|meshpost-cma")
         if ref:
             v["p50_ratio_to_meshpost_cma"] = v["p50_us"] / ref["p50_us"]
+    for key, rs in summary.items():
+        bd = [r["worker0"]["breakdown_p50_us"] for r in rs if "worker0" in r]
+        if bd:
+            med[key]["breakdown_p50_us"] = {k: statistics.median(b[k] for b in bd) for k in bd[0]}
+    ratios = ratio_table(runs)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
-              "command": " ".join(sys.argv), "median_over_rounds": med, "runs": runs}
+              "command": " ".join(sys.argv), "median_over_rounds": med, "ratios": ratios,
+              "runs": runs}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(med, indent=1))
+    print(json.dumps(ratios, indent=1))
     if args.plot:
         plot(med, args.plot)
+
+
+# (name, numerator system, denominator system, statistic); ratios are taken within a round
+# (the two runs were interleaved) and the median over rounds is reported.
+RATIOS = [
+    ("cluster-cma p50 / memcpy p50", "meshpost-cluster-cma", "memcpy", "p50_us"),
+    ("cluster-cma p50 / van cma p50 (ps overhead)", "meshpost-cluster-cma", "meshpost-cma",
+     "p50_us"),
+    ("gloo p50 / cluster-cma p50", "gloo", "meshpost-cluster-cma", "p50_us"),
+    ("tensorpipe p50 / cluster-cma p50", "tensorpipe", "meshpost-cluster-cma", "p50_us"),
+    ("cluster-tcp p50 / zmq p50", "meshpost-cluster-tcp", "zmq", "p50_us"),
+    ("cluster-tcp p50 / van tcp p50 (ps overhead)", "meshpost-cluster-tcp", "meshpost-tcp",
+     "p50_us"),
+    ("cluster-cma-shm p50 / van cma-shm p50", "meshpost-cluster-cma-shm", "meshpost-cma-shm",
+     "p50_us"),
+]
+
+
+def ratio_table(runs):
+    by = {}
+    for r in runs:
+        by[(r["round"], r["shape"], r["cluster"], r["system"])] = r
+    out = {}
+    shapes = sorted({(r["shape"], r["cluster"]) for r in runs})
+    for shape, cl in shapes:
+        for name, num, den, stat in RATIOS:
+            vals = [by[(rnd, shape, cl, num)][stat] / by[(rnd, shape, cl, den)][stat]
+                    for (rnd, s, c, sysname) in by
+                    if s == shape and c == cl and sysname == num
+                    and (rnd, shape, cl, den) in by and by[(rnd, shape, cl, den)][stat] > 0]
+            if vals:
+                out[f"{shape}|{cl}|{name}"] = {"median": statistics.median(vals),
+                                               "per_round": vals}
+        # p99 / p50 of the same run, and per-byte throughput of MxN relative to 1x1.
+        for sysname in ("meshpost-cluster-cma", "meshpost-cluster-tcp",
+                        "meshpost-cluster-cma-shm"):
+            vals = [r["p99_us"] / r["p50_us"] for r in runs
+                    if r["shape"] == shape and r["cluster"] == cl and r["system"] == sysname]
+            if vals:
+                out[f"{shape}|{cl}|{sysname} p99 / p50"] = {"median": statistics.median(vals),
+                                                            "per_round": vals}
+            if cl != "1x1":
+                vals = [by[(rnd, shape, cl, sysname)]["throughput_gbps"] /
+                        by[(rnd, shape, "1x1", sysname)]["throughput_gbps"]
+                        for (rnd, s, c, sn) in by if s == shape and c == cl and sn == sysname
+                        and (rnd, shape, "1x1", sysname) in by]
+                if vals:
+                    out[f"{shape}|{cl}|{sysname} GB/s / 1x1 GB/s"] = {
+                        "median": statistics.median(vals), "per_round": vals}
+    return out
 
 
 def plot(med, path):
