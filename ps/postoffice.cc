@@ -233,6 +233,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         result = DeadlineExceededError("Stop: nodes still running after " +
                                        std::to_string(timeout_ms) + " ms");
       }
+    } else if (!Registered()) {
+      // Never admitted (refused, or no node table): our id may belong to the node that was
+      // admitted in our place, so announcing a leave would tear that node down.
+      MP_LOG_INFO(kLog, "stopping without leaving: this node never joined the cluster");
     } else {
       // Tell data peers first, on the connection our last responses/requests used: they
       // process everything we sent before learning we are gone.
@@ -577,6 +581,11 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   void StopVans() {
     for (auto& [name, van] : data_vans_) van->Stop();
     van_->Stop();
+  }
+
+  bool Registered() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return table_ready_ && start_error_.ok();
   }
 
   bool IsDataPeer(Role other) const {

@@ -123,6 +123,17 @@ TEST(ClusterStartTest, AutoPicksTheSameHostTransport) {
   RunAndExpectSuccess(spec);
 }
 
+// A third server claims rank 0 of a 2-server cluster: it is refused, and its exit must
+// not disturb the server that owns rank 0 (both share node id 1).
+TEST(ClusterStartTest, RefusedNodeLeavesTheClusterIntact) {
+  ClusterSpec spec = Spec("clash_sum", 2, 3);
+  for (const char* n : {"scheduler", "server:0", "server:1", "server:2", "worker:0", "worker:1"}) {
+    spec.env_for[n]["DMLC_NUM_SERVER"] = "2";
+  }
+  spec.env_for["server:2"]["DMLC_NODE_RANK"] = "0";
+  RunAndExpectSuccess(spec);
+}
+
 TEST(ClusterStartTest, ClashingRanksAreRefused) {
   ClusterSpec spec = Spec("clash");
   spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
