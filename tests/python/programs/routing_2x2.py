@@ -1,6 +1,8 @@
 """2 workers x 2 servers, 2 pull slots per server: every slot must hold the value of the
 server and slot it is routed to, computed from the right worker's push; get_batch returns
 one request per worker in worker-rank order."""
+import os
+
 import torch
 
 import meshpost
@@ -11,6 +13,10 @@ if role() == "worker":
     with meshpost.Worker() as w:
         assert w.num_servers == 2 and w.num_workers == 2
         assert set(w.transports()) == {"server 0", "server 1"}
+        # Same host: the same-host van when it is built and nothing is forced.
+        forced = os.environ.get("MESHPOST_TRANSPORT", "auto")
+        want = "tcp" if forced == "tcp" or "cma" not in meshpost.transports() else "cma"
+        assert set(w.transports().values()) == {want}, w.transports()
         for it in range(ITERS):
             push = torch.full((4, 3), float(100 * rank() + it))
             tag = torch.tensor([rank()], dtype=torch.int64)
