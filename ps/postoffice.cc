@@ -115,11 +115,29 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
 
   void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) override {
 #ifdef MESHPOST_HAVE_RDMA
-    if (rdma_ == nullptr) return;
-    Status s = rdma_->RegisterRecvBuffer(WorkerNodeId(opts_.num_servers, worker_rank), key, addr, size);
-    if (!s.ok()) MP_LOG_WARN(kLog, "rdma: receive buffer not registered: {}", s.ToString());
+    RdmaVan* rdma = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!data_vans_started_) {
+        // Registered before Start: the rdma van does not exist yet; StartDataVans replays
+        // it, or pushes would land in a pooled buffer and be copied.
+        early_recv_buffers_[{worker_rank, key}] = {addr, size};
+        return;
+      }
+      rdma = rdma_;
+    }
+    if (rdma != nullptr) RegisterRdmaRecvBuffer(rdma, worker_rank, key, addr, size);
 #endif
   }
+
+#ifdef MESHPOST_HAVE_RDMA
+  void RegisterRdmaRecvBuffer(RdmaVan* rdma, int worker_rank, int64_t key, void* addr,
+                              size_t size) {
+    Status s =
+        rdma->RegisterRecvBuffer(WorkerNodeId(opts_.num_servers, worker_rank), key, addr, size);
+    if (!s.ok()) MP_LOG_WARN(kLog, "rdma: receive buffer not registered: {}", s.ToString());
+  }
+#endif
 
   void OnPullMemory(const void* addr, size_t size,
                     const std::shared_ptr<const void>& owner) override {
@@ -357,8 +375,17 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     if (m.cmd == Command::kRdmaRendezvous) {
 #ifdef MESHPOST_HAVE_RDMA
       if (rdma_ != nullptr && m.sender > 0 && m.sender < num_nodes_ && IsDataPeer(RoleOfId(m.sender))) {
-        Status s = rdma_->OnControlBlob(m.sender, m.body);
-        if (!s.ok()) MP_LOG_ERROR(kLog, "rdma rendezvous from node {}: {}", m.sender, s.ToString());
+        {
+          // A peer that got the node table first may say Hello before we have it; our
+          // answer needs the tcp connection to that peer, which only the table gives us.
+          // Keep the blob until then (this thread also handles the table, so none is lost).
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!table_ready_) {
+            early_rdma_blobs_.emplace_back(m.sender, std::move(m.body));
+            return;
+          }
+        }
+        DeliverRdmaBlob(m.sender, m.body);
         return;
       }
 #endif
@@ -418,6 +445,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                    CommandName(m.cmd), m.sender);
       return;
     }
+    std::vector<std::pair<int, std::string>> early;  // rendezvous blobs held for the table
     std::unique_lock<std::mutex> lock(mu_);
     switch (m.cmd) {
       case Command::kRegisterReply:
@@ -441,6 +469,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
           }
         }
         table_ready_ = true;
+        early.swap(early_rdma_blobs_);
         break;
       }
       case Command::kBarrierDone:
@@ -472,6 +501,15 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
     }
     cv_.notify_all();
+    lock.unlock();
+    for (const auto& [peer, blob] : early) DeliverRdmaBlob(peer, blob);
+  }
+
+  void DeliverRdmaBlob(int peer, const std::string& blob) {
+#ifdef MESHPOST_HAVE_RDMA
+    Status s = rdma_->OnControlBlob(peer, blob);
+    if (!s.ok()) MP_LOG_ERROR(kLog, "rdma rendezvous from node {}: {}", peer, s.ToString());
+#endif
   }
 
   // Creates, binds and starts every data van this node may use besides tcp, and records
@@ -507,9 +545,25 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       data_vans_[name] = std::move(van).value();
 #ifdef MESHPOST_HAVE_RDMA
       // Only a bound, started rdma van is reachable through rdma_.
-      if (name == "rdma") rdma_ = static_cast<RdmaVan*>(data_vans_[name].get());
+      if (name == "rdma") {
+        std::lock_guard<std::mutex> lock(mu_);
+        rdma_ = static_cast<RdmaVan*>(data_vans_[name].get());
+      }
 #endif
     }
+    std::map<std::pair<int, int64_t>, std::pair<void*, size_t>> early;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      data_vans_started_ = true;
+      early.swap(early_recv_buffers_);
+    }
+#ifdef MESHPOST_HAVE_RDMA
+    if (RdmaVan* rdma = rdma_; rdma != nullptr) {
+      for (const auto& [who, where] : early) {
+        RegisterRdmaRecvBuffer(rdma, who.first, who.second, where.first, where.second);
+      }
+    }
+#endif
     return OkStatus();
   }
 
@@ -559,6 +613,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     MESHPOST_ASSIGN_OR_RETURN(RdmaOptions ro, RdmaOptionsFromEnv(ProcessEnv()));
     if (!opts_.interface.empty() && ro.interface.empty()) ro.interface = opts_.interface;
     ro.wait = wait_policy();
+    if (opts_.rdma_test_verbs) ro.verbs = opts_.rdma_test_verbs->make;
     // Rendezvous blobs travel to the peer over the tcp van (already connected to it).
     auto van = CreateRdmaVan(ro, [this](int peer, std::string blob) {
       OutMessage out;
@@ -897,6 +952,11 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   std::condition_variable cv_;
   std::vector<NodeInfo> table_;
   bool table_ready_ = false;
+  // register_recv_buffer calls made before the data vans existed, by (worker rank, key).
+  bool data_vans_started_ = false;
+  std::map<std::pair<int, int64_t>, std::pair<void*, size_t>> early_recv_buffers_;
+  // RDMA rendezvous blobs that arrived before the node table (delivered right after it).
+  std::vector<std::pair<int, std::string>> early_rdma_blobs_;
   Status start_error_;
   std::vector<Status> down_;  // per node id: OK while alive
   std::map<int, uint64_t> barrier_seq_;

@@ -23,7 +23,8 @@ class RdmaVanImpl : public RdmaVan {
 
   Result<int> Bind(const std::string& /*host*/, int /*port*/) override {
     if (transport_) return FailedPreconditionError("RdmaVan::Bind: already bound");
-    auto t = rdma::RdmaTransport::Create(rdma::CreateIbverbsApi(), options_, control_send_);
+    auto t = rdma::RdmaTransport::Create(
+        options_.verbs ? options_.verbs() : rdma::CreateIbverbsApi(), options_, control_send_);
     if (!t.ok()) return t.status().Annotate("RdmaVan::Bind");
     transport_ = std::move(t).value();
     if (failure_cb_) transport_->SetPeerFailureCallback(failure_cb_);

@@ -17,6 +17,21 @@
 
 namespace meshpost {
 
+namespace rdma {
+class VerbsApi;  // van/rdma/verbs_api.h
+}  // namespace rdma
+
+// Where the van gets its verbs implementation. Empty (production) means libibverbs;
+// tests substitute the in-process fake fabric (tests/van/rdma/fake_verbs.h).
+using RdmaVerbsFactory = std::function<std::unique_ptr<rdma::VerbsApi>()>;
+
+// Test-only hook carried by meshpost::Options (ps/options.h names it opaquely so public
+// headers stay free of verbs types): a postoffice whose options hold one creates its rdma
+// van over `make` instead of libibverbs.
+struct RdmaTestVerbs {
+  RdmaVerbsFactory make;
+};
+
 struct RdmaOptions {
   std::string device;            // MESHPOST_RDMA_DEVICE ("mlx5_0"); "" = auto
   std::string interface;         // DMLC_INTERFACE: pick the RDMA device behind this netdev
@@ -29,6 +44,7 @@ struct RdmaOptions {
   uint32_t send_queue_depth = 1024;   // work requests per QP
   size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
   WaitPolicy wait;                    // completion poller spin/block policy
+  RdmaVerbsFactory verbs;             // tests only; empty = libibverbs
 };
 
 // Reads the variables above; a malformed value is an InvalidArgument naming it.

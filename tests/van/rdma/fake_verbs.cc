@@ -1,6 +1,7 @@
 #include "fake_verbs.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace meshpost {
@@ -9,8 +10,10 @@ namespace testing {
 
 class FakeCq : public VerbsCq {
  public:
-  std::deque<Completion> queue;
+  explicit FakeCq(FakeFabric* f) : f_(f) {}
+  std::deque<Completion> queue;  // guarded by f_->mu
   Result<int> Poll(int max, std::vector<Completion>* out) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     int n = 0;
     while (n < max && !queue.empty()) {
       out->push_back(queue.front());
@@ -20,34 +23,48 @@ class FakeCq : public VerbsCq {
     return n;
   }
   Status RequestNotify() override { return OkStatus(); }
-  Result<bool> WaitNotify(int) override { return !queue.empty(); }
+  Result<bool> WaitNotify(int timeout_ms) override {
+    std::unique_lock<std::mutex> lock(f_->mu);
+    return f_->cv.wait_for(lock, std::chrono::milliseconds(timeout_ms),
+                           [this] { return !queue.empty(); });
+  }
+
+ private:
+  FakeFabric* f_;
 };
 
 class FakeQp : public VerbsQp {
  public:
   FakeQp(FakeFabric* f, FakeCq* cq, uint32_t qpn, uint32_t max_inline)
       : f_(f), cq_(cq), qpn_(qpn), max_inline_(max_inline) {
-    f_->qps[qpn_] = this;
+    f_->qps[qpn_] = this;  // the creator holds f_->mu
   }
-  ~FakeQp() override { f_->qps.erase(qpn_); }
+  ~FakeQp() override {
+    std::lock_guard<std::mutex> lock(f_->mu);
+    f_->qps.erase(qpn_);
+  }
   uint32_t qp_num() const override { return qpn_; }
   uint32_t max_inline_data() const override { return max_inline_; }
   Status ToInit(uint8_t) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     state_ = 1;
     return OkStatus();
   }
   Status ToRtr(const QpPeer& peer) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     if (state_ != 1) return InvalidArgumentError("fake: RTR from a non-INIT QP");
     peer_qpn_ = peer.qpn;
     state_ = 2;
     return OkStatus();
   }
   Status ToRts(uint32_t) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     if (state_ != 2) return InvalidArgumentError("fake: RTS from a non-RTR QP");
     state_ = 3;
     return OkStatus();
   }
   Status PostRecv(uint64_t wr_id) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     if (state_ == 4) {
       f_->Complete(cq_, Completion{wr_id, kWcWrFlushErr});
       return OkStatus();
@@ -56,6 +73,7 @@ class FakeQp : public VerbsQp {
     return OkStatus();
   }
   Status PostWrite(const WriteRequest& wr) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     if (state_ < 3) return InvalidArgumentError("fake: post_send on a QP that is not RTS");
     if (wr.inline_data && wr.length > max_inline_) {
       ++f_->inline_violations_;
@@ -124,7 +142,7 @@ class FakeQp : public VerbsQp {
     }
     return OkStatus();
   }
-  void GoToError() {
+  void GoToError() {  // requires f_->mu
     state_ = 4;
     for (uint64_t id : recvs_) f_->Complete(cq_, Completion{id, kWcWrFlushErr});
     recvs_.clear();
@@ -144,6 +162,7 @@ class FakeMr : public VerbsMr {
  public:
   FakeMr(FakeFabric* f, MrInfo info) : f_(f), info_(info) {}
   ~FakeMr() override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     f_->mrs[info_.rkey].alive = false;
     ++f_->deregistrations_;
   }
@@ -187,6 +206,7 @@ class FakeDevice : public VerbsDevice {
   }
   Result<std::unique_ptr<VerbsMr>> RegisterMemory(void* addr, size_t length,
                                                   uint32_t access) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     if (f_->fail_registrations_ > 0) {
       --f_->fail_registrations_;
       return ResourceExhaustedError("fake: ibv_reg_mr: Cannot allocate memory");
@@ -201,9 +221,10 @@ class FakeDevice : public VerbsDevice {
     return std::unique_ptr<VerbsMr>(new FakeMr(f_, info));
   }
   Result<std::unique_ptr<VerbsCq>> CreateCq(int) override {
-    return std::unique_ptr<VerbsCq>(new FakeCq());
+    return std::unique_ptr<VerbsCq>(new FakeCq(f_));
   }
   Result<std::unique_ptr<VerbsQp>> CreateQp(VerbsCq* cq, const QpCaps& caps) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     return std::unique_ptr<VerbsQp>(new FakeQp(f_, static_cast<FakeCq*>(cq), f_->next_qpn++,
                                                std::min(caps.max_inline_data, spec_.max_inline)));
   }
@@ -217,17 +238,20 @@ class FakeApi : public VerbsApi {
  public:
   FakeApi(FakeFabric* f, int host) : f_(f), host_(host) {}
   Result<std::vector<std::string>> ListDevices() override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     std::vector<std::string> names;
     for (const auto& d : f_->hosts_[host_]) names.push_back(d.name);
     return names;
   }
   Result<std::unique_ptr<VerbsDevice>> OpenDevice(const std::string& name) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     for (const auto& d : f_->hosts_[host_]) {
       if (d.name == name) return std::unique_ptr<VerbsDevice>(new FakeDevice(f_, d));
     }
     return NotFoundError("fake: no device " + name);
   }
   Result<std::string> DeviceForInterface(const std::string& netdev) override {
+    std::lock_guard<std::mutex> lock(f_->mu);
     for (const auto& d : f_->hosts_[host_]) {
       if (d.netdev == netdev) return d.name;
     }
@@ -240,6 +264,7 @@ class FakeApi : public VerbsApi {
 };
 
 int FakeFabric::AddHost(std::vector<FakeDeviceSpec> devices) {
+  std::lock_guard<std::mutex> lock(mu);
   hosts_.push_back(std::move(devices));
   return static_cast<int>(hosts_.size()) - 1;
 }
@@ -253,16 +278,20 @@ void FakeFabric::Complete(FakeCq* cq, const Completion& c) {
     held_.emplace_back(cq, c);
   } else {
     cq->queue.push_back(c);
+    cv.notify_all();
   }
 }
 
 void FakeFabric::Release() {
+  std::lock_guard<std::mutex> lock(mu);
   hold_ = false;
   for (auto& [cq, c] : held_) cq->queue.push_back(c);
   held_.clear();
+  cv.notify_all();
 }
 
 void FakeFabric::KillQp(uint32_t qpn) {
+  std::lock_guard<std::mutex> lock(mu);
   auto it = qps.find(qpn);
   if (it != qps.end()) it->second->GoToError();
 }

@@ -3,11 +3,15 @@
 // registered rkey ranges, WRITE_WITH_IMM consumes a posted receive on the peer QP, and
 // completions appear on the CQs synchronously at post time. Tests inject completion
 // errors, shrink the inline limit, make registration fail, and read every posted WR.
+// Thread-safe: one fabric-wide mutex guards every fake object, so whole clusters (several
+// RdmaVans with their poller threads) can share a fabric; WaitNotify really blocks.
 #pragma once
 
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -46,15 +50,32 @@ class FakeFabric {
   // The next `count` write work requests posted anywhere complete with `status`
   // (and put their QP into the error state, as hardware does).
   void FailNextWrites(int status, int count = 1) {
+    std::lock_guard<std::mutex> lock(mu);
     for (int i = 0; i < count; ++i) injected_.push_back(status);
+  }
+  // Writes that were injected with FailNextWrites and not yet consumed.
+  size_t injected_pending() {
+    std::lock_guard<std::mutex> lock(mu);
+    return injected_.size();
   }
   // Withhold completions/deliveries: writes are applied but completions queue here
   // until Release() (to observe in-flight state).
-  void set_hold(bool hold) { hold_ = hold; }
+  void set_hold(bool hold) {
+    std::lock_guard<std::mutex> lock(mu);
+    hold_ = hold;
+  }
   void Release();
-  void set_fail_registrations(int n) { fail_registrations_ = n; }
+  void set_fail_registrations(int n) {
+    std::lock_guard<std::mutex> lock(mu);
+    fail_registrations_ = n;
+  }
 
   const std::vector<PostedWrite>& writes() const { return writes_; }
+  // A copy of writes(), safe while other threads post.
+  std::vector<PostedWrite> WritesSnapshot() {
+    std::lock_guard<std::mutex> lock(mu);
+    return writes_;
+  }
   void clear_writes() { writes_.clear(); }
   int registrations() const { return registrations_; }
   int deregistrations() const { return deregistrations_; }
@@ -63,7 +84,9 @@ class FakeFabric {
   // with retry-exceeded.
   void KillQp(uint32_t qpn);
 
-  // Internal to the fake.
+  // Internal to the fake; everything below is guarded by mu.
+  std::mutex mu;
+  std::condition_variable cv;  // notified by Complete (wakes FakeCq::WaitNotify)
   struct Mr {
     uint64_t addr, len;
     uint32_t access;
@@ -82,7 +105,7 @@ class FakeFabric {
   int inline_violations_ = 0;
   std::vector<PostedWrite> writes_;
   std::vector<std::vector<FakeDeviceSpec>> hosts_;
-  void Complete(FakeCq* cq, const Completion& c);
+  void Complete(FakeCq* cq, const Completion& c);  // requires mu
 };
 
 }  // namespace testing
