@@ -439,6 +439,24 @@ void RdmaTransport::Disconnect(int peer) {
   Run(&acts);
 }
 
+Status RdmaTransport::Drain(int64_t timeout_ms) {
+  size_t left = 0;
+  auto idle = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    left = inflight_.size();
+    for (const auto& [peer, c] : conns_) {
+      if (c->state != PeerState::kDead) left += c->pending.size();
+    }
+    return left == 0;
+  };
+  if (!waiter_.WaitUntil(idle, DeadlineFromTimeoutMs(timeout_ms))) {
+    return DeadlineExceededError("RdmaVan: " + std::to_string(left) +
+                                 " message(s) still queued or in flight after " +
+                                 std::to_string(timeout_ms) + " ms");
+  }
+  return OkStatus();
+}
+
 void RdmaTransport::Shutdown() {
   Actions acts;
   {

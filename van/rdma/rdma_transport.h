@@ -83,6 +83,10 @@ class RdmaTransport {
   size_t pending_sends(int peer) const;
   Waiter& waiter() { return waiter_; }
 
+  // Waits up to timeout_ms until nothing is queued or in flight on a live connection
+  // (someone must keep calling Progress). Stop drains before Shutdown: destroying a QP
+  // discards posted WRITEs, so a last response or PEER_LEAVE would never arrive.
+  Status Drain(int64_t timeout_ms);
   void Shutdown();  // fails everything, destroys all QPs; idempotent
 
  private:

@@ -13,6 +13,9 @@
 namespace meshpost {
 namespace {
 
+// How long Stop waits for queued and in-flight sends before destroying the queue pairs.
+constexpr int64_t kStopDrainMs = 1000;
+
 class RdmaVanImpl : public RdmaVan {
  public:
   RdmaVanImpl(const RdmaOptions& options, RdmaControlSend control_send)
@@ -60,6 +63,11 @@ class RdmaVanImpl : public RdmaVan {
   }
 
   void Stop() override {
+    if (transport_ && running_.load()) {
+      // The poller still runs: let the last sends (responses, PEER_LEAVE) complete.
+      Status s = transport_->Drain(kStopDrainMs);
+      if (!s.ok()) MP_LOG_WARN("van", "rdma: stopping with sends unfinished: {}", s.ToString());
+    }
     if (running_.exchange(false) && poller_.joinable()) poller_.join();
     if (transport_) transport_->Shutdown();
   }

@@ -369,6 +369,12 @@ TEST(RdmaClusterTest, CompletionErrorFailsThePendingHandleNamingThePeer) {
   EXPECT_NE(w.message().find("server 0"), std::string::npos) << w;
   EXPECT_NE(w.message().find("remote access error"), std::string::npos) << w;
   EXPECT_EQ(c.fabric().injected_pending(), 0u);
+  // The connection is dead and the server counts as down: a later push_pull fails at once
+  // (at the call or on Wait) instead of hanging.
+  auto again = c.worker(0)->worker()->ZBatchPushPull({{7, push.view}}, {{100, pull.view}});
+  Status later = again.ok() ? c.worker(0)->worker()->Wait(*again, kWaitMs) : again.status();
+  EXPECT_EQ(later.code(), StatusCode::kUnavailable) << later;
+  EXPECT_NE(later.message().find("server 0"), std::string::npos) << later;
   Status stopped = c.StopAll();
   EXPECT_TRUE(stopped.ok()) << stopped;
 }

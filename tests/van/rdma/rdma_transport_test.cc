@@ -109,6 +109,22 @@ TEST_F(RdmaTransportTest, PeerRestartWithNewQueuePairReconnects) {
   EXPECT_TRUE(w_->t->Wait(h, 0).ok());
 }
 
+TEST_F(RdmaTransportTest, DrainWaitsForInFlightAndQueuedSends) {
+  Pair();
+  Connect();
+  EXPECT_TRUE(w_->t->Drain(0).ok());
+  cluster_.fabric.set_hold(true);
+  auto h = Push(1, Bytes(64, 1));  // posted; its completion is held
+  Status busy = w_->t->Drain(0);
+  EXPECT_EQ(busy.code(), StatusCode::kDeadlineExceeded) << busy;
+  EXPECT_TRUE(Contains(busy.message(), "1 message(s)")) << busy;
+  cluster_.fabric.Release();
+  cluster_.Settle();
+  EXPECT_TRUE(w_->t->Drain(0).ok());
+  EXPECT_TRUE(w_->t->Wait(h, 0).ok());
+  EXPECT_EQ(s_->recv.messages.size(), 1u);
+}
+
 TEST_F(RdmaTransportTest, MalformedBlobChangesNothing) {
   Pair();
   const std::string junk = "MPRD garbage";
