@@ -227,7 +227,8 @@ void ServeRounds(Postoffice* po, int rounds,
 }
 
 // Worker side of `rounds` push_pulls: one float32 [16, 64] push, one pull slot per server.
-void PushPullRounds(Postoffice* po, int rounds) {
+// `pull_addrs` (optional) collects the address of every pull tensor used.
+void PushPullRounds(Postoffice* po, int rounds, std::vector<uint64_t>* pull_addrs = nullptr) {
   AFTensorWorker* worker = po->worker();
   const int S = worker->num_servers();
   for (int round = 0; round < rounds; ++round) {
@@ -238,6 +239,7 @@ void PushPullRounds(Postoffice* po, int rounds) {
     for (int s = 0; s < S; ++s) {
       pulls.emplace_back(kRows, kCols, -1.f);
       pull_batch.push_back({100 + s, pulls.back().view});
+      if (pull_addrs) pull_addrs->push_back(reinterpret_cast<uint64_t>(pulls.back().data()));
     }
     auto h = worker->ZBatchPushPull({{7, push.view}}, pull_batch);
     ASSERT_TRUE(h.ok()) << h.status();
@@ -273,8 +275,20 @@ TEST(RdmaClusterTest, PushPullRoundTrips) {
   ASSERT_TRUE(started.ok()) << started;
   ExpectAllRdma(c, 1, 1);
   std::thread server([&] { ServeRounds(c.server(0), 5); });
-  PushPullRounds(c.worker(0), 5);
+  std::vector<uint64_t> pull_addrs;
+  PushPullRounds(c.worker(0), 5, &pull_addrs);
   server.join();
+  // Each response was RDMA-written straight into the worker's pull tensor (zero-copy).
+  const auto writes = c.fabric().WritesSnapshot();
+  ASSERT_EQ(pull_addrs.size(), 5u);
+  for (uint64_t addr : pull_addrs) {
+    bool found = false;
+    for (const auto& w : writes) {
+      found |= !w.wr.with_imm && w.wr.remote_addr == addr &&
+               w.wr.length == kRows * kCols * sizeof(float);
+    }
+    EXPECT_TRUE(found) << "no RDMA WRITE into the pull tensor at " << addr;
+  }
   // Data moved as RDMA WRITEs: 5 pushes and 5 responses of one [16, 64] float32 tensor.
   int payloads = 0;
   for (const auto& w : c.fabric().WritesSnapshot()) {
