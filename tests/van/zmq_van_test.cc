@@ -136,6 +136,16 @@ TEST(ZmqVanTest, FrameSizeMismatchIsDropped) {
   ASSERT_TRUE(p.rb.WaitFor(1, 2));
 }
 
+TEST(ZmqVanTest, NullSegmentWithBytesIsRefusedAtSend) {
+  Pair p;
+  std::vector<char> payload(8);
+  OutMessage m = DataMessage(2, payload);
+  m.segments[0].data = nullptr;
+  Status s = p.a->Send(std::move(m));
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("null"), std::string::npos) << s;
+}
+
 TEST(ZmqVanTest, SendToUnknownPeerIsAnError) {
   Pair p;
   std::vector<char> payload(8);

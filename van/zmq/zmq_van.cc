@@ -139,6 +139,13 @@ class ZmqVan : public Van {
       }
       peer = it->second;
     }
+    for (size_t i = 0; i < msg.segments.size(); ++i) {
+      if (msg.segments[i].size != 0 && msg.segments[i].data == nullptr) {
+        return InvalidArgumentError("ZmqVan::Send: segment " + std::to_string(i) + " has " +
+                                    std::to_string(msg.segments[i].size) +
+                                    " bytes and a null data pointer");
+      }
+    }
     const std::string header = EncodeMeta(msg.meta);
     std::lock_guard<std::mutex> lock(peer->mu);
     if (peer->socket == nullptr) return UnavailableError("connection closed");
@@ -149,7 +156,7 @@ class ZmqVan : public Van {
       SendSegment& seg = msg.segments[i];
       const int flags = i + 1 < n ? ZMQ_SNDMORE : 0;
       zmq_msg_t part;
-      if (seg.size < options_.zero_copy_min || seg.data == nullptr) {
+      if (seg.size < options_.zero_copy_min) {
         zmq_msg_init_size(&part, seg.size);
         if (seg.size) std::memcpy(zmq_msg_data(&part), seg.data, seg.size);
       } else {
