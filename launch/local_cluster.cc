@@ -51,8 +51,9 @@ Result<pid_t> LocalCluster::Spawn(const std::string& name,
     // Child: die with the parent so a killed test leaves no orphans behind.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     signal(SIGPIPE, SIG_DFL);
-    if (keep_fd < 0) {
-      for (int fd = 3; fd < 1024; ++fd) close(fd);
+    // Inherit nothing but stdio and, for the scheduler, the pipe it reports its port on.
+    for (int fd = 3; fd < 1024; ++fd) {
+      if (fd != keep_fd) close(fd);
     }
     execve(argv[0], argv.data(), envp.data());
     std::fprintf(stderr, "execve %s failed: %s\n", argv[0], std::strerror(errno));
