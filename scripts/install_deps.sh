@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev
   libibverbs-dev librdmacm-dev
   pybind11-dev libtorch-dev python3-torch python3-dev python3-venv
+  python3-setuptools python3-wheel python3-pip
   python3-pytest python3-numpy python3-matplotlib
 )
 if [[ "${MESHPOST_DEPS:-all}" == "core" ]]; then
