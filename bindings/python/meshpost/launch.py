@@ -1,15 +1,34 @@
-"""Local cluster launcher.
+"""Cluster launcher: one host, many hosts (torchrun-style flags) or under Slurm.
+
+One host (scheduler on a port the OS picks)::
 
     python -m meshpost.launch --workers 2 --servers 2 [--transport tcp] script.py [args]
 
-Starts a scheduler on a port the OS picks (it reports the port through a pipe named by
-MESHPOST_PORT_FD), then the servers and workers with the DMLC_* variables set, prefixes
-every line of their output with "[role:rank]", and when one process fails stops the
-others (by pid) and exits non-zero. The scheduler is ``python -m meshpost.scheduler``
-unless --scheduler-runs-script gives the scheduler role to the script too (StepMesh
-style scripts handle DMLC_ROLE=scheduler by calling init() and stop()).
+Many hosts, one launcher per host (node 0 also runs the scheduler)::
 
-`Cluster` is the same machinery as a library, used by the tests.
+    python -m meshpost.launch --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500 \\
+        --workers-per-node 2 --servers-per-node 2 script.py [args]
+
+Under Slurm (one launcher task per node; nnodes, node rank and master from SLURM_*)::
+
+    srun -N4 --ntasks-per-node=1 python -m meshpost.launch --slurm --worker-nodes 2 \\
+        --workers-per-node 8 --servers-per-node 8 script.py
+
+Every child gets the variables StepMesh would give it: DMLC_ROLE, DMLC_NUM_WORKER,
+DMLC_NUM_SERVER, DMLC_PS_ROOT_URI/PORT, DMLC_GROUP_SIZE (that role's processes per host),
+DMLC_NODE_RANK (the host's index among the hosts running that role) and the instance
+(STEPMESH_GPU and DMLC_INSTANCE_ID), so its rank is NODE_RANK * GROUP_SIZE + instance.
+With ``--workers/--servers`` (one host, the historical mode) each process instead gets
+DMLC_GROUP_SIZE=1 and DMLC_NODE_RANK=rank; both layouts give the same ranks.
+
+Output: each child's stdout and stderr are read on separate pipes and forwarded to the
+launcher's stdout and stderr as whole lines prefixed with "[role:rank]"; a line is never
+split or interleaved with another (one writer lock, one write per line). meshpost's own
+log lines already carry the role; the launcher drops that copy so the role appears once.
+``--log-dir`` also writes every child's raw lines to <dir>/<role>-<rank>.{out,err}.
+
+When one process fails, the launcher stops the others (SIGTERM, then SIGKILL, by pid) and
+exits non-zero. `Cluster` is the same machinery as a library, used by the tests.
 """
 
 from __future__ import annotations
@@ -17,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import select
 import signal
 import subprocess
@@ -24,11 +44,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Dict, List, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import IO, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["Cluster", "ProcessResult", "main"]
+__all__ = ["Cluster", "Layout", "ProcessResult", "expand_hostlist", "slurm_layout", "main"]
 
 _PR_SET_PDEATHSIG = 1
+
+# A line longer than this is forwarded in pieces (each piece still whole and prefixed):
+# a child printing without newlines must not grow the launcher's memory without bound.
+_MAX_LINE = 1 << 20
 
 
 def _die_with_parent() -> None:
@@ -44,7 +69,8 @@ class ProcessResult:
     name: str  # "scheduler", "server:0", "worker:1"
     pid: int
     returncode: Optional[int]  # None: still running when the wait ended (then killed)
-    output: List[str] = field(default_factory=list)
+    output: List[str] = field(default_factory=list)  # stdout and stderr lines, arrival order
+    stderr: List[str] = field(default_factory=list)  # the stderr lines alone
 
     @property
     def ok(self) -> bool:
@@ -58,35 +84,249 @@ class ProcessResult:
         return f"{self.name} (pid {self.pid}) exited with {self.returncode}"
 
 
+@dataclass(frozen=True)
+class Child:
+    """One process this host runs: its role, global rank and StepMesh coordinates."""
+    role: str  # "server" or "worker"
+    rank: int  # node_rank * group_size + instance
+    node_rank: int  # this host's index among the hosts running `role`
+    group_size: int  # `role` processes per host
+    instance: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}:{self.rank}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which processes run where in a cluster of `nnodes` hosts.
+
+    Co-located (worker_nodes is None): every host runs `workers_per_node` workers and
+    `servers_per_node` servers. Split (AFD style, worker_nodes=K): hosts 0..K-1 run
+    `workers_per_node` workers each (attention), hosts K..nnodes-1 run `servers_per_node`
+    servers each (FFN). The scheduler runs on host 0 (the master).
+    """
+    nnodes: int
+    node_rank: int
+    workers_per_node: int
+    servers_per_node: int
+    worker_nodes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def bad(what: str, value: object, want: str) -> ValueError:
+            return ValueError(f"Layout: {what}={value!r}; expected {want}")
+        if self.nnodes < 1:
+            raise bad("nnodes", self.nnodes, ">= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise bad("node_rank", self.node_rank, f"0 <= node_rank < nnodes={self.nnodes}")
+        if self.workers_per_node < 0 or self.servers_per_node < 0:
+            raise bad("workers_per_node/servers_per_node",
+                      (self.workers_per_node, self.servers_per_node), ">= 0 each")
+        if self.worker_nodes is not None:
+            if not 1 <= self.worker_nodes < self.nnodes:
+                raise bad("worker_nodes", self.worker_nodes,
+                          f"1 <= worker_nodes < nnodes={self.nnodes} (the first worker_nodes "
+                          "hosts run workers, the rest servers)")
+        if self.num_workers < 1:
+            raise bad("workers_per_node", self.workers_per_node,
+                      ">= 1 (the cluster needs at least one worker)")
+        if self.num_servers < 1:
+            raise bad("servers_per_node", self.servers_per_node,
+                      ">= 1 (the cluster needs at least one server)")
+
+    @property
+    def worker_hosts(self) -> int:
+        return self.nnodes if self.worker_nodes is None else self.worker_nodes
+
+    @property
+    def server_hosts(self) -> int:
+        return self.nnodes if self.worker_nodes is None else self.nnodes - self.worker_nodes
+
+    @property
+    def num_workers(self) -> int:
+        return self.worker_hosts * self.workers_per_node
+
+    @property
+    def num_servers(self) -> int:
+        return self.server_hosts * self.servers_per_node
+
+    @property
+    def runs_scheduler(self) -> bool:
+        return self.node_rank == 0
+
+    def children(self) -> List[Child]:
+        """The servers and workers this host (node_rank) runs, servers first."""
+        out: List[Child] = []
+        split = self.worker_nodes is not None
+        runs_servers = not split or self.node_rank >= self.worker_nodes
+        runs_workers = not split or self.node_rank < self.worker_nodes
+        if runs_servers and self.servers_per_node:
+            nr = self.node_rank - (self.worker_nodes if split else 0)
+            out += [Child("server", nr * self.servers_per_node + i, nr, self.servers_per_node, i)
+                    for i in range(self.servers_per_node)]
+        if runs_workers and self.workers_per_node:
+            nr = self.node_rank
+            out += [Child("worker", nr * self.workers_per_node + i, nr, self.workers_per_node, i)
+                    for i in range(self.workers_per_node)]
+        return out
+
+
+def _flat_children(workers: int, servers: int) -> List[Child]:
+    # The one-host layout of earlier releases: group size 1, DMLC_NODE_RANK = rank.
+    return ([Child("server", r, r, 1, 0) for r in range(servers)] +
+            [Child("worker", r, r, 1, 0) for r in range(workers)])
+
+
+# ---------------------------------------------------------------------------- Slurm
+
+_HOSTLIST_ITEM = re.compile(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)")
+
+
+def expand_hostlist(spec: str) -> List[str]:
+    """Expands a Slurm host list ("n[1-3,07],gpu5" -> n1 n2 n3 n07 gpu5), keeping zero
+    padding. One bracket group per name, as Slurm writes node lists for flat names."""
+    hosts: List[str] = []
+    pos = 0
+    spec = spec.strip()
+    while pos < len(spec):
+        m = _HOSTLIST_ITEM.match(spec, pos)
+        if m is None or m.end() == pos:
+            raise ValueError(f"expand_hostlist: cannot parse {spec!r} at offset {pos}")
+        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+        if ranges is None:
+            if prefix + suffix:
+                hosts.append(prefix + suffix)
+        else:
+            for part in ranges.split(","):
+                lo, sep, hi = part.partition("-")
+                if not lo.isdigit() or (sep and not hi.isdigit()):
+                    raise ValueError(f"expand_hostlist: bad range {part!r} in {spec!r}")
+                first, last = int(lo), int(hi) if sep else int(lo)
+                if last < first:
+                    raise ValueError(f"expand_hostlist: descending range {part!r} in {spec!r}")
+                if last - first > 100000:
+                    raise ValueError(f"expand_hostlist: range {part!r} too large in {spec!r}")
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(first, last + 1))
+        pos = m.end()
+        if pos < len(spec):
+            if spec[pos] != ",":
+                raise ValueError(f"expand_hostlist: expected ',' at offset {pos} in {spec!r}")
+            pos += 1
+    if not hosts:
+        raise ValueError(f"expand_hostlist: no host names in {spec!r}")
+    return hosts
+
+
+def slurm_layout(env: Mapping[str, str]) -> Tuple[int, int, str]:
+    """(nnodes, node_rank, master host) of this Slurm task, from SLURM_* variables.
+
+    Expects one launcher task per node (srun --ntasks-per-node=1). The node rank is
+    SLURM_NODEID (the node's index in the step's node list); the master is the first
+    host of the step's node list."""
+    def need(*names: str) -> Tuple[str, str]:
+        for n in names:
+            if env.get(n):
+                return n, env[n]
+        raise ValueError("--slurm: none of " + ", ".join(names) +
+                         " is set; run the launcher under srun (one task per node)")
+    nodes_var, nodes = need("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+    list_var, nodelist = need("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    id_var, node_id = need("SLURM_NODEID")
+    try:
+        nnodes, node_rank = int(nodes), int(node_id)
+    except ValueError:
+        raise ValueError(f"--slurm: {nodes_var}={nodes!r} / {id_var}={node_id!r}; "
+                         "expected integers") from None
+    hosts = expand_hostlist(nodelist)
+    if len(hosts) != nnodes:
+        raise ValueError(f"--slurm: {list_var}={nodelist!r} names {len(hosts)} hosts but "
+                         f"{nodes_var}={nnodes}")
+    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    if tasks and not re.fullmatch(r"1(\(x\d+\))?", tasks):
+        raise ValueError(f"--slurm: SLURM_STEP_TASKS_PER_NODE={tasks!r}; expected one launcher "
+                         "task per node (srun --ntasks-per-node=1): the launcher starts the "
+                         "per-node processes itself")
+    return nnodes, node_rank, hosts[0]
+
+
+# ---------------------------------------------------------------------------- output
+
+_LOG_TIME = re.compile(r"\[\d\d:\d\d:\d\d(?:\.\d+)?\] ")
+
+
+def _strip_role(line: str, name: str) -> str:
+    # meshpost's log pattern is "[time] [role:rank] [layer] [level] msg"; the launcher's
+    # prefix already names the process, so that copy goes (only when it names this child).
+    m = _LOG_TIME.match(line)
+    if m is not None:
+        tag = f"[{name}] "
+        if line.startswith(tag, m.end()):
+            return line[:m.end()] + line[m.end() + len(tag):]
+    return line
+
+
 class _Proc:
     def __init__(self, name: str, popen: subprocess.Popen) -> None:
         self.name = name
         self.popen = popen
         self.output: List[str] = []
-        self.reader: Optional[threading.Thread] = None
+        self.stderr: List[str] = []
+        self.readers: List[threading.Thread] = []
 
 
 class Cluster:
-    """A scheduler, `servers` servers and `workers` workers running `argv` on this host."""
+    """A scheduler, servers and workers running `argv`.
+
+    One host: `workers` workers and `servers` servers (flat layout, scheduler on an
+    OS-assigned port). Many hosts: pass `layout` (this host's share) and `master_addr` /
+    `master_port`; the scheduler then runs only on node 0, on `master_port`.
+    """
 
     def __init__(self, argv: Sequence[str], workers: int = 2, servers: int = 2, *,
                  env: Optional[Mapping[str, str]] = None,
                  env_for: Optional[Mapping[str, Mapping[str, str]]] = None,
                  scheduler_argv: Optional[Sequence[str]] = None,
                  output: Optional[IO[str]] = None,
-                 start_timeout: float = 60.0) -> None:
-        if workers < 1 or servers < 1:
-            raise ValueError(f"workers={workers}, servers={servers}; expected >= 1 each")
+                 error_output: Optional[IO[str]] = None,
+                 start_timeout: float = 60.0,
+                 layout: Optional[Layout] = None,
+                 master_addr: str = "127.0.0.1",
+                 master_port: int = 0,
+                 log_dir: Optional[str] = None) -> None:
+        if layout is None:
+            if workers < 1 or servers < 1:
+                raise ValueError(f"Cluster: workers={workers}, servers={servers}; "
+                                 "expected >= 1 each")
+            self.children = _flat_children(workers, servers)
+            self.workers, self.servers = workers, servers
+            self.runs_scheduler = True
+        else:
+            self.children = layout.children()
+            self.workers, self.servers = layout.num_workers, layout.num_servers
+            self.runs_scheduler = layout.runs_scheduler
+        if not master_addr:
+            raise ValueError("Cluster: master_addr=''; expected a host name or IP")
+        if not 0 <= master_port <= 65535:
+            raise ValueError(f"Cluster: master_port={master_port}; expected 0..65535")
+        if master_port == 0 and not self.runs_scheduler:
+            raise ValueError("Cluster: master_port=0 on a node without the scheduler; expected "
+                             "the scheduler's port (0 only where the scheduler runs)")
+        self.layout = layout
         self.argv = list(argv)
-        self.workers = workers
-        self.servers = servers
         self.env = dict(env or {})
         self.env_for = {k: dict(v) for k, v in (env_for or {}).items()}
         self.scheduler_argv = list(scheduler_argv or
                                    [sys.executable, "-m", "meshpost.scheduler"])
         self.output = output
+        # Child stderr goes to error_output; when only `output` is given, both go there.
+        self.error_output = error_output if error_output is not None else output
         self.start_timeout = start_timeout
-        self.port = 0
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.port = master_port
+        self.log_dir = Path(log_dir) if log_dir else None
         self._procs: List[_Proc] = []
         self._lock = threading.Lock()
 
@@ -98,40 +338,101 @@ class Cluster:
             "DMLC_ROLE": role,
             "DMLC_NUM_WORKER": str(self.workers),
             "DMLC_NUM_SERVER": str(self.servers),
-            "DMLC_PS_ROOT_URI": "127.0.0.1",
+            "DMLC_PS_ROOT_URI": self.master_addr,
             "PYTHONUNBUFFERED": "1",
         })
-        env.update(self.env_for.get(name, {}))
         return env
 
     def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str],
                pass_fds: Sequence[int] = ()) -> _Proc:
+        logs: Tuple[Optional[IO[bytes]], Optional[IO[bytes]]] = (None, None)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            base = self.log_dir / name.replace(":", "-")
+            logs = (open(f"{base}.out", "wb"), open(f"{base}.err", "wb"))
         popen = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  pass_fds=tuple(pass_fds), preexec_fn=_die_with_parent)
         proc = _Proc(name, popen)
-        proc.reader = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        proc.reader.start()
+        for stream, sink, log in ((popen.stdout, self.output, logs[0]),
+                                  (popen.stderr, self.error_output, logs[1])):
+            t = threading.Thread(target=self._pump, args=(proc, stream, sink, log,
+                                                          stream is popen.stderr),
+                                 name=f"launch-{name}", daemon=True)
+            proc.readers.append(t)
         self._procs.append(proc)
+        for t in proc.readers:
+            t.start()
         return proc
 
-    def _pump(self, proc: _Proc) -> None:
-        assert proc.popen.stdout is not None
-        for raw in iter(proc.popen.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            proc.output.append(line)
-            if self.output is not None:
+    def _pump(self, proc: _Proc, stream: IO[bytes], sink: Optional[IO[str]],
+              log: Optional[IO[bytes]], is_stderr: bool) -> None:
+        # readline() returns only whole lines (it keeps reading across partial writes
+        # until the newline), except the last one at EOF and pieces of over-long lines.
+        try:
+            for raw in iter(lambda: stream.readline(_MAX_LINE), b""):
+                if log is not None:
+                    log.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    log.flush()
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                shown = _strip_role(line, proc.name)
                 with self._lock:
-                    self.output.write(f"[{proc.name}] {line}\n")
-                    self.output.flush()
-        proc.popen.stdout.close()
+                    proc.output.append(line)
+                    if is_stderr:
+                        proc.stderr.append(line)
+                    if sink is not None:
+                        # One write of the whole line under the lock shared by every
+                        # child and both streams: lines never interleave.
+                        sink.write(f"[{proc.name}] {shown}\n")
+                        sink.flush()
+        except (OSError, ValueError) as e:  # closed sink: keep draining, never block the child
+            with self._lock:
+                proc.output.append(f"meshpost.launch: output of {proc.name} lost: {e}")
+            for _ in iter(lambda: stream.read(1 << 16), b""):
+                pass
+        finally:
+            stream.close()
+            if log is not None:
+                log.close()
+
+    def _child_env(self, child: Child) -> Dict[str, str]:
+        env = self._env(child.name, child.role)
+        env["DMLC_PS_ROOT_PORT"] = str(self.port)
+        override = self.env_for.get(child.name, {})
+        if self.layout is None:
+            # The one-host layout sets only what it always did, so variables a caller passes
+            # for every process (DMLC_GROUP_SIZE, STEPMESH_GPU ...) keep working.
+            env["DMLC_NODE_RANK"] = str(child.node_rank)
+        else:
+            env.update({
+                "DMLC_GROUP_SIZE": str(child.group_size),
+                "DMLC_NODE_RANK": str(child.node_rank),
+                # STEPMESH_GPU wins over DMLC_INSTANCE_ID in meshpost: set both, so a value
+                # inherited from the launcher's environment cannot shift the rank.
+                "STEPMESH_GPU": str(child.instance),
+                "DMLC_INSTANCE_ID": str(child.instance),
+            })
+        env.update(override)
+        return env
 
     def start(self) -> "Cluster":
+        if self.runs_scheduler:
+            self._start_scheduler()
+        try:
+            for child in self.children:
+                self._spawn(child.name, self.argv, self._child_env(child))
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _start_scheduler(self) -> None:
         read_fd, write_fd = os.pipe()
         try:
             env = self._env("scheduler", "scheduler")
-            env["DMLC_PS_ROOT_PORT"] = "0"
+            env["DMLC_PS_ROOT_PORT"] = str(self.master_port)
             env["MESHPOST_PORT_FD"] = str(write_fd)
+            env.update(self.env_for.get("scheduler", {}))
             sched = self._spawn("scheduler", self.scheduler_argv, env, pass_fds=(write_fd,))
             os.close(write_fd)
             write_fd = -1
@@ -143,19 +444,6 @@ class Cluster:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
-        try:
-            for role, count in (("server", self.servers), ("worker", self.workers)):
-                for rank in range(count):
-                    name = f"{role}:{rank}"
-                    env = self._env(name, role)
-                    env["DMLC_PS_ROOT_PORT"] = str(self.port)
-                    if "DMLC_NODE_RANK" not in self.env_for.get(name, {}):
-                        env["DMLC_NODE_RANK"] = str(rank)
-                    self._spawn(name, self.argv, env)
-        except BaseException:
-            self.kill()
-            raise
-        return self
 
     def _read_port(self, fd: int, sched: _Proc) -> int:
         deadline = time.monotonic() + self.start_timeout
@@ -171,8 +459,8 @@ class Cluster:
             chunk = os.read(fd, 64)
             if not chunk:  # the scheduler closed the pipe without a port: it failed
                 sched.popen.wait()
-                if sched.reader is not None:
-                    sched.reader.join(timeout=5)
+                for t in sched.readers:
+                    t.join(timeout=5)
                 raise RuntimeError(
                     f"the scheduler exited (code {sched.popen.returncode}) before reporting "
                     "its port:\n" + "\n".join(sched.output[-20:]))
@@ -221,9 +509,11 @@ class Cluster:
                 os.close(fd)
         results = []
         for p in self._procs:
-            if p.reader is not None:
-                p.reader.join(timeout=5)
-            results.append(ProcessResult(p.name, p.popen.pid, p.popen.returncode, p.output))
+            for t in p.readers:
+                t.join(timeout=5)
+            with self._lock:
+                results.append(ProcessResult(p.name, p.popen.pid, p.popen.returncode,
+                                             list(p.output), list(p.stderr)))
         return results
 
     def terminate(self, grace: float = 5.0) -> None:
@@ -255,27 +545,130 @@ class Cluster:
         self.kill()
 
 
+# ---------------------------------------------------------------------------- CLI
+
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m meshpost.launch",
-        description="Run a meshpost cluster (scheduler, servers, workers) on this machine.")
-    parser.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
-    parser.add_argument("--servers", type=int, default=1, help="number of servers (default 1)")
+        description="Run a meshpost cluster (scheduler, servers, workers): on this machine "
+                    "(--workers/--servers), or this host's share of a multi-host cluster "
+                    "(--nnodes/--node-rank/--master-addr/--master-port with "
+                    "--workers-per-node/--servers-per-node, or --slurm).")
+    one = parser.add_argument_group("one host")
+    one.add_argument("--workers", type=int, default=None,
+                     help="number of workers (default 1)")
+    one.add_argument("--servers", type=int, default=None,
+                     help="number of servers (default 1)")
+    many = parser.add_argument_group("many hosts (run one launcher per host)")
+    many.add_argument("--nnodes", type=int, default=None, help="number of hosts")
+    many.add_argument("--node-rank", type=int, default=None,
+                      help="this host's index, 0..nnodes-1 (0 runs the scheduler)")
+    many.add_argument("--master-addr", default=None,
+                      help="host name or IP of node 0, where the scheduler listens")
+    many.add_argument("--master-port", type=int, default=None,
+                      help="the scheduler's TCP port (default on one host: any free port)")
+    many.add_argument("--workers-per-node", type=int, default=None,
+                      help="workers on each worker host (DMLC_GROUP_SIZE of the workers)")
+    many.add_argument("--servers-per-node", type=int, default=None,
+                      help="servers on each server host (DMLC_GROUP_SIZE of the servers)")
+    many.add_argument("--worker-nodes", type=int, default=None, metavar="K",
+                      help="AFD split: hosts 0..K-1 run only workers (attention), the rest "
+                           "only servers (FFN); default: every host runs both")
+    many.add_argument("--slurm", action="store_true",
+                      help="take nnodes, node rank and master address from SLURM_* "
+                           "(srun with one task per node)")
+    many.add_argument("--node-host", default=None,
+                      help="DMLC_NODE_HOST: the address this host's processes advertise")
+    many.add_argument("--interface", default=None,
+                      help="DMLC_INTERFACE: advertise this network interface's address")
     parser.add_argument("--transport", default=None,
                         help="MESHPOST_TRANSPORT for every process (auto, tcp, ...)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment variable for every process (repeatable)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before every process is stopped (default: none)")
+    parser.add_argument("--log-dir", default=None,
+                        help="also write each process's output to DIR/<role>-<rank>.out/.err")
     parser.add_argument("--scheduler-runs-script", action="store_true",
                         help="run the script for the scheduler role too (StepMesh style)")
     parser.add_argument("script", help="Python script (or executable) run for every role")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    return parser.parse_args(argv)
+    ns = parser.parse_args(argv)
+    try:
+        _resolve(ns, os.environ)
+    except ValueError as e:
+        parser.error(str(e))
+    return ns
+
+
+def _resolve(ns: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Checks flag combinations and fills ns.layout / ns.master_addr / ns.master_port."""
+    multi = [f"--{n.replace('_', '-')}" for n in
+             ("nnodes", "node_rank", "master_addr", "workers_per_node", "servers_per_node",
+              "worker_nodes") if getattr(ns, n) is not None] + (["--slurm"] if ns.slurm else [])
+    if ns.timeout is not None and ns.timeout <= 0:
+        raise ValueError(f"--timeout {ns.timeout}; expected seconds > 0")
+    if ns.master_port is not None and not 0 <= ns.master_port <= 65535:
+        raise ValueError(f"--master-port {ns.master_port}; expected 1..65535 "
+                         "(0 = any free port, one host only)")
+    if not multi:
+        for flag, value in (("--workers", ns.workers), ("--servers", ns.servers)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}; expected >= 1")
+        ns.layout = None
+        ns.workers = 1 if ns.workers is None else ns.workers
+        ns.servers = 1 if ns.servers is None else ns.servers
+        ns.master_addr = "127.0.0.1"
+        ns.master_port = ns.master_port or 0
+        return
+    if ns.workers is not None or ns.servers is not None:
+        raise ValueError(f"--workers/--servers (one-host totals) cannot be combined with "
+                         f"{', '.join(multi)}; use --workers-per-node/--servers-per-node")
+    if ns.slurm:
+        for flag, value in (("--nnodes", ns.nnodes), ("--node-rank", ns.node_rank)):
+            if value is not None:
+                raise ValueError(f"{flag} cannot be combined with --slurm "
+                                 "(Slurm gives the node count and rank)")
+        ns.nnodes, ns.node_rank, master = slurm_layout(environ)
+        if ns.master_addr is None:
+            ns.master_addr = master
+        if ns.master_port is None:
+            job = environ.get("SLURM_JOB_ID", "")
+            if not job.isdigit():
+                raise ValueError("--slurm: give --master-port (SLURM_JOB_ID is not set to "
+                                 "derive one)")
+            # Same on every node of the job, and different for jobs running side by side.
+            ns.master_port = 20000 + int(job) % 10000
+    nnodes = 1 if ns.nnodes is None else ns.nnodes
+    if nnodes < 1:
+        raise ValueError(f"--nnodes {nnodes}; expected >= 1")
+    node_rank = 0 if ns.node_rank is None else ns.node_rank
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank {node_rank}; expected 0 <= node rank < --nnodes {nnodes}")
+    if ns.workers_per_node is None or ns.servers_per_node is None:
+        raise ValueError("--workers-per-node and --servers-per-node are required with "
+                         f"{', '.join(multi)}")
+    if nnodes > 1:
+        if not ns.master_addr:
+            raise ValueError(f"--master-addr is required with --nnodes {nnodes} (node 0's "
+                             "host name or IP, reachable from every host)")
+        if not ns.master_port:
+            raise ValueError(f"--master-port is required with --nnodes {nnodes} (a port "
+                             "free on node 0, the same on every host)")
+    if ns.worker_nodes is not None and nnodes == 1:
+        raise ValueError("--worker-nodes needs --nnodes >= 2 (one host cannot be split)")
+    ns.layout = Layout(nnodes, node_rank, ns.workers_per_node, ns.servers_per_node,
+                       ns.worker_nodes)
+    ns.master_addr = ns.master_addr or "127.0.0.1"
+    ns.master_port = ns.master_port or 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = _parse(argv)
+    try:
+        ns = _parse(argv)
+    except ValueError as e:  # Layout's own checks
+        print(f"meshpost.launch: {e}", file=sys.stderr)
+        return 2
     env: Dict[str, str] = {}
     for item in ns.env:
         name, sep, value = item.partition("=")
@@ -285,11 +678,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env[name] = value
     if ns.transport:
         env["MESHPOST_TRANSPORT"] = ns.transport
+    if ns.node_host:
+        env["DMLC_NODE_HOST"] = ns.node_host
+    if ns.interface:
+        env["DMLC_INTERFACE"] = ns.interface
     command = ([sys.executable, ns.script] if ns.script.endswith(".py")
                else [ns.script]) + list(ns.args)
-    cluster = Cluster(command, workers=ns.workers, servers=ns.servers, env=env,
-                      scheduler_argv=command if ns.scheduler_runs_script else None,
-                      output=sys.stdout)
+    try:
+        cluster = Cluster(command, workers=ns.workers or 1, servers=ns.servers or 1, env=env,
+                          scheduler_argv=command if ns.scheduler_runs_script else None,
+                          output=sys.stdout, error_output=sys.stderr, layout=ns.layout,
+                          master_addr=ns.master_addr, master_port=ns.master_port,
+                          log_dir=ns.log_dir)
+    except ValueError as e:
+        print(f"meshpost.launch: {e}", file=sys.stderr)
+        return 2
+    if ns.layout is not None:
+        names = [c.name for c in cluster.children]
+        if cluster.runs_scheduler:
+            names.insert(0, "scheduler")
+        print(f"meshpost.launch: node {ns.layout.node_rank} of {ns.layout.nnodes} runs "
+              f"{', '.join(names) or 'nothing'}; {cluster.workers} workers and "
+              f"{cluster.servers} servers in all; scheduler at "
+              f"{ns.master_addr}:{ns.master_port}", file=sys.stderr, flush=True)
     try:
         cluster.start()
         results = cluster.wait(timeout=ns.timeout, fail_fast=True)
