@@ -14,5 +14,12 @@ if [[ -f scripts/test_python.sh ]]; then
   echo "== Python tests (pytest), MESHPOST_TRANSPORT=tcp =="
   (cd tests/python && MESHPOST_TRANSPORT=tcp timeout --kill-after=30 1200 \
      ../../.venv/bin/python -m pytest -q)
+  # ---- hosts (issue 15): many hosts on one machine -------------------------------------
+  # Network-namespace "hosts" (cross-host tcp, same-host cma, a cut link) and a real local
+  # Slurm (srun + sbatch). Each test skips with its reason where namespaces or Slurm cannot
+  # run; fixtures and scripts/slurm_local remove what they created, also on failure.
+  echo "== Multi-host tests (tests/hosts: network namespaces, Slurm) =="
+  (cd tests/hosts && timeout --kill-after=30 480 ../../.venv/bin/python -m pytest -q -rs)
+  # ---- end hosts ------------------------------------------------------------------------
 fi
 echo "== all tests passed =="

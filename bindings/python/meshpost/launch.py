@@ -547,7 +547,8 @@ class Cluster:
 
 # ---------------------------------------------------------------------------- CLI
 
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _parse(argv: Optional[Sequence[str]],
+           environ: Optional[Mapping[str, str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m meshpost.launch",
         description="Run a meshpost cluster (scheduler, servers, workers): on this machine "
@@ -595,7 +596,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     ns = parser.parse_args(argv)
     try:
-        _resolve(ns, os.environ)
+        _resolve(ns, os.environ if environ is None else environ)
     except ValueError as e:
         parser.error(str(e))
     return ns

@@ -4,6 +4,12 @@ must reassemble and prefix whole lines. Needs no cluster: every role just prints
 import os
 import sys
 
+if os.environ.get("MESHPOST_PORT_FD"):
+    # Run as the scheduler: report a port as a real scheduler would, so the launcher
+    # starts the others (nobody connects to it).
+    fd = int(os.environ["MESHPOST_PORT_FD"])
+    os.write(fd, b"1\n")
+    os.close(fd)
 LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 role = os.environ["DMLC_ROLE"]
 name = role if role == "scheduler" else f"{role}:{os.environ['DMLC_NODE_RANK']}"
