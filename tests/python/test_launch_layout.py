@@ -73,3 +73,12 @@ def test_slurm_layout_from_srun_variables():
         slurm_layout(dict(env, SLURM_STEP_NUM_NODES="4"))
     with pytest.raises(ValueError, match="SLURM_NODEID"):
         slurm_layout({k: v for k, v in env.items() if k != "SLURM_NODEID"})
+
+
+def test_log_lines_keep_one_role_tag():
+    from meshpost.launch import _strip_role
+    line = "[04:01:02.123456] [worker:3] [ps] [info] server 0 via cma"
+    assert _strip_role(line, "worker:3") == "[04:01:02.123456] [ps] [info] server 0 via cma"
+    assert _strip_role(line, "worker:1") == line  # another process's tag is content
+    assert _strip_role("[scheduler] [x] y", "scheduler") == "[x] y"
+    assert _strip_role("plain [worker:3] text", "worker:3") == "plain [worker:3] text"

@@ -253,17 +253,19 @@ def slurm_layout(env: Mapping[str, str]) -> Tuple[int, int, str]:
 
 # ---------------------------------------------------------------------------- output
 
-_LOG_TIME = re.compile(r"\[\d\d:\d\d:\d\d(?:\.\d+)?\] ")
+_LEADING_FIELD = re.compile(r"\[[^\]\[]{1,40}\] ")
 
 
 def _strip_role(line: str, name: str) -> str:
-    # meshpost's log pattern is "[time] [role:rank] [layer] [level] msg"; the launcher's
-    # prefix already names the process, so that copy goes (only when it names this child).
-    m = _LOG_TIME.match(line)
-    if m is not None:
-        tag = f"[{name}] "
-        if line.startswith(tag, m.end()):
-            return line[:m.end()] + line[m.end() + len(tag):]
+    # meshpost's log pattern is "[time] [role:rank] [layer] [level] msg" (common/logging.cc);
+    # the launcher's prefix already names the process, so that copy goes. Only the exact
+    # tag of this child, as the first or second bracketed field, is removed.
+    tag = f"[{name}] "
+    if line.startswith(tag):
+        return line[len(tag):]
+    m = _LEADING_FIELD.match(line)
+    if m is not None and line.startswith(tag, m.end()):
+        return line[:m.end()] + line[m.end() + len(tag):]
     return line
 
 
