@@ -27,9 +27,13 @@ import pytest
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 PREFIX = "mphosts-"
 
+# Short enough that a lost host is noticed quickly, long enough that a process stalled by a
+# loaded machine is not declared dead. The start timeout is generous for the same reason:
+# every process imports torch, which takes tens of seconds on a busy 2-core box.
 HEARTBEATS = {
-    "MESHPOST_HEARTBEAT_INTERVAL_MS": "200",
-    "MESHPOST_HEARTBEAT_TIMEOUT_MS": "2000",
+    "MESHPOST_HEARTBEAT_INTERVAL_MS": "250",
+    "MESHPOST_HEARTBEAT_TIMEOUT_MS": "4000",
+    "MESHPOST_START_TIMEOUT_MS": "300000",
 }
 
 

@@ -15,7 +15,7 @@ import re
 import time
 from typing import Dict, List
 
-from conftest import PROGRAMS, HEARTBEATS, Run, launch_argv, launcher_env, same_host_transport
+from conftest import PROGRAMS, Run, launch_argv, launcher_env, same_host_transport
 
 PORT = "29500"  # free by construction: the namespaces are brand new
 
@@ -80,42 +80,37 @@ def test_two_hosts_pick_tcp_across_and_same_host_within(fabric_factory):
     assert not any(line.startswith("[scheduler]") for line in runs[1].out + runs[1].err)
 
 
-def test_split_hosts_attention_on_one_ffn_on_the_other(fabric_factory):
-    # --worker-nodes 1: host 0 runs the workers (attention), host 1 the servers (FFN);
-    # every data pair crosses hosts.
-    runs, _ = _start(fabric_factory, 2, ["--workers-per-node", "2", "--servers-per-node", "2",
-                                         "--worker-nodes", "1"], "data")
-    codes = [r.finish(timeout=300) for r in runs]
-    assert codes == [0, 0], _texts(runs)
+def test_split_hosts_use_tcp_and_a_cut_host_fails_its_peers_clearly(fabric_factory):
+    # --worker-nodes 1: host 0 runs the scheduler and the workers (attention), host 1 the
+    # servers (FFN); every data pair crosses hosts. After the data rounds, host 1's link
+    # goes down while every worker waits on it.
+    runs, fabric = _start(fabric_factory, 2, ["--workers-per-node", "2",
+                                              "--servers-per-node", "2", "--worker-nodes", "1"],
+                          "kill")
+    ready = lambda lines: sum(" READY " in l for l in lines) == 2  # noqa: E731
+    for r in runs:
+        assert r.wait_for(ready, timeout=400), _texts(runs)
     reports = _reports(runs)
     assert set(reports) == {"worker:0", "worker:1", "server:0", "server:1"}, _texts(runs)
-    for info in reports.values():
+    for name, info in reports.items():
+        assert info["hostname"] == fabric.hostnames[0 if name.startswith("worker") else 1], info
         assert set(info["transports"].values()) == {"tcp"}, info
-    assert all(line.startswith("[worker:") for line in runs[0].out if " HOST " in line)
-    assert all(line.startswith("[server:") for line in runs[1].out if " HOST " in line)
-
-
-def test_cut_host_fails_peers_with_a_clear_error(fabric_factory):
-    runs, fabric = _start(fabric_factory, 2, ["--workers-per-node", "2",
-                                              "--servers-per-node", "2"], "kill")
-    ready = lambda lines: sum(" READY " in l for l in lines) == 4  # noqa: E731
-    for r in runs:
-        assert r.wait_for(ready, timeout=240), _texts(runs)
-    # Each host's READY lines are in; the last round's requests are posted (or about to be).
+    # Every process passed its data checks (READY comes after them); the last request is
+    # posted or about to be, and nobody will answer it.
     cut_at = time.time()
     fabric.cut(1)
     errors = lambda lines: sum(" PEER_ERROR " in l for l in lines) == 2  # noqa: E731
-    assert runs[0].wait_for(errors, timeout=240), _texts(runs)
-    timeout_s = int(HEARTBEATS["MESHPOST_HEARTBEAT_TIMEOUT_MS"]) / 1000
+    assert runs[0].wait_for(errors, timeout=280), _texts(runs)
     for line in runs[0].out:
         if " PEER_ERROR " not in line:
             continue
         m = re.fullmatch(r"\[(worker:[01])\] PEER_ERROR (\S+) (\w+) (True|False) (.*)", line)
         assert m, line
         when, kind, is_conn, message = float(m.group(2)), m.group(3), m.group(4), m.group(5)
-        # A ConnectionError naming a server of the cut host, not the 300 s wait timeout.
+        # A ConnectionError naming a server of the cut host, raised by heartbeat detection:
+        # the worker's own wait would only give up after 300 s (with a TimeoutError).
         assert is_conn == "True" and kind != "TimeoutError", line
-        assert re.search(r"server [23]\b", message), line
-        assert when - cut_at < 300 - 10 * timeout_s, line  # detected, not timed out
+        assert re.search(r"server [01]\b", message), line
+        assert when - cut_at < 280, line
     for r in runs:
         r.kill()

@@ -292,7 +292,7 @@ class Cluster:
                  scheduler_argv: Optional[Sequence[str]] = None,
                  output: Optional[IO[str]] = None,
                  error_output: Optional[IO[str]] = None,
-                 start_timeout: float = 60.0,
+                 start_timeout: Optional[float] = None,
                  layout: Optional[Layout] = None,
                  master_addr: str = "127.0.0.1",
                  master_port: int = 0,
@@ -324,6 +324,12 @@ class Cluster:
         self.output = output
         # Child stderr goes to error_output; when only `output` is given, both go there.
         self.error_output = error_output if error_output is not None else output
+        if start_timeout is None:
+            # As long as the processes themselves wait for each other (a loaded machine can
+            # take a minute just importing torch in every process).
+            ms = self.env.get("MESHPOST_START_TIMEOUT_MS",
+                              os.environ.get("MESHPOST_START_TIMEOUT_MS", ""))
+            start_timeout = max(60.0, int(ms) / 1000) if ms.isdigit() else 120.0
         self.start_timeout = start_timeout
         self.master_addr = master_addr
         self.master_port = master_port
@@ -418,17 +424,32 @@ class Cluster:
         return env
 
     def start(self) -> "Cluster":
-        if self.runs_scheduler:
-            self._start_scheduler()
+        read_fd = -1
         try:
+            if self.runs_scheduler:
+                read_fd, sched = self._start_scheduler()
+                if self.master_port == 0:
+                    # The others need the port the OS picks: wait for the report first.
+                    self.port = self._read_port(read_fd, sched)
             for child in self.children:
                 self._spawn(child.name, self.argv, self._child_env(child))
+            if read_fd >= 0 and self.master_port != 0:
+                # A fixed port: the children started alongside the scheduler (each process
+                # spends seconds importing torch); still fail here if it cannot listen.
+                reported = self._read_port(read_fd, sched)
+                if reported != self.master_port:
+                    raise RuntimeError(f"the scheduler listens on port {reported}, not on "
+                                       f"--master-port {self.master_port}")
         except BaseException:
             self.kill()
             raise
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
         return self
 
-    def _start_scheduler(self) -> None:
+    def _start_scheduler(self) -> Tuple[int, "_Proc"]:
+        """Spawns the scheduler; returns the read end of its port pipe and the process."""
         read_fd, write_fd = os.pipe()
         try:
             env = self._env("scheduler", "scheduler")
@@ -436,16 +457,12 @@ class Cluster:
             env["MESHPOST_PORT_FD"] = str(write_fd)
             env.update(self.env_for.get("scheduler", {}))
             sched = self._spawn("scheduler", self.scheduler_argv, env, pass_fds=(write_fd,))
-            os.close(write_fd)
-            write_fd = -1
-            self.port = self._read_port(read_fd, sched)
         except BaseException:
-            self.kill()
+            os.close(read_fd)
             raise
         finally:
-            os.close(read_fd)
-            if write_fd >= 0:
-                os.close(write_fd)
+            os.close(write_fd)
+        return read_fd, sched
 
     def _read_port(self, fd: int, sched: _Proc) -> int:
         deadline = time.monotonic() + self.start_timeout
