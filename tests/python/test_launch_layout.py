@@ -82,3 +82,17 @@ def test_log_lines_keep_one_role_tag():
     assert _strip_role(line, "worker:1") == line  # another process's tag is content
     assert _strip_role("[scheduler] [x] y", "scheduler") == "[x] y"
     assert _strip_role("plain [worker:3] text", "worker:3") == "plain [worker:3] text"
+
+
+def test_slurm_flag_derives_layout_master_and_port():
+    from meshpost.launch import _parse
+    env = {"SLURM_STEP_NUM_NODES": "4", "SLURM_STEP_NODELIST": "gpu[01-04]",
+           "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_JOB_ID": "123456"}
+    ns = _parse(["--slurm", "--worker-nodes", "2", "--workers-per-node", "8",
+                 "--servers-per-node", "8", "prog.py"], environ=env)
+    assert (ns.master_addr, ns.master_port) == ("gpu01", 20000 + 123456 % 10000)
+    assert (ns.layout.nnodes, ns.layout.node_rank) == (4, 3)
+    assert [c.name for c in ns.layout.children()] == [f"server:{i}" for i in range(8, 16)]
+    ns = _parse(["--slurm", "--master-addr", "10.0.0.9", "--master-port", "29500",
+                 "--workers-per-node", "1", "--servers-per-node", "1", "prog.py"], environ=env)
+    assert (ns.master_addr, ns.master_port) == ("10.0.0.9", 29500)
