@@ -19,7 +19,7 @@ if [[ -f scripts/test_python.sh ]]; then
   # Slurm (srun + sbatch). Each test skips with its reason where namespaces or Slurm cannot
   # run; fixtures and scripts/slurm_local remove what they created, also on failure.
   echo "== Multi-host tests (tests/hosts: network namespaces, Slurm) =="
-  (cd tests/hosts && timeout --kill-after=30 480 ../../.venv/bin/python -m pytest -q -rs)
+  (cd tests/hosts && timeout --kill-after=30 900 ../../.venv/bin/python -m pytest -q -rs)
   # ---- end hosts ------------------------------------------------------------------------
 fi
 echo "== all tests passed =="
