@@ -31,6 +31,7 @@
 #include "common/waiter.h"
 #include "van/cma/cma_van.h"
 #include "van/van.h"
+#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {

@@ -21,6 +21,7 @@
 #include "bindings/torch_interop.h"
 #include "common/clock.h"
 #include "ps/postoffice.h"
+#include "van/registry.h"
 
 namespace py = pybind11;
 
@@ -487,21 +488,6 @@ class Node {
   std::vector<TensorView> registered_;  // owners keep registered tensors alive
 };
 
-std::vector<std::string> AvailableTransports() {
-  std::vector<std::string> out;
-  for (const char* name : {"tcp", "shm", "cma", "rdma"}) {
-    Options o;
-    o.role = Role::kScheduler;
-    if (std::string(name) == "rdma") {
-      o.enable_rdma = true;
-    } else {
-      o.transport = name;
-    }
-    if (o.Validate().ok()) out.push_back(name);
-  }
-  return out;
-}
-
 }  // namespace
 }  // namespace meshpost::py_bindings
 
@@ -513,7 +499,8 @@ PYBIND11_MODULE(_meshpost, m) {
   m.attr("WORKER_GROUP") = meshpost::kWorkerGroup;
   m.def("get_nanosecond", [] { return meshpost::GetNanosecond(); },
         "Monotonic nanoseconds on the clock used for trace stamps.");
-  m.def("available_transports", &meshpost::py_bindings::AvailableTransports);
+  // The transport table (van/registry.h): compiled transports, highest priority first.
+  m.def("available_transports", [] { return meshpost::CompiledTransports(); });
   m.def("supported_dtypes", &meshpost::py_bindings::SupportedDTypeNames);
   py::class_<Node>(m, "Node")
       .def(py::init<const std::map<std::string, std::string>&>(), py::arg("env"))

@@ -1,8 +1,9 @@
 # RDMA van (van/rdma/, libibverbs). MESHPOST_WITH_RDMA:
 #   AUTO (default) builds it when infiniband/verbs.h and libibverbs are found,
 #   ON fails the configure step when they are missing, OFF never builds it.
-# Sets MESHPOST_HAVE_RDMA (CMake variable, and a compile definition on meshpost_rdma's
-# users) so tests/ and ps/ know whether the target exists.
+# Sets the CMake variable MESHPOST_HAVE_RDMA so the transport registry (van/registry.cc,
+# which links meshpost_rdma) and tests/ know whether the target exists. No compile
+# definition leaks to other targets: ps/ reaches the RDMA van by name through the registry.
 set(MESHPOST_WITH_RDMA "AUTO" CACHE STRING "Build the RDMA van over libibverbs (AUTO|ON|OFF)")
 set_property(CACHE MESHPOST_WITH_RDMA PROPERTY STRINGS AUTO ON OFF)
 string(TOUPPER "${MESHPOST_WITH_RDMA}" _mp_rdma_mode)
@@ -39,7 +40,4 @@ if(MESHPOST_HAVE_RDMA)
     ${CMAKE_CURRENT_LIST_DIR}/../van/rdma/rdma_van.cc)
   target_include_directories(meshpost_rdma PRIVATE ${MESHPOST_IBVERBS_INCLUDE_DIR})
   target_link_libraries(meshpost_rdma PUBLIC meshpost_van PRIVATE ${MESHPOST_IBVERBS_LIBRARY})
-  target_compile_definitions(meshpost_rdma PUBLIC MESHPOST_HAVE_RDMA=1)
-  # ps/ owns transport selection, so it is the layer that links the RDMA van.
-  target_link_libraries(meshpost_ps PUBLIC meshpost_rdma)
 endif()

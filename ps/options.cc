@@ -3,6 +3,8 @@
 #include <climits>
 #include <thread>
 
+#include "van/registry.h"
+
 namespace meshpost {
 
 int64_t DefaultSpinUs() { return std::thread::hardware_concurrency() >= 4 ? 50 : 0; }
@@ -129,8 +131,9 @@ Status Options::Validate() const {
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
   if (verbose < 0 || verbose > 2) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), "0, 1 or 2");
-  if (transport != "auto" && transport != "tcp" && transport != "cma" && transport != "rdma") {
-    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'", "auto, cma, rdma or tcp");
+  if (transport != "auto" && !IsKnownTransport(transport)) {
+    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
+               "auto, " + KnownTransportNames());
   }
   if (enable_rdma && transport != "auto" && transport != "rdma") {
     return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",

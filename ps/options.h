@@ -12,8 +12,6 @@
 
 namespace meshpost {
 
-struct RdmaTestVerbs;  // van/rdma/rdma_van.h; opaque here on purpose
-
 enum class Role { kScheduler, kServer, kWorker };
 const char* RoleName(Role role);
 
@@ -50,9 +48,6 @@ struct Options {
   int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
-  // Tests only, never from the environment: the rdma van uses these verbs (an in-process
-  // fake fabric) instead of libibverbs. Null in production.
-  std::shared_ptr<const RdmaTestVerbs> rdma_test_verbs;
 
   // Global rank of a worker or server: node_rank * group_size + instance.
   int Rank() const { return node_rank * group_size + instance; }

@@ -2,6 +2,8 @@
 // for the scheduler, waits for every node), connects workers to servers, and passes a
 // start barrier; Stop() leaves the cluster without waiting for peers that already left.
 // Workers get worker(), servers get server(); both are owned by the Postoffice.
+// Inside: ps/scheduler.h (the scheduler's part), ps/membership.h (a node's part) and
+// ps/van_router.h (routing to vans), see docs/architecture.md.
 #pragma once
 
 #include <cstdint>
@@ -12,19 +14,18 @@
 #include "common/result.h"
 #include "ps/af_server.h"
 #include "ps/af_worker.h"
+#include "ps/cluster.h"  // barrier groups
 #include "ps/options.h"
+#include "van/registry.h"  // VanFactory
 
 namespace meshpost {
 
-// Barrier groups; combine with |.
-constexpr int kSchedulerGroup = 1;
-constexpr int kServerGroup = 2;
-constexpr int kWorkerGroup = 4;
-constexpr int kAllGroups = kSchedulerGroup | kServerGroup | kWorkerGroup;
-
 class Postoffice {
  public:
-  static Result<std::unique_ptr<Postoffice>> Create(const Options& options);
+  // `make_van` creates vans by transport name; empty = van/registry (tests inject vans,
+  // e.g. RDMA over a fake fabric, through it).
+  static Result<std::unique_ptr<Postoffice>> Create(const Options& options,
+                                                    VanFactory make_van = nullptr);
   ~Postoffice();
 
   Status Start();

@@ -5,11 +5,22 @@
 
 #include "tensor/tensor_view.h"
 #include "common/wire.h"
+#include "van/van.h"
 
 namespace meshpost {
 
+const char* MemoryKindName(MemoryKind kind) {
+  switch (kind) {
+    case MemoryKind::kHost: return "host";
+    case MemoryKind::kSharedHost: return "shared host";
+    case MemoryKind::kCudaDevice: return "cuda device";
+  }
+  return "unknown";
+}
+
+
 bool IsValidCommand(int v) {
-  return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kRdmaRendezvous)) ||
+  return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kVanRendezvous)) ||
          v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse);
 }
 
@@ -26,7 +37,7 @@ const char* CommandName(Command cmd) {
     case Command::kLeaveAck: return "LEAVE_ACK";
     case Command::kNodeDown: return "NODE_DOWN";
     case Command::kPeerLeave: return "PEER_LEAVE";
-    case Command::kRdmaRendezvous: return "RDMA_RENDEZVOUS";
+    case Command::kVanRendezvous: return "VAN_RENDEZVOUS";
     case Command::kRequest: return "REQUEST";
     case Command::kResponse: return "RESPONSE";
   }

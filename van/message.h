@@ -25,9 +25,9 @@ enum class Command : uint8_t {
   kHeartbeatAck = 7,   // scheduler → node
   kLeave = 8,          // node → scheduler: stopping
   kLeaveAck = 9,       // scheduler → node: may close now
-  kNodeDown = 10,      // scheduler → all: node `arg` died (id=0) or left (id=1)
+  kNodeDown = 10,      // scheduler → all: node `arg` is gone; id = NodeDownReason
   kPeerLeave = 11,     // node → its data peers, after its last data message: stopping
-  kRdmaRendezvous = 12,  // data peer → data peer over tcp: an RDMA van rendezvous blob in body
+  kVanRendezvous = 12,  // data peer → data peer over tcp: a van's rendezvous blob in body
   kRequest = 20,       // worker → server: pushes in data, pull slots in slots
   kResponse = 21,      // server → worker: pull-slot payloads in data
 };
@@ -51,7 +51,7 @@ struct Meta {
   Command cmd = Command::kHeartbeat;
   int32_t sender = -1;     // node id
   int32_t recipient = -1;  // node id
-  uint64_t id = 0;         // request id / barrier sequence / heartbeat sequence
+  uint64_t id = 0;         // request id / barrier sequence / heartbeat sequence / reason
   int32_t arg = 0;         // barrier group mask, node id of a down node, ...
   int32_t status_code = 0; // non-zero: the operation failed; body holds the message
   std::string body;        // control payload (encoded node table, ...) or error text
@@ -80,6 +80,10 @@ struct OutMessage {
 struct InMessage {
   Meta meta;
   std::vector<RecvSegment> segments;
+  // The connected peer the van received this on, as the van knows it (not read from the
+  // wire); -1 when the van cannot tell. Until vans authenticate their connections it is
+  // meta.sender for tcp and cma; rdma knows it from the queue pair.
+  int peer = -1;
 };
 
 }  // namespace meshpost

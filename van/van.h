@@ -1,26 +1,37 @@
 // The transport interface. A Van moves OutMessages to peer nodes and hands InMessages to
-// a VanReceiver on its own receive thread. Before copying a data segment, the van asks the
+// a VanReceiver on its own thread. Before copying a data segment, the van asks the
 // receiver where it should land (registered memory), so one-sided transports (same-host
-// CMA, RDMA) and copy-at-receiver transports (ZeroMQ TCP) share one contract.
+// CMA, RDMA) and copy-at-receiver transports (ZeroMQ TCP) share one contract. Everything
+// the owner (ps/) needs is a question to this interface with a default: whether a peer is
+// reachable, an out-of-band rendezvous channel, memory registration, peer failures.
+// Threads and locks: docs/threads.md.
 #pragma once
 
 #include <memory>
 #include <string>
 
+#include "common/env.h"
 #include "common/result.h"
 #include "common/waiter.h"
 #include "van/message.h"
 
 namespace meshpost {
 
+// What the owner knows about a peer (from the node table) when it asks a van to reach it.
 struct PeerAddress {
   int id = -1;
   std::string host;      // TCP host (zmq van)
   int port = 0;          // TCP port (zmq van)
   std::string endpoint;  // the peer van's endpoint() string (non-TCP vans)
   int pid = 0;           // peer process id (same-host vans)
+  std::string host_identity;  // the peer's HostIdentity() (same-host detection); "" unknown
 };
 
+// Callbacks from a van to its owner. Threading contract, which every van keeps and the
+// conformance suite checks: Destination, OnMessage, OnDropped and OnPeerFailure run on a
+// thread the van started (its receive/poller thread), never inline inside a Send,
+// Connect, Disconnect or Stop call the owner made. SendRendezvous is a request *to* the
+// owner and may run on any thread, including inside Connect or OnRendezvousBlob.
 class VanReceiver {
  public:
   virtual ~VanReceiver() = default;
@@ -29,10 +40,39 @@ class VanReceiver {
   // let the van keep the bytes in its own buffer. An error drops the message and is
   // reported through OnDropped.
   virtual Result<void*> Destination(const Meta& meta, size_t index) = 0;
-  // A complete message; called on the van's receive thread.
+  // A complete message.
   virtual void OnMessage(InMessage&& msg) = 0;
   // A message whose header decoded but whose payload was refused (why says how).
   virtual void OnDropped(const Meta& meta, const Status& why) = 0;
+  // The connection to peer_id failed (completion error, failed post, reset): whatever
+  // depends on that peer should fail. At most once per connection. Vans that cannot tell
+  // (tcp, cma) never call it; the owner's heartbeats cover them.
+  virtual void OnPeerFailure(int peer_id, const Status& why) {}
+  // Out-of-band rendezvous: a van that must exchange set-up bytes with a peer before data
+  // flows (RDMA queue pairs and keys) hands them here; the owner carries them over its
+  // control plane and feeds them to the peer's van of the same name() through
+  // Van::OnRendezvousBlob. Must not block long and must not call back into the van.
+  virtual Status SendRendezvous(const char* van_name, int peer_id, std::string blob) {
+    return UnimplementedError(std::string("van '") + van_name +
+                              "' needs a rendezvous channel its owner does not provide");
+  }
+};
+
+// Kinds of memory a van can be asked to register for one-sided access by peers. Host
+// memory is what vans take today; shared host memory (memfd, mappable by same-host peers)
+// and CUDA IPC device memory are further kinds of the same capability: a van answers
+// SupportsMemory(kind) and registers what it supports.
+enum class MemoryKind : uint8_t { kHost = 0, kSharedHost = 1, kCudaDevice = 2 };
+const char* MemoryKindName(MemoryKind kind);
+
+struct MemoryRegion {
+  void* addr = nullptr;
+  size_t size = 0;
+  MemoryKind kind = MemoryKind::kHost;
+  int device = -1;  // CUDA device ordinal for kCudaDevice
+  // When set, the registration is dropped once the owner is freed; when empty, the
+  // memory must stay valid until Van::InvalidateMemory, Disconnect or Stop.
+  std::weak_ptr<const void> owner;
 };
 
 struct VanOptions {
@@ -43,6 +83,13 @@ struct VanOptions {
   // path (the automatic fallback where CMA is refused; set to test it).
   bool cma_disable = false;
   int64_t connect_timeout_ms = 10'000;  // cma van: Connect handshake deadline
+  // How long Stop() waits for sends already handed to the van (zero-copy frames not yet
+  // released, unacknowledged reads, posted RDMA writes) before closing connections. A
+  // dead peer cannot hold Stop longer than this.
+  int64_t stop_drain_ms = 5'000;
+  std::string interface;  // DMLC_INTERFACE: vans that pick a device (rdma) use it
+  // Where van-specific variables (MESHPOST_RDMA_*) are read; empty = process environment.
+  EnvLookup env;
 };
 
 class Van {
@@ -55,19 +102,44 @@ class Van {
   virtual std::string endpoint() const = 0;
   // Starts the receive thread delivering to `receiver` (which must outlive Stop()).
   virtual Status Start(VanReceiver* receiver) = 0;
+  // Whether this van can carry data to `peer` at all (same host? same fabric?), asked
+  // before Connect; the status says why not. Default: every peer is reachable.
+  virtual Status CanReach(const PeerAddress& peer) const { return OkStatus(); }
   virtual Status Connect(const PeerAddress& peer) = 0;
   virtual void Disconnect(int peer_id) = 0;
   // Sends to msg.meta.recipient; thread-safe. Segments are read after return only through
   // their owners (zero-copy); without an owner the caller keeps the memory valid until
   // the request that carries it completes.
   virtual Status Send(OutMessage&& msg) = 0;
-  // Stops the receive thread and closes every socket; idempotent.
+  // Stops the receive thread and closes every socket; idempotent. Sends already accepted
+  // get up to VanOptions::stop_drain_ms to complete first.
   virtual void Stop() = 0;
   // The mechanism used towards a connected peer (e.g. "cma" or "cma-shm" for the
   // same-host van when CMA is refused); name() unless a van distinguishes.
   virtual std::string PeerTransport(int peer_id) const { return name(); }
-};
 
-std::unique_ptr<Van> CreateZmqVan(const VanOptions& options);
+  // A blob peer_id's van of the same name sent through VanReceiver::SendRendezvous.
+  // Malformed blobs are DataLoss and change nothing.
+  virtual Status OnRendezvousBlob(int peer_id, const std::string& blob) {
+    return FailedPreconditionError(std::string("van '") + name() +
+                                   "' takes no rendezvous blobs (from node " +
+                                   std::to_string(peer_id) + ")");
+  }
+
+  // --- memory registration (one-sided transports) ---
+  // Whether peers write into registered memory through this van, so the owner should
+  // tell it about destinations; false (the default) for copy-at-receiver vans, whose
+  // registration calls are no-ops.
+  virtual bool RegistersMemory() const { return false; }
+  virtual bool SupportsMemory(MemoryKind kind) const { return kind == MemoryKind::kHost; }
+  // Pushes of `key` from peer_id land in `region` (a server's receive buffer).
+  virtual Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) {
+    return OkStatus();
+  }
+  // Memory peers will write into on any connection (a worker's pull tensors).
+  virtual Status RegisterMemory(const MemoryRegion& region) { return OkStatus(); }
+  // Must be called before freeing caller-managed memory that was registered or sent.
+  virtual void InvalidateMemory(const void* addr, size_t size) {}
+};
 
 }  // namespace meshpost

@@ -87,7 +87,11 @@ def test_fserver_lib_signatures_match_stepmesh():
 
 
 def test_transports_and_clock():
-    assert "tcp" in meshpost.transports()
+    names = meshpost.transports()
+    # The C++ transport table, highest priority first: tcp always last, no stale names.
+    assert names[-1] == "tcp"
+    assert len(set(names)) == len(names)
+    assert set(names) <= {"cma", "rdma", "tcp"}, names
     a = ps.get_nanosecond()
     b = meshpost.get_nanosecond()
     assert isinstance(a, int) and b >= a > 0

@@ -15,6 +15,7 @@
 
 #include "van/cma/cma_van.h"
 #include "van/van.h"
+#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {

@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "van/van.h"
+#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "common/logging.h"
+#include "common/net.h"
 #include "common/wire.h"
 #include "van/codec.h"
 
@@ -336,6 +337,13 @@ class CmaVan : public Van {
     return it->second->cma ? "cma" : "cma-shm";
   }
 
+  // Cross-memory attach and memfds only work between processes on one running kernel.
+  Status CanReach(const PeerAddress& peer) const override {
+    if (peer.host_identity == host_identity_) return OkStatus();
+    return UnavailableError("the peer runs on " + peer.host_identity + ", this node on " +
+                            host_identity_);
+  }
+
   Result<int> Bind(const std::string& /*host*/, int /*port*/) override {
     if (listen_fd_.valid()) return FailedPreconditionError("cma van already bound");
     static std::atomic<uint32_t> counter{0};
@@ -616,7 +624,7 @@ class CmaVan : public Van {
               }
               return true;
             },
-            GetNanosecond() + 5'000'000'000ull);
+            DeadlineFromTimeoutMs(options_.stop_drain_ms));
       }
       running_ = false;
       uint64_t one = 1;
@@ -1134,6 +1142,7 @@ class CmaVan : public Van {
     }
     InMessage in;
     in.meta = std::move(meta).value();
+    in.peer = in.meta.sender;  // the doorbell names a pid, not a node, until it authenticates
 
     // 2. Every data segment into the destination the receiver chooses.
     Status refused;
@@ -1210,6 +1219,7 @@ class CmaVan : public Van {
   }
 
   const VanOptions options_;
+  const std::string host_identity_ = HostIdentity();
   std::shared_ptr<BufferPool> pool_;
   std::array<uint8_t, kCookieBytes> probe_cookie_{};
   UniqueFd listen_fd_;

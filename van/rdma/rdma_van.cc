@@ -1,9 +1,14 @@
 // RdmaVan: the Van face of RdmaTransport plus the completion poller thread. The poller
 // is the adaptive wait of DESIGN §4: it polls the CQ while there was recent activity
 // (spin_ns), then arms the completion channel and blocks in 100 ms slices so Stop() is
-// noticed; busy_poll never blocks.
+// noticed; busy_poll never blocks. The transport may detect a dead connection on any
+// thread that drives it (a failed post inside Send); the van queues such failures and the
+// poller reports them, so VanReceiver::OnPeerFailure never runs inside a caller's Send.
 #include <atomic>
+#include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "common/clock.h"
 #include "common/logging.h"
@@ -13,13 +18,9 @@
 namespace meshpost {
 namespace {
 
-// How long Stop waits for queued and in-flight sends before destroying the queue pairs.
-constexpr int64_t kStopDrainMs = 1000;
-
 class RdmaVanImpl : public RdmaVan {
  public:
-  RdmaVanImpl(const RdmaOptions& options, RdmaControlSend control_send)
-      : options_(options), control_send_(std::move(control_send)) {}
+  explicit RdmaVanImpl(const RdmaOptions& options) : options_(options) {}
   ~RdmaVanImpl() override { Stop(); }
 
   const char* name() const override { return "rdma"; }
@@ -27,10 +28,22 @@ class RdmaVanImpl : public RdmaVan {
   Result<int> Bind(const std::string& /*host*/, int /*port*/) override {
     if (transport_) return FailedPreconditionError("RdmaVan::Bind: already bound");
     auto t = rdma::RdmaTransport::Create(
-        options_.verbs ? options_.verbs() : rdma::CreateIbverbsApi(), options_, control_send_);
+        options_.verbs ? options_.verbs() : rdma::CreateIbverbsApi(), options_,
+        [this](int peer, std::string blob) -> Status {
+          VanReceiver* r = receiver_.load(std::memory_order_acquire);
+          if (r == nullptr) {
+            return FailedPreconditionError("RdmaVan: rendezvous with node " +
+                                           std::to_string(peer) + " before Start");
+          }
+          return r->SendRendezvous(name(), peer, std::move(blob));
+        });
     if (!t.ok()) return t.status().Annotate("RdmaVan::Bind");
     transport_ = std::move(t).value();
-    if (failure_cb_) transport_->SetPeerFailureCallback(failure_cb_);
+    transport_->SetPeerFailureCallback([this](int peer, const Status& why) {
+      std::lock_guard<std::mutex> lock(failures_mu_);
+      failures_.emplace_back(peer, why);
+      failures_pending_.store(true, std::memory_order_release);
+    });
     const auto& l = transport_->local();
     endpoint_ = "rdma://" + l.device + ":" + std::to_string(l.port) + "/gid/" +
                 std::to_string(l.gid_index);
@@ -42,6 +55,7 @@ class RdmaVanImpl : public RdmaVan {
   Status Start(VanReceiver* receiver) override {
     if (!transport_) return FailedPreconditionError("RdmaVan::Start before Bind");
     if (running_.exchange(true)) return FailedPreconditionError("RdmaVan already started");
+    receiver_.store(receiver, std::memory_order_release);
     transport_->SetReceiver(receiver);
     poller_ = std::thread([this] { PollLoop(); });
     return OkStatus();
@@ -65,25 +79,25 @@ class RdmaVanImpl : public RdmaVan {
   void Stop() override {
     if (transport_ && running_.load()) {
       // The poller still runs: let the last sends (responses, PEER_LEAVE) complete.
-      Status s = transport_->Drain(kStopDrainMs);
+      Status s = transport_->Drain(options_.stop_drain_ms);
       if (!s.ok()) MP_LOG_WARN("van", "rdma: stopping with sends unfinished: {}", s.ToString());
     }
     if (running_.exchange(false) && poller_.joinable()) poller_.join();
     if (transport_) transport_->Shutdown();
   }
 
-  Status OnControlBlob(int peer_id, const std::string& blob) override {
-    if (!transport_) return FailedPreconditionError("RdmaVan::OnControlBlob before Bind");
+  Status OnRendezvousBlob(int peer_id, const std::string& blob) override {
+    if (!transport_) return FailedPreconditionError("RdmaVan::OnRendezvousBlob before Bind");
     return transport_->OnControlBlob(peer_id, blob.data(), blob.size());
   }
-  Status RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) override {
-    if (!transport_) return FailedPreconditionError("RdmaVan::RegisterRecvBuffer before Bind");
-    return transport_->RegisterRecvBuffer(peer_id, key, addr, size);
+  bool RegistersMemory() const override { return true; }
+  Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) override {
+    MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterRecvBuffer", region));
+    return transport_->RegisterRecvBuffer(peer_id, key, region.addr, region.size);
   }
-  Status RegisterMemory(const void* addr, size_t size,
-                        const std::weak_ptr<const void>& owner) override {
-    if (!transport_) return FailedPreconditionError("RdmaVan::RegisterMemory before Bind");
-    return transport_->RegisterMemory(addr, size, owner);
+  Status RegisterMemory(const MemoryRegion& region) override {
+    MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterMemory", region));
+    return transport_->RegisterMemory(region.addr, region.size, region.owner);
   }
   void InvalidateMemory(const void* addr, size_t size) override {
     if (transport_) transport_->InvalidateMemory(addr, size);
@@ -99,15 +113,36 @@ class RdmaVanImpl : public RdmaVan {
   bool IsReady(int peer_id) const override {
     return transport_ && transport_->state(peer_id) == rdma::PeerState::kReady;
   }
-  void SetPeerFailureCallback(RdmaPeerFailure cb) override {
-    failure_cb_ = cb;
-    if (transport_) transport_->SetPeerFailureCallback(std::move(cb));
-  }
 
  private:
+  Status CheckRegion(const char* fn, const MemoryRegion& region) const {
+    if (!transport_) return FailedPreconditionError(std::string("RdmaVan::") + fn + " before Bind");
+    if (!SupportsMemory(region.kind)) {
+      return UnimplementedError(std::string("RdmaVan::") + fn + ": memory kind '" +
+                                MemoryKindName(region.kind) + "' is not supported (host only)");
+    }
+    return OkStatus();
+  }
+
+  // Poller thread: reports connection failures the transport queued from any thread.
+  void ReportFailures() {
+    if (!failures_pending_.load(std::memory_order_acquire)) return;
+    std::vector<std::pair<int, Status>> failures;
+    {
+      std::lock_guard<std::mutex> lock(failures_mu_);
+      failures.swap(failures_);
+      failures_pending_.store(false, std::memory_order_relaxed);
+    }
+    VanReceiver* r = receiver_.load(std::memory_order_acquire);
+    for (auto& [peer, why] : failures) {
+      if (r != nullptr) r->OnPeerFailure(peer, why);
+    }
+  }
+
   void PollLoop() {
     uint64_t last_activity = GetNanosecond();
     while (running_.load(std::memory_order_relaxed)) {
+      ReportFailures();
       if (transport_->Progress() > 0) {
         last_activity = GetNanosecond();
         continue;
@@ -127,8 +162,10 @@ class RdmaVanImpl : public RdmaVan {
   }
 
   RdmaOptions options_;
-  RdmaControlSend control_send_;
-  RdmaPeerFailure failure_cb_;
+  std::atomic<VanReceiver*> receiver_{nullptr};
+  std::mutex failures_mu_;
+  std::vector<std::pair<int, Status>> failures_;  // guarded by failures_mu_
+  std::atomic<bool> failures_pending_{false};
   std::unique_ptr<rdma::RdmaTransport> transport_;
   std::string endpoint_;
   std::atomic<bool> running_{false};
@@ -137,13 +174,8 @@ class RdmaVanImpl : public RdmaVan {
 
 }  // namespace
 
-Result<std::unique_ptr<RdmaVan>> CreateRdmaVan(const RdmaOptions& options,
-                                               RdmaControlSend control_send) {
-  if (!control_send) {
-    return InvalidArgumentError("CreateRdmaVan: control_send is empty; rendezvous blobs need a "
-                                "control channel");
-  }
-  return std::unique_ptr<RdmaVan>(new RdmaVanImpl(options, std::move(control_send)));
+Result<std::unique_ptr<RdmaVan>> CreateRdmaVan(const RdmaOptions& options) {
+  return std::unique_ptr<RdmaVan>(new RdmaVanImpl(options));
 }
 
 }  // namespace meshpost

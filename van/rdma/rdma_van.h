@@ -1,8 +1,8 @@
 // The RDMA van (libibverbs, RC queue pairs): options from the environment, device probing
-// (CheckRdmaAvailable is what transport selection calls; it returns Unavailable "no RDMA
-// device: ..." on hosts without one), and RdmaVan, a Van whose rendezvous blobs travel over
-// the caller's control plane (control_send out, OnControlBlob in). See docs/rdma.md.
-// Only built when MESHPOST_HAVE_RDMA is defined.
+// (CheckRdmaAvailable returns Unavailable "no RDMA device: ..." on hosts without one), and
+// RdmaVan, a Van whose rendezvous blobs travel over its owner's control plane
+// (VanReceiver::SendRendezvous out, Van::OnRendezvousBlob in). See docs/rdma.md.
+// Only built in the meshpost_rdma target; ps/ reaches it by name through van/registry.
 #pragma once
 
 #include <cstdint>
@@ -25,13 +25,6 @@ class VerbsApi;  // van/rdma/verbs_api.h
 // tests substitute the in-process fake fabric (tests/van/rdma/fake_verbs.h).
 using RdmaVerbsFactory = std::function<std::unique_ptr<rdma::VerbsApi>()>;
 
-// Test-only hook carried by meshpost::Options (ps/options.h names it opaquely so public
-// headers stay free of verbs types): a postoffice whose options hold one creates its rdma
-// van over `make` instead of libibverbs.
-struct RdmaTestVerbs {
-  RdmaVerbsFactory make;
-};
-
 struct RdmaOptions {
   std::string device;            // MESHPOST_RDMA_DEVICE ("mlx5_0"); "" = auto
   std::string interface;         // DMLC_INTERFACE: pick the RDMA device behind this netdev
@@ -44,6 +37,7 @@ struct RdmaOptions {
   uint32_t send_queue_depth = 1024;   // work requests per QP
   size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
   WaitPolicy wait;                    // completion poller spin/block policy
+  int64_t stop_drain_ms = 5'000;      // VanOptions::stop_drain_ms
   RdmaVerbsFactory verbs;             // tests only; empty = libibverbs
 };
 
@@ -79,40 +73,26 @@ Result<std::vector<RdmaDeviceInfo>> ProbeRdmaDevices();
 // exists. Cheap enough to call once at start-up.
 Status CheckRdmaAvailable(const RdmaOptions& options = {});
 
-// Sends a rendezvous blob to peer_id over the control plane (TCP). Must not block long
-// and must not call back into the van.
+// RdmaTransport's (van/rdma internal) hooks: a rendezvous blob out to peer_id (must not
+// block long nor call back into the transport), and a connection that died (completion
+// error, failed post, peer re-connected). RdmaVan routes both to its VanReceiver, the
+// failure on its poller thread.
 using RdmaControlSend = std::function<Status(int peer_id, std::string blob)>;
-// Told once per connection that died (completion error, failed post, peer re-connected):
-// the caller fails requests that depend on that peer.
 using RdmaPeerFailure = std::function<void(int peer_id, const Status& why)>;
 
+// Van: Bind opens the device (host/port are ignored, returns 0); endpoint() is
+// "rdma://<device>:<port>/gid/<index>"; Connect(peer) starts rendezvous with peer.id
+// through VanReceiver::SendRendezvous; Send posts asynchronously and its completion is
+// tracked internally (failures reach VanReceiver::OnPeerFailure on the poller thread).
+// RegistersMemory() is true: receive buffers and pull tensors are registered with the NIC.
 class RdmaVan : public Van {
  public:
-  // Van: Bind opens the device (host/port are ignored, returns 0); endpoint() is
-  // "rdma://<device>:<port>/gid/<index>"; Connect(peer) starts rendezvous with peer.id;
-  // Send posts asynchronously and its completion is tracked internally (failures go to the
-  // peer-failure callback).
-
-  // Feed a blob that peer_id sent through RdmaControlSend. Malformed blobs are DataLoss
-  // and change nothing.
-  virtual Status OnControlBlob(int peer_id, const std::string& blob) = 0;
-  // Server side register_recv_buffer: pushes of `key` from peer_id land in [addr, +size).
-  // The memory must stay valid until Disconnect/Stop or InvalidateMemory.
-  virtual Status RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) = 0;
-  // Pre-registers memory (pull tensors) whose lifetime `owner` tracks; the registration
-  // is dropped automatically once owner is freed.
-  virtual Status RegisterMemory(const void* addr, size_t size,
-                                const std::weak_ptr<const void>& owner) = 0;
-  // Must be called before freeing caller-managed memory that was registered or sent.
-  virtual void InvalidateMemory(const void* addr, size_t size) = 0;
   // Like Send but returns a handle; WaitSend returns its final status (exactly once).
   virtual Result<uint64_t> SendAsync(OutMessage&& msg) = 0;
   virtual Status WaitSend(uint64_t handle, int64_t timeout_ms) = 0;
   virtual bool IsReady(int peer_id) const = 0;
-  virtual void SetPeerFailureCallback(RdmaPeerFailure cb) = 0;
 };
 
-Result<std::unique_ptr<RdmaVan>> CreateRdmaVan(const RdmaOptions& options,
-                                               RdmaControlSend control_send);
+Result<std::unique_ptr<RdmaVan>> CreateRdmaVan(const RdmaOptions& options);
 
 }  // namespace meshpost

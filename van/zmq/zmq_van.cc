@@ -13,7 +13,7 @@
 
 #include "common/logging.h"
 #include "van/codec.h"
-#include "van/van.h"
+#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {
@@ -175,7 +175,7 @@ class ZmqVan : public Van {
   void Stop() override {
     // Let zero-copy sends drain before closing sockets (LINGER 0 would discard them), so
     // the last response of a run reaches its worker. Bounded: a dead peer cannot hold us.
-    const uint64_t drain_deadline = GetNanosecond() + 5'000'000'000ull;
+    const uint64_t drain_deadline = DeadlineFromTimeoutMs(options_.stop_drain_ms);
     while (inflight_.load(std::memory_order_acquire) > 0 && GetNanosecond() < drain_deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -250,6 +250,7 @@ class ZmqVan : public Van {
     }
     InMessage in;
     in.meta = std::move(meta).value();
+    in.peer = in.meta.sender;  // a ROUTER identity names no node until connections authenticate
     const size_t expected = in.meta.data.size();
     in.segments.reserve(expected);
     Status refused;

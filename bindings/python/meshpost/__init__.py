@@ -39,7 +39,8 @@ __all__ = [
 
 
 def transports() -> List[str]:
-    """Transports compiled into this build (e.g. ["tcp"]). A node's per-peer choice is
+    """Transports compiled into this build, highest priority first (e.g. ["cma", "rdma",
+    "tcp"]), read from the C++ transport table (van/registry.h). A node's per-peer choice is
     ``node.transports()``."""
     return list(_meshpost.available_transports())
 

@@ -19,6 +19,7 @@
 #include "ps/postoffice.h"
 #include "test_util.h"
 #include "van/rdma/rdma_van.h"
+#include "van/registry.h"
 
 namespace meshpost {
 namespace {
@@ -74,12 +75,12 @@ class RdmaCluster {
     }
     Status created;
     for (int r = 0; r < num_servers && created.ok(); ++r) {
-      auto po = Postoffice::Create(Base(Role::kServer, r, *port));
+      auto po = Postoffice::Create(Base(Role::kServer, r, *port), FakeFabricVans());
       if (po.ok()) servers_.push_back(std::move(po).value());
       created = po.status();
     }
     for (int r = 0; r < num_workers && created.ok(); ++r) {
-      auto po = Postoffice::Create(Base(Role::kWorker, r, *port));
+      auto po = Postoffice::Create(Base(Role::kWorker, r, *port), FakeFabricVans());
       if (po.ok()) workers_.push_back(std::move(po).value());
       created = po.status();
     }
@@ -150,14 +151,24 @@ class RdmaCluster {
     o.transport = "rdma";
     o.start_timeout_ms = 20000;
     o.spin_us = 0;
-    if (role != Role::kScheduler) {
-      // One fake host per node, each with its own RoCE device and GIDs.
-      const int host = fabric_.AddHost({RoceSpec("mlx5_0", static_cast<uint8_t>(10 + next_ip_++))});
-      FakeFabric* fabric = &fabric_;
-      o.rdma_test_verbs = std::make_shared<RdmaTestVerbs>(
-          RdmaTestVerbs{[fabric, host] { return fabric->Api(host); }});
-    }
     return o;
+  }
+
+  // The test seam: this node's "rdma" van runs over the fake fabric, on a fake host of
+  // its own with its own RoCE device and GIDs; every other van comes from the registry.
+  VanFactory FakeFabricVans() {
+    const int host = fabric_.AddHost({RoceSpec("mlx5_0", static_cast<uint8_t>(10 + next_ip_++))});
+    FakeFabric* fabric = &fabric_;
+    return [fabric, host](const std::string& name,
+                          const VanOptions& vo) -> Result<std::unique_ptr<Van>> {
+      if (name != "rdma") return CreateVan(name, vo);
+      RdmaOptions ro;
+      ro.wait = vo.wait;
+      ro.stop_drain_ms = vo.stop_drain_ms;
+      ro.verbs = [fabric, host] { return fabric->Api(host); };
+      MESHPOST_ASSIGN_OR_RETURN(auto van, CreateRdmaVan(ro));
+      return std::unique_ptr<Van>(std::move(van));
+    };
   }
 
   static Result<int> ReadPort(int fd) {

@@ -35,7 +35,7 @@ TEST(RdmaAvailabilityTest, CheckMatchesProbe) {
 
 TEST(RdmaAvailabilityTest, VanBindReportsMissingDeviceAsStatus) {
   if (NoDeviceReason().ok()) GTEST_SKIP() << "this host has an RDMA device";
-  auto van = CreateRdmaVan(RdmaOptions{}, [](int, std::string) { return OkStatus(); });
+  auto van = CreateRdmaVan(RdmaOptions{});
   ASSERT_TRUE(van.ok());
   auto bound = (*van)->Bind("", 0);
   ASSERT_FALSE(bound.ok());

@@ -1,0 +1,279 @@
+#include "ps/membership.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "common/clock.h"
+#include "common/logging.h"
+#include "ps/control.h"
+#include "ps/node_context.h"
+
+namespace meshpost {
+namespace {
+constexpr const char* kLog = "ps";
+}  // namespace
+
+Membership::Membership(const Options& options, const ClusterLayout& layout, int my_id,
+                       VanRouter* router, PeerDownFn on_peer_down)
+    : opts_(options),
+      layout_(layout),
+      my_id_(my_id),
+      router_(router),
+      on_peer_down_(std::move(on_peer_down)),
+      peer_status_(layout.num_nodes()) {}
+
+Membership::~Membership() { StopHeartbeats(); }
+
+template <typename Pred>
+bool Membership::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64_t deadline) {
+  while (!pred()) {
+    const uint64_t now = GetNanosecond();
+    if (now >= deadline) return false;
+    cv_.wait_for(lock, std::chrono::nanoseconds(std::min<uint64_t>(deadline - now, 100'000'000)));
+  }
+  return true;
+}
+
+Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
+  self_ = self;
+  MESHPOST_RETURN_IF_ERROR(router_->ConnectControl(kSchedulerId, opts_.root_uri, opts_.root_port));
+  MESHPOST_RETURN_IF_ERROR(router_->SendControl(
+      ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})).Build()));
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!WaitLocked(lock, [this] { return table_ready_ || !join_error_.ok(); }, deadline)) {
+    return DeadlineExceededError(
+        "Start: no node table from the scheduler at " + opts_.root_uri + ":" +
+        std::to_string(opts_.root_port) + " after " + std::to_string(opts_.start_timeout_ms) +
+        " ms; is the scheduler running and are all DMLC_NUM_WORKER=" +
+        std::to_string(opts_.num_workers) + " workers and DMLC_NUM_SERVER=" +
+        std::to_string(opts_.num_servers) + " servers started?");
+  }
+  if (!join_error_.ok()) return join_error_;
+  last_ack_ns_ = GetNanosecond();
+  return OkStatus();
+}
+
+bool Membership::Joined() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return table_ready_ && join_error_.ok();
+}
+
+std::vector<NodeInfo> Membership::Table() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return table_;
+}
+
+Status Membership::PeerStatus(int id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!layout_.Contains(id)) return NotFoundError("no node " + std::to_string(id));
+  auto leaving = leaving_.find(id);
+  if (leaving != leaving_.end()) return UnavailableError(leaving->second.second);
+  return peer_status_[id];
+}
+
+Status Membership::Barrier(int mask, int64_t timeout_ms) {
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    seq = ++barrier_seq_[mask];
+  }
+  MESHPOST_RETURN_IF_ERROR(router_->SendControl(
+      ControlMessage(Command::kBarrier, my_id_, kSchedulerId).Arg(mask).Seq(seq).Build()));
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto key = std::make_pair(mask, seq);
+  const bool done = WaitLocked(
+      lock, [&] { return barrier_outcome_.count(key) || !peer_status_[kSchedulerId].ok(); },
+      DeadlineFromTimeoutMs(timeout_ms));
+  auto it = barrier_outcome_.find(key);
+  if (it != barrier_outcome_.end()) {
+    Status s = it->second;
+    barrier_outcome_.erase(it);
+    return s;
+  }
+  if (!done) {
+    return DeadlineExceededError("Barrier(" + GroupNames(mask) + ", seq " + std::to_string(seq) +
+                                 "): not released after " + std::to_string(timeout_ms) + " ms");
+  }
+  return peer_status_[kSchedulerId].Annotate("Barrier(" + GroupNames(mask) + ")");
+}
+
+void Membership::Leave(int64_t timeout_ms) {
+  if (!Joined()) {
+    MP_LOG_INFO(kLog, "stopping without leaving: this node never joined the cluster");
+    return;
+  }
+  // Tell data peers first, on the connection our last responses/requests used: they
+  // process everything we sent before learning we are gone.
+  std::vector<int> peers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const NodeInfo& n : table_) {
+      if (IsDataPeer(opts_.role, n.role) && peer_status_[n.id].ok()) peers.push_back(n.id);
+    }
+  }
+  for (int id : peers) {
+    Status s = router_->Send(ControlMessage(Command::kPeerLeave, my_id_, id)
+                                 .Body(self_.Describe() + " stopped")
+                                 .Build());
+    (void)s;
+  }
+  Status sent = router_->SendControl(ControlMessage(Command::kLeave, my_id_, kSchedulerId).Build());
+  if (!sent.ok()) return;
+  const int64_t wait_ms = timeout_ms < 0 ? opts_.heartbeat_timeout_ms : timeout_ms;
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!WaitLocked(lock, [this] { return leave_acked_ || !peer_status_[kSchedulerId].ok(); },
+                  DeadlineFromTimeoutMs(wait_ms))) {
+    MP_LOG_WARN(kLog, "scheduler did not acknowledge leaving within {} ms", wait_ms);
+  }
+}
+
+void Membership::OnControl(const Meta& m) {
+  if (m.sender != kSchedulerId) {
+    MP_LOG_ERROR(kLog, "{} from node {} dropped: control comes from the scheduler",
+                 CommandName(m.cmd), m.sender);
+    return;
+  }
+  if (m.cmd == Command::kNodeTable) {
+    OnNodeTable(m);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  switch (m.cmd) {
+    case Command::kRegisterReply: {
+      // A reply only ever refuses; a zero code from a confused scheduler is still a refusal.
+      Status refusal = OutcomeOf(m, "scheduler refused this node: ");
+      join_error_ = refusal.ok() ? InternalError("scheduler refused this node: " + m.body) : refusal;
+      break;
+    }
+    case Command::kBarrierDone:
+      barrier_outcome_[{m.arg, m.id}] = OutcomeOf(m);
+      break;
+    case Command::kHeartbeatAck:
+      last_ack_ns_ = GetNanosecond();
+      break;
+    case Command::kLeaveAck:
+      leave_acked_ = true;
+      break;
+    case Command::kNodeDown:
+      if (m.arg <= 0 || m.arg >= layout_.num_nodes()) break;
+      if (NodeDownReasonOf(m) == NodeDownReason::kDied) {
+        lock.unlock();
+        PeerGone(m.arg, UnavailableError(m.body));
+        lock.lock();
+      } else if (peer_status_[m.arg].ok() && !leaving_.count(m.arg)) {
+        // An orderly leave: the peer's own PEER_LEAVE follows its last data on the data
+        // connection. Refuse new requests now; fail pending ones when PEER_LEAVE arrives,
+        // or after a heartbeat timeout if it never does.
+        leaving_[m.arg] = {GetNanosecond(), m.body};
+      }
+      break;
+    default:
+      MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
+  }
+  cv_.notify_all();
+}
+
+void Membership::OnNodeTable(const Meta& m) {
+  auto nodes = DecodeNodes(m.body);
+  if (!nodes.ok() || nodes->size() != static_cast<size_t>(layout_.num_nodes())) {
+    std::lock_guard<std::mutex> lock(mu_);
+    join_error_ = DataLossError("bad node table from the scheduler: " +
+                                (nodes.ok() ? std::string("wrong size") : nodes.status().message()));
+    cv_.notify_all();
+    return;
+  }
+  Status error;
+  for (const NodeInfo& n : *nodes) {
+    if (!IsDataPeer(opts_.role, n.role)) continue;
+    error = router_->ConnectPeer(n);
+    if (!error.ok()) break;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    table_ = std::move(nodes).value();
+    table_ready_ = true;
+    join_error_ = error;
+    cv_.notify_all();
+  }
+  // Rendezvous blobs held until now can be answered: the tcp links to the peers exist.
+  router_->PeersConnected();
+}
+
+void Membership::OnPeerLeave(const Meta& m) {
+  if (!layout_.Contains(m.sender) || m.sender == kSchedulerId ||
+      !IsDataPeer(opts_.role, layout_.RoleOf(m.sender))) {
+    MP_LOG_ERROR(kLog, "PEER_LEAVE from non-peer node {} dropped", m.sender);
+    return;
+  }
+  PeerGone(m.sender, UnavailableError(m.body));
+}
+
+void Membership::PeerGone(int id, const Status& why) {
+  if (!layout_.Contains(id)) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    leaving_.erase(id);
+    if (!peer_status_[id].ok()) return;
+    peer_status_[id] = why;
+    cv_.notify_all();
+  }
+  MP_LOG_INFO(kLog, "peer down: {}", why.message());
+  // Never call into the worker/server holding our lock.
+  if (on_peer_down_) on_peer_down_(id, why);
+}
+
+void Membership::StartHeartbeats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  heartbeats_running_ = true;
+  heartbeat_thread_ = std::thread([this] { HeartbeatLoop(); });
+}
+
+void Membership::StopHeartbeats() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    heartbeats_running_ = false;
+    cv_.notify_all();
+  }
+  if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
+}
+
+void Membership::HeartbeatLoop() {
+  const auto period = std::chrono::milliseconds(opts_.heartbeat_interval_ms);
+  const uint64_t timeout_ns = static_cast<uint64_t>(opts_.heartbeat_timeout_ms) * 1000000ull;
+  uint64_t seq = 0;
+  std::unique_lock<std::mutex> lock(mu_);
+  auto next = std::chrono::steady_clock::now() + period;
+  while (heartbeats_running_) {
+    // cv_ is notified by every control message (heartbeat acks included): wait for the
+    // period to elapse, not for the next notification, or acks would pace heartbeats.
+    if (cv_.wait_until(lock, next) != std::cv_status::timeout &&
+        std::chrono::steady_clock::now() < next) {
+      continue;
+    }
+    if (!heartbeats_running_) break;
+    next = std::chrono::steady_clock::now() + period;
+    const uint64_t now = GetNanosecond();
+    std::vector<std::pair<int, std::string>> overdue;
+    for (auto& [id, info] : leaving_) {
+      if (now - info.first > timeout_ns) overdue.emplace_back(id, info.second);
+    }
+    if (!overdue.empty()) {
+      lock.unlock();
+      for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
+      lock.lock();
+    }
+    Status s = router_->SendControl(
+        ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq).Build());
+    (void)s;
+    if (peer_status_[kSchedulerId].ok() && now - last_ack_ns_ > timeout_ns) {
+      peer_status_[kSchedulerId] = UnavailableError(
+          "scheduler at " + opts_.root_uri + ":" + std::to_string(opts_.root_port) +
+          " has not answered heartbeats for " + std::to_string((now - last_ack_ns_) / 1000000) +
+          " ms");
+      MP_LOG_ERROR(kLog, "{}", peer_status_[kSchedulerId].message());
+      cv_.notify_all();
+    }
+  }
+}
+
+}  // namespace meshpost

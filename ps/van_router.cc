@@ -1,0 +1,228 @@
+#include "ps/van_router.h"
+
+#include "common/logging.h"
+#include "ps/control.h"
+#include "van/registry.h"
+
+namespace meshpost {
+namespace {
+
+constexpr const char* kLog = "ps";
+
+VanOptions VanOptionsFor(const Options& o) {
+  VanOptions v;
+  v.wait.spin_ns = o.spin_us * 1000;
+  v.wait.busy_poll = o.busy_poll;
+  v.cma_disable = o.cma_disable;
+  v.interface = o.interface;
+  return v;
+}
+
+}  // namespace
+
+VanRouter::VanRouter(const Options& options, int my_id, int num_nodes, VanFactory factory)
+    : opts_(options),
+      my_id_(my_id),
+      num_nodes_(num_nodes),
+      factory_(factory ? std::move(factory) : VanFactory(&CreateVan)),
+      van_options_(VanOptionsFor(options)),
+      route_(num_nodes, nullptr),
+      route_name_(num_nodes, "tcp") {}
+
+VanRouter::~VanRouter() { Stop(); }
+
+Result<int> VanRouter::BindControl(int port) {
+  MESHPOST_ASSIGN_OR_RETURN(control_, factory_("tcp", van_options_));
+  return control_->Bind("*", port);
+}
+
+Status VanRouter::StartControl(VanReceiver* receiver) { return control_->Start(receiver); }
+
+Result<std::vector<std::pair<std::string, std::string>>> VanRouter::StartDataVans(
+    const std::string& host, VanReceiver* receiver) {
+  const std::string forced = opts_.ForcedTransport();
+  std::vector<std::string> wanted;
+  if (forced.empty()) {
+    for (const std::string& name : CompiledTransports()) {
+      if (name != "tcp") wanted.push_back(name);
+    }
+  } else if (forced != "tcp") {
+    wanted.push_back(forced);
+  }
+  std::vector<std::pair<std::string, std::string>> offered;
+  for (const std::string& name : wanted) {
+    auto van = factory_(name, van_options_);
+    Status st = van.status();
+    if (van.ok()) {
+      auto bound = (*van)->Bind(host, 0);
+      st = bound.ok() ? (*van)->Start(receiver) : bound.status();
+    }
+    if (!st.ok()) {
+      if (!forced.empty()) {
+        return st.Annotate("Start: transport '" + forced + "' was forced (" +
+                           (opts_.enable_rdma ? "DMLC_ENABLE_RDMA=1" : "MESHPOST_TRANSPORT") +
+                           ") but cannot run here");
+      }
+      MP_LOG_INFO(kLog, "transport {} not used: {}", name, st.message());
+      continue;
+    }
+    offered.emplace_back(name, (*van)->endpoint());
+    if ((*van)->RegistersMemory()) registering_.push_back(van->get());
+    data_vans_.emplace_back(name, std::move(van).value());
+  }
+  std::vector<EarlyBuffer> early;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    data_vans_started_ = true;
+    early.swap(early_buffers_);
+  }
+  for (const EarlyBuffer& b : early) RegisterRecvBufferWith(registering_, b);
+  return offered;
+}
+
+Status VanRouter::ConnectControl(int id, const std::string& host, int port) {
+  return control_->Connect({id, host, port});
+}
+
+Van* VanRouter::DataVan(const std::string& name) const {
+  for (const auto& [n, van] : data_vans_) {
+    if (n == name) return van.get();
+  }
+  return nullptr;
+}
+
+Status VanRouter::ConnectPeer(const NodeInfo& n) {
+  MESHPOST_RETURN_IF_ERROR(
+      control_->Connect({n.id, n.host, n.port}).Annotate("connecting to " + n.Describe()));
+  if (n.id <= 0 || n.id >= num_nodes_) {
+    return InvalidArgumentError("ConnectPeer: node id " + std::to_string(n.id) +
+                                " outside this cluster of " + std::to_string(num_nodes_));
+  }
+  const std::string forced = opts_.ForcedTransport();
+  std::string why_not;
+  for (const auto& [name, van] : data_vans_) {
+    const std::string* endpoint = nullptr;
+    for (const auto& [peer_name, peer_endpoint] : n.vans) {
+      if (peer_name == name) endpoint = &peer_endpoint;
+    }
+    if (endpoint == nullptr) {
+      why_not += name + ": the peer does not offer it; ";
+      continue;
+    }
+    PeerAddress addr{n.id, n.host, n.port, *endpoint, n.pid, n.host_identity};
+    Status c = van->CanReach(addr);
+    if (c.ok()) c = van->Connect(addr);
+    if (!c.ok()) {
+      why_not += name + ": " + c.message() + "; ";
+      continue;
+    }
+    route_[n.id] = van.get();
+    route_name_[n.id] = name;
+    break;
+  }
+  if (!forced.empty() && forced != route_name_[n.id]) {
+    return InvalidArgumentError("transport '" + forced + "' was forced but cannot reach " +
+                                n.Describe() + ": " + why_not);
+  }
+  MP_LOG_INFO(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
+  return OkStatus();
+}
+
+Status VanRouter::Send(OutMessage&& msg) {
+  const int to = msg.meta.recipient;
+  Van* van = (to > 0 && to < num_nodes_ && route_[to] != nullptr) ? route_[to] : control_.get();
+  return van->Send(std::move(msg));
+}
+
+Status VanRouter::SendControl(OutMessage&& msg) { return control_->Send(std::move(msg)); }
+
+Status VanRouter::SendRendezvous(const char* van, int peer_id, std::string blob) {
+  return control_->Send(ControlMessage(Command::kVanRendezvous, my_id_, peer_id)
+                            .Body(EncodeRendezvous(van, blob))
+                            .Build());
+}
+
+void VanRouter::OnRendezvous(int sender, const std::string& body) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!peers_connected_) {
+      early_rendezvous_.emplace_back(sender, body);
+      return;
+    }
+  }
+  DeliverRendezvous(sender, body);
+}
+
+void VanRouter::PeersConnected() {
+  std::vector<std::pair<int, std::string>> early;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    peers_connected_ = true;
+    early.swap(early_rendezvous_);
+  }
+  for (const auto& [sender, body] : early) DeliverRendezvous(sender, body);
+}
+
+void VanRouter::DeliverRendezvous(int sender, const std::string& body) {
+  auto blob = DecodeRendezvous(body);
+  if (!blob.ok()) {
+    MP_LOG_ERROR(kLog, "VAN_RENDEZVOUS from node {} dropped: {}", sender, blob.status().ToString());
+    return;
+  }
+  Van* van = DataVan(blob->first);
+  if (van == nullptr) {
+    MP_LOG_ERROR(kLog, "VAN_RENDEZVOUS for '{}' from node {} dropped: no such van here",
+                 blob->first, sender);
+    return;
+  }
+  Status s = van->OnRendezvousBlob(sender, blob->second);
+  if (!s.ok()) MP_LOG_ERROR(kLog, "{} rendezvous from node {}: {}", blob->first, sender, s.ToString());
+}
+
+void VanRouter::RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!data_vans_started_) {
+      // Registered before Start: the vans do not exist yet. StartDataVans replays it, or
+      // pushes would land in a pooled buffer and be copied.
+      early_buffers_.push_back({peer_id, key, addr, size});
+      return;
+    }
+  }
+  RegisterRecvBufferWith(registering_, {peer_id, key, addr, size});
+}
+
+void VanRouter::RegisterRecvBufferWith(const std::vector<Van*>& vans, const EarlyBuffer& b) {
+  MemoryRegion region;
+  region.addr = b.addr;
+  region.size = b.size;
+  for (Van* van : vans) {
+    Status s = van->RegisterRecvBuffer(b.peer_id, b.key, region);
+    if (!s.ok()) MP_LOG_WARN(kLog, "{}: receive buffer not registered: {}", van->name(), s.ToString());
+  }
+}
+
+void VanRouter::RegisterMemory(const void* addr, size_t size,
+                               const std::shared_ptr<const void>& owner) {
+  if (registering_.empty()) return;
+  MemoryRegion region;
+  region.addr = const_cast<void*>(addr);
+  region.size = size;
+  region.owner = owner;
+  for (Van* van : registering_) {
+    Status s = van->RegisterMemory(region);
+    if (!s.ok()) MP_LOG_WARN(kLog, "{}: pull memory not registered: {}", van->name(), s.ToString());
+  }
+}
+
+std::string VanRouter::TransportTo(int id) const {
+  if (id < 0 || id >= num_nodes_) return "tcp";
+  return route_[id] != nullptr ? route_[id]->PeerTransport(id) : route_name_[id];
+}
+
+void VanRouter::Stop() {
+  for (auto& [name, van] : data_vans_) van->Stop();
+  if (control_) control_->Stop();
+}
+
+}  // namespace meshpost

@@ -1,0 +1,100 @@
+// Routing to vans for one process: the tcp van that carries control traffic (and data
+// where nothing better fits), the data vans this node offers (created by name from
+// van/registry), which van carries each peer's data, rendezvous blobs relayed between
+// vans over the tcp plane, and memory registration fanned out to the vans that need it.
+// Knows no concrete van: every choice is a question to the Van interface. Internal to ps/.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/result.h"
+#include "ps/node.h"
+#include "ps/options.h"
+#include "van/registry.h"
+#include "van/van.h"
+
+namespace meshpost {
+
+class VanRouter {
+ public:
+  VanRouter(const Options& options, int my_id, int num_nodes, VanFactory factory);
+  ~VanRouter();
+
+  // The tcp van: binds host:port (0 = OS-assigned) and starts delivering to `receiver`.
+  Result<int> BindControl(int port);
+  Status StartControl(VanReceiver* receiver);
+  // Creates, binds and starts every data van besides tcp this node may use (only the
+  // forced one when a transport is forced). Returns the (name, endpoint) pairs to
+  // advertise in the node table. A forced van that cannot run is an error; others are
+  // skipped with a log line.
+  Result<std::vector<std::pair<std::string, std::string>>> StartDataVans(
+      const std::string& host, VanReceiver* receiver);
+
+  // tcp connection to a node that is not a data peer (the scheduler; a refused node).
+  Status ConnectControl(int id, const std::string& host, int port);
+  // Connects data peer `peer`: tcp, plus the highest-priority data van both sides offer
+  // that can reach it. Error when a forced transport cannot reach it.
+  Status ConnectPeer(const NodeInfo& peer);
+
+  // Data to a peer goes over the van chosen for that pair; everything else over tcp.
+  Status Send(OutMessage&& msg);
+  Status SendControl(OutMessage&& msg);
+
+  // Rendezvous relay: a local van's blob out to peer_id, and a peer's blob in. Blobs that
+  // arrive before PeersConnected() are held (answering needs the tcp link to the peer,
+  // which the node table brings) and delivered by it.
+  Status SendRendezvous(const char* van, int peer_id, std::string blob);
+  void OnRendezvous(int sender, const std::string& body);
+  void PeersConnected();
+
+  // Memory peers write into one-sidedly, for the vans that register memory. A receive
+  // buffer registered before StartDataVans is replayed to the vans it creates.
+  void RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size);
+  void RegisterMemory(const void* addr, size_t size, const std::shared_ptr<const void>& owner);
+
+  // The mechanism carrying data to `id` ("cma", "cma-shm", "rdma", "tcp").
+  std::string TransportTo(int id) const;
+  void Stop();
+
+ private:
+  struct EarlyBuffer {
+    int peer_id;
+    int64_t key;
+    void* addr;
+    size_t size;
+  };
+
+  Van* DataVan(const std::string& name) const;
+  void RegisterRecvBufferWith(const std::vector<Van*>& vans, const EarlyBuffer& b);
+  void DeliverRendezvous(int sender, const std::string& body);
+
+  const Options& opts_;
+  const int my_id_;
+  const int num_nodes_;
+  const VanFactory factory_;
+  VanOptions van_options_;
+  std::unique_ptr<Van> control_;  // tcp
+  std::vector<std::pair<std::string, std::unique_ptr<Van>>> data_vans_;  // priority order
+  // Per node id: the data van (nullptr = tcp) and its name. Written on the tcp receive
+  // thread when the node table arrives, before the start barrier releases; read by
+  // senders only after it, so reads need no lock.
+  std::vector<Van*> route_;
+  std::vector<std::string> route_name_;
+  // Data vans that register memory; fixed once StartDataVans returned (read lock-free on
+  // the data path afterwards).
+  std::vector<Van*> registering_;
+
+  mutable std::mutex mu_;
+  bool data_vans_started_ = false;                 // guarded by mu_
+  std::vector<EarlyBuffer> early_buffers_;         // guarded by mu_
+  bool peers_connected_ = false;                   // guarded by mu_
+  std::vector<std::pair<int, std::string>> early_rendezvous_;  // guarded by mu_
+};
+
+}  // namespace meshpost
