@@ -8,6 +8,13 @@ bash scripts/build.sh
 echo "== C++ tests (ctest) =="
 # Each test has its own time limit (tests/CMakeLists.txt); --timeout is a backstop.
 ctest --test-dir build --output-on-failure -j2 --timeout 600
+# ---- sanitizers (issue 8 build hygiene; docs/development.md) ----
+# ASan+UBSan over the unit, conformance, RDMA-fake and integration suites; TSan over the van
+# and ps unit suites. Own build trees (build-asan, build-tsan); skips with a reason on hosts
+# whose toolchain or kernel cannot run a sanitizer.
+echo "== C++ tests under sanitizers (scripts/test_sanitizers.sh) =="
+timeout --kill-after=30 2700 bash scripts/test_sanitizers.sh
+# ---- end sanitizers ----
 if [[ -f scripts/test_python.sh ]]; then
   echo "== Python tests (pytest), transport chosen automatically (same-host: cma) =="
   bash scripts/test_python.sh
