@@ -174,7 +174,10 @@ TEST(ClusterStartTest, RefusedNodeLeavesTheClusterIntact) {
 
 TEST(ClusterStartTest, ClashingRanksAreRefused) {
   ClusterSpec spec = Spec("clash");
-  spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
+  // Long enough for every process to start and register before the scheduler gives up, or
+  // the refusal this test looks for never happens: under a sanitizer on a loaded 2-core box,
+  // start-up alone took 7-12 s (3 s made the test fail there). The test lasts this long.
+  spec.env["MESHPOST_START_TIMEOUT_MS"] = "15000";
   spec.env_for["server:1"]["DMLC_NODE_RANK"] = "0";  // both servers claim rank 0
   LocalCluster cluster;
   ASSERT_TRUE(cluster.Start(spec).ok());

@@ -2,6 +2,7 @@
 // receiver choosing destinations and refusing payloads.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -14,12 +15,14 @@ namespace {
 
 class Recorder : public VanReceiver {
  public:
-  void* dest = nullptr;  // where data segment 0 should land (nullptr: van buffer)
-  bool refuse = false;
+  // Set by the test thread, read on the van's receive thread: atomics, because the only
+  // other ordering between the two is the TCP round trip, which no race detector sees.
+  std::atomic<void*> dest{nullptr};  // where data segment 0 should land (nullptr: van buffer)
+  std::atomic<bool> refuse{false};
 
   Result<void*> Destination(const Meta& meta, size_t index) override {
-    if (refuse) return InvalidArgumentError("refused by test");
-    return index == 0 ? dest : nullptr;
+    if (refuse.load()) return InvalidArgumentError("refused by test");
+    return index == 0 ? dest.load() : nullptr;
   }
   void OnMessage(InMessage&& msg) override {
     std::lock_guard<std::mutex> lock(mu);
