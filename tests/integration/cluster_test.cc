@@ -19,6 +19,14 @@ namespace {
 
 constexpr int64_t kProcessLimitMs = 120000;
 
+// Sanitizer builds (scripts/test_sanitizers.sh) run every process 2-5x slower, and on a
+// loaded 2-core box a live node then missed 1.5 s of heartbeats and was declared dead.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr const char* kHeartbeatTimeoutMs = "6000";
+#else
+constexpr const char* kHeartbeatTimeoutMs = "1500";
+#endif
+
 // Every scenario runs on each transport the build has; "cma-shm" is the same-host van
 // with cross-memory attach disabled (its fallback where CMA is refused).
 std::vector<std::string> TransportsUnderTest() {
@@ -81,7 +89,7 @@ ClusterSpec Spec(const std::string& scenario, int workers = 2, int servers = 2) 
   spec.env["MESHPOST_ITEST_SCENARIO"] = scenario;
   // Fast failure detection keeps the dead-peer tests short.
   spec.env["MESHPOST_HEARTBEAT_INTERVAL_MS"] = "200";
-  spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
+  spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = kHeartbeatTimeoutMs;
   spec.env["MESHPOST_START_TIMEOUT_MS"] = "60000";
   return spec;
 }
