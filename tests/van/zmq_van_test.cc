@@ -21,6 +21,9 @@ class Recorder : public VanReceiver {
   std::atomic<bool> refuse{false};
 
   Result<void*> Destination(const Meta& meta, size_t index) override {
+    // Locking mu orders the van's write into `dest` after the test's last WaitFor, so a
+    // test that checked `dest` before sending again does not race with the next write.
+    std::lock_guard<std::mutex> lock(mu);
     if (refuse.load()) return InvalidArgumentError("refused by test");
     return index == 0 ? dest.load() : nullptr;
   }
