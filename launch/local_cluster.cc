@@ -1,5 +1,7 @@
 #include "launch/local_cluster.h"
 
+#include "common/auth.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -66,8 +68,18 @@ Result<pid_t> LocalCluster::Spawn(const std::string& name,
 Status LocalCluster::Start(const ClusterSpec& spec) {
   if (spec.argv.empty()) return InvalidArgumentError("LocalCluster: argv is empty");
   argv_ = spec.argv;
+  // Every cluster gets its own secret unless the caller chose one (or chose none by
+  // setting MESHPOST_CLUSTER_TOKEN to ""), so a local cluster is never open to other
+  // local users' processes (docs/security.md).
+  std::string token;
+  const bool token_chosen = spec.env.count("MESHPOST_CLUSTER_TOKEN") ||
+                            spec.env.count("MESHPOST_CLUSTER_TOKEN_FILE") ||
+                            std::getenv("MESHPOST_CLUSTER_TOKEN") != nullptr ||
+                            std::getenv("MESHPOST_CLUSTER_TOKEN_FILE") != nullptr;
+  if (!token_chosen) token = GenerateClusterToken();
   auto env_for = [&](const std::string& name) {
     std::map<std::string, std::string> env = spec.env;
+    if (!token.empty()) env["MESHPOST_CLUSTER_TOKEN"] = token;
     env["DMLC_NUM_WORKER"] = std::to_string(spec.num_workers);
     env["DMLC_NUM_SERVER"] = std::to_string(spec.num_servers);
     env["DMLC_PS_ROOT_URI"] = "127.0.0.1";

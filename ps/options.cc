@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "van/registry.h"
+#include "common/auth.h"
 
 namespace meshpost {
 
@@ -95,6 +96,11 @@ Result<Options> OptionsFromEnv(const EnvLookup& env) {
   MESHPOST_RETURN_IF_ERROR(
       ReadInt(env, "MESHPOST_MAX_INFLIGHT", 1, 1 << 20, false, &o.max_inflight));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_PORT_FD", 0, 1 << 20, false, &o.port_fd));
+  MESHPOST_ASSIGN_OR_RETURN(o.cluster_token, ClusterTokenFromEnv(env));
+  if (const char* v = env("MESHPOST_MAX_MESSAGE_BYTES")) {
+    MESHPOST_ASSIGN_OR_RETURN(o.max_message_bytes,
+                              ParseInt("MESHPOST_MAX_MESSAGE_BYTES", v, 4096, INT64_MAX));
+  }
   MESHPOST_RETURN_IF_ERROR(o.Validate());
   return o;
 }
@@ -150,6 +156,11 @@ Status Options::Validate() const {
   if (spin_us < 0) return bad("spin_us (MESHPOST_SPIN_US)", std::to_string(spin_us), ">= 0");
   if (start_timeout_ms < 100) return bad("start_timeout_ms", std::to_string(start_timeout_ms), ">= 100");
   if (max_inflight < 1) return bad("max_inflight", std::to_string(max_inflight), ">= 1");
+  MESHPOST_RETURN_IF_ERROR(ValidateClusterToken(cluster_token, "option cluster_token"));
+  if (max_message_bytes < 4096) {
+    return bad("max_message_bytes (MESHPOST_MAX_MESSAGE_BYTES)", std::to_string(max_message_bytes),
+               ">= 4096");
+  }
   return OkStatus();
 }
 

@@ -48,6 +48,11 @@ struct Options {
   int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
+  // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every
+  // connection proves knowledge of it ("" = unauthenticated). See docs/security.md.
+  std::string cluster_token;
+  // Largest frame a peer may send before its connection is closed (MESHPOST_MAX_MESSAGE_BYTES).
+  int64_t max_message_bytes = int64_t{1} << 30;
 
   // Global rank of a worker or server: node_rank * group_size + instance.
   int Rank() const { return node_rank * group_size + instance; }

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libzmq3-dev cppzmq-dev libspdlog-dev libfmt-dev
+  libzmq3-dev cppzmq-dev libspdlog-dev libfmt-dev libsodium-dev
   libgtest-dev libgmock-dev
   libibverbs-dev librdmacm-dev
   pybind11-dev libtorch-dev python3-torch python3-dev python3-venv
@@ -15,7 +15,7 @@ packages=(
   iproute2 slurm-wlm munge python3-yaml
 )
 if [[ "${MESHPOST_DEPS:-all}" == "core" ]]; then
-  packages=(build-essential cmake ninja-build pkg-config libzmq3-dev cppzmq-dev
+  packages=(build-essential cmake ninja-build pkg-config libzmq3-dev cppzmq-dev libsodium-dev
             libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libibverbs-dev librdmacm-dev)
 fi
 

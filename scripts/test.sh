@@ -29,4 +29,8 @@ if [[ -f scripts/test_python.sh ]]; then
   (cd tests/hosts && timeout --kill-after=30 900 ../../.venv/bin/python -m pytest -q -rs)
   # ---- end hosts ------------------------------------------------------------------------
 fi
+# ---- fuzzing (issue 10, owner: sec): every decoder of untrusted bytes, 20 s per target ----
+echo "== fuzzing (libFuzzer; skips with a reason where clang's fuzzer runtime is missing) =="
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash scripts/fuzz.sh
+# ---- end fuzzing ----
 echo "== all tests passed =="

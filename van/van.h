@@ -90,6 +90,14 @@ struct VanOptions {
   std::string interface;  // DMLC_INTERFACE: vans that pick a device (rdma) use it
   // Where van-specific variables (MESHPOST_RDMA_*) are read; empty = process environment.
   EnvLookup env;
+  // Cluster authentication (common/auth.h, docs/security.md). With a token every
+  // connection proves knowledge of it, and a message's meta.sender is the authenticated
+  // peer of the connection it arrived on (a message claiming another sender is dropped).
+  std::string cluster_token;  // "" = unauthenticated
+  int self_id = -1;           // this node's id, bound into every handshake
+  // Largest frame a peer may send; a larger one closes that connection before anything is
+  // allocated for it (MESHPOST_MAX_MESSAGE_BYTES).
+  uint64_t max_message_bytes = 1ull << 30;
 };
 
 class Van {

@@ -40,6 +40,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/auth.h"
+#include "common/log_rate.h"
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/wire.h"
@@ -125,7 +127,13 @@ std::string ErrnoText(const char* what, int err) {
 //   kStaging  : id u32, size u64          (+ one memfd via SCM_RIGHTS)
 //   kData     : seq u64, nseg u32, Source(meta), nseg x Source, inline bytes to the end
 //   kAck      : seq u64                   (cumulative: releases every send <= seq)
+//   kProof    : an auth frame (common/auth.h) proving the connector knows the token
 // Source: kind u8, staging_id u32, offset_or_addr u64, len u64.
+// With a cluster token, kHello and kHelloAck carry kFlagAuth and end with an auth frame
+// (hello / challenge); the connection carries nothing but kProof until the proof checks
+// out, and every message on it is then attributed to the node that proved itself. The
+// socket itself is kernel-local, so nothing can be injected into it afterwards: no
+// per-message MAC is needed here (the tcp van needs one).
 
 constexpr uint32_t kFrameMagic = 0x4D43504D;  // "MPCM"
 constexpr uint16_t kFrameVersion = 1;
@@ -140,9 +148,12 @@ constexpr uint64_t kMaxStagingBytes = 4ull << 30;  // per outbound peer
 constexpr size_t kMinStagingClass = 16;            // 64 KiB
 constexpr size_t kIovBatch = 1024;                 // IOV_MAX
 
-enum FrameType : uint8_t { kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5 };
+enum FrameType : uint8_t {
+  kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5, kProof = 6
+};
 enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2 };
 constexpr uint8_t kFlagNeedsAck = 1;
+constexpr uint8_t kFlagAuth = 2;  // kHello / kHelloAck: an auth frame follows
 
 struct Source {
   uint8_t kind = kInline;
@@ -422,16 +433,29 @@ class CmaVan : public Van {
     }
     ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK);
     // Handshake: the receiver proves it can read our memory (CMA) by reading a cookie.
+    const bool auth = !options_.cluster_token.empty();
+    std::unique_ptr<ConnectorHandshake> handshake;
     WireWriter w;
-    PutPreamble(&w, kHello, 0);
+    PutPreamble(&w, kHello, auth ? kFlagAuth : 0);
     w.Put<uint32_t>(static_cast<uint32_t>(::getpid()));
     w.Put<uint64_t>(reinterpret_cast<uint64_t>(probe_cookie_.data()));
     w.Put<uint32_t>(kCookieBytes);
     w.PutBytes(probe_cookie_.data(), kCookieBytes);
     w.Put<uint8_t>(options_.cma_disable ? 0 : 1);
+    if (auth) {
+      handshake =
+          std::make_unique<ConnectorHandshake>(options_.cluster_token, options_.self_id, peer.id);
+      const std::string hello = handshake->Hello();
+      w.PutBytes(hello.data(), hello.size());
+    }
     Status s = SendFrame(fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
     if (!s.ok()) return s.Annotate("cma van handshake with node " + std::to_string(peer.id));
-    auto cma_ok = AwaitHelloAck(fd.get(), timeout_ms);
+    std::string challenge;
+    auto cma_ok = AwaitHelloAck(fd.get(), timeout_ms, &challenge);
+    if (cma_ok.ok() && auth) {
+      Status as = ProveToAcceptor(fd.get(), handshake.get(), challenge, timeout_ms);
+      if (!as.ok()) cma_ok = as;
+    }
     if (!cma_ok.ok()) {
       return cma_ok.status().Annotate("cma van handshake with node " + std::to_string(peer.id) +
                                       " at " + peer.endpoint);
@@ -689,6 +713,8 @@ class CmaVan : public Van {
     pid_t pid = 0;
     bool hello = false;
     bool cma = false;
+    std::unique_ptr<AcceptorHandshake> handshake;  // until the proof arrives (token set)
+    int peer_id = -1;  // authenticated node id (token set); -1 while unauthenticated
     std::unordered_map<uint32_t, Mapping> staging;
   };
 
@@ -713,12 +739,19 @@ class CmaVan : public Van {
     return OkStatus();
   }
 
-  Result<bool> AwaitHelloAck(int fd, int timeout_ms) {
+  // The acceptor's answer to kHello; *challenge receives the auth frame it carries (if any).
+  Result<bool> AwaitHelloAck(int fd, int timeout_ms, std::string* challenge) {
     const uint64_t deadline = GetNanosecond() + static_cast<uint64_t>(timeout_ms) * 1000000ull;
-    char buf[64];
+    char buf[512];
     for (;;) {
       ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-      if (n == 0) return UnavailableError("peer closed the connection during the handshake");
+      if (n == 0) {
+        return UnavailableError(
+            "peer closed the connection during the handshake" +
+            std::string(options_.cluster_token.empty()
+                            ? " (does the peer require a cluster token? MESHPOST_CLUSTER_TOKEN)"
+                            : ""));
+      }
       if (n > 0) {
         WireReader r(buf, static_cast<size_t>(n));
         uint32_t magic = 0;
@@ -729,6 +762,7 @@ class CmaVan : public Van {
             type != kHelloAck) {
           return DataLossError("malformed handshake reply");
         }
+        if (flags & kFlagAuth) challenge->assign(buf + (n - r.remaining()), r.remaining());
         return cma_ok != 0;
       }
       if (errno == EINTR) continue;
@@ -743,6 +777,22 @@ class CmaVan : public Van {
       pollfd p{fd, POLLIN, 0};
       ::poll(&p, 1, static_cast<int>((deadline - now) / 1000000ull) + 1);
     }
+  }
+
+  Status ProveToAcceptor(int fd, ConnectorHandshake* handshake, const std::string& challenge,
+                         int timeout_ms) {
+    if (challenge.empty()) {
+      return UnavailableError(
+          "the peer runs without a cluster token, this node with one (MESHPOST_CLUSTER_TOKEN "
+          "must be set on every node or none)");
+    }
+    MESHPOST_ASSIGN_OR_RETURN(AuthFrame frame,
+                              DecodeAuthFrame(challenge.data(), challenge.size()));
+    MESHPOST_ASSIGN_OR_RETURN(std::string proof, handshake->OnChallenge(frame, false));
+    WireWriter w;
+    PutPreamble(&w, kProof, 0);
+    w.PutBytes(proof.data(), proof.size());
+    return SendFrame(fd, w.buffer().data(), w.size(), -1, timeout_ms);
   }
 
   Result<StagingBuffer*> AcquireStaging(Peer* peer, size_t bytes) {
@@ -904,7 +954,7 @@ class CmaVan : public Van {
     }
     if (n == 0) return -1;
     if (mh.msg_flags & MSG_TRUNC) {
-      MP_LOG_ERROR(kLog, "cma van: dropped an oversized doorbell frame");
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped an oversized doorbell frame{}", "");
       return -2;
     }
     return n;
@@ -935,7 +985,7 @@ class CmaVan : public Van {
       uint64_t seq = 0;
       if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
           magic != kFrameMagic || version != kFrameVersion || type != kAck || !r.Get(&seq)) {
-        MP_LOG_ERROR(kLog, "cma van: dropped a malformed ack frame from node {}", peer->id);
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed ack frame from node {}", peer->id);
         continue;
       }
       {
@@ -966,13 +1016,26 @@ class CmaVan : public Van {
       uint8_t type = 0, flags = 0;
       if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
           magic != kFrameMagic || version != kFrameVersion) {
-        MP_LOG_ERROR(kLog, "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
         continue;
       }
       if (type == kHello) {
-        if (!OnHello(c, &r)) return false;
+        if (c->hello) {
+          MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: second handshake from pid {}; closing",
+                               c->pid);
+          return false;
+        }
+        if (!OnHello(c, &r, flags)) return false;
       } else if (!c->hello) {
-        MP_LOG_ERROR(kLog, "cma van: frame before handshake from pid {}; closing", c->pid);
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: frame before handshake from pid {}; closing", c->pid);
+        return false;
+      } else if (type == kProof && c->handshake) {
+        if (!OnProof(c, &r)) return false;
+      } else if (c->handshake) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: frame type {} from pid {} before it authenticated; closing",
+                             type, c->pid);
         return false;
       } else if (type == kStaging) {
         OnStaging(c, &r, std::move(passed));
@@ -986,7 +1049,24 @@ class CmaVan : public Van {
     return true;
   }
 
-  bool OnHello(InConn* c, WireReader* r) {
+  bool OnProof(InConn* c, WireReader* r) {
+    std::string bytes(r->remaining(), '\0');
+    for (auto& b : bytes) r->Get(reinterpret_cast<uint8_t*>(&b));
+    auto frame = DecodeAuthFrame(bytes.data(), bytes.size());
+    auto who = frame.ok() ? c->handshake->OnProof(*frame) : Result<int32_t>(frame.status());
+    if (!who.ok()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused pid {}: {}", c->pid,
+                           who.status().message());
+      return false;
+    }
+    c->peer_id = *who;
+    c->handshake.reset();
+    MP_LOG_DEBUG(kLog, "cma van: connection from node {} (pid {}) authenticated", c->peer_id,
+                 c->pid);
+    return true;
+  }
+
+  bool OnHello(InConn* c, WireReader* r, uint8_t flags) {
     uint32_t pid = 0, probe_len = 0;
     uint64_t probe_addr = 0;
     uint8_t cookie[kCookieBytes];
@@ -1000,6 +1080,28 @@ class CmaVan : public Van {
       if (!r->Get(&b)) return false;
     }
     if (!r->Get(&want_cma)) return false;
+    std::string challenge;
+    if (!options_.cluster_token.empty()) {
+      if (!(flags & kFlagAuth)) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: refused pid {}: it did not authenticate (this cluster "
+                             "requires MESHPOST_CLUSTER_TOKEN)",
+                             c->pid);
+        return false;
+      }
+      std::string bytes(r->remaining(), '\0');
+      for (auto& b : bytes) r->Get(reinterpret_cast<uint8_t*>(&b));
+      auto hello = DecodeAuthFrame(bytes.data(), bytes.size());
+      c->handshake =
+          std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
+      auto answer = hello.ok() ? c->handshake->OnHello(*hello) : Result<std::string>(hello.status());
+      if (!answer.ok()) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused pid {}: {}", c->pid,
+                             answer.status().message());
+        return false;
+      }
+      challenge = std::move(answer).value();
+    }
     c->hello = true;
     c->cma = false;
     if (want_cma && !options_.cma_disable) {
@@ -1018,8 +1120,9 @@ class CmaVan : public Van {
       }
     }
     WireWriter w;
-    PutPreamble(&w, kHelloAck, 0);
+    PutPreamble(&w, kHelloAck, challenge.empty() ? 0 : kFlagAuth);
     w.Put<uint8_t>(c->cma ? 1 : 0);
+    w.PutBytes(challenge.data(), challenge.size());
     Status s = SendFrame(c->fd.get(), w.buffer().data(), w.size(), -1, 1000);
     if (!s.ok()) {
       MP_LOG_ERROR(kLog, "cma van: handshake reply to pid {}: {}", c->pid, s.ToString());
@@ -1110,7 +1213,7 @@ class CmaVan : public Van {
     uint32_t nseg = 0;
     if (!r.Get(&seq) || !r.Get(&nseg) || nseg > kMaxTensorsPerMessage ||
         kDataFixed + kSourceBytes * (size_t{nseg} + 1) > frame_size) {
-      MP_LOG_ERROR(kLog, "cma van: dropped a malformed data frame from pid {}", c->pid);
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed data frame from pid {}", c->pid);
       return true;  // no trustworthy seq to ack; the sender learns at disconnect
     }
     Source meta_src;
@@ -1136,8 +1239,15 @@ class CmaVan : public Van {
     }
     Result<Meta> meta = st.ok() ? DecodeMeta(meta_bytes, meta_src.len) : Result<Meta>(st);
     if (!meta.ok()) {
-      MP_LOG_ERROR(kLog, "cma van: dropped malformed frame from pid {}: {}", c->pid,
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped malformed frame from pid {}: {}", c->pid,
                    meta.status().ToString());
+      return !needs_ack || SendAck(c, seq);
+    }
+    if (c->peer_id >= 0 && meta->sender != c->peer_id) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: dropped {} claiming to come from node {} on the "
+                           "connection node {} authenticated",
+                           CommandName(meta->cmd), meta->sender, c->peer_id);
       return !needs_ack || SendAck(c, seq);
     }
     InMessage in;
@@ -1196,7 +1306,7 @@ class CmaVan : public Van {
     // Ack before user code runs: the sender may release its buffers right away.
     const bool alive = !needs_ack || SendAck(c, seq);
     if (!refused.ok()) {
-      MP_LOG_ERROR(kLog, "cma van: refused {} from node {}: {}", CommandName(in.meta.cmd),
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused {} from node {}: {}", CommandName(in.meta.cmd),
                    in.meta.sender, refused.ToString());
       receiver_->OnDropped(in.meta, refused);
     } else {
@@ -1248,6 +1358,7 @@ class CmaVan : public Van {
   std::vector<iovec> read_remote_;
   std::vector<std::shared_ptr<const void>> released_;
   WireWriter ack_frame_;
+  LogRateLimiter log_limit_;
 };
 
 }  // namespace

@@ -2,15 +2,28 @@
 // DEALER socket per peer sends. Sends happen on the caller's thread under that peer's
 // mutex rather than being handed to a sender thread: a hand-off costs a thread wake-up
 // (tens of microseconds on a shared 2-core box), more than the whole small-message send.
+//
+// With a cluster token (VanOptions::cluster_token) every DEALER->ROUTER connection runs the
+// handshake of common/auth.h before it carries messages. ROUTER assigns each incoming
+// connection its own routing id (peers never set one, and ids ZeroMQ generates cannot be
+// chosen by a peer), so the routing id names the connection and the acceptor attributes
+// every message on it to the node that authenticated it. The connector's side of the
+// handshake (reading the challenge on its DEALER) runs on the receive thread; Send() queues
+// messages for a connection until it is authenticated, so no caller ever blocks on it.
 #include <zmq.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
+#include "common/auth.h"
+#include "common/log_rate.h"
 #include "common/logging.h"
 #include "van/codec.h"
 #include "van/zmq/zmq_van.h"
@@ -34,6 +47,16 @@ inline void TsanAcquire(void*) {}
 #endif
 
 constexpr const char* kLog = "van";
+
+// Connections that have not finished the handshake are bounded: beyond this many, the
+// oldest one is forgotten (its later frames are dropped as unauthenticated).
+constexpr size_t kMaxUnauthenticatedConnections = 64;
+// Messages queued for one peer while its connection authenticates.
+constexpr size_t kMaxQueuedWhileAuthenticating = 65536;
+// Ids at or above this are temporary ids the scheduler gives nodes it refuses (their real
+// id belongs to someone else), so the handshake cannot check who answers.
+constexpr int kTemporaryPeerIdBase = 1 << 20;
+constexpr int kDisconnectLingerMs = 1000;
 
 struct ZmqMsg {
   zmq_msg_t msg;
@@ -85,6 +108,13 @@ class ZmqVan : public Van {
     int zero = 0;
     zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof(zero));
     zmq_setsockopt(s, ZMQ_RCVHWM, &zero, sizeof(zero));
+    // ZeroMQ reads a frame's length before allocating it; above this it closes the
+    // connection instead, so a peer cannot make us allocate more than this per frame.
+    const int64_t max_size = options_.max_message_bytes > 0 &&
+                                     options_.max_message_bytes < static_cast<uint64_t>(INT64_MAX)
+                                 ? static_cast<int64_t>(options_.max_message_bytes)
+                                 : -1;
+    zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_size, sizeof(max_size));
     const std::string endpoint =
         "tcp://" + (host.empty() ? std::string("*") : host) + ":" +
         (port == 0 ? std::string("*") : std::to_string(port));
@@ -124,6 +154,7 @@ class ZmqVan : public Van {
       peers_.erase(it);
     }
     auto p = std::make_shared<Peer>();
+    p->id = peer.id;
     p->host = peer.host;
     p->port = peer.port;
     p->socket = zmq_socket(ctx_, ZMQ_DEALER);
@@ -135,14 +166,43 @@ class ZmqVan : public Van {
     if (zmq_connect(p->socket, endpoint.c_str()) != 0) {
       return UnavailableError(ZmqError(("connect " + endpoint).c_str()));
     }
+    if (!options_.cluster_token.empty()) {
+      p->state = PeerState::kAuthenticating;
+      p->handshake =
+          std::make_unique<ConnectorHandshake>(options_.cluster_token, options_.self_id, peer.id);
+      const std::string hello = p->handshake->Hello();
+      // ZeroMQ queues the hello until the TCP connection is up; the receive thread reads
+      // the challenge from this socket (nobody else touches it while authenticating).
+      if (zmq_send(p->socket, hello.data(), hello.size(), 0) < 0) {
+        return UnavailableError(ZmqError(("send hello to " + endpoint).c_str()));
+      }
+      std::lock_guard<std::mutex> alock(auth_mu_);
+      authenticating_.push_back(p);
+    }
     peers_[peer.id] = std::move(p);
     MP_LOG_DEBUG(kLog, "connected to node {} at {}", peer.id, endpoint);
     return OkStatus();
   }
 
+  // What was already sent still goes out for up to kDisconnectLingerMs (a refusal sent
+  // right before Disconnect reaches its node); a connection still authenticating keeps
+  // its queue until the handshake ends or connect_timeout_ms passes. Then the socket is
+  // closed and ZeroMQ stops reconnecting: a disconnected peer leaves nothing behind.
   void Disconnect(int peer_id) override {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    peers_.erase(peer_id);
+    std::shared_ptr<Peer> peer;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      auto it = peers_.find(peer_id);
+      if (it == peers_.end()) return;
+      peer = it->second;
+      peers_.erase(it);
+    }
+    std::lock_guard<std::mutex> lock(peer->mu);
+    if (peer->socket != nullptr) {
+      const int linger = kDisconnectLingerMs;
+      zmq_setsockopt(peer->socket, ZMQ_LINGER, &linger, sizeof(linger));
+    }
+    peer->orphaned_at_ns = GetNanosecond();
   }
 
   Status Send(OutMessage&& msg) override {
@@ -162,11 +222,86 @@ class ZmqVan : public Van {
                                     " bytes and a null data pointer");
       }
     }
-    const std::string header = EncodeMeta(msg.meta);
     std::lock_guard<std::mutex> lock(peer->mu);
     if (peer->socket == nullptr) return UnavailableError("connection closed");
+    switch (peer->state) {
+      case PeerState::kFailed:
+        return peer->failure;
+      case PeerState::kAuthenticating:
+        if (peer->queued.size() >= kMaxQueuedWhileAuthenticating) {
+          return ResourceExhaustedError("node " + std::to_string(peer->id) + ": " +
+                                        std::to_string(peer->queued.size()) +
+                                        " messages wait for the connection to authenticate");
+        }
+        peer->queued.push_back(std::move(msg));
+        return OkStatus();
+      case PeerState::kReady:
+        break;
+    }
+    return SendLocked(*peer, std::move(msg));
+  }
+
+  void Stop() override {
+    // Let zero-copy sends drain before closing sockets (LINGER 0 would discard them), so
+    // the last response of a run reaches its worker. Bounded: a dead peer cannot hold us.
+    const uint64_t drain_deadline = DeadlineFromTimeoutMs(options_.stop_drain_ms);
+    while (inflight_.load(std::memory_order_acquire) > 0 && GetNanosecond() < drain_deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (running_.exchange(false)) {
+      if (recv_thread_.joinable()) recv_thread_.join();
+    }
+    {
+      std::lock_guard<std::mutex> lock(auth_mu_);
+      authenticating_.clear();
+    }
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      peers_.clear();
+    }
+    conns_.clear();
+    if (receiver_socket_ != nullptr) {
+      zmq_close(receiver_socket_);
+      receiver_socket_ = nullptr;
+    }
+  }
+
+ private:
+  enum class PeerState { kReady, kAuthenticating, kFailed };
+
+  struct Peer {
+    std::mutex mu;
+    void* socket = nullptr;
+    int id = -1;
+    std::string host;
+    int port = 0;
+    PeerState state = PeerState::kReady;
+    std::unique_ptr<ConnectorHandshake> handshake;
+    std::unique_ptr<MessageSealer> sealer;
+    std::deque<OutMessage> queued;  // sent before the connection authenticated
+    Status failure;                 // kFailed: why
+    uint64_t orphaned_at_ns = 0;    // set by Disconnect; the handshake then has a deadline
+    ~Peer() {
+      if (socket) zmq_close(socket);
+    }
+  };
+
+  // Acceptor-side state of one incoming connection, keyed by its ROUTER routing id; only
+  // the receive thread touches it.
+  struct Conn {
+    std::unique_ptr<AcceptorHandshake> handshake;
+    std::unique_ptr<MessageOpener> opener;  // set once authenticated
+    int peer_id = -1;
+    bool refused = false;  // failed the handshake or a MAC check: everything is dropped
+    uint64_t order = 0;    // creation order, to evict the oldest unauthenticated one
+  };
+
+  // Requires peer.mu. Encodes, seals (authenticated clusters) and sends one message.
+  Status SendLocked(Peer& peer, OutMessage&& msg) {
+    std::string header = EncodeMeta(msg.meta);
+    if (peer.sealer) peer.sealer->Seal(&header);
     const size_t n = msg.segments.size();
-    int rc = zmq_send(peer->socket, header.data(), header.size(), n > 0 ? ZMQ_SNDMORE : 0);
+    int rc = zmq_send(peer.socket, header.data(), header.size(), n > 0 ? ZMQ_SNDMORE : 0);
     if (rc < 0) return UnavailableError(ZmqError("send header"));
     for (size_t i = 0; i < n; ++i) {
       SendSegment& seg = msg.segments[i];
@@ -181,7 +316,7 @@ class ZmqVan : public Van {
         TsanRelease(hint);
         zmq_msg_init_data(&part, const_cast<void*>(seg.data), seg.size, ReleaseZeroCopy, hint);
       }
-      if (zmq_msg_send(&part, peer->socket, flags) < 0) {
+      if (zmq_msg_send(&part, peer.socket, flags) < 0) {
         zmq_msg_close(&part);
         return UnavailableError(ZmqError("send data"));
       }
@@ -189,44 +324,32 @@ class ZmqVan : public Van {
     return OkStatus();
   }
 
-  void Stop() override {
-    // Let zero-copy sends drain before closing sockets (LINGER 0 would discard them), so
-    // the last response of a run reaches its worker. Bounded: a dead peer cannot hold us.
-    const uint64_t drain_deadline = DeadlineFromTimeoutMs(options_.stop_drain_ms);
-    while (inflight_.load(std::memory_order_acquire) > 0 && GetNanosecond() < drain_deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (running_.exchange(false)) {
-      if (recv_thread_.joinable()) recv_thread_.join();
-    }
-    {
-      std::lock_guard<std::mutex> lock(peers_mu_);
-      peers_.clear();
-    }
-    if (receiver_socket_ != nullptr) {
-      zmq_close(receiver_socket_);
-      receiver_socket_ = nullptr;
-    }
+  std::vector<std::shared_ptr<Peer>> Authenticating() {
+    std::lock_guard<std::mutex> lock(auth_mu_);
+    return authenticating_;
   }
 
- private:
-  struct Peer {
-    std::mutex mu;
-    void* socket = nullptr;
-    std::string host;
-    int port = 0;
-    ~Peer() {
-      if (socket) zmq_close(socket);
-    }
-  };
-
   // Spins on a non-blocking receive for the configured time, then blocks in zmq_poll in
-  // 100 ms slices so Stop() is noticed without closing the socket under the thread.
+  // 100 ms slices so Stop() is noticed without closing the socket under the thread. While
+  // outgoing connections authenticate, their DEALER sockets are polled too.
   bool WaitReadable() {
     const uint64_t spin_end = GetNanosecond() + options_.wait.spin_ns;
-    zmq_pollitem_t item{receiver_socket_, 0, ZMQ_POLLIN, 0};
     for (;;) {
       if (!running_.load(std::memory_order_relaxed)) return false;
+      auto pending = Authenticating();
+      ExpireOrphans(&pending);
+      if (!pending.empty()) {
+        std::vector<zmq_pollitem_t> items;
+        items.push_back({receiver_socket_, 0, ZMQ_POLLIN, 0});
+        for (auto& p : pending) items.push_back({p->socket, 0, ZMQ_POLLIN, 0});
+        int rc = zmq_poll(items.data(), static_cast<int>(items.size()), 20);
+        if (rc < 0 && zmq_errno() != EINTR) return false;
+        for (size_t i = 1; i < items.size(); ++i) {
+          if (items[i].revents & ZMQ_POLLIN) OnConnectorFrames(pending[i - 1]);
+        }
+        if (items[0].revents & ZMQ_POLLIN) return true;
+        continue;
+      }
       int events = 0;
       size_t len = sizeof(events);
       zmq_getsockopt(receiver_socket_, ZMQ_EVENTS, &events, &len);
@@ -235,9 +358,94 @@ class ZmqVan : public Van {
         CpuRelax();
         continue;
       }
+      zmq_pollitem_t item{receiver_socket_, 0, ZMQ_POLLIN, 0};
       int rc = zmq_poll(&item, 1, 100);
       if (rc > 0) return true;
       if (rc < 0 && zmq_errno() != EINTR) return false;
+    }
+  }
+
+  // A disconnected peer whose handshake never finished (nobody answers at the address it
+  // gave) is dropped after connect_timeout_ms instead of being retried forever.
+  void ExpireOrphans(std::vector<std::shared_ptr<Peer>>* pending) {
+    const uint64_t now = GetNanosecond();
+    const uint64_t limit = static_cast<uint64_t>(std::max<int64_t>(1, options_.connect_timeout_ms)) * 1000000ull;
+    std::vector<std::shared_ptr<Peer>> expired;
+    for (auto& p : *pending) {
+      std::lock_guard<std::mutex> lock(p->mu);
+      if (p->orphaned_at_ns != 0 && now - p->orphaned_at_ns > limit) {
+        p->state = PeerState::kFailed;
+        p->failure = UnavailableError("disconnected before the connection authenticated");
+        p->queued.clear();
+        expired.push_back(p);
+      }
+    }
+    if (expired.empty()) return;
+    std::lock_guard<std::mutex> alock(auth_mu_);
+    for (auto& p : expired) {
+      authenticating_.erase(std::remove(authenticating_.begin(), authenticating_.end(), p),
+                            authenticating_.end());
+      pending->erase(std::remove(pending->begin(), pending->end(), p), pending->end());
+    }
+  }
+
+  // Connector side: the acceptor's challenge (or refusal) arrived on our DEALER.
+  void OnConnectorFrames(const std::shared_ptr<Peer>& peer) {
+    std::lock_guard<std::mutex> lock(peer->mu);
+    if (peer->state != PeerState::kAuthenticating || peer->socket == nullptr) return;
+    for (;;) {
+      ZmqMsg frame;
+      if (zmq_msg_recv(&frame.msg, peer->socket, ZMQ_DONTWAIT) < 0) return;
+      if (zmq_msg_more(&frame.msg)) {
+        // Only single-frame handshake messages travel this way; drain the rest.
+        while (zmq_msg_more(&frame.msg)) {
+          ZmqMsg rest;
+          if (zmq_msg_recv(&rest.msg, peer->socket, ZMQ_DONTWAIT) < 0) break;
+          if (!zmq_msg_more(&rest.msg)) break;
+        }
+        continue;
+      }
+      auto decoded = DecodeAuthFrame(frame.data(), frame.size());
+      Status st;
+      if (!decoded.ok()) {
+        st = decoded.status().Annotate("authentication with node " + std::to_string(peer->id));
+      } else if (decoded->type == AuthFrameType::kRefused) {
+        st = UnavailableError("node " + std::to_string(peer->id) + " at " + peer->host + ":" +
+                              std::to_string(peer->port) +
+                              " refused this connection: " + decoded->reason);
+      } else {
+        auto proof = peer->handshake->OnChallenge(*decoded, peer->id >= kTemporaryPeerIdBase);
+        if (proof.ok()) {
+          if (zmq_send(peer->socket, proof->data(), proof->size(), 0) < 0) {
+            st = UnavailableError(ZmqError("send proof"));
+          } else {
+            peer->sealer = std::make_unique<MessageSealer>(peer->handshake->session_key());
+            peer->handshake.reset();
+            peer->state = PeerState::kReady;
+            MP_LOG_DEBUG(kLog, "connection to node {} authenticated", peer->id);
+            while (!peer->queued.empty()) {
+              Status s = SendLocked(*peer, std::move(peer->queued.front()));
+              peer->queued.pop_front();
+              if (!s.ok()) MP_LOG_DEBUG(kLog, "queued send to node {}: {}", peer->id, s.ToString());
+            }
+          }
+        } else {
+          st = proof.status().Annotate("node " + std::to_string(peer->id) + " at " +
+                                       peer->host + ":" + std::to_string(peer->port));
+        }
+      }
+      if (!st.ok()) {
+        peer->state = PeerState::kFailed;
+        peer->failure = st;
+        peer->queued.clear();
+        MP_LOG_ERROR(kLog, "{}", st.message());
+      }
+      break;
+    }
+    if (peer->state != PeerState::kAuthenticating) {
+      std::lock_guard<std::mutex> alock(auth_mu_);
+      authenticating_.erase(std::remove(authenticating_.begin(), authenticating_.end(), peer),
+                            authenticating_.end());
     }
   }
 
@@ -245,6 +453,76 @@ class ZmqVan : public Van {
     while (WaitReadable()) {
       ReceiveOne();
     }
+  }
+
+  void SendOnRouter(const ZmqMsg& identity, const std::string& frame) {
+    zmq_send(receiver_socket_, zmq_msg_data(const_cast<zmq_msg_t*>(&identity.msg)),
+             zmq_msg_size(const_cast<zmq_msg_t*>(&identity.msg)), ZMQ_SNDMORE | ZMQ_DONTWAIT);
+    zmq_send(receiver_socket_, frame.data(), frame.size(), ZMQ_DONTWAIT);
+  }
+
+  void Refuse(const ZmqMsg& identity, const std::string& why) {
+    AuthFrame f;
+    f.type = AuthFrameType::kRefused;
+    f.reason = why;
+    SendOnRouter(identity, EncodeAuthFrame(f));
+  }
+
+  Conn& ConnFor(const std::string& routing_id) {
+    auto it = conns_.find(routing_id);
+    if (it != conns_.end()) return it->second;
+    size_t unauthenticated = 0;
+    auto oldest = conns_.end();
+    for (auto c = conns_.begin(); c != conns_.end(); ++c) {
+      if (c->second.opener) continue;
+      ++unauthenticated;
+      if (oldest == conns_.end() || c->second.order < oldest->second.order) oldest = c;
+    }
+    if (unauthenticated >= kMaxUnauthenticatedConnections && oldest != conns_.end()) {
+      conns_.erase(oldest);
+    }
+    Conn& c = conns_[routing_id];
+    c.order = next_conn_order_++;
+    return c;
+  }
+
+  // Acceptor side of the handshake, for a single-frame message on a connection that has
+  // not authenticated yet. Returns after answering (or refusing) it.
+  void OnAcceptorFrame(const ZmqMsg& identity, Conn& conn, ZmqMsg& frame) {
+    auto decoded = DecodeAuthFrame(frame.data(), frame.size());
+    if (!decoded.ok()) {
+      conn.refused = true;
+      MP_LOG_ERROR_LIMITED(auth_log_, kLog, "malformed authentication frame dropped: {}",
+                           decoded.status().message());
+      return;
+    }
+    if (options_.cluster_token.empty()) {
+      Refuse(identity, "this node runs without a cluster token (MESHPOST_CLUSTER_TOKEN)");
+      return;
+    }
+    if (decoded->type == AuthFrameType::kHello && !conn.handshake) {
+      conn.handshake = std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
+      auto challenge = conn.handshake->OnHello(*decoded);
+      if (challenge.ok()) SendOnRouter(identity, *challenge);
+      return;
+    }
+    if (decoded->type == AuthFrameType::kProof && conn.handshake) {
+      auto who = conn.handshake->OnProof(*decoded);
+      if (!who.ok()) {
+        conn.refused = true;
+        Refuse(identity, who.status().message());
+        MP_LOG_ERROR_LIMITED(auth_log_, kLog, "refused a connection: {}", who.status().message());
+        return;
+      }
+      conn.peer_id = *who;
+      conn.opener = std::make_unique<MessageOpener>(conn.handshake->session_key());
+      conn.handshake.reset();
+      MP_LOG_DEBUG(kLog, "connection from node {} authenticated", conn.peer_id);
+      return;
+    }
+    conn.refused = true;
+    MP_LOG_ERROR_LIMITED(auth_log_, kLog, "out-of-order authentication frame (type {}) dropped",
+                         static_cast<int>(decoded->type));
   }
 
   // Reads one multi-part message: [identity][header][data...]. Every part is consumed even
@@ -255,13 +533,57 @@ class ZmqVan : public Van {
     auto header = std::make_unique<ZmqMsg>();
     if (!zmq_msg_more(&identity.msg) ||
         zmq_msg_recv(&header->msg, receiver_socket_, ZMQ_DONTWAIT) < 0) {
-      MP_LOG_ERROR(kLog, "dropped a message with no header frame");
+      MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped a message with no header frame{}", "");
       return;
     }
     bool more = zmq_msg_more(&header->msg);
-    auto meta = DecodeMeta(header->data(), header->size());
+    size_t header_len = header->size();
+    int authenticated_as = -1;
+    const bool auth_frame = LooksLikeAuthFrame(header->data(), header->size());
+    if (!options_.cluster_token.empty() || auth_frame) {
+      const std::string routing_id(static_cast<const char*>(identity.data()), identity.size());
+      Conn& conn = ConnFor(routing_id);
+      if (conn.refused) {
+        DrainRest(more);
+        return;
+      }
+      if (!conn.opener) {
+        if (auth_frame && !more) {
+          OnAcceptorFrame(identity, conn, *header);
+        } else {
+          MP_LOG_ERROR_LIMITED(auth_log_, kLog,
+                               "dropped a message from an unauthenticated connection ({} bytes "
+                               "header); this cluster requires MESHPOST_CLUSTER_TOKEN",
+                               header->size());
+          DrainRest(more);
+        }
+        return;
+      }
+      auto opened = conn.opener->Open(header->data(), header->size());
+      if (!opened.ok()) {
+        // A bad MAC or sequence on an authenticated connection means someone else writes
+        // into it: nothing more from it can be trusted.
+        conn.refused = true;
+        MP_LOG_ERROR_LIMITED(auth_log_, kLog, "connection from node {} closed for good: {}",
+                             conn.peer_id, opened.status().message());
+        DrainRest(more);
+        return;
+      }
+      header_len = *opened;
+      authenticated_as = conn.peer_id;
+    }
+    auto meta = DecodeMeta(header->data(), header_len);
     if (!meta.ok()) {
-      MP_LOG_ERROR(kLog, "dropped malformed frame: {}", meta.status().ToString());
+      MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped malformed frame: {}",
+                           meta.status().ToString());
+      DrainRest(more);
+      return;
+    }
+    if (authenticated_as >= 0 && meta->sender != authenticated_as) {
+      MP_LOG_ERROR_LIMITED(auth_log_, kLog,
+                           "dropped {} claiming to come from node {} on the connection node {} "
+                           "authenticated",
+                           CommandName(meta->cmd), meta->sender, authenticated_as);
       DrainRest(more);
       return;
     }
@@ -315,8 +637,8 @@ class ZmqVan : public Van {
                               " data frames; its header describes " + std::to_string(expected));
     }
     if (!refused.ok()) {
-      MP_LOG_ERROR(kLog, "refused {} from node {}: {}", CommandName(in.meta.cmd),
-                   in.meta.sender, refused.ToString());
+      MP_LOG_ERROR_LIMITED(frame_log_, kLog, "refused {} from node {}: {}",
+                           CommandName(in.meta.cmd), in.meta.sender, refused.ToString());
       receiver_->OnDropped(in.meta, refused);
       return;
     }
@@ -341,6 +663,13 @@ class ZmqVan : public Van {
   std::thread recv_thread_;
   std::mutex peers_mu_;
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
+  std::mutex auth_mu_;  // guards authenticating_ (outgoing connections mid-handshake)
+  std::vector<std::shared_ptr<Peer>> authenticating_;
+  // Receive thread only: incoming connections by routing id.
+  std::unordered_map<std::string, Conn> conns_;
+  uint64_t next_conn_order_ = 0;
+  LogRateLimiter frame_log_;
+  LogRateLimiter auth_log_;
 };
 
 }  // namespace

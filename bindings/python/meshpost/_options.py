@@ -32,6 +32,9 @@ OPTION_VARIABLES: Dict[str, str] = {
     "start_timeout_ms": "MESHPOST_START_TIMEOUT_MS",
     "max_inflight": "MESHPOST_MAX_INFLIGHT",
     "port_fd": "MESHPOST_PORT_FD",
+    "cluster_token": "MESHPOST_CLUSTER_TOKEN",
+    "cluster_token_file": "MESHPOST_CLUSTER_TOKEN_FILE",
+    "max_message_bytes": "MESHPOST_MAX_MESSAGE_BYTES",
 }
 
 

@@ -37,6 +37,7 @@ import argparse
 import ctypes
 import os
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -342,6 +343,15 @@ class Cluster:
     def _env(self, name: str, role: str) -> Dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
+        # One secret per cluster unless the caller chose one (or none, with an empty
+        # MESHPOST_CLUSTER_TOKEN): see docs/security.md. Only where this launcher starts the
+        # whole cluster: launchers on several hosts cannot agree on a random token, so a
+        # multi-host cluster takes MESHPOST_CLUSTER_TOKEN(_FILE) from the user.
+        if (self.layout is None and "MESHPOST_CLUSTER_TOKEN" not in env
+                and "MESHPOST_CLUSTER_TOKEN_FILE" not in env):
+            if not getattr(self, "_token", None):
+                self._token = secrets.token_hex(32)
+            env["MESHPOST_CLUSTER_TOKEN"] = self._token
         env.update({
             "DMLC_ROLE": role,
             "DMLC_NUM_WORKER": str(self.workers),

@@ -1,0 +1,178 @@
+// Node program for the attack tests (security_test.cc). Every role writes the port it
+// listens on to $MESHPOST_SEC_DIR/<role>:<rank>.port once started, then runs a traffic loop
+// until $MESHPOST_SEC_DIR/stop names the last round: workers push a value that names them and check
+// every answer exactly, servers check every request (a forged request or response is a
+// wrong value here) and answer. Each worker records its completed rounds in
+// <role>:<rank>.rounds so the test can see that traffic keeps flowing after an attack.
+// Any error or mismatch exits non-zero with the reason on stderr.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "ps/postoffice.h"
+
+using namespace meshpost;
+
+namespace {
+
+constexpr int64_t kCols = 16;
+
+[[noreturn]] void Die(const std::string& why) {
+  std::fprintf(stderr, "SECURITY NODE FAILURE: %s\n", why.c_str());
+  std::fflush(stderr);
+  _exit(1);
+}
+
+std::string Dir() {
+  const char* d = std::getenv("MESHPOST_SEC_DIR");
+  if (d == nullptr) Die("MESHPOST_SEC_DIR is not set");
+  return d;
+}
+
+bool Exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+void WriteFile(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << text << "\n";
+  }
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+struct Buf {
+  std::shared_ptr<std::vector<float>> v;
+  TensorView view;
+  explicit Buf(int64_t n) : v(std::make_shared<std::vector<float>>(n)) {
+    view = TensorView{v->data(), DType::kFloat32, {n}, {}, v};
+  }
+};
+
+// The value worker w pushes in round `it`.
+float PushValue(int w, int64_t it) { return static_cast<float>(w * 100000 + it % 50000); }
+
+bool WorkersDone(const std::string& dir, int W) {
+  for (int w = 0; w < W; ++w) {
+    if (!Exists(dir + "/worker:" + std::to_string(w) + ".done")) return false;
+  }
+  return true;
+}
+
+// Serves until every worker finished its last round (workers stop at the stop file).
+void RunServer(Postoffice& po, const std::string& dir) {
+  AFTensorServer* s = po.server();
+  const int W = po.options().num_workers;
+  std::vector<int64_t> next_round(W, -1);
+  for (;;) {
+    auto batch = s->GetBatch(300);
+    if (!batch.ok()) {
+      if (WorkersDone(dir, W)) break;
+      if (batch.status().code() == StatusCode::kDeadlineExceeded) continue;
+      Die("GetBatch: " + batch.status().ToString());
+    }
+    Buf sum(kCols);
+    for (const auto& req : *batch) {
+      if (req.worker_rank < 0 || req.worker_rank >= W) Die("request from an unknown worker");
+      if (req.push.size() != 1 || req.push[0].tensor.dtype != DType::kFloat32 ||
+          req.push[0].tensor.shape != std::vector<int64_t>{kCols}) {
+        Die("forged request accepted: unexpected push from worker " +
+            std::to_string(req.worker_rank));
+      }
+      const float* p = static_cast<const float*>(req.push[0].tensor.data);
+      const int64_t it = static_cast<int64_t>(p[1]);
+      if (p[0] != PushValue(req.worker_rank, it) || it <= next_round[req.worker_rank] - 1) {
+        Die("forged request accepted: worker " + std::to_string(req.worker_rank) + " pushed " +
+            std::to_string(p[0]));
+      }
+      next_round[req.worker_rank] = it + 1;
+      for (int64_t i = 0; i < kCols; ++i) sum.v->at(i) += p[0];
+    }
+    for (int64_t i = 0; i < kCols; ++i) sum.v->at(i) += 7.0f * static_cast<float>(po.rank());
+    for (const auto& req : *batch) {
+      Status r = s->Respond(req.handle, {sum.view});
+      if (!r.ok()) Die("Respond: " + r.ToString());
+    }
+  }
+}
+
+// The round to finish at, once the test wrote it into the stop file (-1 before). Workers
+// run in lockstep (a server answers one request per worker at a time), so they all stop
+// after the same round.
+int64_t StopRound(const std::string& stop) {
+  std::ifstream f(stop);
+  int64_t r = -1;
+  if (f && (f >> r)) return r;
+  return -1;
+}
+
+void RunWorker(Postoffice& po, const std::string& stop, const std::string& rounds_file) {
+  AFTensorWorker* w = po.worker();
+  const int S = po.options().num_servers;
+  const int W = po.options().num_workers;
+  for (int64_t it = 0;; ++it) {
+    const int64_t last = StopRound(stop);
+    if (last >= 0 && it > last) break;
+    Buf push(kCols);
+    push.v->at(0) = PushValue(po.rank(), it);
+    push.v->at(1) = static_cast<float>(it);
+    for (int64_t i = 2; i < kCols; ++i) push.v->at(i) = PushValue(po.rank(), it);
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < S; ++s) {
+      pulls.emplace_back(kCols);
+      pull.push_back({100 + s, pulls.back().view});
+    }
+    auto h = w->ZBatchPushPull({{0, push.view}}, pull);
+    if (!h.ok()) Die("push_pull: " + h.status().ToString());
+    Status st = w->Wait(*h, 60000);
+    if (!st.ok()) Die("Wait: " + st.ToString());
+    // Each server sums one push per worker of the same round index only when workers run
+    // in lockstep, which servers' batching guarantees: one request per worker per batch.
+    for (int s = 0; s < S; ++s) {
+      float expect = 7.0f * s;
+      for (int k = 0; k < W; ++k) expect += PushValue(k, it);
+      if (pulls[s].v->at(0) != expect) {
+        Die("forged or wrong response accepted: server " + std::to_string(s) + " answered " +
+            std::to_string(pulls[s].v->at(0)) + ", want " + std::to_string(expect));
+      }
+    }
+    if (it % 10 == 0) WriteFile(rounds_file, std::to_string(it));
+  }
+}
+
+}  // namespace
+
+int main() {
+  auto opts = OptionsFromEnv();
+  if (!opts.ok()) {
+    std::fprintf(stderr, "%s\n", opts.status().ToString().c_str());
+    return 2;
+  }
+  auto po = Postoffice::Create(*opts);
+  if (!po.ok()) Die("Create: " + po.status().ToString());
+  Status s = (*po)->Start();
+  if (!s.ok()) Die("Start: " + s.ToString());
+  const std::string dir = Dir();
+  const std::string me = std::string(RoleName(opts->role)) + ":" + std::to_string((*po)->rank());
+  WriteFile(dir + "/" + me + ".port", std::to_string((*po)->port()));
+  const std::string stop = dir + "/stop";
+  if (opts->role == Role::kServer) RunServer(**po, dir);
+  if (opts->role == Role::kWorker) {
+    RunWorker(**po, stop, dir + "/" + me + ".rounds");
+    WriteFile(dir + "/" + me + ".done", "1");
+  }
+  if (opts->role == Role::kScheduler) {
+    while (!Exists(stop)) usleep(50000);  // the scheduler's work happens on its threads
+  }
+  s = (*po)->Stop(60000);
+  if (!s.ok()) Die("Stop: " + s.ToString());
+  return 0;
+}

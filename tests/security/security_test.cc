@@ -1,0 +1,398 @@
+// Attack tests: a real cluster (scheduler, servers, workers as processes, launched by
+// LocalCluster) under attack by a raw ZeroMQ client that holds no cluster token and uses
+// no meshpost code: it writes frames by hand from docs/wire_format.md. The nodes
+// (security_node.cc) check every request and answer they see and exit non-zero on any
+// forged value, so "every process exits 0" means no forgery got through.
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "launch/local_cluster.h"
+
+namespace meshpost {
+namespace {
+
+constexpr int64_t kProcessLimitMs = 180000;
+const char* kToken = "security-test-cluster-token-0123456789";
+
+// ---------------------------------------------------------------- raw wire encoding
+
+class Bytes {
+ public:
+  template <typename T>
+  Bytes& Put(T v) {
+    char b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    s_.append(b, sizeof(T));
+    return *this;
+  }
+  Bytes& Str(const std::string& v) {
+    Put<uint32_t>(static_cast<uint32_t>(v.size()));
+    s_ += v;
+    return *this;
+  }
+  std::string s_;
+};
+
+struct RawDesc {
+  int64_t key;
+  uint8_t dtype;  // tensor/dtype.h numbering: 0 = float32, 5 = uint8
+  std::vector<int64_t> shape;
+  uint64_t nbytes;
+};
+
+std::string RawHeader(uint8_t cmd, int32_t sender, int32_t recipient, uint64_t id, int32_t arg,
+                      const std::string& body, const std::vector<RawDesc>& data = {},
+                      const std::vector<RawDesc>& slots = {}) {
+  Bytes b;
+  b.Put<uint8_t>(cmd).Put<int32_t>(sender).Put<int32_t>(recipient).Put<uint64_t>(id);
+  b.Put<int32_t>(arg).Put<int32_t>(0).Str(body);
+  for (const auto* list : {&data, &slots}) {
+    b.Put<uint32_t>(static_cast<uint32_t>(list->size()));
+    for (const RawDesc& d : *list) {
+      b.Put<int64_t>(d.key).Put<uint8_t>(d.dtype).Put<uint8_t>(static_cast<uint8_t>(d.shape.size()));
+      for (int64_t dim : d.shape) b.Put<int64_t>(dim);
+      b.Put<uint64_t>(d.nbytes).Put<uint64_t>(0);
+    }
+  }
+  for (int i = 0; i < 4; ++i) b.Put<uint64_t>(0);
+  Bytes frame;
+  frame.Put<uint32_t>(0x5453504D).Put<uint16_t>(1).Put<uint16_t>(0);
+  frame.Put<uint32_t>(static_cast<uint32_t>(b.s_.size()));
+  return frame.s_ + b.s_;
+}
+
+// One node entry of a REGISTER body / NODE_TABLE.
+std::string RawNode(int32_t id, uint8_t role, int32_t rank, const std::string& host, int32_t port) {
+  Bytes b;
+  b.Put<int32_t>(id).Put<uint8_t>(role).Put<int32_t>(rank).Str(host).Put<int32_t>(port);
+  b.Put<int32_t>(4242).Str("attacker-host").Put<uint32_t>(0);
+  return b.s_;
+}
+
+// ---------------------------------------------------------------- the attacker
+
+class Attacker {
+ public:
+  Attacker() : ctx_(zmq_ctx_new()) {
+    // A listener the forged node tables and registrations point at: nothing may connect.
+    trap_ = zmq_socket(ctx_, ZMQ_ROUTER);
+    int zero = 0;
+    zmq_setsockopt(trap_, ZMQ_LINGER, &zero, sizeof(zero));
+    zmq_bind(trap_, "tcp://127.0.0.1:*");
+    char last[256];
+    size_t len = sizeof(last);
+    zmq_getsockopt(trap_, ZMQ_LAST_ENDPOINT, last, &len);
+    trap_port_ = std::atoi(std::strrchr(last, ':') + 1);
+  }
+  ~Attacker() {
+    for (void* s : socks_) zmq_close(s);
+    zmq_close(trap_);
+    zmq_ctx_term(ctx_);
+  }
+  int trap_port() const { return trap_port_; }
+
+  void* Dial(int port) {
+    void* s = zmq_socket(ctx_, ZMQ_DEALER);
+    int linger = 2000;
+    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof(linger));
+    zmq_connect(s, ("tcp://127.0.0.1:" + std::to_string(port)).c_str());
+    socks_.push_back(s);
+    return s;
+  }
+  // Header plus one data frame sent without copying (`data` must outlive the context);
+  // *released is incremented once ZeroMQ no longer needs the bytes (written out, or
+  // dropped with the connection the receiver closed).
+  static void SendBig(void* s, const std::string& header, const std::string& data,
+                      std::atomic<int>* released) {
+    zmq_send(s, header.data(), header.size(), ZMQ_SNDMORE);
+    zmq_msg_t m;
+    zmq_msg_init_data(
+        &m, const_cast<char*>(data.data()), data.size(),
+        [](void*, void* hint) { static_cast<std::atomic<int>*>(hint)->fetch_add(1); }, released);
+    zmq_msg_send(&m, s, 0);
+  }
+  static void Send(void* s, const std::string& header, const std::vector<std::string>& data = {}) {
+    zmq_send(s, header.data(), header.size(), data.empty() ? 0 : ZMQ_SNDMORE);
+    for (size_t i = 0; i < data.size(); ++i) {
+      zmq_send(s, data[i].data(), data[i].size(), i + 1 < data.size() ? ZMQ_SNDMORE : 0);
+    }
+  }
+  // Whether anything reached the trap listener (a connection that sent a frame).
+  bool TrapGotTraffic() {
+    zmq_pollitem_t item{trap_, 0, ZMQ_POLLIN, 0};
+    return zmq_poll(&item, 1, 0) > 0;
+  }
+
+ private:
+  void* ctx_;
+  void* trap_;
+  int trap_port_ = 0;
+  std::vector<void*> socks_;
+};
+
+// ---------------------------------------------------------------- process inspection
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+int FdCount(pid_t pid) {
+  int n = 0;
+  DIR* d = opendir(("/proc/" + std::to_string(pid) + "/fd").c_str());
+  if (d == nullptr) return -1;
+  while (readdir(d) != nullptr) ++n;
+  closedir(d);
+  return n - 2;
+}
+
+int64_t StatusKb(pid_t pid, const std::string& field) {
+  std::istringstream in(ReadAll("/proc/" + std::to_string(pid) + "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::atoll(line.c_str() + field.size() + 1);
+  }
+  return -1;
+}
+
+// Local address (hex "0100007F" = 127.0.0.1) of the socket listening on `port`.
+std::string ListenAddressHex(int port) {
+  std::istringstream in(ReadAll("/proc/net/tcp"));
+  std::string line;
+  char want[8];
+  std::snprintf(want, sizeof(want), "%04X", port);
+  std::getline(in, line);
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string sl, local, remote, state;
+    f >> sl >> local >> remote >> state;
+    if (state == "0A" && local.substr(local.find(':') + 1) == want) {
+      return local.substr(0, local.find(':'));
+    }
+  }
+  return "";
+}
+
+// Polls a condition for up to `limit` (bounded waiting on the processes under test).
+template <typename Pred>
+bool Eventually(Pred pred, std::chrono::seconds limit = std::chrono::seconds(90)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return pred();
+}
+
+// ---------------------------------------------------------------- the cluster under attack
+
+class SecurityTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/meshpost_sec_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    cluster_.KillAll();
+    std::string cmd = "rm -rf '" + dir_ + "'";
+    int ignored = std::system(cmd.c_str());
+    (void)ignored;
+  }
+
+  ClusterSpec Spec(bool with_token) {
+    ClusterSpec spec;
+    spec.argv = {MESHPOST_SECURITY_NODE};
+    spec.num_workers = 2;
+    spec.num_servers = 2;
+    spec.env["MESHPOST_SEC_DIR"] = dir_;
+    spec.env["MESHPOST_TRANSPORT"] = "tcp";
+    spec.env["MESHPOST_HEARTBEAT_INTERVAL_MS"] = "200";
+    spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "3000";
+    spec.env["MESHPOST_START_TIMEOUT_MS"] = "60000";
+    if (with_token) spec.env["MESHPOST_CLUSTER_TOKEN"] = kToken;
+    return spec;
+  }
+
+  void Start(const ClusterSpec& spec) {
+    ASSERT_TRUE(cluster_.Start(spec).ok());
+    for (const char* n : {"scheduler:0", "server:0", "server:1", "worker:0", "worker:1"}) {
+      const std::string path = dir_ + "/" + n + ".port";
+      ASSERT_TRUE(Eventually([&] { return !ReadAll(path).empty(); })) << n << " never started";
+      ports_[n] = std::atoi(ReadAll(path).c_str());
+    }
+  }
+
+  int64_t Rounds(const std::string& worker) {
+    const std::string text = ReadAll(dir_ + "/" + worker + ".rounds");
+    return text.empty() ? -1 : std::atoll(text.c_str());
+  }
+
+  // Waits until both workers completed `more` further checked rounds.
+  void ExpectTrafficContinues(int64_t more) {
+    const int64_t base = std::max(Rounds("worker:0"), Rounds("worker:1"));
+    EXPECT_TRUE(Eventually([&] {
+      return Rounds("worker:0") >= base + more && Rounds("worker:1") >= base + more;
+    })) << "traffic stalled after the attack (rounds " << Rounds("worker:0") << ", "
+        << Rounds("worker:1") << ")";
+  }
+
+  void StopAndExpectCleanExits() {
+    const int64_t last = std::max(Rounds("worker:0"), Rounds("worker:1")) + 40;
+    {
+      std::ofstream f(dir_ + "/stop.tmp");
+      f << last << "\n";
+    }
+    std::rename((dir_ + "/stop.tmp").c_str(), (dir_ + "/stop").c_str());
+    for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
+      EXPECT_TRUE(e.ok()) << e.Describe();
+    }
+  }
+
+  std::string dir_;
+  LocalCluster cluster_;
+  std::map<std::string, int> ports_;
+};
+
+// Node ids: scheduler 0, servers 1..S, workers S+1..S+W (ps/node_context.h).
+constexpr int kScheduler = 0, kServer0 = 1, kServer1 = 2, kWorker0 = 3, kWorker1 = 4;
+
+TEST_F(SecurityTest, ForgedControlAndDataMessagesChangeNothing) {
+  Start(Spec(true));
+  Attacker evil;
+  ExpectTrafficContinues(10);
+  const int trap = evil.trap_port();
+  std::string table;
+  {
+    Bytes b;
+    b.Put<uint32_t>(5);
+    table = b.s_ + RawNode(0, 0, 0, "127.0.0.1", trap) + RawNode(1, 1, 0, "127.0.0.1", trap) +
+            RawNode(2, 1, 1, "127.0.0.1", trap) + RawNode(3, 2, 0, "127.0.0.1", trap) +
+            RawNode(4, 2, 1, "127.0.0.1", trap);
+  }
+  const std::string floats(16 * 4, '\x7f');
+  const RawDesc push{0, 0, {16}, 64};
+  for (const char* worker : {"worker:0", "worker:1"}) {
+    void* s = evil.Dial(ports_[worker]);
+    const int me = std::string(worker) == "worker:0" ? kWorker0 : kWorker1;
+    // A node table pointing every server at the attacker.
+    Attacker::Send(s, RawHeader(3, kScheduler, me, 0, 0, table));
+    // Responses for the next handles, claiming to come from each server.
+    for (uint64_t h = 0; h < 400; ++h) {
+      for (int srv : {kServer0, kServer1}) {
+        Attacker::Send(s, RawHeader(21, srv, me, (h << 12) | static_cast<uint64_t>(srv - 1), 0, "",
+                                    {push}),
+                       {floats});
+      }
+    }
+    // Evictions, from the scheduler and from the peers themselves.
+    Attacker::Send(s, RawHeader(10, kScheduler, me, 0, kServer0, "forged death"));
+    Attacker::Send(s, RawHeader(10, kScheduler, me, 1, kServer1, "forged leave"));
+    Attacker::Send(s, RawHeader(11, kServer0, me, 0, 0, "forged peer leave"));
+  }
+  for (const char* server : {"server:0", "server:1"}) {
+    void* s = evil.Dial(ports_[server]);
+    const int me = std::string(server) == "server:0" ? kServer0 : kServer1;
+    for (uint64_t h = 0; h < 50; ++h) {
+      Attacker::Send(s, RawHeader(20, kWorker0, me, h << 12, 0, "", {push}, {push}), {floats});
+    }
+    Attacker::Send(s, RawHeader(3, kScheduler, me, 0, 0, table));
+    Attacker::Send(s, RawHeader(10, kScheduler, me, 0, kWorker0, "forged death"));
+    Attacker::Send(s, RawHeader(11, kWorker1, me, 0, 0, "forged peer leave"));
+  }
+  {
+    void* s = evil.Dial(ports_["scheduler:0"]);
+    for (int id : {kServer0, kServer1, kWorker0, kWorker1}) {
+      Attacker::Send(s, RawHeader(8, id, kScheduler, 0, 0, ""));         // LEAVE
+      Attacker::Send(s, RawHeader(4, id, kScheduler, 1000, 7, ""));      // BARRIER
+    }
+  }
+  // Long enough for heartbeat-based eviction (3 s) to have struck had a forgery landed.
+  ExpectTrafficContinues(200);
+  EXPECT_FALSE(evil.TrapGotTraffic()) << "a node followed a forged node table";
+  StopAndExpectCleanExits();
+}
+
+TEST_F(SecurityTest, RefusedRegistrationsLeaveNothingBehind) {
+  for (bool with_token : {true, false}) {
+    SCOPED_TRACE(with_token ? "with a cluster token" : "without a token");
+    cluster_ = LocalCluster();
+    std::string cmd = "rm -f '" + dir_ + "'/*";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    Start(Spec(with_token));
+    const pid_t sched = cluster_.pid("scheduler");
+    ASSERT_GT(sched, 0);
+    ExpectTrafficContinues(10);
+    const int fds_before = FdCount(sched);
+    Attacker evil;
+    void* s = evil.Dial(ports_["scheduler:0"]);
+    for (int i = 0; i < 2000; ++i) {
+      Bytes body;
+      body.Put<uint32_t>(1);
+      // Rank 0 is taken: every one of these is refused, each naming the trap as its address.
+      Attacker::Send(s, RawHeader(1, 1, kScheduler, 0, 0,
+                                  body.s_ + RawNode(1, 1, 0, "127.0.0.1", evil.trap_port())));
+    }
+    ExpectTrafficContinues(30);
+    // Refusal replies may linger briefly; afterwards the scheduler is back to where it was.
+    EXPECT_TRUE(Eventually([&] { return FdCount(sched) <= fds_before + 8; },
+                           std::chrono::seconds(60)))
+        << "scheduler fds grew from " << fds_before << " to " << FdCount(sched);
+    if (with_token) EXPECT_FALSE(evil.TrapGotTraffic());
+    StopAndExpectCleanExits();
+  }
+}
+
+TEST_F(SecurityTest, OversizedFramesDoNotGrowMemory) {
+  ClusterSpec spec = Spec(true);
+  spec.env["MESHPOST_MAX_MESSAGE_BYTES"] = std::to_string(16 << 20);
+  Start(spec);
+  ExpectTrafficContinues(10);
+  const pid_t server = cluster_.pid("server:0");
+  const int64_t hwm_before = StatusKb(server, "VmHWM");
+  {
+    const std::string huge(128u << 20, 'x');
+    std::atomic<int> released{0};
+    Attacker evil;
+    for (int i = 0; i < 4; ++i) {
+      void* s = evil.Dial(ports_["server:0"]);
+      const RawDesc d{0, 5, {static_cast<int64_t>(huge.size())}, huge.size()};
+      Attacker::SendBig(s, RawHeader(20, kWorker0, kServer0, 1, 0, "", {d}), huge, &released);
+    }
+    EXPECT_TRUE(Eventually([&] { return released.load() == 4; }));
+    ExpectTrafficContinues(50);
+  }
+  // Four frames of 128 MiB: without a limit the server holds them all at once.
+  const int64_t growth_kb = StatusKb(server, "VmHWM") - hwm_before;
+  EXPECT_LT(growth_kb, 96 * 1024) << "peak RSS grew by " << growth_kb / 1024 << " MiB";
+  StopAndExpectCleanExits();
+}
+
+TEST_F(SecurityTest, NodesListenOnlyOnTheAdvertisedAddress) {
+  Start(Spec(false));
+  for (const auto& [name, port] : ports_) {
+    EXPECT_EQ(ListenAddressHex(port), "0100007F") << name << " listens on "
+                                                  << ListenAddressHex(port)
+                                                  << " (00000000 = every interface)";
+  }
+  StopAndExpectCleanExits();
+}
+
+}  // namespace
+}  // namespace meshpost
