@@ -44,7 +44,9 @@ class AFTensorServer::Impl : public DataHandler {
         num_servers_(ctx->options().num_servers),
         waiter_(ctx->wait_policy()),
         queues_(num_workers_),
-        worker_down_(num_workers_) {}
+        worker_down_(num_workers_),
+        handle_base_(static_cast<uint64_t>(ctx->options().Rank()) << kHandleRankShift),
+        next_handle_(handle_base_ + 1) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
     const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
@@ -324,8 +326,14 @@ class AFTensorServer::Impl : public DataHandler {
   }
 
   Status UnknownHandle(const char* fn, uint64_t handle) const {
+    const uint64_t owner = handle >> kHandleRankShift;
+    if (owner != handle_base_ >> kHandleRankShift) {
+      return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
+                           " belongs to server " + std::to_string(owner) + ", not to this server " +
+                           std::to_string(handle_base_ >> kHandleRankShift));
+    }
     return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
-                         (handle > 0 && handle < next_handle_
+                         (handle > handle_base_ && handle < next_handle_
                               ? " was already answered (or is not yet returned by GetBatch)"
                               : " was never returned by GetBatch"));
   }
@@ -389,7 +397,12 @@ class AFTensorServer::Impl : public DataHandler {
   std::atomic<bool> ready_{false};
   std::atomic<uint64_t> down_epoch_{0};
   std::vector<Status> worker_down_;
-  uint64_t next_handle_ = 1;
+  // Handles carry the server rank in their top bits (rank << 40 | counter), so a handle
+  // from another server is never mistaken for one of ours. 40 bits of counter last for
+  // 10^12 requests; rank < 4096 keeps handles below 2^52 (exact in a Python float too).
+  static constexpr int kHandleRankShift = 40;
+  const uint64_t handle_base_;
+  uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
 };

@@ -71,6 +71,7 @@ void RunServer(Postoffice& po, const std::string& dir) {
   AFTensorServer* s = po.server();
   const int W = po.options().num_workers;
   std::vector<int64_t> next_round(W, -1);
+  bool checked_foreign_handle = false;
   for (;;) {
     auto batch = s->GetBatch(300);
     if (!batch.ok()) {
@@ -96,6 +97,16 @@ void RunServer(Postoffice& po, const std::string& dir) {
       for (int64_t i = 0; i < kCols; ++i) sum.v->at(i) += p[0];
     }
     for (int64_t i = 0; i < kCols; ++i) sum.v->at(i) += 7.0f * static_cast<float>(po.rank());
+    if (po.rank() == 1 && !checked_foreign_handle) {
+      // The same request number as issued by server 0: must not answer one of ours.
+      const uint64_t foreign = (*batch)[0].handle & ((uint64_t{1} << 40) - 1);
+      Status r = s->Respond(foreign, {sum.view});
+      if (r.ok() || r.code() != StatusCode::kNotFound) {
+        Die("server 1 accepted handle " + std::to_string(foreign) + " of server 0: " +
+            r.ToString());
+      }
+      checked_foreign_handle = true;
+    }
     for (const auto& req : *batch) {
       Status r = s->Respond(req.handle, {sum.view});
       if (!r.ok()) Die("Respond: " + r.ToString());
@@ -148,6 +159,73 @@ void RunWorker(Postoffice& po, const std::string& stop, const std::string& round
   }
 }
 
+std::string Scenario() {
+  const char* v = std::getenv("MESHPOST_SEC_SCENARIO");
+  return v ? v : "traffic";
+}
+
+// "evict": the test pauses server 1 past the heartbeat timeout. Workers run rounds until a
+// wait fails because server 1 is gone, then stop. Server 1 blocks in GetBatch without a
+// timeout; once resumed it must learn at once that it was evicted, and every later call
+// must say so too.
+void EvictWorker(Postoffice& po, const std::string& dir, const std::string& me) {
+  AFTensorWorker* w = po.worker();
+  const int S = po.options().num_servers;
+  for (int64_t it = 0;; ++it) {
+    Buf push(kCols);
+    push.v->at(0) = PushValue(po.rank(), it);
+    push.v->at(1) = static_cast<float>(it);
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < S; ++s) {
+      pulls.emplace_back(kCols);
+      pull.push_back({100 + s, pulls.back().view});
+    }
+    auto h = w->ZBatchPushPull({{0, push.view}}, pull);
+    Status st = h.ok() ? w->Wait(*h, 60000) : h.status();
+    if (!st.ok()) {
+      if (st.message().find("server 1") == std::string::npos) Die("unexpected failure: " + st.ToString());
+      break;
+    }
+    if (it % 10 == 0) WriteFile(dir + "/" + me + ".rounds", std::to_string(it));
+  }
+  WriteFile(dir + "/" + me + ".done", "1");
+}
+
+void EvictServer(Postoffice& po, const std::string& dir) {
+  AFTensorServer* s = po.server();
+  if (po.rank() == 0) {
+    // Serves what arrives until both workers gave up on server 1.
+    for (;;) {
+      auto batch = s->GetBatch(300);
+      if (!batch.ok()) {
+        if (WorkersDone(dir, po.options().num_workers)) return;
+        continue;
+      }
+      Buf sum(kCols);
+      for (const auto& req : *batch) (void)s->Respond(req.handle, {sum.view});
+    }
+  }
+  for (;;) {
+    auto batch = s->GetBatch(-1);
+    if (!batch.ok()) {
+      const Status first = batch.status();
+      if (first.message().find("evicted") == std::string::npos) {
+        Die("GetBatch after the pause: " + first.ToString() + "; expected it to say evicted");
+      }
+      auto again = s->GetBatch(100);
+      if (again.ok() || again.status().message().find("evicted") == std::string::npos) {
+        Die("a later GetBatch does not report the eviction: " +
+            (again.ok() ? std::string("OK") : again.status().ToString()));
+      }
+      WriteFile(dir + "/server:1.evicted", first.message());
+      return;
+    }
+    Buf sum(kCols);
+    for (const auto& req : *batch) (void)s->Respond(req.handle, {sum.view});
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -164,6 +242,17 @@ int main() {
   const std::string me = std::string(RoleName(opts->role)) + ":" + std::to_string((*po)->rank());
   WriteFile(dir + "/" + me + ".port", std::to_string((*po)->port()));
   const std::string stop = dir + "/stop";
+  if (Scenario() == "evict") {
+    if (opts->role == Role::kServer) EvictServer(**po, dir);
+    if (opts->role == Role::kWorker) EvictWorker(**po, dir, me);
+    if (opts->role == Role::kScheduler) {
+      while (!Exists(stop)) usleep(50000);
+    }
+    // An evicted node's Stop reports the eviction; everyone else leaves cleanly.
+    s = (*po)->Stop(60000);
+    if (!s.ok() && !Exists(dir + "/server:1.evicted")) Die("Stop: " + s.ToString());
+    return 0;
+  }
   if (opts->role == Role::kServer) RunServer(**po, dir);
   if (opts->role == Role::kWorker) {
     RunWorker(**po, stop, dir + "/" + me + ".rounds");

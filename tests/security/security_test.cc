@@ -226,7 +226,7 @@ class SecurityTest : public ::testing::Test {
     spec.env["MESHPOST_HEARTBEAT_INTERVAL_MS"] = "200";
     spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "3000";
     spec.env["MESHPOST_START_TIMEOUT_MS"] = "60000";
-    if (with_token) spec.env["MESHPOST_CLUSTER_TOKEN"] = kToken;
+    spec.env["MESHPOST_CLUSTER_TOKEN"] = with_token ? kToken : "";
     return spec;
   }
 
@@ -392,6 +392,47 @@ TEST_F(SecurityTest, NodesListenOnlyOnTheAdvertisedAddress) {
                                                   << " (00000000 = every interface)";
   }
   StopAndExpectCleanExits();
+}
+
+// Pauses are stimuli here, not synchronisation: the test holds a process stopped for a
+// multiple of the heartbeat timeout and then checks what the cluster concluded.
+void PauseFor(pid_t pid, std::chrono::milliseconds how_long) {
+  ASSERT_EQ(kill(pid, SIGSTOP), 0);
+  std::this_thread::sleep_for(how_long);
+  ASSERT_EQ(kill(pid, SIGCONT), 0);
+}
+
+TEST_F(SecurityTest, SchedulerPausedPastTheHeartbeatTimeoutDeclaresNobodyDead) {
+  ClusterSpec spec = Spec(true);
+  spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
+  Start(spec);
+  ExpectTrafficContinues(10);
+  PauseFor(cluster_.pid("scheduler"), std::chrono::milliseconds(5000));
+  // Nodes marked the scheduler dead during the pause; its acks must clear that, and the
+  // scheduler must not evict the nodes whose heartbeats queued up while it was stopped.
+  ExpectTrafficContinues(50);
+  StopAndExpectCleanExits();  // leaving needs a live scheduler that still knows everyone
+}
+
+TEST_F(SecurityTest, PausedServerLearnsAtOnceThatItWasEvicted) {
+  ClusterSpec spec = Spec(true);
+  spec.env["MESHPOST_SEC_SCENARIO"] = "evict";
+  spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
+  Start(spec);
+  ExpectTrafficContinues(10);
+  PauseFor(cluster_.pid("server:1"), std::chrono::milliseconds(5000));
+  EXPECT_TRUE(Eventually([&] { return !ReadAll(dir_ + "/server:1.evicted").empty(); }))
+      << "the resumed server never learned it was evicted";
+  EXPECT_TRUE(Eventually([&] {
+    return !ReadAll(dir_ + "/worker:0.done").empty() && !ReadAll(dir_ + "/worker:1.done").empty();
+  }));
+  {
+    std::ofstream f(dir_ + "/stop");
+    f << "0\n";
+  }
+  for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
+    EXPECT_TRUE(e.ok()) << e.Describe();
+  }
 }
 
 }  // namespace

@@ -1,15 +1,20 @@
-// ZeroMQ van with a cluster token: connections authenticate, messages are attributed to
-// the authenticated peer, and bytes from connections without the token never reach the
-// receiver. The attacker here is a raw ZeroMQ DEALER that knows the wire format.
+// Vans with a cluster token (tcp and the same-host cma van): connections authenticate,
+// messages are attributed to the authenticated peer, and bytes from connections without
+// the token never reach the receiver. The tcp attacker is a raw ZeroMQ DEALER that knows
+// the wire format.
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <thread>
 
+#include "common/auth.h"
 #include "common/clock.h"
 #include "van/codec.h"
+#include "van/registry.h"
 #include "van/van.h"
 
 namespace meshpost {
@@ -206,6 +211,70 @@ TEST(ZmqAuthTest, FramesAboveTheSizeLimitCloseTheConnectionWithoutBeingDelivered
   small.Send(EncodeMeta(m));
   ASSERT_TRUE(rb.WaitFor(1));
   for (const Meta& got : rb.Snapshot()) EXPECT_EQ(got.body, "ok");
+}
+
+// ---- same-host van ----
+
+bool HaveCma() {
+  for (const std::string& n : CompiledTransports()) {
+    if (n == "cma") return true;
+  }
+  return false;
+}
+
+std::unique_ptr<Van> MakeCma(const std::string& token, int self_id, Recorder* r) {
+  VanOptions o;
+  o.cluster_token = token;
+  o.self_id = self_id;
+  o.cma_disable = true;  // the doorbell handshake is what is under test, not CMA itself
+  auto van = CreateVan("cma", o);
+  EXPECT_TRUE(van.ok());
+  EXPECT_TRUE((*van)->Bind("", 0).ok());
+  EXPECT_TRUE((*van)->Start(r).ok());
+  return std::move(van).value();
+}
+
+PeerAddress CmaPeer(int id, const Van& van) {
+  PeerAddress p;
+  p.id = id;
+  p.endpoint = van.endpoint();
+  p.pid = static_cast<int>(getpid());
+  return p;
+}
+
+TEST(CmaAuthTest, AuthenticatedConnectionsCarryMessagesAndRefuseOtherSenders) {
+  if (!HaveCma()) GTEST_SKIP() << "no same-host van in this build";
+  Recorder ra, rb;
+  auto a = MakeCma(kToken, 1, &ra);
+  auto b = MakeCma(kToken, 2, &rb);
+  ASSERT_TRUE(a->Connect(CmaPeer(2, *b)).ok());
+  ASSERT_TRUE(a->Send(Heartbeat(5, 2, 1)).ok());  // claims another sender: dropped
+  ASSERT_TRUE(a->Send(Heartbeat(1, 2, 2)).ok());
+  ASSERT_TRUE(rb.WaitFor(1));
+  auto got = rb.Snapshot();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].sender, 1);
+  EXPECT_EQ(got[0].id, 2u);
+}
+
+TEST(CmaAuthTest, MismatchedTokensFailConnectWithAClearError) {
+  if (!HaveCma()) GTEST_SKIP() << "no same-host van in this build";
+  Recorder ra, rb, rc;
+  auto a = MakeCma("a-different-token-0123456789", 1, &ra);
+  auto b = MakeCma(kToken, 2, &rb);
+  auto none = MakeCma("", 3, &rc);
+  Status wrong = a->Connect(CmaPeer(2, *b));
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(wrong.message().find("token"), std::string::npos) << wrong.message();
+  Status tokenless_to_token = none->Connect(CmaPeer(2, *b));
+  ASSERT_FALSE(tokenless_to_token.ok());
+  EXPECT_NE(tokenless_to_token.message().find("MESHPOST_CLUSTER_TOKEN"), std::string::npos)
+      << tokenless_to_token.message();
+  Status token_to_tokenless = b->Connect(CmaPeer(3, *none));
+  ASSERT_FALSE(token_to_tokenless.ok());
+  EXPECT_NE(token_to_tokenless.message().find("without a cluster token"), std::string::npos)
+      << token_to_tokenless.message();
+  EXPECT_TRUE(rb.Snapshot().empty());
 }
 
 }  // namespace
