@@ -1,7 +1,7 @@
 // Writes the seed corpus in fuzz/corpus/ from the real encoders, so seeds start valid
 // and the fuzzers mutate from there. Run by hand when a format changes:
 //   clang++ -std=c++17 -I. fuzz/seed_gen.cc common/*.cc tensor/*.cc van/codec.cc \
-//     van/rdma/rdma_wire.cc $(pkg-config --cflags --libs libsodium) -lspdlog -lfmt \
+//     van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs $(pkg-config --cflags --libs libsodium) -lspdlog -lfmt \
 //     -o /tmp/seed_gen && /tmp/seed_gen fuzz/corpus
 #include <cstdio>
 #include <fstream>

@@ -22,6 +22,11 @@ if ! "$cxx" -fsanitize=fuzzer "$probe/p.cc" -o "$probe/p" 2>/dev/null; then
   exit 0
 fi
 
+if [[ " $targets " == *" rdma_wire "* && ! -f /usr/include/infiniband/verbs.h ]]; then
+  echo "fuzz: rdma_wire SKIPPED: infiniband/verbs.h not found (apt-get install libibverbs-dev)"
+  targets="${targets/rdma_wire/}"
+fi
+
 out=build-fuzz
 mkdir -p "$out/artifacts"
 flags=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
@@ -30,21 +35,24 @@ libs=($(pkg-config --libs libsodium) -lspdlog -lfmt -lpthread)
 common_src=(common/status.cc common/env.cc common/auth.cc common/logging.cc
             tensor/dtype.cc tensor/tensor_view.cc van/codec.cc)
 
-build() {  # name, extra sources...
+build() {  # name, then extra sources and -l flags
   local name=$1; shift
-  local bin="$out/${name}_fuzz"
-  local newest
-  newest=$(ls -t "fuzz/${name}_fuzz.cc" "${common_src[@]}" "$@" | head -1)
+  local bin="$out/${name}_fuzz" srcs=() extra_libs=() a newest
+  for a in "$@"; do
+    if [[ "$a" == -* ]]; then extra_libs+=("$a"); else srcs+=("$a"); fi
+  done
+  newest=$(ls -t "fuzz/${name}_fuzz.cc" "${common_src[@]}" "${srcs[@]}" | head -1)
   if [[ ! -x "$bin" || "$newest" -nt "$bin" ]]; then
     echo "fuzz: building $name"
-    "$cxx" "${flags[@]}" "fuzz/${name}_fuzz.cc" "${common_src[@]}" "$@" "${libs[@]}" -o "$bin"
+    "$cxx" "${flags[@]}" "fuzz/${name}_fuzz.cc" "${common_src[@]}" "${srcs[@]}" \
+      "${libs[@]}" "${extra_libs[@]}" -o "$bin"
   fi
 }
 
 for t in $targets; do
   case "$t" in
     codec|auth) build "$t" ;;
-    rdma_wire) build "$t" van/rdma/rdma_wire.cc ;;
+    rdma_wire) build "$t" van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs ;;
     cma_frames) build "$t" van/cma/cma_van.cc common/net.cc ;;
     *) echo "fuzz: unknown target $t"; exit 2 ;;
   esac
