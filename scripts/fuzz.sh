@@ -35,18 +35,26 @@ libs=($(pkg-config --libs libsodium) -lspdlog -lfmt -lpthread)
 common_src=(common/status.cc common/env.cc common/auth.cc common/logging.cc
             tensor/dtype.cc tensor/tensor_view.cc van/codec.cc)
 
+# Each source is compiled once into build-fuzz/obj (recompiled when it or any header is
+# newer), so four targets cost one compile of the shared code.
+newest_header=$(ls -t common/*.h tensor/*.h van/*.h van/*/*.h | head -1)
+object() {  # source -> prints its object path, compiling it when stale
+  local src=$1 obj="$out/obj/${1%.cc}.o"
+  mkdir -p "$(dirname "$obj")"
+  if [[ ! -f "$obj" || "$src" -nt "$obj" || "$newest_header" -nt "$obj" ]]; then
+    "$cxx" "${flags[@]}" -c "$src" -o "$obj" >&2
+  fi
+  echo "$obj"
+}
+
 build() {  # name, then extra sources and -l flags
   local name=$1; shift
-  local bin="$out/${name}_fuzz" srcs=() extra_libs=() a newest
-  for a in "$@"; do
-    if [[ "$a" == -* ]]; then extra_libs+=("$a"); else srcs+=("$a"); fi
+  local bin="$out/${name}_fuzz" objs=() extra_libs=() a
+  echo "fuzz: building $name"
+  for a in "fuzz/${name}_fuzz.cc" "${common_src[@]}" "$@"; do
+    if [[ "$a" == -* ]]; then extra_libs+=("$a"); else objs+=("$(object "$a")"); fi
   done
-  newest=$(ls -t "fuzz/${name}_fuzz.cc" "${common_src[@]}" "${srcs[@]}" | head -1)
-  if [[ ! -x "$bin" || "$newest" -nt "$bin" ]]; then
-    echo "fuzz: building $name"
-    "$cxx" "${flags[@]}" "fuzz/${name}_fuzz.cc" "${common_src[@]}" "${srcs[@]}" \
-      "${libs[@]}" "${extra_libs[@]}" -o "$bin"
-  fi
+  "$cxx" "${flags[@]}" "${objs[@]}" "${libs[@]}" "${extra_libs[@]}" -o "$bin"
 }
 
 for t in $targets; do
