@@ -354,7 +354,9 @@ TEST_F(SecurityTest, RefusedRegistrationsLeaveNothingBehind) {
     EXPECT_TRUE(Eventually([&] { return FdCount(sched) <= fds_before + 8; },
                            std::chrono::seconds(60)))
         << "scheduler fds grew from " << fds_before << " to " << FdCount(sched);
-    if (with_token) EXPECT_FALSE(evil.TrapGotTraffic());
+    if (with_token) {
+      EXPECT_FALSE(evil.TrapGotTraffic()) << "an unauthenticated REGISTER was answered";
+    }
     StopAndExpectCleanExits();
   }
 }
