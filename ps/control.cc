@@ -46,8 +46,9 @@ Status OutcomeOf(const Meta& meta, const std::string& context) {
 }
 
 NodeDownReason NodeDownReasonOf(const Meta& meta) {
-  return meta.id == static_cast<uint64_t>(NodeDownReason::kLeft) ? NodeDownReason::kLeft
-                                                                 : NodeDownReason::kDied;
+  if (meta.id == static_cast<uint64_t>(NodeDownReason::kLeft)) return NodeDownReason::kLeft;
+  if (meta.id == static_cast<uint64_t>(NodeDownReason::kEvicted)) return NodeDownReason::kEvicted;
+  return NodeDownReason::kDied;
 }
 
 std::string EncodeRendezvous(const std::string& van, const std::string& blob) {

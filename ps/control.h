@@ -12,7 +12,9 @@
 namespace meshpost {
 
 // Why a NODE_DOWN was sent (carried in Meta::id).
-enum class NodeDownReason : uint64_t { kDied = 0, kLeft = 1 };
+// kEvicted: sent to the node itself, which the scheduler had declared dead (it paused or
+// lost its connection past the heartbeat timeout) and which spoke again afterwards.
+enum class NodeDownReason : uint64_t { kDied = 0, kLeft = 1, kEvicted = 2 };
 
 class ControlMessage {
  public:

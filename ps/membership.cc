@@ -40,7 +40,13 @@ Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
   MESHPOST_RETURN_IF_ERROR(router_->SendControl(
       ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})).Build()));
   std::unique_lock<std::mutex> lock(mu_);
-  if (!WaitLocked(lock, [this] { return table_ready_ || !join_error_.ok(); }, deadline)) {
+  // The scheduler's connection can fail before any table arrives (wrong cluster token):
+  // that ends the wait at once with the van's reason.
+  if (!WaitLocked(lock,
+                  [this] {
+                    return table_ready_ || !join_error_.ok() || !peer_status_[kSchedulerId].ok();
+                  },
+                  deadline)) {
     return DeadlineExceededError(
         "Start: no node table from the scheduler at " + opts_.root_uri + ":" +
         std::to_string(opts_.root_port) + " after " + std::to_string(opts_.start_timeout_ms) +
@@ -49,13 +55,20 @@ Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
         std::to_string(opts_.num_servers) + " servers started?");
   }
   if (!join_error_.ok()) return join_error_;
+  if (!table_ready_) {
+    return peer_status_[kSchedulerId].Annotate("Start: cannot join the scheduler at " +
+                                               opts_.root_uri + ":" +
+                                               std::to_string(opts_.root_port));
+  }
   last_ack_ns_ = GetNanosecond();
   return OkStatus();
 }
 
 bool Membership::Joined() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return table_ready_ && join_error_.ok();
+  // An evicted node's id is no longer its own (the scheduler counts it gone): leaving
+  // would only confuse whoever holds the rank next.
+  return table_ready_ && join_error_.ok() && evicted_.ok();
 }
 
 std::vector<NodeInfo> Membership::Table() const {
@@ -150,12 +163,26 @@ void Membership::OnControl(const Meta& m) {
       break;
     case Command::kHeartbeatAck:
       last_ack_ns_ = GetNanosecond();
+      if (scheduler_silent_ && evicted_.ok()) {
+        // It was paused, not dead: barriers and leaving work again.
+        scheduler_silent_ = false;
+        peer_status_[kSchedulerId] = OkStatus();
+        MP_LOG_INFO(kLog, "scheduler answers heartbeats again");
+      }
       break;
     case Command::kLeaveAck:
       leave_acked_ = true;
       break;
     case Command::kNodeDown:
       if (m.arg <= 0 || m.arg >= layout_.num_nodes()) break;
+      if (m.arg == my_id_) {
+        if (NodeDownReasonOf(m) == NodeDownReason::kEvicted && evicted_.ok()) {
+          lock.unlock();
+          Evicted(m.body);
+          lock.lock();
+        }
+        break;
+      }
       if (NodeDownReasonOf(m) == NodeDownReason::kDied) {
         lock.unlock();
         PeerGone(m.arg, UnavailableError(m.body));
@@ -175,10 +202,24 @@ void Membership::OnControl(const Meta& m) {
 
 void Membership::OnNodeTable(const Meta& m) {
   auto nodes = DecodeNodes(m.body);
-  if (!nodes.ok() || nodes->size() != static_cast<size_t>(layout_.num_nodes())) {
+  if (!nodes.ok()) {
     std::lock_guard<std::mutex> lock(mu_);
-    join_error_ = DataLossError("bad node table from the scheduler: " +
-                                (nodes.ok() ? std::string("wrong size") : nodes.status().message()));
+    join_error_ = DataLossError("bad node table from the scheduler: " + nodes.status().message());
+    cv_.notify_all();
+    return;
+  }
+  if (nodes->size() != static_cast<size_t>(layout_.num_nodes())) {
+    int servers = 0, workers = 0;
+    for (const NodeInfo& n : *nodes) {
+      servers += n.role == Role::kServer;
+      workers += n.role == Role::kWorker;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    join_error_ = InvalidArgumentError(
+        "the scheduler's cluster has " + std::to_string(servers) + " servers and " +
+        std::to_string(workers) + " workers, but this node was started with DMLC_NUM_SERVER=" +
+        std::to_string(opts_.num_servers) + " and DMLC_NUM_WORKER=" +
+        std::to_string(opts_.num_workers) + "; every process must be given the same values");
     cv_.notify_all();
     return;
   }
@@ -222,6 +263,37 @@ void Membership::PeerGone(int id, const Status& why) {
   if (on_peer_down_) on_peer_down_(id, why);
 }
 
+// The scheduler declared this node dead (it paused past the heartbeat timeout, or lost its
+// connection) and the others were told so: nothing this node does can succeed any more.
+// Every peer is failed with the reason, so pending handles fail and every later call
+// (push_pull, get_batch, barrier) raises an error that says this node was evicted and why.
+void Membership::Evicted(const std::string& why) {
+  const Status evicted = UnavailableError(
+      "this node (" + layout_.Describe(my_id_) + ") was evicted from the cluster by the "
+      "scheduler: " + why + "; restart it to rejoin");
+  std::vector<int> peers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!evicted_.ok()) return;
+    evicted_ = evicted;
+    peer_status_[kSchedulerId] = evicted;
+    for (int id = 1; id < layout_.num_nodes(); ++id) {
+      if (id != my_id_ && IsDataPeer(opts_.role, layout_.RoleOf(id))) peers.push_back(id);
+    }
+    cv_.notify_all();
+  }
+  MP_LOG_ERROR(kLog, "{}", evicted.message());
+  for (int id : peers) {
+    {
+      // PeerGone keeps the first reason; the eviction must be the one callers see.
+      std::lock_guard<std::mutex> lock(mu_);
+      leaving_.erase(id);
+      peer_status_[id] = OkStatus();
+    }
+    PeerGone(id, evicted);
+  }
+}
+
 void Membership::StartHeartbeats() {
   std::lock_guard<std::mutex> lock(mu_);
   heartbeats_running_ = true;
@@ -243,6 +315,7 @@ void Membership::HeartbeatLoop() {
   uint64_t seq = 0;
   std::unique_lock<std::mutex> lock(mu_);
   auto next = std::chrono::steady_clock::now() + period;
+  uint64_t last_tick = GetNanosecond();
   while (heartbeats_running_) {
     // cv_ is notified by every control message (heartbeat acks included): wait for the
     // period to elapse, not for the next notification, or acks would pace heartbeats.
@@ -253,6 +326,11 @@ void Membership::HeartbeatLoop() {
     if (!heartbeats_running_) break;
     next = std::chrono::steady_clock::now() + period;
     const uint64_t now = GetNanosecond();
+    // A tick far later than scheduled means this process was not running (SIGSTOP, VM
+    // pause, starvation): silence measured across that gap says nothing about the
+    // scheduler, so it gets a fresh timeout from now.
+    if (now - last_tick > timeout_ns / 2) last_ack_ns_ = std::max(last_ack_ns_, now);
+    last_tick = now;
     std::vector<std::pair<int, std::string>> overdue;
     for (auto& [id, info] : leaving_) {
       if (now - info.first > timeout_ns) overdue.emplace_back(id, info.second);
@@ -266,6 +344,7 @@ void Membership::HeartbeatLoop() {
         ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq).Build());
     (void)s;
     if (peer_status_[kSchedulerId].ok() && now - last_ack_ns_ > timeout_ns) {
+      scheduler_silent_ = true;
       peer_status_[kSchedulerId] = UnavailableError(
           "scheduler at " + opts_.root_uri + ":" + std::to_string(opts_.root_port) +
           " has not answered heartbeats for " + std::to_string((now - last_ack_ns_) / 1000000) +

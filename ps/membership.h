@@ -44,6 +44,8 @@ class Membership {
   void OnPeerLeave(const Meta& m);  // a data peer's PEER_LEAVE
   // A data peer died (van failure, scheduler's NODE_DOWN) or finished leaving.
   void PeerGone(int id, const Status& why);
+  // The scheduler told this node it was evicted: fail everything with that reason.
+  void Evicted(const std::string& why);
   // OK while node `id` is alive; otherwise why it is not (died, left, leaving).
   Status PeerStatus(int id) const;
   bool Joined() const;
@@ -73,6 +75,9 @@ class Membership {
   std::map<std::pair<int, uint64_t>, Status> barrier_outcome_;  // (mask, seq) → released
   bool leave_acked_ = false;
   uint64_t last_ack_ns_ = 0;             // last HEARTBEAT_ACK from the scheduler
+  // The scheduler is marked down only for silence: its next ack clears the mark.
+  bool scheduler_silent_ = false;
+  Status evicted_;                       // set once the scheduler said we were evicted
   bool heartbeats_running_ = false;
   std::thread heartbeat_thread_;
 };

@@ -102,8 +102,9 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     if (started_) return FailedPreconditionError("Start: already started");
     MESHPOST_ASSIGN_OR_RETURN(std::string host, AdvertisedHost());
     const bool is_scheduler = opts_.role == Role::kScheduler;
+    MESHPOST_ASSIGN_OR_RETURN(std::string bind_ip, CheckLaunch(host));
     const int want_port = is_scheduler ? opts_.root_port : opts_.port;
-    auto bound = router_.BindControl(want_port);
+    auto bound = router_.BindControl(bind_ip, want_port);
     if (!bound.ok()) {
       return bound.status().Annotate(std::string("Start: cannot listen on port ") +
                                      std::to_string(want_port) +
@@ -243,6 +244,35 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     if (opts_.role == Role::kScheduler) return opts_.root_uri;
     if (IsLoopback(opts_.root_uri)) return std::string("127.0.0.1");
     return DefaultHostAddress();
+  }
+
+  // Everything about the launch that can be checked locally fails Start now, naming the
+  // variable, instead of surfacing as a start timeout (issue 10). Returns the IPv4
+  // address to listen on: the advertised one, so a cluster advertised on loopback is not
+  // reachable from the network.
+  Result<std::string> CheckLaunch(const std::string& host) const {
+    const bool is_scheduler = opts_.role == Role::kScheduler;
+    if (is_scheduler && opts_.port_fd >= 0) {
+      MESHPOST_RETURN_IF_ERROR(
+          CheckWritableFd(opts_.port_fd, "MESHPOST_PORT_FD").Annotate("Start"));
+    }
+    if (!is_scheduler) {
+      MESHPOST_RETURN_IF_ERROR(ResolveIPv4(opts_.root_uri, "DMLC_PS_ROOT_URI").status().Annotate("Start"));
+    }
+    const std::string what = !opts_.node_host.empty() ? "DMLC_NODE_HOST"
+                             : !opts_.interface.empty() ? "DMLC_INTERFACE"
+                             : is_scheduler ? "DMLC_PS_ROOT_URI (the scheduler listens on it)"
+                                            : "the advertised address";
+    MESHPOST_ASSIGN_OR_RETURN(std::string ip, ResolveIPv4(host, what));
+    MESHPOST_RETURN_IF_ERROR(CheckBindable(ip, what).Annotate("Start"));
+    if (opts_.cluster_token.empty() && !IsLoopbackHost(ip)) {
+      MP_LOG_WARN(kLog,
+                  "this cluster is unauthenticated and listens on {}, which is reachable from "
+                  "the network: anyone who can connect can join or impersonate nodes. Set "
+                  "MESHPOST_CLUSTER_TOKEN (docs/security.md)",
+                  ip);
+    }
+    return ip;
   }
 
   // The port-pipe protocol (MESHPOST_PORT_FD): a launcher that let the OS pick the

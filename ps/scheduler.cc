@@ -93,6 +93,19 @@ void Scheduler::OnControl(const Meta& m) {
     MP_LOG_ERROR(kLog, "{} from unregistered node {} dropped", CommandName(m.cmd), m.sender);
     return;
   }
+  if (!AliveLocked(m.sender) && !left_.count(m.sender)) {
+    // A node declared dead speaks again (it was paused, not dead): everyone else already
+    // failed what depended on it, so it cannot simply resume. Tell it at once.
+    if (m.cmd == Command::kHeartbeat || m.cmd == Command::kBarrier || m.cmd == Command::kLeave) {
+      Status s = router_->SendControl(ControlMessage(Command::kNodeDown, kSchedulerId, m.sender)
+                                          .Arg(m.sender)
+                                          .Reason(NodeDownReason::kEvicted)
+                                          .Body(node_status_[m.sender].message())
+                                          .Build());
+      (void)s;
+    }
+    return;
+  }
   switch (m.cmd) {
     case Command::kHeartbeat:
       last_seen_[m.sender] = GetNanosecond();
@@ -155,15 +168,33 @@ void Scheduler::OnRegister(const Meta& m) {
 }
 
 void Scheduler::RefuseLocked(const NodeInfo& n, const std::string& why) {
+  constexpr int kRefusalsPerSecond = 8;
+  const uint64_t now = GetNanosecond();
+  if (now - refusal_window_ns_ >= 1'000'000'000ull) {
+    if (refusals_suppressed_ > 0) {
+      MP_LOG_ERROR(kLog, "{} more registrations refused without an answer (rate limit)",
+                   refusals_suppressed_);
+    }
+    refusal_window_ns_ = now;
+    refusals_in_window_ = 0;
+    refusals_suppressed_ = 0;
+  }
+  if (refusals_in_window_ >= kRefusalsPerSecond) {
+    ++refusals_suppressed_;
+    return;
+  }
+  ++refusals_in_window_;
   MP_LOG_ERROR(kLog, "refused node at {}:{} (pid {}): {}", n.host, n.port, n.pid, why);
-  // The refused node has no id of its own: reach it through a temporary one. The
-  // connection is kept until Stop so the reply is not discarded by a close.
+  // The refused node has no id of its own: reach it through a temporary one, and close
+  // that connection right after the reply (the van lets the reply drain first, bounded),
+  // so refusals leave nothing behind.
   const int temp_id = 1 << 20 | next_temp_id_++;
   if (!router_->ConnectControl(temp_id, n.host, n.port).ok()) return;
   Status s = router_->SendControl(ControlMessage(Command::kRegisterReply, kSchedulerId, temp_id)
                                       .Outcome(InvalidArgumentError(why))
                                       .Build());
   (void)s;
+  router_->DisconnectControl(temp_id);
 }
 
 void Scheduler::PublishTableLocked() {
@@ -284,6 +315,7 @@ void Scheduler::LivenessLoop() {
   const uint64_t timeout_ns = static_cast<uint64_t>(opts_.heartbeat_timeout_ms) * 1000000ull;
   std::unique_lock<std::mutex> lock(mu_);
   auto next = std::chrono::steady_clock::now() + period;
+  uint64_t last_tick = GetNanosecond();
   while (liveness_running_) {
     // cv_ is notified by every control message: wait for the period to elapse, not for
     // the next notification.
@@ -294,6 +326,16 @@ void Scheduler::LivenessLoop() {
     if (!liveness_running_) break;
     next = std::chrono::steady_clock::now() + period;
     const uint64_t now = GetNanosecond();
+    // A tick far later than scheduled means the scheduler itself was not running (SIGSTOP,
+    // VM pause, starvation); heartbeats sent meanwhile sit unread in its socket. Judging
+    // now would declare healthy nodes dead, so every node gets a fresh timeout from now,
+    // by which time what queued up has been drained.
+    if (now - last_tick > timeout_ns / 2) {
+      MP_LOG_WARN(kLog, "scheduler was not running for {} ms; liveness judged afresh",
+                  (now - last_tick) / 1000000);
+      for (auto& [id, seen] : last_seen_) seen = std::max(seen, now);
+    }
+    last_tick = now;
     for (auto& [id, info] : registered_) {
       if (!AliveLocked(id) || left_.count(id)) continue;
       if (now - last_seen_[id] > timeout_ns) {

@@ -73,6 +73,11 @@ class Scheduler {
   std::map<int, uint64_t> barrier_seq_;  // own arrivals per mask
   std::map<std::pair<int, uint64_t>, Status> barrier_outcome_;  // own released barriers
   int next_temp_id_ = 0;                 // addresses for refused nodes
+  // Refusals answered in the current second: a flood of bad REGISTERs (each naming an
+  // address we would have to dial) costs a bounded number of connections.
+  uint64_t refusal_window_ns_ = 0;
+  int refusals_in_window_ = 0;
+  uint64_t refusals_suppressed_ = 0;
   bool liveness_running_ = false;
   std::thread liveness_thread_;
 };

@@ -15,6 +15,8 @@ VanOptions VanOptionsFor(const Options& o) {
   v.wait.busy_poll = o.busy_poll;
   v.cma_disable = o.cma_disable;
   v.interface = o.interface;
+  v.cluster_token = o.cluster_token;
+  v.max_message_bytes = static_cast<uint64_t>(o.max_message_bytes);
   return v;
 }
 
@@ -27,13 +29,19 @@ VanRouter::VanRouter(const Options& options, int my_id, int num_nodes, VanFactor
       factory_(factory ? std::move(factory) : VanFactory(&CreateVan)),
       van_options_(VanOptionsFor(options)),
       route_(num_nodes, nullptr),
-      route_name_(num_nodes, "tcp") {}
+      route_name_(num_nodes, "tcp") {
+  van_options_.self_id = my_id;  // bound into every connection's handshake
+}
 
 VanRouter::~VanRouter() { Stop(); }
 
-Result<int> VanRouter::BindControl(int port) {
+Result<int> VanRouter::BindControl(const std::string& ip, int port) {
   MESHPOST_ASSIGN_OR_RETURN(control_, factory_("tcp", van_options_));
-  return control_->Bind("*", port);
+  return control_->Bind(ip, port);
+}
+
+void VanRouter::DisconnectControl(int id) {
+  if (control_) control_->Disconnect(id);
 }
 
 Status VanRouter::StartControl(VanReceiver* receiver) { return control_->Start(receiver); }

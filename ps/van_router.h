@@ -27,7 +27,10 @@ class VanRouter {
   ~VanRouter();
 
   // The tcp van: binds host:port (0 = OS-assigned) and starts delivering to `receiver`.
-  Result<int> BindControl(int port);
+  // Listens on `ip` (the advertised address; never every interface unless asked).
+  Result<int> BindControl(const std::string& ip, int port);
+  // Closes the control connection to `id` after what was sent to it went out (bounded).
+  void DisconnectControl(int id);
   Status StartControl(VanReceiver* receiver);
   // Creates, binds and starts every data van besides tcp this node may use (only the
   // forced one when a transport is forced). Returns the (name, endpoint) pairs to

@@ -236,10 +236,13 @@ int main() {
   }
   auto po = Postoffice::Create(*opts);
   if (!po.ok()) Die("Create: " + po.status().ToString());
-  Status s = (*po)->Start();
-  if (!s.ok()) Die("Start: " + s.ToString());
   const std::string dir = Dir();
   const std::string me = std::string(RoleName(opts->role)) + ":" + std::to_string((*po)->rank());
+  Status s = (*po)->Start();
+  if (!s.ok()) {
+    WriteFile(dir + "/" + me + ".start_error", s.ToString());
+    Die("Start: " + s.ToString());
+  }
   WriteFile(dir + "/" + me + ".port", std::to_string((*po)->port()));
   const std::string stop = dir + "/stop";
   if (Scenario() == "evict") {

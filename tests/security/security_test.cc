@@ -386,6 +386,19 @@ TEST_F(SecurityTest, OversizedFramesDoNotGrowMemory) {
   StopAndExpectCleanExits();
 }
 
+TEST_F(SecurityTest, ANodeWithAnotherTokenFailsStartAtOnceSayingSo) {
+  ClusterSpec spec = Spec(true);
+  spec.env["MESHPOST_START_TIMEOUT_MS"] = "20000";
+  spec.env_for["worker:1"]["MESHPOST_CLUSTER_TOKEN"] = "not-this-clusters-token-0123456789";
+  ASSERT_TRUE(cluster_.Start(spec).ok());
+  for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
+    EXPECT_TRUE(e.exited) << e.Describe();  // nobody hangs: the others time out at start
+  }
+  const std::string error = ReadAll(dir_ + "/worker:1.start_error");
+  EXPECT_NE(error.find("does not know this cluster's token"), std::string::npos) << error;
+  EXPECT_EQ(error.find("after 20000 ms"), std::string::npos) << "failed only at the timeout: " << error;
+}
+
 TEST_F(SecurityTest, NodesListenOnlyOnTheAdvertisedAddress) {
   Start(Spec(false));
   for (const auto& [name, port] : ports_) {

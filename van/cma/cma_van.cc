@@ -1252,7 +1252,9 @@ class CmaVan : public Van {
     }
     InMessage in;
     in.meta = std::move(meta).value();
-    in.peer = in.meta.sender;  // the doorbell names a pid, not a node, until it authenticates
+    // With a token the connection's authenticated node (checked equal to the claim above);
+    // without one the doorbell names a pid, not a node, so only the claim is known.
+    in.peer = c->peer_id >= 0 ? c->peer_id : in.meta.sender;
 
     // 2. Every data segment into the destination the receiver chooses.
     Status refused;

@@ -389,13 +389,24 @@ class ZmqVan : public Van {
     }
   }
 
-  // Connector side: the acceptor's challenge (or refusal) arrived on our DEALER.
+  // Connector side: the acceptor's challenge (or refusal) arrived on our DEALER. A failed
+  // handshake is reported to the receiver (after the peer's lock is released), so a node
+  // with the wrong token fails Start at once instead of at the start timeout.
   void OnConnectorFrames(const std::shared_ptr<Peer>& peer) {
-    std::lock_guard<std::mutex> lock(peer->mu);
-    if (peer->state != PeerState::kAuthenticating || peer->socket == nullptr) return;
+    Status failed;
+    {
+      std::lock_guard<std::mutex> lock(peer->mu);
+      failed = ReadChallengeLocked(peer);
+    }
+    if (!failed.ok()) receiver_->OnPeerFailure(peer->id, failed);
+  }
+
+  // Requires peer->mu. Returns the failure when the handshake failed just now.
+  Status ReadChallengeLocked(const std::shared_ptr<Peer>& peer) {
+    if (peer->state != PeerState::kAuthenticating || peer->socket == nullptr) return OkStatus();
     for (;;) {
       ZmqMsg frame;
-      if (zmq_msg_recv(&frame.msg, peer->socket, ZMQ_DONTWAIT) < 0) return;
+      if (zmq_msg_recv(&frame.msg, peer->socket, ZMQ_DONTWAIT) < 0) return OkStatus();
       if (zmq_msg_more(&frame.msg)) {
         // Only single-frame handshake messages travel this way; drain the rest.
         while (zmq_msg_more(&frame.msg)) {
@@ -447,6 +458,7 @@ class ZmqVan : public Van {
       authenticating_.erase(std::remove(authenticating_.begin(), authenticating_.end(), peer),
                             authenticating_.end());
     }
+    return peer->state == PeerState::kFailed ? peer->failure : OkStatus();
   }
 
   void ReceiveLoop() {
@@ -589,7 +601,9 @@ class ZmqVan : public Van {
     }
     InMessage in;
     in.meta = std::move(meta).value();
-    in.peer = in.meta.sender;  // a ROUTER identity names no node until connections authenticate
+    // With a token the connection's authenticated node (the sender check above made them
+    // equal); without one, nothing better than the claim is known.
+    in.peer = authenticated_as >= 0 ? authenticated_as : in.meta.sender;
     const size_t expected = in.meta.data.size();
     in.segments.reserve(expected);
     Status refused;
