@@ -16,6 +16,7 @@
 #include "van/codec.h"
 #include "van/registry.h"
 #include "van/van.h"
+#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {
