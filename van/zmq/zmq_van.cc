@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -140,7 +141,17 @@ class ZmqVan : public Van {
 
   Status Start(VanReceiver* receiver) override {
     if (receiver_socket_ == nullptr) return FailedPreconditionError("van Start before Bind");
-    if (running_.exchange(true)) return FailedPreconditionError("van already started");
+    if (running_.load()) return FailedPreconditionError("van already started");
+    // Wakes the receive thread out of a blocking poll when a new outgoing connection
+    // starts its handshake (its DEALER must be polled from then on).
+    const std::string wake = "inproc://meshpost-wake-" + std::to_string(reinterpret_cast<uintptr_t>(this));
+    wake_rx_ = zmq_socket(ctx_, ZMQ_PAIR);
+    wake_tx_ = zmq_socket(ctx_, ZMQ_PAIR);
+    if (wake_rx_ == nullptr || wake_tx_ == nullptr || zmq_bind(wake_rx_, wake.c_str()) != 0 ||
+        zmq_connect(wake_tx_, wake.c_str()) != 0) {
+      return InternalError(ZmqError("wake socket"));
+    }
+    running_ = true;
     receiver_ = receiver;
     recv_thread_ = std::thread([this] { ReceiveLoop(); });
     return OkStatus();
@@ -178,6 +189,7 @@ class ZmqVan : public Van {
       }
       std::lock_guard<std::mutex> alock(auth_mu_);
       authenticating_.push_back(p);
+      if (wake_tx_ != nullptr) zmq_send(wake_tx_, "", 0, ZMQ_DONTWAIT);
     }
     peers_[peer.id] = std::move(p);
     MP_LOG_DEBUG(kLog, "connected to node {} at {}", peer.id, endpoint);
@@ -260,6 +272,13 @@ class ZmqVan : public Van {
       peers_.clear();
     }
     conns_.clear();
+    {
+      std::lock_guard<std::mutex> lock(auth_mu_);
+      if (wake_tx_ != nullptr) zmq_close(wake_tx_);
+      wake_tx_ = nullptr;
+    }
+    if (wake_rx_ != nullptr) zmq_close(wake_rx_);
+    wake_rx_ = nullptr;
     if (receiver_socket_ != nullptr) {
       zmq_close(receiver_socket_);
       receiver_socket_ = nullptr;
@@ -341,11 +360,13 @@ class ZmqVan : public Van {
       if (!pending.empty()) {
         std::vector<zmq_pollitem_t> items;
         items.push_back({receiver_socket_, 0, ZMQ_POLLIN, 0});
+        items.push_back({wake_rx_, 0, ZMQ_POLLIN, 0});
         for (auto& p : pending) items.push_back({p->socket, 0, ZMQ_POLLIN, 0});
         int rc = zmq_poll(items.data(), static_cast<int>(items.size()), 20);
         if (rc < 0 && zmq_errno() != EINTR) return false;
-        for (size_t i = 1; i < items.size(); ++i) {
-          if (items[i].revents & ZMQ_POLLIN) OnConnectorFrames(pending[i - 1]);
+        if (items[1].revents & ZMQ_POLLIN) DrainWake();
+        for (size_t i = 2; i < items.size(); ++i) {
+          if (items[i].revents & ZMQ_POLLIN) OnConnectorFrames(pending[i - 2]);
         }
         if (items[0].revents & ZMQ_POLLIN) return true;
         continue;
@@ -358,10 +379,18 @@ class ZmqVan : public Van {
         CpuRelax();
         continue;
       }
-      zmq_pollitem_t item{receiver_socket_, 0, ZMQ_POLLIN, 0};
-      int rc = zmq_poll(&item, 1, 100);
-      if (rc > 0) return true;
+      zmq_pollitem_t items[2] = {{receiver_socket_, 0, ZMQ_POLLIN, 0},
+                                 {wake_rx_, 0, ZMQ_POLLIN, 0}};
+      int rc = zmq_poll(items, 2, 100);
       if (rc < 0 && zmq_errno() != EINTR) return false;
+      if (items[1].revents & ZMQ_POLLIN) DrainWake();
+      if (items[0].revents & ZMQ_POLLIN) return true;
+    }
+  }
+
+  void DrainWake() {
+    char b;
+    while (zmq_recv(wake_rx_, &b, sizeof(b), ZMQ_DONTWAIT) >= 0) {
     }
   }
 
@@ -677,7 +706,9 @@ class ZmqVan : public Van {
   std::thread recv_thread_;
   std::mutex peers_mu_;
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
-  std::mutex auth_mu_;  // guards authenticating_ (outgoing connections mid-handshake)
+  std::mutex auth_mu_;  // guards authenticating_ and wake_tx_
+  void* wake_tx_ = nullptr;  // written by Connect (under auth_mu_)
+  void* wake_rx_ = nullptr;  // receive thread only
   std::vector<std::shared_ptr<Peer>> authenticating_;
   // Receive thread only: incoming connections by routing id.
   std::unordered_map<std::string, Conn> conns_;
