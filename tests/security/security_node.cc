@@ -76,6 +76,12 @@ void RunServer(Postoffice& po, const std::string& dir) {
     auto batch = s->GetBatch(300);
     if (!batch.ok()) {
       if (WorkersDone(dir, W)) break;
+      // After the stop round, a worker that finished leaves (orderly) while another may
+      // still be writing its done file: its last answer already went out in that batch.
+      if (Exists(dir + "/stop") && batch.status().code() == StatusCode::kUnavailable &&
+          batch.status().message().find("stopped") != std::string::npos) {
+        break;
+      }
       if (batch.status().code() == StatusCode::kDeadlineExceeded) continue;
       Die("GetBatch: " + batch.status().ToString());
     }
