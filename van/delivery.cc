@@ -24,7 +24,8 @@ Status ValidateSend(const char* van, const OutMessage& msg) {
     const SendSegment& seg = msg.segments[i];
     if (seg.size != msg.meta.data[i].nbytes) {
       return InvalidArgumentError(std::string(van) + ": segment " + std::to_string(i) + " has " +
-                                  std::to_string(seg.size) + " bytes but meta.data says " +
+                                  std::to_string(seg.size) + " bytes but meta.data[" +
+                                  std::to_string(i) + "].nbytes is " +
                                   std::to_string(msg.meta.data[i].nbytes));
     }
     if (seg.size != 0 && seg.data == nullptr) {

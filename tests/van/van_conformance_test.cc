@@ -1,6 +1,6 @@
-// Van conformance suite: every transport (tcp, cma, cma with its shared-memory fallback,
-// and rdma over the in-process fake fabric when the RDMA van is built) must pass the same
-// behavioural tests. Two vans live in this process and talk to each
+// Van conformance suite: every transport (tcp, cma, cma with its shared-memory fallback;
+// rdma over the in-process fake fabric with -DMESHPOST_CONFORMANCE_RDMA=ON, not yet passing,
+// see tests/CMakeLists.txt) must pass the same behavioural tests. Two vans live in this process and talk to each
 // other; every wait has a timeout and no test sleeps for synchronisation.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
