@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "tests/support/die.h"
 #include "launch/local_cluster.h"
 #include "ps/postoffice.h"
 
@@ -58,10 +59,7 @@ struct Params {
   std::string out_dir;  // where workers write their JSON
 };
 
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "meshpost_cluster_bench: %s\n", what.c_str());
-  std::exit(1);
-}
+using support::Die;
 
 Params ParseFlags(int argc, char** argv) {
   Params p;

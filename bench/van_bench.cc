@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "tests/support/die.h"
 #include "common/waiter.h"
 #include "van/cma/cma_van.h"
 #include "van/van.h"
@@ -96,10 +97,7 @@ Args Parse(int argc, char** argv) {
   return a;
 }
 
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "meshpost_bench: %s\n", what.c_str());
-  std::exit(1);
-}
+using support::Die;
 
 std::unique_ptr<Van> MakeVan(const Args& a) {
   VanOptions o;

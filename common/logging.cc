@@ -9,11 +9,20 @@
 namespace meshpost {
 namespace {
 
+spdlog::level::level_enum LevelFromEnv() {
+  if (const char* v = std::getenv("PS_VERBOSE")) {
+    if (v[0] == '1') return spdlog::level::debug;
+    if (v[0] == '2') return spdlog::level::trace;
+  }
+  return spdlog::level::info;
+}
+
 // Logging is process-wide by nature (one stderr); this is the one registry of loggers.
+// Its mutex is taken only to create a logger or to reconfigure, never per line.
 struct LogState {
   std::mutex mu;
   std::string tag = "meshpost";
-  spdlog::level::level_enum level = spdlog::level::info;
+  spdlog::level::level_enum level = LevelFromEnv();
   std::shared_ptr<spdlog::sinks::sink> sink;
   std::unordered_map<std::string, std::shared_ptr<spdlog::logger>> loggers;
 };
@@ -22,10 +31,6 @@ LogState& State() {
   static LogState* state = [] {
     auto* s = new LogState();
     s->sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
-    if (const char* v = std::getenv("PS_VERBOSE")) {
-      if (v[0] == '1') s->level = spdlog::level::debug;
-      if (v[0] == '2') s->level = spdlog::level::trace;
-    }
     return s;
   }();
   return *state;
@@ -36,6 +41,12 @@ void ApplyPattern(spdlog::logger& l, const std::string& tag) {
 }
 
 }  // namespace
+
+namespace log_internal {
+// Zero (trace) until this initializer runs, so lines logged by other static initializers
+// reach their logger, whose own level filters them.
+std::atomic<int> g_min_level{static_cast<int>(LevelFromEnv())};
+}  // namespace log_internal
 
 spdlog::logger& Log(const char* layer) {
   LogState& s = State();
@@ -61,6 +72,7 @@ void ConfigureLogging(const std::string& role_tag, int verbose) {
     logger->set_level(s.level);
     ApplyPattern(*logger, s.tag);
   }
+  log_internal::g_min_level.store(static_cast<int>(s.level), std::memory_order_relaxed);
 }
 
 }  // namespace meshpost

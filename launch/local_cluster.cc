@@ -10,7 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/clock.h"
@@ -65,6 +67,37 @@ Result<pid_t> LocalCluster::Spawn(const std::string& name,
   return pid;
 }
 
+Result<int> ReadReportedPort(int fd, int64_t timeout_ms) {
+  std::string line;
+  const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
+  while (line.find('\n') == std::string::npos) {
+    const uint64_t now = GetNanosecond();
+    if (now >= deadline) {
+      return DeadlineExceededError("no port reported on descriptor " + std::to_string(fd) +
+                                   " within " + std::to_string(timeout_ms) + " ms");
+    }
+    pollfd p{fd, POLLIN, 0};
+    const int rc = poll(&p, 1, static_cast<int>(std::min<uint64_t>((deadline - now) / 1000000 + 1, 1000)));
+    if (rc < 0 && errno != EINTR) return UnavailableError(std::string("poll: ") + std::strerror(errno));
+    if (rc <= 0) continue;
+    char buf[32];
+    const ssize_t n = read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return UnavailableError("the port pipe closed before a port was written (got '" + line + "')");
+    }
+    line.append(buf, static_cast<size_t>(n));
+    if (line.size() > 16) return UnavailableError("port pipe carries junk: '" + line + "'");
+  }
+  char* end = nullptr;
+  const long port = std::strtol(line.c_str(), &end, 10);
+  if (end == line.c_str() || *end != '\n' || port <= 0 || port > 65535) {
+    return UnavailableError("port pipe carries '" + line.substr(0, line.find('\n')) +
+                            "'; expected a port in 1..65535");
+  }
+  return static_cast<int>(port);
+}
+
 Status LocalCluster::Start(const ClusterSpec& spec) {
   if (spec.argv.empty()) return InvalidArgumentError("LocalCluster: argv is empty");
   argv_ = spec.argv;
@@ -102,30 +135,13 @@ Status LocalCluster::Start(const ClusterSpec& spec) {
     close(fds[0]);
     return sched.status();
   }
-  std::string line;
-  const uint64_t deadline = DeadlineFromTimeoutMs(spec.start_timeout_ms);
-  for (;;) {
-    const uint64_t now = GetNanosecond();
-    if (now >= deadline) break;
-    pollfd p{fds[0], POLLIN, 0};
-    int rc = poll(&p, 1, static_cast<int>((deadline - now) / 1000000 + 1));
-    if (rc <= 0) {
-      if (rc < 0 && errno == EINTR) continue;
-      break;
-    }
-    char buf[32];
-    ssize_t n = read(fds[0], buf, sizeof(buf));
-    if (n <= 0) break;
-    line.append(buf, static_cast<size_t>(n));
-    if (line.find('\n') != std::string::npos) break;
-  }
+  auto port = ReadReportedPort(fds[0], spec.start_timeout_ms);
   close(fds[0]);
-  port_ = std::atoi(line.c_str());
-  if (port_ <= 0) {
+  if (!port.ok()) {
     KillAll();
-    return UnavailableError("LocalCluster: the scheduler did not report its port within " +
-                            std::to_string(spec.start_timeout_ms) + " ms");
+    return port.status().Annotate("LocalCluster: the scheduler did not report its port");
   }
+  port_ = *port;
   for (int role = 0; role < 2; ++role) {
     const bool server = role == 0;
     const int count = server ? spec.num_servers : spec.num_workers;

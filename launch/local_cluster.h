@@ -15,6 +15,12 @@
 
 namespace meshpost {
 
+// The port-pipe protocol (MESHPOST_PORT_FD): a scheduler started on port 0 writes the port
+// it bound as one decimal line to an inherited descriptor. Reads that line from `fd`
+// within timeout_ms; Unavailable when the writer closed first or wrote junk,
+// DeadlineExceeded when nothing came in time. Does not close `fd`.
+Result<int> ReadReportedPort(int fd, int64_t timeout_ms);
+
 struct ClusterSpec {
   std::vector<std::string> argv;  // program + args run for every role
   int num_workers = 2;

@@ -16,16 +16,13 @@
 
 #include "common/clock.h"
 #include "ps/postoffice.h"
+#include "tests/support/die.h"
 
 using namespace meshpost;
 
 namespace {
 
-[[noreturn]] void Die(const std::string& why) {
-  std::fprintf(stderr, "ITEST FAILURE: %s\n", why.c_str());
-  std::fflush(stderr);
-  _exit(1);
-}
+using meshpost::support::Die;
 
 #define EXPECT_OR_DIE(cond, msg)                                                       \
   do {                                                                                 \

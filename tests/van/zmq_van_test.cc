@@ -2,52 +2,19 @@
 // receiver choosing destinations and refusing payloads.
 #include <gtest/gtest.h>
 
-#include <atomic>
-#include <condition_variable>
-#include <deque>
-#include <mutex>
+#include <zmq.h>
 
+#include <memory>
+
+#include "tests/support/recording_receiver.h"
+#include "van/codec.h"
 #include "van/van.h"
 #include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {
 
-class Recorder : public VanReceiver {
- public:
-  // Set by the test thread, read on the van's receive thread: atomics, because the only
-  // other ordering between the two is the TCP round trip, which no race detector sees.
-  std::atomic<void*> dest{nullptr};  // where data segment 0 should land (nullptr: van buffer)
-  std::atomic<bool> refuse{false};
-
-  Result<void*> Destination(const Meta& meta, size_t index) override {
-    // Locking mu orders the van's write into `dest` after the test's last WaitFor, so a
-    // test that checked `dest` before sending again does not race with the next write.
-    std::lock_guard<std::mutex> lock(mu);
-    if (refuse.load()) return InvalidArgumentError("refused by test");
-    return index == 0 ? dest.load() : nullptr;
-  }
-  void OnMessage(InMessage&& msg) override {
-    std::lock_guard<std::mutex> lock(mu);
-    messages.push_back(std::move(msg));
-    cv.notify_all();
-  }
-  void OnDropped(const Meta& meta, const Status& why) override {
-    std::lock_guard<std::mutex> lock(mu);
-    dropped.push_back(why);
-    cv.notify_all();
-  }
-  bool WaitFor(size_t n_messages, size_t n_dropped) {
-    std::unique_lock<std::mutex> lock(mu);
-    return cv.wait_for(lock, std::chrono::seconds(20), [&] {
-      return messages.size() >= n_messages && dropped.size() >= n_dropped;
-    });
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<InMessage> messages;
-  std::vector<Status> dropped;
-};
+using Recorder = support::RecordingReceiver;
 
 struct Pair {
   std::unique_ptr<Van> a = CreateZmqVan({});
@@ -80,10 +47,10 @@ TEST(ZmqVanTest, BytesLandInTheChosenDestination) {
   std::vector<char> payload(100000);
   for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 13);
   std::vector<char> dest(payload.size());
-  p.rb.dest = dest.data();
+  p.rb.destinations[1] = dest.data();
   ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
   ASSERT_TRUE(p.rb.WaitFor(1, 0));
-  EXPECT_EQ(p.rb.messages[0].segments[0].data, dest.data());
+  EXPECT_EQ(p.rb.TakeMessages()[0].segments[0].data, dest.data());
   EXPECT_EQ(dest, payload);
 }
 
@@ -99,8 +66,9 @@ TEST(ZmqVanTest, VanBufferWhenNoDestinationAndOrderKept) {
     ASSERT_TRUE(p.a->Send(std::move(m)).ok());
   }
   ASSERT_TRUE(p.rb.WaitFor(50, 0));
+  const auto got = p.rb.TakeMessages();
   for (int i = 0; i < 50; ++i) {
-    const InMessage& in = p.rb.messages[i];
+    const InMessage& in = got[i];
     EXPECT_EQ(in.meta.id, static_cast<uint64_t>(i));
     ASSERT_EQ(in.segments.size(), 1u);
     EXPECT_EQ(in.segments[0].size, 5000u + i);
@@ -115,35 +83,81 @@ TEST(ZmqVanTest, RefusedDestinationReportsDrop) {
   std::vector<char> payload(64, 1);
   ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
   ASSERT_TRUE(p.rb.WaitFor(0, 1));
-  EXPECT_NE(p.rb.dropped[0].message().find("refused by test"), std::string::npos);
+  EXPECT_NE(p.rb.TakeDropped()[0].second.message().find("refuses"), std::string::npos);
   // The van keeps working afterwards.
   p.rb.refuse = false;
   ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
-  ASSERT_TRUE(p.rb.WaitFor(1, 1));
+  ASSERT_TRUE(p.rb.WaitFor(1, 0));
 }
+
+// Raw frames from a peer that does not go through ZmqVan::Send (which refuses such
+// messages): [header][data frames...] on a DEALER socket, as a hostile or buggy peer would.
+class RawPeer {
+ public:
+  explicit RawPeer(const std::string& endpoint) : ctx_(zmq_ctx_new()) {
+    sock_ = zmq_socket(ctx_, ZMQ_DEALER);
+    int zero = 0;
+    zmq_setsockopt(sock_, ZMQ_LINGER, &zero, sizeof(zero));
+    connected_ = zmq_connect(sock_, endpoint.c_str()) == 0;
+  }
+  ~RawPeer() {
+    zmq_close(sock_);
+    zmq_ctx_term(ctx_);
+  }
+  bool Send(const Meta& meta, const std::vector<std::vector<char>>& frames) {
+    const std::string header = EncodeMeta(meta);
+    if (zmq_send(sock_, header.data(), header.size(), frames.empty() ? 0 : ZMQ_SNDMORE) < 0) {
+      return false;
+    }
+    for (size_t i = 0; i < frames.size(); ++i) {
+      if (zmq_send(sock_, frames[i].data(), frames[i].size(),
+                   i + 1 < frames.size() ? ZMQ_SNDMORE : 0) < 0) {
+        return false;
+      }
+    }
+    return true;
+  }
+  bool connected() const { return connected_; }
+
+ private:
+  void* ctx_;
+  void* sock_;
+  bool connected_ = false;
+};
 
 // A sender whose frames disagree with its own header (hostile or buggy) is refused.
 TEST(ZmqVanTest, FrameSizeMismatchIsDropped) {
   Pair p;
   std::vector<char> dest(64);
-  p.rb.dest = dest.data();
+  p.rb.destinations[1] = dest.data();
+  const std::string endpoint = "tcp://127.0.0.1:" + p.b->endpoint().substr(p.b->endpoint().rfind(':') + 1);
+  RawPeer raw(endpoint);
+  ASSERT_TRUE(raw.connected());
   std::vector<char> payload(32, 5);
   OutMessage m = DataMessage(2, payload);
   m.meta.data[0].shape = {64};
   m.meta.data[0].nbytes = 64;  // claims 64 bytes, sends 32
-  ASSERT_TRUE(p.a->Send(std::move(m)).ok());
+  ASSERT_TRUE(raw.Send(m.meta, {payload}));
   ASSERT_TRUE(p.rb.WaitFor(0, 1));
-  EXPECT_EQ(p.rb.dropped[0].code(), StatusCode::kDataLoss);
+  EXPECT_EQ(p.rb.TakeDropped()[0].second.code(), StatusCode::kDataLoss);
   EXPECT_EQ(dest, std::vector<char>(64, 0)) << "nothing written for a refused frame";
-  // The next message's first frame is well-formed and may land before its extra frame is
-  // seen; keep it out of `dest`, which this thread just read with no lock the van takes.
-  p.rb.dest = nullptr;
-  OutMessage extra = DataMessage(2, payload);
-  extra.segments.push_back(extra.segments[0]);  // one frame more than described
-  ASSERT_TRUE(p.a->Send(std::move(extra)).ok());
-  ASSERT_TRUE(p.rb.WaitFor(0, 2));
+  // One frame more than described.
+  ASSERT_TRUE(raw.Send(DataMessage(2, payload).meta, {payload, payload}));
+  ASSERT_TRUE(p.rb.WaitFor(0, 1));
+  EXPECT_EQ(p.rb.TakeDropped()[0].second.code(), StatusCode::kDataLoss);
   ASSERT_TRUE(p.a->Send(DataMessage(2, payload)).ok());
-  ASSERT_TRUE(p.rb.WaitFor(1, 2));
+  ASSERT_TRUE(p.rb.WaitFor(1, 0));
+}
+
+TEST(ZmqVanTest, MessagesThatDisagreeWithTheirHeaderAreRefusedAtSend) {
+  Pair p;
+  std::vector<char> payload(32, 5);
+  OutMessage m = DataMessage(2, payload);
+  m.meta.data[0].nbytes = 64;
+  EXPECT_EQ(p.a->Send(std::move(m)).code(), StatusCode::kInvalidArgument);
+  OutMessage extra = DataMessage(2, payload);
+  extra.segments.push_back(extra.segments[0]);
+  EXPECT_EQ(p.a->Send(std::move(extra)).code(), StatusCode::kInvalidArgument);
 }
 
 TEST(ZmqVanTest, NullSegmentWithBytesIsRefusedAtSend) {

@@ -46,6 +46,7 @@
 #include "common/net.h"
 #include "common/wire.h"
 #include "van/codec.h"
+#include "van/delivery.h"
 
 namespace meshpost {
 namespace {
@@ -508,11 +509,7 @@ class CmaVan : public Van {
   }
 
   Status Send(OutMessage&& msg) override {
-    if (msg.segments.size() != msg.meta.data.size()) {
-      return InvalidArgumentError("cma van Send: " + std::to_string(msg.segments.size()) +
-                                  " segments but meta describes " +
-                                  std::to_string(msg.meta.data.size()));
-    }
+    MESHPOST_RETURN_IF_ERROR(ValidateSend("CmaVan::Send", msg));
     std::shared_ptr<Peer> peer;
     {
       std::lock_guard<std::mutex> lock(peers_mu_);
@@ -561,17 +558,6 @@ class CmaVan : public Van {
     for (size_t i = 0; i < n; ++i) {
       place(&src[i + 1], msg.segments[i].size,
             msg.segments[i].data == nullptr ? 0 : options_.zero_copy_min);
-      if (msg.segments[i].size != msg.meta.data[i].nbytes) {
-        return InvalidArgumentError("cma van Send: segment " + std::to_string(i) + " has " +
-                                    std::to_string(msg.segments[i].size) +
-                                    " bytes but meta.data says " +
-                                    std::to_string(msg.meta.data[i].nbytes));
-      }
-      if (msg.segments[i].size > 0 && msg.segments[i].data == nullptr) {
-        return InvalidArgumentError("cma van Send: segment " + std::to_string(i) +
-                                    " has size " + std::to_string(msg.segments[i].size) +
-                                    " but no data");
-      }
     }
     StagingBuffer* staging = nullptr;
     if (staged_bytes > 0) {
@@ -1266,15 +1252,9 @@ class CmaVan : public Van {
     in.segments.reserve(nseg);
     for (size_t i = 0; refused.ok() && i < nseg; ++i) {
       const Source& s = sources_[i];
-      if (s.len != in.meta.data[i].nbytes) {
-        refused = DataLossError("segment " + std::to_string(i) + " has " +
-                                std::to_string(s.len) + " bytes; descriptor says " +
-                                std::to_string(in.meta.data[i].nbytes));
-        break;
-      }
       refused = CheckSource(c, s, inline_begin, frame_size, &local);
       if (!refused.ok()) break;
-      auto dest = receiver_->Destination(in.meta, i);
+      auto dest = SegmentDestination(receiver_, in.meta, i, s.len);
       if (!dest.ok()) {
         refused = dest.status();
         break;
@@ -1307,13 +1287,7 @@ class CmaVan : public Van {
     read_remote_.clear();
     // Ack before user code runs: the sender may release its buffers right away.
     const bool alive = !needs_ack || SendAck(c, seq);
-    if (!refused.ok()) {
-      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused {} from node {}: {}", CommandName(in.meta.cmd),
-                   in.meta.sender, refused.ToString());
-      receiver_->OnDropped(in.meta, refused);
-    } else {
-      receiver_->OnMessage(std::move(in));
-    }
+    Deliver(receiver_, "cma van", std::move(in), refused, log_limit_);
     return alive;
   }
 

@@ -12,6 +12,7 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "van/codec.h"
+#include "van/delivery.h"
 
 namespace meshpost {
 namespace rdma {
@@ -642,23 +643,7 @@ void RdmaTransport::InvalidateMemory(const void* addr, size_t size) {
 Result<uint64_t> RdmaTransport::Send(OutMessage&& msg, bool detached) {
   const Meta& meta = msg.meta;
   const int peer = meta.recipient;
-  if (msg.segments.size() != meta.data.size()) {
-    return InvalidArgumentError("RdmaVan::Send: " + std::to_string(msg.segments.size()) +
-                                " segments for " + std::to_string(meta.data.size()) +
-                                " tensor descriptors");
-  }
-  for (size_t i = 0; i < msg.segments.size(); ++i) {
-    if (msg.segments[i].size != meta.data[i].nbytes) {
-      return InvalidArgumentError("RdmaVan::Send: segment " + std::to_string(i) + " has " +
-                                  std::to_string(msg.segments[i].size) +
-                                  " bytes; meta.data[" + std::to_string(i) + "].nbytes is " +
-                                  std::to_string(meta.data[i].nbytes));
-    }
-    if (msg.segments[i].size > 0 && msg.segments[i].data == nullptr) {
-      return InvalidArgumentError("RdmaVan::Send: segment " + std::to_string(i) +
-                                  " has no data pointer");
-    }
-  }
+  MESHPOST_RETURN_IF_ERROR(ValidateSend("RdmaVan::Send", msg));
   for (const auto& s : meta.slots) {
     if (s.nbytes > 0 && s.addr == 0) {
       return InvalidArgumentError("RdmaVan::Send: pull slot for key " + std::to_string(s.key) +
@@ -1007,6 +992,7 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
   }
   InMessage in;
   in.meta = meta;
+  in.peer = c->peer;  // the queue pair it arrived on, whatever the header claims
   for (size_t i = 0; i < meta.data.size(); ++i) {
     const TensorDesc& d = meta.data[i];
     RecvSegment seg;
@@ -1058,30 +1044,24 @@ void RdmaTransport::Run(Actions* acts) {
                    Node(in.meta.sender));
       continue;
     }
+    // The payload is already where the peer wrote it (a registered buffer or a pool
+    // buffer); the receiver may still want it elsewhere, which costs one copy.
     Status refused;
     for (size_t i = 0; i < in.segments.size() && refused.ok(); ++i) {
-      if (in.segments[i].size == 0) continue;
-      auto dest = receiver->Destination(in.meta, i);
+      RecvSegment& seg = in.segments[i];
+      if (seg.size == 0) continue;
+      auto dest = SegmentDestination(receiver, in.meta, i, seg.size);
       if (!dest.ok()) {
         refused = dest.status();
-      } else if (*dest != nullptr && *dest != in.segments[i].data) {
-        // The receiver wants it elsewhere than where the peer was told to write it.
-        std::memcpy(*dest, in.segments[i].data, in.segments[i].size);
-        in.segments[i].data = *dest;
-        in.segments[i].owner.reset();
+      } else if (*dest != nullptr) {
+        seg = LandSegment(*dest, seg.data, seg.size, nullptr);
       }
     }
-    if (!refused.ok()) {
-      MP_LOG_ERROR(kLog, "rdma: refused {} from {}: {}", CommandName(in.meta.cmd),
-                   Node(in.meta.sender), refused.ToString());
-      receiver->OnDropped(in.meta, refused);
-      continue;
-    }
-    receiver->OnMessage(std::move(in));
+    Deliver(receiver, "rdma van", std::move(in), refused, refused_log_);
   }
   for (auto& [meta, why] : acts->dropped) {
-    MP_LOG_ERROR(kLog, "rdma: dropped {} from {}: {}", CommandName(meta.cmd), Node(meta.sender),
-                 why.ToString());
+    MP_LOG_ERROR_LIMITED(refused_log_, kLog, "rdma: dropped {} from {}: {}",
+                         CommandName(meta.cmd), Node(meta.sender), why.ToString());
     if (receiver != nullptr) receiver->OnDropped(meta, why);
   }
   for (auto& [peer, why] : acts->failures) {

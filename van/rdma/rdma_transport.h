@@ -14,6 +14,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/log_rate.h"
 #include "common/waiter.h"
 #include "van/rdma/mr_cache.h"
 #include "van/rdma/rdma_van.h"
@@ -172,6 +173,8 @@ class RdmaTransport {
   // register_recv_buffer memory per (peer, key); survives reconnects.
   std::map<int, std::map<int64_t, LocalBuffer>> registered_;
   Waiter waiter_;
+  // Refused messages are logged through this: a peer can provoke them (thread-safe).
+  LogRateLimiter refused_log_;
 };
 
 }  // namespace rdma

@@ -27,6 +27,7 @@
 #include "common/log_rate.h"
 #include "common/logging.h"
 #include "van/codec.h"
+#include "van/delivery.h"
 #include "van/zmq/zmq_van.h"
 
 #if defined(__SANITIZE_THREAD__)
@@ -227,13 +228,7 @@ class ZmqVan : public Van {
       }
       peer = it->second;
     }
-    for (size_t i = 0; i < msg.segments.size(); ++i) {
-      if (msg.segments[i].size != 0 && msg.segments[i].data == nullptr) {
-        return InvalidArgumentError("ZmqVan::Send: segment " + std::to_string(i) + " has " +
-                                    std::to_string(msg.segments[i].size) +
-                                    " bytes and a null data pointer");
-      }
-    }
+    MESHPOST_RETURN_IF_ERROR(ValidateSend("ZmqVan::Send", msg));
     std::lock_guard<std::mutex> lock(peer->mu);
     if (peer->socket == nullptr) return UnavailableError("connection closed");
     switch (peer->state) {
@@ -646,46 +641,20 @@ class ZmqVan : public Van {
       }
       more = zmq_msg_more(&part->msg);
       if (!refused.ok()) continue;
-      if (index >= expected) {
-        refused = DataLossError("message has more data frames than its " +
-                                std::to_string(expected) + " descriptors");
-        continue;
-      }
       const size_t size = part->size();
-      if (size != in.meta.data[index].nbytes) {
-        refused = DataLossError("data frame " + std::to_string(index) + " has " +
-                                std::to_string(size) + " bytes; descriptor says " +
-                                std::to_string(in.meta.data[index].nbytes));
-        continue;
-      }
-      auto dest = receiver_->Destination(in.meta, index);
+      auto dest = SegmentDestination(receiver_, in.meta, index, size);
       if (!dest.ok()) {
         refused = dest.status();
         continue;
       }
-      RecvSegment seg;
-      seg.size = size;
-      if (*dest != nullptr) {
-        if (size) std::memcpy(*dest, part->data(), size);
-        seg.data = *dest;
-      } else {
-        seg.data = part->data();
-        seg.owner = part;
-      }
-      in.segments.push_back(std::move(seg));
+      in.segments.push_back(LandSegment(*dest, part->data(), size, part));
       ++index;
     }
     if (refused.ok() && index != expected) {
       refused = DataLossError("message has " + std::to_string(index) +
                               " data frames; its header describes " + std::to_string(expected));
     }
-    if (!refused.ok()) {
-      MP_LOG_ERROR_LIMITED(frame_log_, kLog, "refused {} from node {}: {}",
-                           CommandName(in.meta.cmd), in.meta.sender, refused.ToString());
-      receiver_->OnDropped(in.meta, refused);
-      return;
-    }
-    receiver_->OnMessage(std::move(in));
+    Deliver(receiver_, "tcp van", std::move(in), refused, frame_log_);
   }
 
   void DrainRest(bool more) {

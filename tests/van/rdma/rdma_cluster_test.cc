@@ -16,6 +16,7 @@
 
 #include "common/clock.h"
 #include "fake_verbs.h"
+#include "launch/local_cluster.h"
 #include "ps/postoffice.h"
 #include "test_util.h"
 #include "van/rdma/rdma_van.h"
@@ -67,7 +68,7 @@ class RdmaCluster {
     std::vector<Status> starts(1 + num_servers + num_workers);
     std::vector<std::thread> threads;
     threads.emplace_back([this, &starts] { starts[0] = scheduler_->Start(); });
-    auto port = ReadPort(fds[0]);
+    auto port = ReadReportedPort(fds[0], 20000);
     close(fds[0]);
     if (!port.ok()) {
       threads[0].join();
@@ -169,23 +170,6 @@ class RdmaCluster {
       MESHPOST_ASSIGN_OR_RETURN(auto van, CreateRdmaVan(ro));
       return std::unique_ptr<Van>(std::move(van));
     };
-  }
-
-  static Result<int> ReadPort(int fd) {
-    std::string line;
-    const uint64_t deadline = GetNanosecond() + 20'000'000'000ull;
-    while (line.find('\n') == std::string::npos) {
-      const uint64_t now = GetNanosecond();
-      if (now >= deadline) return DeadlineExceededError("scheduler did not report its port");
-      pollfd p{fd, POLLIN, 0};
-      const int n = poll(&p, 1, static_cast<int>((deadline - now) / 1000000) + 1);
-      if (n <= 0) continue;
-      char buf[32];
-      const ssize_t got = read(fd, buf, sizeof(buf));
-      if (got <= 0) return UnavailableError("scheduler closed the port pipe without a port");
-      line.append(buf, static_cast<size_t>(got));
-    }
-    return std::stoi(line);
   }
 
   // Declared first: every node's rdma van points into the fabric, so it is destroyed last.

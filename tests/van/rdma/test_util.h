@@ -1,4 +1,4 @@
-// Helpers shared by the RDMA van tests: fake device specs, a recording VanReceiver, and a
+// Helpers shared by the RDMA van tests: fake device specs, the shared recorder, and a
 // cluster of RdmaTransports over one FakeFabric whose control plane is an in-memory queue
 // (Settle() delivers blobs and polls completions until nothing moves; no threads).
 #pragma once
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fake_verbs.h"
+#include "tests/support/recording_receiver.h"
 #include "van/rdma/rdma_transport.h"
 
 namespace meshpost {
@@ -40,22 +41,9 @@ inline FakeDeviceSpec RoceSpec(const std::string& name = "mlx5_0", uint8_t ip = 
   return s;
 }
 
-class Recorder : public VanReceiver {
- public:
-  Result<void*> Destination(const Meta& meta, size_t index) override {
-    if (refuse) return InvalidArgumentError("test receiver refuses");
-    auto it = destinations.find(meta.data[index].key);
-    return it == destinations.end() ? nullptr : it->second;
-  }
-  void OnMessage(InMessage&& msg) override { messages.push_back(std::move(msg)); }
-  void OnDropped(const Meta& meta, const Status& why) override {
-    dropped.emplace_back(meta, why);
-  }
-  std::vector<InMessage> messages;
-  std::vector<std::pair<Meta, Status>> dropped;
-  std::map<int64_t, void*> destinations;
-  bool refuse = false;
-};
+// Engine tests drive the transport by hand (Settle), so they read the recorder's vectors
+// directly; no van thread delivers concurrently.
+using Recorder = support::RecordingReceiver;
 
 struct TestNode {
   int id = 0;
