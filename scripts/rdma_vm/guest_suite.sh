@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs INSIDE the soft-RoCE guest (run_vm.sh --share REPO -- bash scripts/rdma_vm/guest_suite.sh
+# BUILD_DIR [STEP...]), from the repository root: the RDMA tests of a host build on the real
+# verbs stack (rxe0). A test that skips here for lack of a device is a failure: the device
+# is the point. Steps (default: all, in this order):
+#   unit         rdma_test, including RdmaHardwareTest
+#   conformance  the van conformance suite on the device (RdmaDevice/*)
+#   cluster      the multi-process integration scenarios with MESHPOST_TRANSPORT=rdma
+#   failure      peer killed during RDMA WRITEs, restart, stale MR, small memlock, 4x4
+#   bench        meshpost_cluster_bench --transport rdma (1x1 AFD shape; 2x2 and 4x4 with 64 KiB)
+set -uo pipefail
+BUILD="${1:?usage: guest_suite.sh BUILD_DIR [STEP...]}"
+shift
+STEPS=("$@")
+((${#STEPS[@]})) || STEPS=(unit conformance cluster failure bench)
+LOGS="$(mktemp -d /tmp/suite.XXXXXX)"
+failed=()
+
+# Runs a gtest binary; fails on a non-zero exit or on any skipped test.
+gtest() {  # name binary args...
+  local name="$1"
+  shift
+  local log="$LOGS/$name.log" t0=$SECONDS rc
+  echo "== [$name] $*"
+  timeout -k 10 "${STEP_TIMEOUT:-600}" "$@" --gtest_brief=1 >"$log" 2>&1
+  rc=$?
+  cat "$log"
+  if ((rc == 0)) && grep -q '^\[  SKIPPED \]' "$log"; then
+    echo "== [$name] FAIL: tests skipped on a host that has rxe0"
+    rc=1
+  fi
+  local passed
+  passed=$(grep -o '^\[  PASSED  \] [0-9]* test' "$log" | grep -o '[0-9]*' || echo 0)
+  echo "== [$name] exit $rc, ${passed} tests passed, $((SECONDS - t0)) s"
+  ((rc == 0)) || failed+=("$name")
+}
+
+step_unit() {
+  # The one test that expects *no* device is excluded; it skips by design here.
+  gtest unit "$BUILD/tests/rdma_test" --gtest_filter='-RdmaAvailabilityTest.VanBindReportsMissingDeviceAsStatus'
+}
+step_conformance() {
+  gtest conformance "$BUILD/tests/van_conformance_test" --gtest_filter='RdmaDevice/*'
+}
+step_cluster() {
+  STEP_TIMEOUT=1200 gtest cluster "$BUILD/tests/integration_test" --gtest_filter='Transports/ClusterTest.*/rdma'
+}
+step_failure() {
+  STEP_TIMEOUT=900 gtest failure "$BUILD/tests/rdma_failure_test"
+}
+step_bench() {
+  local t0=$SECONDS rc=0 out
+  for args in "--workers 1 --servers 1 --push 917504 --push-extra 16 --pull 1835008 --iters 20 --warmup 2" \
+              "--workers 2 --servers 2 --push 65536 --push-extra 0 --pull 65536 --iters 50 --warmup 5" \
+              "--workers 4 --servers 4 --push 65536 --push-extra 0 --pull 65536 --iters 20 --warmup 2"; do
+    echo "== [bench] meshpost_cluster_bench --transport rdma $args"
+    # shellcheck disable=SC2086
+    out=$(timeout -k 10 300 "$BUILD/meshpost_cluster_bench" --transport rdma $args 2>"$LOGS/bench.err")
+    local r=$?
+    echo "$out"
+    if ((r != 0)) || ! grep -q '"meshpost-cluster-rdma"' <<<"$out" || grep -q '"transports": {[^}]*"\(tcp\|cma\)' <<<"$out"; then
+      cat "$LOGS/bench.err"
+      echo "== [bench] FAIL (exit $r): no rdma result"
+      rc=1
+    fi
+  done
+  echo "== [bench] exit $rc, $((SECONDS - t0)) s (TCG emulation: the numbers say nothing about performance)"
+  ((rc == 0)) || failed+=(bench)
+}
+
+echo "== guest $(hostname): $(uname -r), $(nproc) vCPUs"
+ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer|active_mtu' || failed+=(device)
+for s in "${STEPS[@]}"; do
+  case "$s" in
+    unit | conformance | cluster | failure | bench) "step_$s" ;;
+    *) echo "guest_suite.sh: unknown step '$s'"; failed+=("$s") ;;
+  esac
+done
+if ((${#failed[@]})); then
+  echo "== guest suite FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "== guest suite passed: ${STEPS[*]}"
