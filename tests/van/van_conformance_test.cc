@@ -487,7 +487,9 @@ class LoopbackControlPlane {
       auto it = vans_.find(b.to);
       if (it == vans_.end()) continue;  // the peer is gone: a lost control message
       Status s = it->second->OnControlBlob(b.from, b.bytes);
-      EXPECT_TRUE(s.ok()) << "OnControlBlob from " << b.from << ": " << s;
+      // A blob that reaches a van already stopping (a test tearing down) is CANCELLED.
+      EXPECT_TRUE(s.ok() || s.code() == StatusCode::kCancelled)
+          << "OnControlBlob from " << b.from << ": " << s;
     }
   }
   std::mutex queue_mu_;
@@ -666,9 +668,8 @@ TEST_F(RdmaDeviceTest, PeerRestartGetsAFreshConnection) {
 
 // Registration under a small locked-memory limit fails with a status that says what to
 // change. Root's CAP_IPC_LOCK ignores the limit, so a child process drops it first.
-TEST_F(RdmaDeviceTest, SmallMemlockLimitIsAClearRegistrationError) {
-  a_.reset();
-  b_.reset();
+TEST(RdmaDeviceMemlockTest, SmallMemlockLimitIsAClearRegistrationError) {
+  if (Status why = RdmaDeviceUnavailable(); !why.ok()) GTEST_SKIP() << why.message();
   int pipefd[2];
   ASSERT_EQ(pipe(pipefd), 0);
   const pid_t child = fork();
