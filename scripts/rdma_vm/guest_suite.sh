@@ -70,7 +70,7 @@ step_bench() {
               "--workers 4 --servers 4 --push 65536 --push-extra 0 --pull 65536 --iters 20 --warmup 2"; do
     echo "== [bench] meshpost_cluster_bench --transport rdma $args"
     # shellcheck disable=SC2086
-    out=$(MESHPOST_HEARTBEAT_TIMEOUT_MS=15000 timeout -k 10 300 "$BUILD/meshpost_cluster_bench" --transport rdma $args 2>"$LOGS/bench.err")
+    out=$(MESHPOST_HEARTBEAT_TIMEOUT_MS=30000 timeout -k 10 300 "$BUILD/meshpost_cluster_bench" --transport rdma $args 2>"$LOGS/bench.err")
     local r=$?
     echo "$out"
     if ((r != 0)) || ! grep -q '"meshpost-cluster-rdma"' <<<"$out" || grep -q '"transports": {[^}]*"\(tcp\|cma\)' <<<"$out"; then
