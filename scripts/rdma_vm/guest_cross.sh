@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs INSIDE one of the two guests of two_vms.sh, from the repository root:
-#   guest_cross.sh BUILD_DIR a|b
+#   guest_cross.sh BUILD_DIR a|b [SCENARIO...]   (default: all below; both sides must agree)
 # One 2x2 cluster per scenario, split across the guests: guest a runs the scheduler,
 # server 0 and worker 0; guest b runs server 1 and worker 1. No transport is forced, so
 # each pair picks its own: same guest -> cma (same-host van), across -> rdma (rxe0 on the
@@ -13,6 +13,11 @@ NODE="$BUILD/tests/meshpost_itest_node"
 SCHED_IP=10.77.0.1
 # Scenario and the process (role:rank) that kills itself in it, if any.
 SCENARIOS=(sum:- microbatch:- dtypes:- recvbuf:- barrier:- timeout:- badinput:- idle:- kill:server:1 killwrites:server:1)
+if (($# > 2)); then
+  wanted=" ${*:3} " kept=()
+  for s in "${SCENARIOS[@]}"; do [[ "$wanted" == *" ${s%%:*} "* ]] && kept+=("$s"); done
+  SCENARIOS=("${kept[@]}")
+fi
 MY_IP="$MESHPOST_VM_IP"
 failed=()
 
