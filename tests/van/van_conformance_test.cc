@@ -437,9 +437,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 #ifdef MESHPOST_HAVE_RDMA
 // --- the rdma van on a real device (soft-RoCE in the VM stage, scripts/rdma_vm/) -----
-// The rdma van exchanges rendezvous blobs over the caller's control plane. Here that plane
-// is a mailbox thread: a blob is never delivered on the sending van's own thread, as the
-// RdmaControlSend contract requires. The first van a test creates is kIdA, the second kIdB.
+// The rdma van exchanges rendezvous blobs through its receiver's SendRendezvous. Here the
+// control plane behind it is a mailbox thread: a blob is never delivered on the sending
+// van's own thread (SendRendezvous must not call back into the van). The first van a test
+// creates is kIdA, the second kIdB.
 class LoopbackControlPlane {
  public:
   static LoopbackControlPlane& Get() {
@@ -450,12 +451,12 @@ class LoopbackControlPlane {
     std::lock_guard<std::mutex> lock(queue_mu_);
     return created_++ % 2 == 0 ? kIdA : kIdB;
   }
-  void Attach(int id, RdmaVan* van) {
+  void Attach(int id, Van* van) {
     std::lock_guard<std::mutex> lock(deliver_mu_);
     vans_[id] = van;
   }
   // Waits for a delivery in progress, so the van can be destroyed afterwards.
-  void Detach(int id, RdmaVan* van) {
+  void Detach(int id, Van* van) {
     std::lock_guard<std::mutex> lock(deliver_mu_);
     if (vans_[id] == van) vans_.erase(id);
   }
@@ -486,10 +487,10 @@ class LoopbackControlPlane {
       std::lock_guard<std::mutex> lock(deliver_mu_);
       auto it = vans_.find(b.to);
       if (it == vans_.end()) continue;  // the peer is gone: a lost control message
-      Status s = it->second->OnControlBlob(b.from, b.bytes);
+      Status s = it->second->OnRendezvousBlob(b.from, b.bytes);
       // A blob that reaches a van already stopping (a test tearing down) is CANCELLED.
       EXPECT_TRUE(s.ok() || s.code() == StatusCode::kCancelled)
-          << "OnControlBlob from " << b.from << ": " << s;
+          << "OnRendezvousBlob from " << b.from << ": " << s;
     }
   }
   std::mutex queue_mu_;
@@ -497,13 +498,36 @@ class LoopbackControlPlane {
   std::deque<Blob> queue_;
   int created_ = 0;
   std::mutex deliver_mu_;  // held while a blob is delivered; Detach takes it
-  std::map<int, RdmaVan*> vans_;
+  std::map<int, Van*> vans_;
+};
+
+// The test's receiver, plus SendRendezvous into the loopback control plane.
+class PlaneReceiver : public VanReceiver {
+ public:
+  explicit PlaneReceiver(int id) : id_(id) {}
+  void set_inner(VanReceiver* inner) { inner_ = inner; }
+  Result<void*> Destination(const Meta& meta, size_t index) override {
+    return inner_->Destination(meta, index);
+  }
+  void OnMessage(InMessage&& msg) override { inner_->OnMessage(std::move(msg)); }
+  void OnDropped(const Meta& meta, const Status& why) override { inner_->OnDropped(meta, why); }
+  void OnPeerFailure(int peer_id, const Status& why) override {
+    inner_->OnPeerFailure(peer_id, why);
+  }
+  Status SendRendezvous(const char*, int peer_id, std::string blob) override {
+    return LoopbackControlPlane::Get().Post(id_, peer_id, std::move(blob));
+  }
+
+ private:
+  int id_;
+  VanReceiver* inner_ = nullptr;
 };
 
 // Forwards to a real RdmaVan and detaches it from the control plane before it dies.
 class PlaneAttachedRdmaVan : public Van {
  public:
-  PlaneAttachedRdmaVan(int id, std::unique_ptr<RdmaVan> van) : id_(id), van_(std::move(van)) {
+  PlaneAttachedRdmaVan(int id, std::unique_ptr<RdmaVan> van)
+      : id_(id), receiver_(id), van_(std::move(van)) {
     LoopbackControlPlane::Get().Attach(id_, van_.get());
   }
   ~PlaneAttachedRdmaVan() override {
@@ -513,16 +537,33 @@ class PlaneAttachedRdmaVan : public Van {
   const char* name() const override { return van_->name(); }
   Result<int> Bind(const std::string& host, int port) override { return van_->Bind(host, port); }
   std::string endpoint() const override { return van_->endpoint(); }
-  Status Start(VanReceiver* receiver) override { return van_->Start(receiver); }
+  Status Start(VanReceiver* receiver) override {
+    receiver_.set_inner(receiver);
+    return van_->Start(&receiver_);
+  }
   Status Connect(const PeerAddress& peer) override { return van_->Connect(peer); }
   void Disconnect(int peer_id) override { van_->Disconnect(peer_id); }
   Status Send(OutMessage&& msg) override { return van_->Send(std::move(msg)); }
   void Stop() override { van_->Stop(); }
   std::string PeerTransport(int peer_id) const override { return van_->PeerTransport(peer_id); }
+  Status OnRendezvousBlob(int peer_id, const std::string& blob) override {
+    return van_->OnRendezvousBlob(peer_id, blob);
+  }
+  bool RegistersMemory() const override { return van_->RegistersMemory(); }
+  Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) override {
+    return van_->RegisterRecvBuffer(peer_id, key, region);
+  }
+  Status RegisterMemory(const MemoryRegion& region) override {
+    return van_->RegisterMemory(region);
+  }
+  void InvalidateMemory(const void* addr, size_t size) override {
+    van_->InvalidateMemory(addr, size);
+  }
   RdmaVan* rdma() { return van_.get(); }
 
  private:
   int id_;
+  PlaneReceiver receiver_;  // outlives van_ (declared first)
   std::unique_ptr<RdmaVan> van_;
 };
 
@@ -533,14 +574,11 @@ Status RdmaDeviceUnavailable() {
 }
 
 std::unique_ptr<PlaneAttachedRdmaVan> CreateDeviceRdmaVanWithId(int id) {
-  LoopbackControlPlane& plane = LoopbackControlPlane::Get();
   auto options = RdmaOptionsFromEnv(ProcessEnv());  // MESHPOST_RDMA_DEVICE etc. apply
   EXPECT_TRUE(options.ok()) << options.status();
   if (!options.ok()) return nullptr;
   options->wait = TestOptions().wait;
-  auto van = CreateRdmaVan(*options, [id, &plane](int peer, std::string blob) {
-    return plane.Post(id, peer, std::move(blob));
-  });
+  auto van = CreateRdmaVan(*options);
   EXPECT_TRUE(van.ok()) << van.status();
   if (!van.ok()) return nullptr;
   return std::make_unique<PlaneAttachedRdmaVan>(id, std::move(van).value());
@@ -692,13 +730,17 @@ TEST(RdmaDeviceMemlockTest, SmallMemlockLimitIsAClearRegistrationError) {
     if (syscall(SYS_capset, &header, caps) != 0) report(3, "capset failed");
     auto options = RdmaOptionsFromEnv(ProcessEnv());
     if (!options.ok()) report(3, options.status().ToString());
-    auto van = CreateRdmaVan(*options, [](int, std::string) { return OkStatus(); });
+    auto van = CreateRdmaVan(*options);
     if (!van.ok()) report(3, van.status().ToString());
     auto bound = (*van)->Bind("", 0);
     if (!bound.ok()) report(1, "Bind: " + bound.status().ToString());
     std::vector<uint8_t> big(16u << 20, 1);
     auto owner = std::make_shared<int>(0);
-    Status s = (*van)->RegisterMemory(big.data(), big.size(), owner);
+    MemoryRegion region;
+    region.addr = big.data();
+    region.size = big.size();
+    region.owner = owner;
+    Status s = (*van)->RegisterMemory(region);
     report(s.ok() ? 2 : 0, s.ToString());
   }
   close(pipefd[1]);
