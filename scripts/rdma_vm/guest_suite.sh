@@ -46,7 +46,7 @@ KNOWN_GAPS=(
   "RdmaDevice/VanConformanceTest.DeliversInOrder/rdma_device|the pooled receive buffer of a key is rewritten by the next push of that key while the receiver still holds the earlier message"
   "RdmaDevice/VanConformanceTest.ManyInFlightAllOwnersReleased/rdma_device|same pooled-buffer reuse as DeliversInOrder"
   "RdmaDevice/VanConformanceTest.LargeHeaderBody/rdma_device|a Meta body larger than the header slot (MESHPOST_RDMA_HEADER_BYTES, 4 KiB) is refused"
-  "RdmaDevice/VanConformanceTest.CleanStopWithMessagesInFlight/rdma_device|Stop drains for a bounded time (1 s) and 64 MiB at emulated speed takes longer"
+  "RdmaDevice/VanConformanceTest.CleanStopWithMessagesInFlight/rdma_device|Stop drains for a bounded time (stop_drain_ms, 5 s) and 64 MiB at emulated speed can take longer; not re-checked since that bound rose from 1 s"
 )
 step_conformance() {
   local exclude="" gap
