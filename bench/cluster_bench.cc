@@ -4,7 +4,7 @@
 // machine (LocalCluster) and prints one JSON line with the round-trip
 // statistics of the run:
 //
-//   meshpost_cluster_bench --workers M --servers N --transport tcp|cma|cma-shm
+//   meshpost_cluster_bench --workers M --servers N --transport tcp|cma|cma-shm|rdma
 //       --push B --push-extra B --pull B --iters I --warmup W [--spin-us U]
 //       [--recv-buffer 0|1] [--hugepages 0|1]
 //
@@ -47,7 +47,7 @@ constexpr int64_t kTimeoutMs = 60000;
 struct Params {
   int workers = 1;
   int servers = 1;
-  std::string transport = "cma";    // tcp | cma | cma-shm
+  std::string transport = "cma";    // tcp | cma | cma-shm | rdma (forced: start fails without a device)
   size_t push = 128 * kHidden;      // uint8 bytes
   size_t push_extra = 16;           // int32 bytes (0: no second tensor)
   size_t pull = 128 * kHidden * 2;  // bf16 bytes per server
@@ -92,8 +92,9 @@ Params ParseFlags(int argc, char** argv) {
     else
       Die("unknown flag " + k);
   }
-  if (p.transport != "tcp" && p.transport != "cma" && p.transport != "cma-shm") {
-    Die("--transport " + p.transport + ": expected tcp, cma or cma-shm");
+  if (p.transport != "tcp" && p.transport != "cma" && p.transport != "cma-shm" &&
+      p.transport != "rdma") {
+    Die("--transport " + p.transport + ": expected tcp, cma, cma-shm or rdma");
   }
   if (p.workers < 1 || p.servers < 1 || p.iters < 1 || p.warmup < 0) Die("bad counts");
   if (p.push == 0 || p.pull == 0 || p.pull % 2 != 0 || p.push_extra % 4 != 0) {
@@ -372,7 +373,7 @@ int Launch(int argc, char** argv) {
   spec.num_workers = p.workers;
   spec.num_servers = p.servers;
   spec.env = {
-      {"MESHPOST_TRANSPORT", p.transport == "tcp" ? "tcp" : "cma"},
+      {"MESHPOST_TRANSPORT", p.transport == "cma-shm" ? "cma" : p.transport},
       {"MESHPOST_CMA_DISABLE", p.transport == "cma-shm" ? "1" : "0"},
       {"MESHPOST_BENCH_PUSH", std::to_string(p.push)},
       {"MESHPOST_BENCH_PUSH_EXTRA", std::to_string(p.push_extra)},

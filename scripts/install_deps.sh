@@ -13,6 +13,8 @@ packages=(
   python3-pytest python3-numpy python3-matplotlib
   # multi-host tests (tests/hosts): network namespaces, a local Slurm, manifest checks
   iproute2 slurm-wlm munge python3-yaml
+  # soft-RoCE VM stage (scripts/rdma_vm/): QEMU and the guest image build
+  qemu-system-x86 debootstrap e2fsprogs
 )
 if [[ "${MESHPOST_DEPS:-all}" == "core" ]]; then
   packages=(build-essential cmake ninja-build pkg-config libzmq3-dev cppzmq-dev libsodium-dev

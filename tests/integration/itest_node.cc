@@ -116,9 +116,28 @@ void SumServer(Ctx& c) {
 
 void SumWorker(Ctx& c) {
   const std::string want = std::getenv("MESHPOST_ITEST_TRANSPORT") ? std::getenv("MESHPOST_ITEST_TRANSPORT") : "tcp";
+  // A cluster split across hosts (scripts/rdma_vm/) expects a transport per peer:
+  // MESHPOST_ITEST_PEER_TRANSPORTS="server 0=cma;server 1=rdma" overrides `want`.
+  std::map<std::string, std::string> want_for;
+  if (const char* map = std::getenv("MESHPOST_ITEST_PEER_TRANSPORTS")) {
+    std::string rest = map;
+    while (!rest.empty()) {
+      const size_t end = rest.find(';');
+      const std::string item = rest.substr(0, end);
+      const size_t eq = item.find('=');
+      EXPECT_OR_DIE(eq != std::string::npos, "MESHPOST_ITEST_PEER_TRANSPORTS item '" + item +
+                                                 "': expected 'server N=transport'");
+      want_for[item.substr(0, eq)] = item.substr(eq + 1);
+      rest = end == std::string::npos ? "" : rest.substr(end + 1);
+    }
+  }
   const auto transports = c.po->Transports();
   EXPECT_OR_DIE(static_cast<int>(transports.size()) == c.S(), "one transport per server");
-  for (const auto& [peer, name] : transports) EXPECT_OR_DIE(name == want, peer + " via " + name);
+  for (const auto& [peer, name] : transports) {
+    const auto it = want_for.find(peer);
+    const std::string& expected = it == want_for.end() ? want : it->second;
+    EXPECT_OR_DIE(name == expected, peer + " via " + name + ", expected " + expected);
+  }
   for (int it = 0; it < 20; ++it) {
     Buf push(DType::kFloat32, {4, kSumCols});
     for (int i = 0; i < 4 * kSumCols; ++i) push.as<float>()[i] = c.rank() + 1 + it + i % 3;
@@ -398,6 +417,57 @@ void KillWorker(Ctx& c) {
   EXPECT_OR_DIE(again.status().code() == StatusCode::kUnavailable, "new requests fail fast");
 }
 
+// ---------------- killwrites: a server dies while bulk writes to it are in flight ----------------
+// Workers post several multi-MiB micro-batches back to back; the last server kills itself
+// when its first batch arrives, so later payloads are still being written (on rdma: RDMA
+// WRITEs on the wire) when it dies. Every handle depends on it and must fail naming it.
+constexpr int kKillWritesBatches = 6;
+constexpr int64_t kKillWritesRows = 512;  // x 1024 float32 = 2 MiB per push
+
+void KillWritesServer(Ctx& c) {
+  for (;;) {
+    auto batch = c.po->server()->GetBatch(60000);
+    if (!batch.ok()) {
+      EXPECT_OR_DIE(batch.status().code() == StatusCode::kUnavailable, batch.status().ToString());
+      return;
+    }
+    if (c.rank() == c.S() - 1) raise(SIGKILL);
+    Buf out(DType::kFloat32, {4});
+    for (auto& req : *batch) {
+      Status s = c.po->server()->Respond(req.handle, {out.view});
+      // The worker may already have left after its failed waits.
+      EXPECT_OR_DIE(s.ok() || s.code() == StatusCode::kUnavailable, s.ToString());
+    }
+  }
+}
+
+void KillWritesWorker(Ctx& c) {
+  std::vector<Buf> pushes;
+  std::vector<Pulls> pulls;
+  std::vector<uint64_t> handles;
+  pushes.reserve(kKillWritesBatches);
+  pulls.reserve(kKillWritesBatches);
+  for (int i = 0; i < kKillWritesBatches; ++i) {
+    pushes.emplace_back(DType::kFloat32, std::vector<int64_t>{kKillWritesRows, 1024});
+    pulls.push_back(MakePulls(c, 1, DType::kFloat32, {4}));
+    auto h = c.po->worker()->ZBatchPushPull({{1, pushes.back().view}}, pulls.back().batch);
+    // A post after the death was noticed fails at once, which is as good as a failed wait.
+    if (!h.ok()) {
+      EXPECT_OR_DIE(h.status().code() == StatusCode::kUnavailable, h.status().ToString());
+      continue;
+    }
+    handles.push_back(*h);
+  }
+  EXPECT_OR_DIE(!handles.empty(), "the first micro-batch was accepted");
+  const std::string dead = "server " + std::to_string(c.S() - 1);
+  for (uint64_t h : handles) {
+    Status w = c.po->worker()->Wait(h, 60000);
+    EXPECT_OR_DIE(w.code() == StatusCode::kUnavailable, w.ToString());
+    EXPECT_OR_DIE(w.message().find(dead) != std::string::npos,
+                  "error names the dead server: " + w.ToString());
+  }
+}
+
 // ---------------- schedkill: the scheduler dies; data keeps flowing, barriers fail ----------------
 // The scheduler dies only once every node has passed Start (proved by their arrival at a
 // second barrier); the release of that barrier may die with it, so nodes accept either.
@@ -591,6 +661,7 @@ int main() {
       {"barrier", {BarrierAny, BarrierAny, BarrierAny}},
       {"timeout", {TimeoutServer, TimeoutWorker, nullptr}},
       {"kill", {KillServer, KillWorker, nullptr}},
+      {"killwrites", {KillWritesServer, KillWritesWorker, nullptr}},
       {"badinput", {BadInputServer, BadInputWorker, nullptr}},
       {"schedkill", {SchedKillServer, SchedKillWorker, SchedKillScheduler}},
       {"idle", {IdleServer, IdleWorker, nullptr}},

@@ -26,6 +26,19 @@
 #include "van/cma/cma_van.h"
 #include "van/van.h"
 #include "van/zmq/zmq_van.h"
+#ifdef MESHPOST_HAVE_RDMA
+#include <linux/capability.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include <deque>
+#include <map>
+#include <thread>
+
+#include "van/rdma/rdma_van.h"
+#endif
 
 namespace meshpost {
 namespace {
@@ -138,6 +151,8 @@ struct VanWorld {
 struct VanFactory {
   std::string name;
   std::function<std::unique_ptr<Van>(VanWorld*)> create;
+  // Empty, or why this van cannot run on this host (the test then skips with the reason).
+  std::function<Status()> unavailable = {};
 };
 
 std::ostream& operator<<(std::ostream& os, const VanFactory& f) { return os << f.name; }
@@ -155,6 +170,9 @@ constexpr int kIdB = 9;
 class VanConformanceTest : public ::testing::TestWithParam<VanFactory> {
  protected:
   void SetUp() override {
+    if (GetParam().unavailable) {
+      if (Status why = GetParam().unavailable(); !why.ok()) GTEST_SKIP() << why.message();
+    }
     a_ = GetParam().create(&world_);
     b_ = GetParam().create(&world_);
     auto pa = a_->Bind("127.0.0.1", 0);
@@ -528,6 +546,329 @@ INSTANTIATE_TEST_SUITE_P(
 #endif
                       ),
     [](const ::testing::TestParamInfo<VanFactory>& info) { return info.param.name; });
+
+#ifdef MESHPOST_HAVE_RDMA
+// --- the rdma van on a real device (soft-RoCE in the VM stage, scripts/rdma_vm/) -----
+// The rdma van exchanges rendezvous blobs through its receiver's SendRendezvous. Here the
+// control plane behind it is a mailbox thread: a blob is never delivered on the sending
+// van's own thread (SendRendezvous must not call back into the van). The first van a test
+// creates is kIdA, the second kIdB.
+class LoopbackControlPlane {
+ public:
+  static LoopbackControlPlane& Get() {
+    static LoopbackControlPlane* plane = new LoopbackControlPlane();  // outlives every van
+    return *plane;
+  }
+  int NextId() {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    return created_++ % 2 == 0 ? kIdA : kIdB;
+  }
+  void Attach(int id, Van* van) {
+    std::lock_guard<std::mutex> lock(deliver_mu_);
+    vans_[id] = van;
+  }
+  // Waits for a delivery in progress, so the van can be destroyed afterwards.
+  void Detach(int id, Van* van) {
+    std::lock_guard<std::mutex> lock(deliver_mu_);
+    if (vans_[id] == van) vans_.erase(id);
+  }
+  Status Post(int from, int to, std::string blob) {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    queue_.push_back({from, to, std::move(blob)});
+    queue_cv_.notify_one();
+    return OkStatus();
+  }
+
+ private:
+  struct Blob {
+    int from, to;
+    std::string bytes;
+  };
+  LoopbackControlPlane() {
+    std::thread([this] { Run(); }).detach();
+  }
+  void Run() {
+    for (;;) {
+      Blob b;
+      {
+        std::unique_lock<std::mutex> lock(queue_mu_);
+        queue_cv_.wait(lock, [&] { return !queue_.empty(); });
+        b = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      std::lock_guard<std::mutex> lock(deliver_mu_);
+      auto it = vans_.find(b.to);
+      if (it == vans_.end()) continue;  // the peer is gone: a lost control message
+      Status s = it->second->OnRendezvousBlob(b.from, b.bytes);
+      // A blob that reaches a van already stopping (a test tearing down) is CANCELLED.
+      EXPECT_TRUE(s.ok() || s.code() == StatusCode::kCancelled)
+          << "OnRendezvousBlob from " << b.from << ": " << s;
+    }
+  }
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<Blob> queue_;
+  int created_ = 0;
+  std::mutex deliver_mu_;  // held while a blob is delivered; Detach takes it
+  std::map<int, Van*> vans_;
+};
+
+// The test's receiver, plus SendRendezvous into the loopback control plane.
+class PlaneReceiver : public VanReceiver {
+ public:
+  explicit PlaneReceiver(int id) : id_(id) {}
+  void set_inner(VanReceiver* inner) { inner_ = inner; }
+  Result<void*> Destination(const Meta& meta, size_t index) override {
+    return inner_->Destination(meta, index);
+  }
+  void OnMessage(InMessage&& msg) override { inner_->OnMessage(std::move(msg)); }
+  void OnDropped(const Meta& meta, const Status& why) override { inner_->OnDropped(meta, why); }
+  void OnPeerFailure(int peer_id, const Status& why) override {
+    inner_->OnPeerFailure(peer_id, why);
+  }
+  Status SendRendezvous(const char*, int peer_id, std::string blob) override {
+    return LoopbackControlPlane::Get().Post(id_, peer_id, std::move(blob));
+  }
+
+ private:
+  int id_;
+  VanReceiver* inner_ = nullptr;
+};
+
+// Forwards to a real RdmaVan and detaches it from the control plane before it dies.
+class PlaneAttachedRdmaVan : public Van {
+ public:
+  PlaneAttachedRdmaVan(int id, std::unique_ptr<RdmaVan> van)
+      : id_(id), receiver_(id), van_(std::move(van)) {
+    LoopbackControlPlane::Get().Attach(id_, van_.get());
+  }
+  ~PlaneAttachedRdmaVan() override {
+    van_->Stop();
+    LoopbackControlPlane::Get().Detach(id_, van_.get());
+  }
+  const char* name() const override { return van_->name(); }
+  Result<int> Bind(const std::string& host, int port) override { return van_->Bind(host, port); }
+  std::string endpoint() const override { return van_->endpoint(); }
+  Status Start(VanReceiver* receiver) override {
+    receiver_.set_inner(receiver);
+    return van_->Start(&receiver_);
+  }
+  Status Connect(const PeerAddress& peer) override { return van_->Connect(peer); }
+  void Disconnect(int peer_id) override { van_->Disconnect(peer_id); }
+  Status Send(OutMessage&& msg) override { return van_->Send(std::move(msg)); }
+  void Stop() override { van_->Stop(); }
+  std::string PeerTransport(int peer_id) const override { return van_->PeerTransport(peer_id); }
+  Status OnRendezvousBlob(int peer_id, const std::string& blob) override {
+    return van_->OnRendezvousBlob(peer_id, blob);
+  }
+  bool RegistersMemory() const override { return van_->RegistersMemory(); }
+  Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) override {
+    return van_->RegisterRecvBuffer(peer_id, key, region);
+  }
+  Status RegisterMemory(const MemoryRegion& region) override {
+    return van_->RegisterMemory(region);
+  }
+  void InvalidateMemory(const void* addr, size_t size) override {
+    van_->InvalidateMemory(addr, size);
+  }
+  RdmaVan* rdma() { return van_.get(); }
+
+ private:
+  int id_;
+  PlaneReceiver receiver_;  // outlives van_ (declared first)
+  std::unique_ptr<RdmaVan> van_;
+};
+
+Status RdmaDeviceUnavailable() {
+  auto options = RdmaOptionsFromEnv(ProcessEnv());
+  if (!options.ok()) return options.status();
+  return CheckRdmaAvailable(*options);
+}
+
+std::unique_ptr<PlaneAttachedRdmaVan> CreateDeviceRdmaVanWithId(int id) {
+  auto options = RdmaOptionsFromEnv(ProcessEnv());  // MESHPOST_RDMA_DEVICE etc. apply
+  EXPECT_TRUE(options.ok()) << options.status();
+  if (!options.ok()) return nullptr;
+  options->wait = TestOptions().wait;
+  auto van = CreateRdmaVan(*options);
+  EXPECT_TRUE(van.ok()) << van.status();
+  if (!van.ok()) return nullptr;
+  return std::make_unique<PlaneAttachedRdmaVan>(id, std::move(van).value());
+}
+
+std::unique_ptr<Van> CreateDeviceRdmaVan(VanWorld*) {
+  return CreateDeviceRdmaVanWithId(LoopbackControlPlane::Get().NextId());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    RdmaDevice, VanConformanceTest,
+    ::testing::Values(VanFactory{"rdma_device", CreateDeviceRdmaVan, RdmaDeviceUnavailable}),
+    [](const ::testing::TestParamInfo<VanFactory>& info) { return info.param.name; });
+
+// Failure handling that only real verbs can show: pinned pages, QP state, memlock.
+class RdmaDeviceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (Status why = RdmaDeviceUnavailable(); !why.ok()) GTEST_SKIP() << why.message();
+    a_ = Open(kIdA, &ra_);
+    b_ = Open(kIdB, &rb_);
+    ASSERT_TRUE(a_ && b_);
+    ASSERT_TRUE(a_->Connect({kIdB, "", 0, b_->endpoint(), getpid()}).ok());
+  }
+  std::unique_ptr<PlaneAttachedRdmaVan> Open(int id, RecordingReceiver* receiver) {
+    auto van = CreateDeviceRdmaVanWithId(id);
+    if (!van) return nullptr;
+    auto bound = van->Bind("", 0);
+    EXPECT_TRUE(bound.ok()) << bound.status();
+    Status started = van->Start(receiver);
+    EXPECT_TRUE(started.ok()) << started;
+    if (!bound.ok() || !started.ok()) return nullptr;
+    return van;
+  }
+  // One segment of `n` bytes at `data`, owned (or not) by `owner`.
+  static OutMessage Push(uint64_t id, const void* data, size_t n,
+                         std::shared_ptr<const void> owner) {
+    OutMessage m;
+    m.meta.cmd = Command::kRequest;
+    m.meta.sender = kIdA;
+    m.meta.recipient = kIdB;
+    m.meta.id = id;
+    TensorDesc d;
+    d.dtype = DType::kUInt8;
+    d.shape = {static_cast<int64_t>(n)};
+    d.nbytes = n;
+    m.meta.data.push_back(d);
+    m.segments.push_back({data, n, std::move(owner)});
+    return m;
+  }
+  // Sends `n` bytes from `data` and checks that b received exactly `fill` bytes.
+  void SendAndExpect(uint64_t id, const void* data, size_t n, std::shared_ptr<const void> owner,
+                     uint8_t fill) {
+    ASSERT_TRUE(a_->Send(Push(id, data, n, std::move(owner))).ok());
+    ASSERT_TRUE(rb_.WaitFor(1));
+    auto got = rb_.TakeMessages();
+    ASSERT_EQ(got.size(), 1u);
+    ASSERT_EQ(got[0].segments.size(), 1u);
+    const auto* p = static_cast<const uint8_t*>(got[0].segments[0].data);
+    size_t wrong = 0;
+    for (size_t i = 0; i < n; ++i) wrong += p[i] != fill;
+    EXPECT_EQ(wrong, 0u) << "message " << id << ": " << wrong << " of " << n
+                         << " bytes are not 0x" << std::hex << int{fill};
+  }
+  // Maps `n` bytes filled with `fill`, at `at` when given (MAP_FIXED: same address).
+  static void* Map(size_t n, uint8_t fill, void* at = nullptr) {
+    void* p = mmap(at, n, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED : 0), -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    std::memset(p, fill, n);
+    return p;
+  }
+
+  RecordingReceiver ra_, rb_;
+  std::unique_ptr<PlaneAttachedRdmaVan> a_, b_;
+};
+
+// The classic RDMA bug: a registration cached by address outlives the memory; new pages
+// mapped at the same address must not be sent through the old (still pinned) MR.
+TEST_F(RdmaDeviceTest, MemoryFreedAndRemappedAtTheSameAddressIsNotSentThroughAStaleMr) {
+  constexpr size_t kBytes = 4u << 20;
+  void* addr = Map(kBytes, 0x11);
+  ASSERT_NE(addr, nullptr);
+  ReleaseCounter released;
+  auto keep = std::make_shared<std::vector<uint8_t>>();  // stands in for the tensor's owner
+  {
+    std::shared_ptr<const void> owner = released.Track(keep);
+    SendAndExpect(1, addr, kBytes, owner, 0x11);
+  }
+  ASSERT_TRUE(released.WaitFor(1));  // the van let go: the owner (and its MR) are dead
+  ASSERT_EQ(Map(kBytes, 0x22, addr), addr);  // new pages, same address
+  SendAndExpect(2, addr, kBytes, released.Track(keep), 0x22);
+
+  // Caller-managed memory (no owner) is cached until InvalidateMemory, which the caller
+  // must call before freeing it.
+  SendAndExpect(3, addr, kBytes, nullptr, 0x22);
+  a_->rdma()->InvalidateMemory(addr, kBytes);
+  ASSERT_EQ(Map(kBytes, 0x33, addr), addr);
+  SendAndExpect(4, addr, kBytes, nullptr, 0x33);
+  a_->Stop();
+  munmap(addr, kBytes);
+}
+
+// A peer that restarts (new process, new QP numbers, same node id) is connected afresh:
+// the old connection fails and traffic reaches the new incarnation.
+TEST_F(RdmaDeviceTest, PeerRestartGetsAFreshConnection) {
+  std::vector<uint8_t> data(1 << 20, 0x5a);
+  SendAndExpect(1, data.data(), data.size(), nullptr, 0x5a);
+  b_->Stop();
+  b_.reset();
+  RecordingReceiver rb2;
+  b_ = Open(kIdB, &rb2);
+  ASSERT_TRUE(b_);
+  ASSERT_TRUE(b_->Connect({kIdA, "", 0, a_->endpoint(), getpid()}).ok());
+  std::fill(data.begin(), data.end(), 0x6b);
+  ASSERT_TRUE(a_->Send(Push(2, data.data(), data.size(), nullptr)).ok());
+  ASSERT_TRUE(rb2.WaitFor(1));
+  auto got = rb2.TakeMessages();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].meta.id, 2u);
+  EXPECT_EQ(static_cast<const uint8_t*>(got[0].segments[0].data)[12345], 0x6b);
+  EXPECT_TRUE(rb_.TakeMessages().empty());
+  a_->Stop();
+}
+
+// Registration under a small locked-memory limit fails with a status that says what to
+// change. Root's CAP_IPC_LOCK ignores the limit, so a child process drops it first.
+TEST(RdmaDeviceMemlockTest, SmallMemlockLimitIsAClearRegistrationError) {
+  if (Status why = RdmaDeviceUnavailable(); !why.ok()) GTEST_SKIP() << why.message();
+  int pipefd[2];
+  ASSERT_EQ(pipe(pipefd), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(pipefd[0]);
+    auto report = [&](int code, const std::string& what) {
+      (void)!write(pipefd[1], what.data(), what.size());
+      _exit(code);
+    };
+    rlimit small{64 << 10, 64 << 10};
+    if (setrlimit(RLIMIT_MEMLOCK, &small) != 0) report(3, "setrlimit failed");
+    __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct caps[2] = {};
+    if (syscall(SYS_capget, &header, caps) != 0) report(3, "capget failed");
+    for (auto& c : caps) {
+      c.effective &= ~(1u << CAP_IPC_LOCK);
+      c.permitted &= ~(1u << CAP_IPC_LOCK);
+    }
+    if (syscall(SYS_capset, &header, caps) != 0) report(3, "capset failed");
+    auto options = RdmaOptionsFromEnv(ProcessEnv());
+    if (!options.ok()) report(3, options.status().ToString());
+    auto van = CreateRdmaVan(*options);
+    if (!van.ok()) report(3, van.status().ToString());
+    auto bound = (*van)->Bind("", 0);
+    if (!bound.ok()) report(1, "Bind: " + bound.status().ToString());
+    std::vector<uint8_t> big(16u << 20, 1);
+    auto owner = std::make_shared<int>(0);
+    MemoryRegion region;
+    region.addr = big.data();
+    region.size = big.size();
+    region.owner = owner;
+    Status s = (*van)->RegisterMemory(region);
+    report(s.ok() ? 2 : 0, s.ToString());
+  }
+  close(pipefd[1]);
+  std::string said;
+  char buf[512];
+  for (ssize_t n; (n = read(pipefd[0], buf, sizeof(buf))) > 0;) said.append(buf, n);
+  close(pipefd[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "child died: " << status;
+  ASSERT_EQ(WEXITSTATUS(status), 0) << said;
+  EXPECT_NE(said.find("RESOURCE_EXHAUSTED"), std::string::npos) << said;
+  EXPECT_NE(said.find("ulimit -l"), std::string::npos) << said;
+  EXPECT_NE(said.find("16777216 bytes"), std::string::npos) << said;
+}
+#endif  // MESHPOST_HAVE_RDMA
 
 // --- same-host van specifics ---------------------------------------------------------
 

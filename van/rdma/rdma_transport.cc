@@ -23,6 +23,8 @@ constexpr const char* kLog = "van";
 // message at 2 GiB on most devices).
 constexpr uint64_t kMaxWriteBytes = 1ull << 30;
 constexpr size_t kMaxRetiredBuffers = 64;
+// Unanswered requests whose pull slots are remembered per peer (> header slots in flight).
+constexpr size_t kMaxRequestSlots = 4096;
 constexpr uint32_t kExtraRecvs = 8;
 
 std::shared_ptr<char> AllocAligned(size_t bytes) {
@@ -180,6 +182,11 @@ struct RdmaTransport::Conn {
   std::map<int64_t, RemoteBuffer> remote_buffers;  // where we may write on the peer
   std::map<int64_t, LocalBuffer> local_buffers;    // where the peer may write into us
   std::deque<LocalBuffer> retired;  // replaced buffers earlier writes may still target
+  // The pull slots of each request still to be answered, by (request id, key): with
+  // several requests of one worker in flight, a response goes to the slot of the request
+  // it answers, not to the slot of the latest request with that key.
+  std::map<std::pair<uint64_t, int64_t>, RemoteBuffer> request_slots;
+  std::deque<std::pair<uint64_t, int64_t>> request_slot_order;  // bounds request_slots
   std::deque<Pending> pending;
   std::set<int64_t> awaiting;       // keys with a NeedBuffer outstanding
   std::set<uint64_t> handles;       // posted, not yet completed
@@ -701,6 +708,13 @@ void RdmaTransport::PumpLocked(Conn* c, Actions* acts) {
 RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Actions* acts) {
   Meta& meta = p->msg.meta;
   auto& segs = p->msg.segments;
+  if (meta.cmd == Command::kResponse) {
+    // Answer into the pull slots of the request this responds to (see request_slots).
+    for (size_t i = 0; i < segs.size(); ++i) {
+      auto slot = c->request_slots.find({meta.id, meta.data[i].key});
+      if (slot != c->request_slots.end()) c->remote_buffers[meta.data[i].key] = slot->second;
+    }
+  }
   // 1. Every payload needs a destination the peer advertised that is large enough;
   //    otherwise ask for one (re-rendezvous) and wait, never overrun.
   uint32_t writes = 0;
@@ -757,6 +771,13 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
     lb.mr = *mr;
     lb.pull_slot = true;
     rkeys.push_back((*mr)->info().rkey);
+    auto replaced = c->local_buffers.find(slot.key);
+    if (replaced != c->local_buffers.end() && replaced->second.pull_slot &&
+        (replaced->second.addr != lb.addr || replaced->second.len != lb.len)) {
+      // An earlier request with this pull key may still be answered into its own slot.
+      c->retired.push_back(std::move(replaced->second));
+      if (c->retired.size() > kMaxRetiredBuffers) c->retired.pop_front();
+    }
     c->local_buffers[slot.key] = std::move(lb);
   }
   std::vector<uint32_t> lkeys(segs.size(), 0);
@@ -988,7 +1009,16 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
   for (size_t i = 0; i < meta.slots.size(); ++i) {
     const auto& s = meta.slots[i];
     if (s.nbytes == 0 || s.addr == 0) continue;
-    c->remote_buffers[s.key] = RemoteBuffer{s.key, s.addr, frame->slot_rkeys[i], s.nbytes};
+    const RemoteBuffer slot{s.key, s.addr, frame->slot_rkeys[i], s.nbytes};
+    c->remote_buffers[s.key] = slot;
+    if (meta.cmd == Command::kRequest) {
+      const auto id = std::make_pair(meta.id, s.key);
+      if (c->request_slots.emplace(id, slot).second) c->request_slot_order.push_back(id);
+      while (c->request_slot_order.size() > kMaxRequestSlots) {
+        c->request_slots.erase(c->request_slot_order.front());
+        c->request_slot_order.pop_front();
+      }
+    }
   }
   InMessage in;
   in.meta = meta;
