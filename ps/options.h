@@ -12,6 +12,8 @@
 
 namespace meshpost {
 
+class DeviceBackend;  // tensor/device_backend.h
+
 enum class Role { kScheduler, kServer, kWorker };
 const char* RoleName(Role role);
 
@@ -48,6 +50,9 @@ struct Options {
   int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
+  // GPU tensors are moved through this backend; null means CudaBackend(). Not from the
+  // environment: tests set a FakeBackend (which must outlive the node).
+  DeviceBackend* device_backend = nullptr;
 
   // Global rank of a worker or server: node_rank * group_size + instance.
   int Rank() const { return node_rank * group_size + instance; }

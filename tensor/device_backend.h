@@ -23,6 +23,13 @@ using DeviceStream = uintptr_t;
 struct DeviceEventImpl;
 using DeviceEvent = DeviceEventImpl*;
 
+// need_event: when set, the transport reads the caller's GPU tensors only after the work
+// submitted to `stream` (the caller's current stream) so far has completed.
+struct StreamSync {
+  bool need_event = false;
+  DeviceStream stream = 0;
+};
+
 // An exported allocation: `bytes` is what the importing process passes to OpenIpc; ptr
 // lies `offset` bytes into the allocation, which is `alloc_size` bytes long.
 struct IpcExport {
@@ -69,6 +76,11 @@ class DeviceBackend {
   // Later work on `stream` starts once *flag >= the value; the CPU does not block.
   virtual Status WaitFlagAsync(const int64_t* flag, int64_t value, const int64_t* value_addr,
                                DeviceStream stream) = 0;
+  // The host sets a flag (pinned memory) that streams wait on with WaitFlagAsync; release
+  // ordering, so host writes before it are visible to the stream's later work.
+  virtual void HostWriteFlag(int64_t* flag, int64_t value) {
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+  }
   // *counter += 1, ordered on `stream`.
   virtual Status IncrementAsync(int64_t* counter, DeviceStream stream) = 0;
 

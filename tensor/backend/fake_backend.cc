@@ -688,6 +688,16 @@ Status FakeBackend::CloseIpc(void* base) { return impl_->CloseIpc(base); }
 Result<DeviceBackend::Dmabuf> FakeBackend::DmabufFd(void* ptr, size_t n) {
   return impl_->DmabufFd(ptr, n);
 }
+void FakeBackend::HostWriteFlag(int64_t* flag, int64_t value) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    Merge(impl_->flag_clocks_[flag], impl_->host_clock_);
+    ++impl_->host_clock_[kHost];
+  }
+  __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+  impl_->cv_.notify_all();
+}
+
 void FakeBackend::HostAccess(const void* ptr, size_t n, bool write) {
   impl_->HostAccess(ptr, n, write);
 }

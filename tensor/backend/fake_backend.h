@@ -56,6 +56,7 @@ class FakeBackend : public DeviceBackend {
   Status WaitFlagAsync(const int64_t* flag, int64_t value, const int64_t* value_addr,
                        DeviceStream stream) override;
   Status IncrementAsync(int64_t* counter, DeviceStream stream) override;
+  void HostWriteFlag(int64_t* flag, int64_t value) override;
   Result<void*> AllocPinned(size_t n) override;
   void FreePinned(void* ptr) override;
   Result<void*> AllocDevice(int device, size_t n) override;
