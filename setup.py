@@ -30,13 +30,19 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         out_dir = BUILD_DIR / "pkg" / "meshpost"
+        # Build against the torch this interpreter imports (Debian's 1.13, or a user's pip
+        # torch 2.x), not whichever TorchConfig.cmake CMake would find first.
+        import torch.utils
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(BUILD_DIR), "-G", "Ninja",
             "-DMESHPOST_BUILD_PYTHON=ON", "-DMESHPOST_BUILD_TESTS=OFF",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('MESHPOST_BUILD_TYPE', 'RelWithDebInfo')}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DMESHPOST_PYTHON_OUTPUT_DIR={out_dir}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         ]
+        if os.environ.get("MESHPOST_WITH_CUDA"):
+            configure.append(f"-DMESHPOST_WITH_CUDA={os.environ['MESHPOST_WITH_CUDA']}")
         subprocess.check_call(configure)
         jobs = os.environ.get("MESHPOST_BUILD_JOBS", "2")
         subprocess.check_call(["cmake", "--build", str(BUILD_DIR), "--target", "_meshpost",

@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "bindings/torch_interop.h"
 #include "common/clock.h"
 #include "ps/postoffice.h"
+#include "tensor/device_backend.h"
 #include "van/registry.h"
 
 namespace py = pybind11;
@@ -192,7 +194,7 @@ class Node {
   // --- worker ---
 
   int64_t PushPull(py::handle push_tensors, py::handle push_keys, py::handle pull_tensors,
-                   py::handle pull_keys) {
+                   py::handle pull_keys, std::optional<uint64_t> stream) {
     AFTensorWorker* w = RequireWorker("push_pull");
     std::vector<TensorView> push = TensorsOf(push_tensors, "push_pull: push_tensors");
     std::vector<int64_t> pkeys = IntsOf(push_keys, "push_pull: push_keys");
@@ -206,13 +208,24 @@ class Node {
     Result<uint64_t> h = UnavailableError("unset");
     {
       py::gil_scoped_release release;
-      h = w->ZBatchPushPull(push_batch, pull_batch);
+      h = w->ZBatchPushPull(push_batch, pull_batch, SyncOf(stream));
       // Our references to the tensors drop here, without the GIL, like the van's do.
       push_batch.clear();
       pull_batch.clear();
     }
     if (!h.ok()) RaiseStatus(h.status());
     return static_cast<int64_t>(*h);
+  }
+
+  // need_event: the caller passes its current CUDA stream; None means no event.
+  static StreamSync SyncOf(const std::optional<uint64_t>& stream) {
+    return stream ? StreamSync{true, static_cast<DeviceStream>(*stream)} : StreamSync{};
+  }
+
+  void WaitOnStream(int64_t handle, uint64_t stream) {
+    AFTensorWorker* w = RequireWorker("wait_on_stream");
+    const uint64_t h = HandleOf(handle, "wait_on_stream");
+    ThrowIfError(w->WaitOnStream(h, static_cast<DeviceStream>(stream)));
   }
 
   void Wait(int64_t handle, int64_t timeout_ms) {
@@ -317,20 +330,21 @@ class Node {
     return out;
   }
 
-  void Respond(py::handle tensors, int64_t handle) {
+  void Respond(py::handle tensors, int64_t handle, std::optional<uint64_t> stream) {
     AFTensorServer* s = RequireServer("respond");
     const uint64_t h = HandleOf(handle, "respond");
     std::vector<TensorView> views = TensorsOf(tensors, "respond: tensors");
     Status st;
     {
       py::gil_scoped_release release;
-      st = s->Respond(h, views);
+      st = s->Respond(h, views, SyncOf(stream));
       views.clear();
     }
     ThrowIfError(st);
   }
 
-  void RespondVec(py::handle ret_buffer, py::handle tensors_vec, py::handle handler_vec) {
+  void RespondVec(py::handle ret_buffer, py::handle tensors_vec, py::handle handler_vec,
+                  std::optional<uint64_t> stream) {
     AFTensorServer* s = RequireServer("respond_vec");
     std::vector<TensorView> ret = {ViewFromTensor(ret_buffer, "respond_vec: ret_buffer")};
     std::vector<TensorView> views = TensorsOf(tensors_vec, "respond_vec: tensors_vec");
@@ -341,7 +355,7 @@ class Node {
     Status st;
     {
       py::gil_scoped_release release;
-      st = s->RespondVec(ret[0], views, handles);
+      st = s->RespondVec(ret[0], views, handles, SyncOf(stream));
       ret.clear();
       views.clear();
     }
@@ -488,6 +502,47 @@ class Node {
   std::vector<TensorView> registered_;  // owners keep registered tensors alive
 };
 
+// The CUDA primitives behind fserver_lib's GPU API, on raw addresses and streams (the
+// Python side checks tensors). Each raises with the backend's reason when CUDA is unusable.
+void BindCuda(py::module_& m) {
+  m.def("built_with_cuda", &BuiltWithCuda);
+  m.def("cuda_status", [] {
+    Status s = CudaBackend()->Available();
+    return py::make_tuple(s.ok(), s.message());
+  }, "(usable, reason): whether this process can move CUDA tensors, and why not.");
+  m.def("cuda_write_flag", [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
+    ThrowIfError(CudaBackend()->WriteFlagAsync(reinterpret_cast<int64_t*>(flag), value,
+                                               reinterpret_cast<const int64_t*>(value_addr),
+                                               static_cast<DeviceStream>(stream)));
+  }, py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
+  m.def("cuda_wait_flag", [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
+    ThrowIfError(CudaBackend()->WaitFlagAsync(reinterpret_cast<const int64_t*>(flag), value,
+                                              reinterpret_cast<const int64_t*>(value_addr),
+                                              static_cast<DeviceStream>(stream)));
+  }, py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
+  m.def("cuda_seq_add_one", [](uint64_t counter, uint64_t stream) {
+    ThrowIfError(CudaBackend()->IncrementAsync(reinterpret_cast<int64_t*>(counter),
+                                               static_cast<DeviceStream>(stream)));
+  }, py::arg("counter"), py::arg("stream"));
+  m.def("host_write_flag", [](uint64_t flag, int64_t value) {
+    if (flag == 0) RaiseStatus(InvalidArgumentError("host_write_flag: flag address is 0"));
+    __atomic_store_n(reinterpret_cast<int64_t*>(flag), value, __ATOMIC_RELEASE);
+  }, py::arg("flag"), py::arg("value"));
+  m.def("host_read_flag", [](uint64_t flag) {
+    if (flag == 0) RaiseStatus(InvalidArgumentError("host_read_flag: flag address is 0"));
+    return __atomic_load_n(reinterpret_cast<const int64_t*>(flag), __ATOMIC_ACQUIRE);
+  }, py::arg("flag"));
+  m.def("map_pinned_tensor", [](py::handle tensor, int64_t device_index) {
+    if (!IsTensor(tensor)) {
+      RaiseStatus(InvalidArgumentError("map_pinned_tensor: tensor is not a torch.Tensor"));
+    }
+    const uint64_t ptr = tensor.attr("data_ptr")().cast<uint64_t>();
+    auto dev = CudaBackend()->HostDevicePointer(reinterpret_cast<void*>(ptr));
+    if (!dev.ok()) RaiseStatus(dev.status().Annotate("map_pinned_tensor"));
+    return MapPinnedTensor(tensor, device_index, *dev);
+  }, py::arg("tensor"), py::arg("device_index"));
+}
+
 }  // namespace
 }  // namespace meshpost::py_bindings
 
@@ -502,6 +557,7 @@ PYBIND11_MODULE(_meshpost, m) {
   // The transport table (van/registry.h): compiled transports, highest priority first.
   m.def("available_transports", [] { return meshpost::CompiledTransports(); });
   m.def("supported_dtypes", &meshpost::py_bindings::SupportedDTypeNames);
+  meshpost::py_bindings::BindCuda(m);
   py::class_<Node>(m, "Node")
       .def(py::init<const std::map<std::string, std::string>&>(), py::arg("env"))
       .def("start", &Node::Start)
@@ -509,15 +565,17 @@ PYBIND11_MODULE(_meshpost, m) {
       .def("close", &Node::Close, py::arg("timeout_ms"))
       .def("barrier", &Node::Barrier, py::arg("group_mask"), py::arg("timeout_ms"))
       .def("push_pull", &Node::PushPull, py::arg("push_tensors"), py::arg("push_keys"),
-           py::arg("pull_tensors"), py::arg("pull_keys"))
+           py::arg("pull_tensors"), py::arg("pull_keys"), py::arg("stream") = py::none())
+      .def("wait_on_stream", &Node::WaitOnStream, py::arg("handler"), py::arg("stream"))
       .def("wait", &Node::Wait, py::arg("handler"), py::arg("timeout_ms"))
       .def("done", &Node::Done, py::arg("handler"))
       .def("get_all_handlers", &Node::GetAllHandlers, py::arg("handler"))
       .def("fetch_traces", &Node::FetchTraces, py::arg("handler"))
       .def("get_batch", &Node::GetBatch, py::arg("timeout_ms"))
-      .def("respond", &Node::Respond, py::arg("tensors"), py::arg("handler"))
+      .def("respond", &Node::Respond, py::arg("tensors"), py::arg("handler"),
+           py::arg("stream") = py::none())
       .def("respond_vec", &Node::RespondVec, py::arg("ret_buffer"), py::arg("tensors_vec"),
-           py::arg("handler_vec"))
+           py::arg("handler_vec"), py::arg("stream") = py::none())
       .def("register_recv_buffer", &Node::RegisterRecvBuffer, py::arg("tensor"),
            py::arg("worker_ranks"), py::arg("push_keys"))
       .def("pull_slots", &Node::PullSlots, py::arg("handler"))

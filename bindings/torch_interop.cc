@@ -79,10 +79,11 @@ TensorView ViewFromTensor(py::handle obj, const std::string& where) {
   if (t.layout() != at::kStrided) {
     RaiseValueError(where + " has a non-strided layout; expected a dense tensor");
   }
-  if (!t.device().is_cpu()) {
+  // CUDA tensors are described here and judged by the ps layer, which knows whether the
+  // device backend is usable (and says why not).
+  if (!t.device().is_cpu() && !t.device().is_cuda()) {
     RaiseValueError(where + " is on device " + t.device().str() +
-                    "; this build of meshpost moves CPU tensors only (CUDA tensors need a "
-                    "CUDA build)");
+                    "; meshpost moves cpu and cuda tensors only");
   }
   if (!t.is_contiguous()) {
     RaiseValueError(where + " is not contiguous (shape " + Dims(t.sizes()) + ", strides " +
@@ -95,6 +96,7 @@ TensorView ViewFromTensor(py::handle obj, const std::string& where) {
   v.data = t.numel() == 0 ? nullptr : const_cast<void*>(t.data_ptr());
   v.dtype = dtype;
   v.shape.assign(t.sizes().begin(), t.sizes().end());
+  if (t.device().is_cuda()) v.device = Device{DeviceType::kCUDA, t.device().index()};
   // Holding an at::Tensor keeps its storage (and the Python object's data) alive.
   v.owner = std::make_shared<const at::Tensor>(t);
   return v;
@@ -112,6 +114,15 @@ py::object TensorFromView(const TensorView& view, std::shared_ptr<const void> ke
         at::TensorOptions().dtype(st));
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+}
+
+py::object MapPinnedTensor(py::handle obj, int64_t device_index, void* device_ptr) {
+  const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+  at::Tensor keep = t;
+  at::Tensor mapped = at::from_blob(
+      device_ptr, t.sizes(), t.strides(), [keep](void*) mutable { keep.reset(); },
+      at::TensorOptions().dtype(t.scalar_type()).device(at::kCUDA, device_index));
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(mapped)));
 }
 
 }  // namespace meshpost::py_bindings

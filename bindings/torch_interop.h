@@ -20,6 +20,10 @@ TensorView ViewFromTensor(pybind11::handle obj, const std::string& where);
 // A torch tensor over `view`'s bytes (no copy) that holds `keep_alive` until it is freed.
 pybind11::object TensorFromView(const TensorView& view, std::shared_ptr<const void> keep_alive);
 
+// A CUDA tensor on `device_index` over device_ptr (the device address of `obj`'s pinned
+// host memory) with obj's shape, strides and dtype; holds obj alive. obj must be a tensor.
+pybind11::object MapPinnedTensor(pybind11::handle obj, int64_t device_index, void* device_ptr);
+
 // True for a torch.Tensor (or subclass).
 bool IsTensor(pybind11::handle obj);
 

@@ -10,6 +10,7 @@
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "ps/request_queues.h"
+#include "tensor/device_staging.h"
 
 namespace meshpost {
 namespace {
@@ -42,6 +43,7 @@ class AFTensorServer::Impl : public DataHandler {
       : ctx_(ctx),
         num_workers_(ctx->options().num_workers),
         num_servers_(ctx->options().num_servers),
+        backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
         waiter_(ctx->wait_policy()),
         queues_(num_workers_),
         worker_down_(num_workers_),
@@ -107,7 +109,7 @@ class AFTensorServer::Impl : public DataHandler {
     }
   }
 
-  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors) {
+  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors, const StreamSync& sync) {
     const uint64_t start = GetNanosecond();
     std::shared_ptr<ServerRequest> r;
     {
@@ -118,11 +120,18 @@ class AFTensorServer::Impl : public DataHandler {
       MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors));
       outstanding_.erase(it);
     }
-    return SendResponse(std::move(r), tensors, start);
+    DeviceEvent after = nullptr;
+    Status prepared = PrepareDevice("Respond", tensors, sync, &after);
+    // The request is no longer outstanding: tell the worker instead of leaving it waiting.
+    if (!prepared.ok()) {
+      (void)SendError(r, prepared);
+      return prepared;
+    }
+    return SendResponse(std::move(r), tensors, start, after);
   }
 
   Status RespondVec(const TensorView& ret_buffer, const std::vector<TensorView>& tensors_vec,
-                    const std::vector<uint64_t>& handles) {
+                    const std::vector<uint64_t>& handles, const StreamSync& sync) {
     const uint64_t start = GetNanosecond();
     const char* fn = "RespondVec";
     if (tensors_vec.size() != handles.size()) {
@@ -130,7 +139,7 @@ class AFTensorServer::Impl : public DataHandler {
                                   std::to_string(tensors_vec.size()) + " tensors but handles has " +
                                   std::to_string(handles.size()) + "; expected equal lengths");
     }
-    MESHPOST_RETURN_IF_ERROR(ValidateTensor(ret_buffer, std::string(fn) + ": ret_buffer"));
+    MESHPOST_RETURN_IF_ERROR(ValidateTensor(ret_buffer, std::string(fn) + ": ret_buffer", backend_));
     if (ret_buffer.shape.empty()) {
       return InvalidArgumentError(std::string(fn) + ": ret_buffer is a scalar (" +
                                   ret_buffer.Describe() + "); expected at least one dimension");
@@ -175,9 +184,17 @@ class AFTensorServer::Impl : public DataHandler {
       }
       for (uint64_t h : handles) outstanding_.erase(h);
     }
+    DeviceEvent after = nullptr;
+    Status prepared = PrepareDevice(fn, {ret_buffer}, sync, &after);
+    if (!prepared.ok()) {
+      for (auto& r : requests) (void)SendError(r, prepared);
+      return prepared;
+    }
     Status first_error;
     for (size_t i = 0; i < requests.size(); ++i) {
-      Status s = SendResponse(std::move(requests[i]), {views[i]}, start);
+      // One event for the whole call: the first staging batch waits for it, and the later
+      // ones follow it on the stager's stream.
+      Status s = SendResponse(std::move(requests[i]), {views[i]}, start, i == 0 ? after : nullptr);
       if (!s.ok() && first_error.ok()) first_error = s;
     }
     return first_error;
@@ -339,7 +356,7 @@ class AFTensorServer::Impl : public DataHandler {
   }
 
   // Requires mu_.
-  static Status CheckResponse(const char* fn, const ServerRequest& r,
+  Status CheckResponse(const char* fn, const ServerRequest& r,
                               const std::vector<TensorView>& tensors) {
     if (tensors.size() != r.slots.size()) {
       return InvalidArgumentError(std::string(fn) + ": " + std::to_string(tensors.size()) +
@@ -349,7 +366,7 @@ class AFTensorServer::Impl : public DataHandler {
     }
     for (size_t j = 0; j < tensors.size(); ++j) {
       const std::string where = std::string(fn) + ": tensors[" + std::to_string(j) + "]";
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensors[j], where));
+      MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensors[j], where, backend_));
       const TensorDesc& slot = r.slots[j];
       if (tensors[j].dtype != slot.dtype || tensors[j].nbytes() != slot.nbytes) {
         TensorView want;
@@ -366,8 +383,75 @@ class AFTensorServer::Impl : public DataHandler {
     return OkStatus();
   }
 
+  static bool AnyOnDevice(const std::vector<TensorView>& tensors) {
+    for (const TensorView& t : tensors) {
+      if (t.device.type != DeviceType::kCPU) return true;
+    }
+    return false;
+  }
+
+  // The staging engine, created at the first GPU tensor.
+  Result<DeviceStager*> Stager() {
+    std::lock_guard<std::mutex> lock(stager_mu_);
+    if (!stager_) {
+      MESHPOST_RETURN_IF_ERROR(backend_->Available());
+      MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, StagerOptions{}));
+    }
+    return stager_.get();
+  }
+
+  // With GPU tensors and need_event: an event on the caller's stream for the staging copies.
+  Status PrepareDevice(const char* fn, const std::vector<TensorView>& tensors,
+                       const StreamSync& sync, DeviceEvent* after) {
+    if (!AnyOnDevice(tensors)) return OkStatus();
+    auto st = Stager();
+    if (!st.ok()) return st.status().Annotate(fn);
+    if (!sync.need_event) return OkStatus();
+    auto ev = (*st)->RecordOn(sync.stream);
+    if (!ev.ok()) return ev.status().Annotate(std::string(fn) + ": need_event");
+    *after = *ev;
+    return OkStatus();
+  }
+
+  // GPU tensors are copied to pinned buffers first; the response leaves from the stager's
+  // completion thread. A failed copy answers the worker with the error instead, so its
+  // handle fails rather than waiting for a response that never comes.
   Status SendResponse(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
-                      uint64_t start) {
+                      uint64_t start, DeviceEvent after = nullptr) {
+    if (!AnyOnDevice(tensors)) return SendResponseNow(std::move(r), tensors, start);
+    MESHPOST_ASSIGN_OR_RETURN(DeviceStager* stager, Stager());
+    std::vector<TensorView> staged = tensors;
+    std::vector<DeviceStager::Copy> copies;
+    for (TensorView& t : staged) {
+      if (t.device.type == DeviceType::kCPU || t.nbytes() == 0) continue;
+      auto buf = stager->Acquire(t.nbytes());
+      if (!buf.ok()) return buf.status().Annotate("response for handle " + std::to_string(r->handle));
+      copies.push_back({buf->data, t.data, t.nbytes()});
+      t.data = buf->data;
+      t.device = Device{};
+      // The pinned copy stays referenced until the transport is done; the GPU tensor's
+      // owner until the copy finished (held by the callback below).
+      t.owner = buf->owner;
+    }
+    return stager->Submit(copies, after, [this, r, staged, tensors, start](const Status& copied) {
+      Status s = copied.ok() ? SendResponseNow(r, staged, start) : SendError(r, copied);
+      if (!s.ok()) MP_LOG_ERROR(kLog, "{}", s.ToString());
+    });
+  }
+
+  Status SendError(const std::shared_ptr<ServerRequest>& r, const Status& why) {
+    OutMessage out;
+    out.meta.cmd = Command::kResponse;
+    out.meta.sender = ctx_->node_id();
+    out.meta.recipient = r->worker_node;
+    out.meta.id = r->request_id;
+    out.meta.status_code = static_cast<int32_t>(why.code());
+    out.meta.body = "staging the GPU response failed: " + why.message();
+    return ctx_->Send(std::move(out));
+  }
+
+  Status SendResponseNow(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
+                         uint64_t start) {
     OutMessage out;
     out.meta.cmd = Command::kResponse;
     out.meta.sender = ctx_->node_id();
@@ -391,6 +475,7 @@ class AFTensorServer::Impl : public DataHandler {
   NodeContext* ctx_;
   const int num_workers_;
   const int num_servers_;
+  DeviceBackend* const backend_;
   Waiter waiter_;
   std::mutex mu_;
   RequestQueues<std::shared_ptr<ServerRequest>> queues_;
@@ -405,6 +490,10 @@ class AFTensorServer::Impl : public DataHandler {
   uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
+  std::mutex stager_mu_;
+  // Declared last: destroyed first, so its completion thread stops before the state its
+  // callbacks touch goes away.
+  std::unique_ptr<DeviceStager> stager_;
 };
 
 AFTensorServer::AFTensorServer(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {
@@ -415,13 +504,14 @@ AFTensorServer::~AFTensorServer() = default;
 Result<std::vector<BatchRequest>> AFTensorServer::GetBatch(int64_t timeout_ms) {
   return impl_->GetBatch(timeout_ms);
 }
-Status AFTensorServer::Respond(uint64_t handle, const std::vector<TensorView>& tensors) {
-  return impl_->Respond(handle, tensors);
+Status AFTensorServer::Respond(uint64_t handle, const std::vector<TensorView>& tensors,
+                               const StreamSync& sync) {
+  return impl_->Respond(handle, tensors, sync);
 }
 Status AFTensorServer::RespondVec(const TensorView& ret_buffer,
                                   const std::vector<TensorView>& tensors_vec,
-                                  const std::vector<uint64_t>& handles) {
-  return impl_->RespondVec(ret_buffer, tensors_vec, handles);
+                                  const std::vector<uint64_t>& handles, const StreamSync& sync) {
+  return impl_->RespondVec(ret_buffer, tensors_vec, handles, sync);
 }
 Status AFTensorServer::RegisterRecvBuffer(const TensorView& tensor,
                                           const std::vector<int>& worker_ranks,

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/result.h"
+#include "tensor/device_backend.h"
 #include "tensor/tensor_view.h"
 
 namespace meshpost {
@@ -44,12 +45,15 @@ class AFTensorServer {
   // (< 0: no limit); Unavailable if a worker died or left while requests are incomplete.
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms);
   // Sends tensors[j] into pull slot j of the request's worker. Tensors must stay valid
-  // until the transport is done with them unless their `owner` is set.
-  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors);
+  // until the transport is done with them unless their `owner` is set. CUDA tensors are
+  // staged through pinned memory; with sync.need_event they are read only after
+  // sync.stream's work so far (otherwise the caller guarantees they are ready).
+  Status Respond(uint64_t handle, const std::vector<TensorView>& tensors,
+                 const StreamSync& sync = {});
   // Handle i gets rows [off_i, off_i + tensors_vec[i].shape[0]) of ret_buffer, where
   // off_i is the running sum of the previous row counts.
   Status RespondVec(const TensorView& ret_buffer, const std::vector<TensorView>& tensors_vec,
-                    const std::vector<uint64_t>& handles);
+                    const std::vector<uint64_t>& handles, const StreamSync& sync = {});
   // Splits `tensor` evenly along dim 0 into worker_ranks.size() chunks; pushes of keys[i]
   // from worker worker_ranks[i] then land in chunk i (a push larger than its chunk fails
   // that worker's request). Re-registering a (worker, key) pair replaces its chunk.

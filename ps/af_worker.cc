@@ -9,6 +9,7 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "ps/node_context.h"
+#include "tensor/device_staging.h"
 
 namespace meshpost {
 namespace {
@@ -24,8 +25,12 @@ struct Pending {
   int slots_per_server = 0;
   KeyTensorBatch pull;  // holds owners: pull tensors stay alive until completion
   std::vector<Trace> traces;
-  std::vector<uint8_t> answered;
+  std::vector<uint8_t> answered;  // response arrived (its staging copy may still run)
   int remaining = 0;
+  // GPU pull slots: the response lands in staging[i] and is copied to pull[i] after.
+  std::vector<PinnedBuffer> staging;
+  PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
+  int64_t* stream_flag_device = nullptr;
   Status status;                   // written before `done` is released
   std::atomic<bool> done{false};
 };
@@ -37,9 +42,11 @@ class AFTensorWorker::Impl : public DataHandler {
   explicit Impl(NodeContext* ctx)
       : ctx_(ctx),
         num_servers_(ctx->options().num_servers),
+        backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
         waiter_(ctx->wait_policy()) {}
 
-  Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull) {
+  Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
+                                  const StreamSync& sync) {
     const uint64_t start = GetNanosecond();
     const char* fn = "ZBatchPushPull";
     if (push.empty() && pull.empty()) {
@@ -58,22 +65,38 @@ class AFTensorWorker::Impl : public DataHandler {
     for (size_t i = 0; i < push.size(); ++i) {
       const std::string where = std::string(fn) + ": push[" + std::to_string(i) + "]";
       MESHPOST_RETURN_IF_ERROR(ValidateKey(push[i].key, where));
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(push[i].tensor, where));
+      MESHPOST_RETURN_IF_ERROR(ValidateTensor(push[i].tensor, where, backend_));
     }
     for (size_t i = 0; i < pull.size(); ++i) {
       const std::string where = std::string(fn) + ": pull[" + std::to_string(i) + "]";
       MESHPOST_RETURN_IF_ERROR(ValidateKey(pull[i].key, where));
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(pull[i].tensor, where));
+      MESHPOST_RETURN_IF_ERROR(ValidateTensor(pull[i].tensor, where, backend_));
     }
     for (int s = 0; s < num_servers_; ++s) {
       Status peer = ctx_->PeerStatus(ServerNodeId(s));
       if (!peer.ok()) return peer.Annotate(std::string(fn) + ": server " + std::to_string(s));
     }
 
+    const bool device_push = AnyOnDevice(push), device_pull = AnyOnDevice(pull);
+    DeviceStager* stager = nullptr;
+    if (device_push || device_pull || sync.need_event) {
+      auto st = Stager();
+      if (!st.ok()) return st.status().Annotate(fn);
+      stager = *st;
+    }
     auto p = std::make_shared<Pending>();
     p->num_servers = num_servers_;
     p->slots_per_server = static_cast<int>(pull.size()) / num_servers_;
     p->pull = pull;
+    if (device_pull) {
+      p->staging.resize(pull.size());
+      for (size_t i = 0; i < pull.size(); ++i) {
+        if (pull[i].tensor.device.type == DeviceType::kCPU) continue;
+        auto buf = stager->Acquire(pull[i].tensor.nbytes());
+        if (!buf.ok()) return buf.status().Annotate(std::string(fn) + ": pull[" + std::to_string(i) + "]");
+        p->staging[i] = std::move(buf).value();
+      }
+    }
     p->traces.resize(num_servers_);
     p->answered.assign(num_servers_, 0);
     p->remaining = num_servers_;
@@ -91,11 +114,67 @@ class AFTensorWorker::Impl : public DataHandler {
     }
 
     for (const KeyTensor& kt : pull) {
-      if (kt.tensor.owner) ctx_->OnPullMemory(kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner);
+      // GPU slots are written by the staging copy; the transport sees the pinned buffer.
+      if (kt.tensor.owner && kt.tensor.device.type == DeviceType::kCPU) {
+        ctx_->OnPullMemory(kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner);
+      }
     }
+    std::vector<SendSegment> segments;
+    segments.reserve(push.size());
+    for (const KeyTensor& kt : push) {
+      segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
+    }
+    if (!device_push) {
+      SendRequests(p, push, segments, start);
+    } else {
+      // The push tensors are copied to pinned buffers on the stager's stream (after the
+      // caller's stream, with need_event) and sent from the completion thread.
+      std::vector<DeviceStager::Copy> copies;
+      for (size_t i = 0; i < push.size(); ++i) {
+        if (push[i].tensor.device.type == DeviceType::kCPU || segments[i].size == 0) continue;
+        auto buf = stager->Acquire(segments[i].size);
+        if (!buf.ok()) {
+          Fail(p, buf.status().Annotate(std::string(fn) + ": push[" + std::to_string(i) + "]"));
+          return p->handle;
+        }
+        copies.push_back({buf->data, push[i].tensor.data, segments[i].size});
+        segments[i] = {buf->data, segments[i].size, buf->owner};
+      }
+      DeviceEvent after = nullptr;
+      if (sync.need_event) {
+        auto ev = stager->RecordOn(sync.stream);
+        if (!ev.ok()) {
+          Fail(p, ev.status().Annotate(std::string(fn) + ": need_event"));
+          return p->handle;
+        }
+        after = *ev;
+      }
+      // `push` (with its owners) rides along: the caller's tensors stay alive until read.
+      Status queued = stager->Submit(
+          copies, after, [this, p, push, segments, start](const Status& copied) {
+            if (!copied.ok()) {
+              Fail(p, copied.Annotate("ZBatchPushPull: staging the push tensors"));
+              return;
+            }
+            SendRequests(p, push, segments, start);
+          });
+      if (!queued.ok()) Fail(p, queued.Annotate(fn));
+    }
+    return p->handle;
+  }
+
+  // Sends the request to every server; segments[i] carries push[i]'s bytes (the tensor
+  // itself, or its pinned staging copy).
+  void SendRequests(const std::shared_ptr<Pending>& p, const KeyTensorBatch& push,
+                    const std::vector<SendSegment>& segments, uint64_t start) {
+    const char* fn = "ZBatchPushPull";
     std::vector<TensorDesc> push_descs;
     push_descs.reserve(push.size());
-    for (const KeyTensor& kt : push) push_descs.push_back(Describe(kt));
+    for (size_t i = 0; i < push.size(); ++i) {
+      push_descs.push_back(Describe(push[i]));
+      // A staged GPU tensor travels from its pinned copy.
+      push_descs.back().addr = reinterpret_cast<uint64_t>(segments[i].data);
+    }
     const int P = p->slots_per_server;
     for (int s = 0; s < num_servers_; ++s) {
       OutMessage msg;
@@ -104,11 +183,14 @@ class AFTensorWorker::Impl : public DataHandler {
       msg.meta.recipient = ServerNodeId(s);
       msg.meta.id = RequestId(p->handle, s);
       msg.meta.data = push_descs;
-      for (int j = 0; j < P; ++j) msg.meta.slots.push_back(Describe(pull[s * P + j]));
-      msg.segments.reserve(push.size());
-      for (const KeyTensor& kt : push) {
-        msg.segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
+      for (int j = 0; j < P; ++j) {
+        msg.meta.slots.push_back(Describe(p->pull[s * P + j]));
+        // A GPU slot is answered into its pinned staging buffer.
+        if (!p->staging.empty() && p->staging[s * P + j].data) {
+          msg.meta.slots.back().addr = reinterpret_cast<uint64_t>(p->staging[s * P + j].data);
+        }
       }
+      msg.segments = segments;
       p->traces[s].request_start = start;
       // Stamped as the request is handed to the transport: the response may be received
       // on another thread before Send() returns, and the stamps must stay ordered.
@@ -120,7 +202,32 @@ class AFTensorWorker::Impl : public DataHandler {
       }
     }
     MP_LOG_TRACE(kLog, "push_pull handle {} sent to {} servers", p->handle, num_servers_);
-    return p->handle;
+  }
+
+  Status WaitOnStream(uint64_t handle, DeviceStream stream) {
+    auto found = Find(handle, "WaitOnStream");
+    if (!found.ok()) return found.status();
+    std::shared_ptr<Pending> p = *found;
+    auto st = Stager();
+    if (!st.ok()) return st.status().Annotate("WaitOnStream");
+    int64_t* device_flag = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (p->done.load(std::memory_order_relaxed)) return OkStatus();  // nothing to wait for
+      if (p->stream_flag.data == nullptr) {
+        auto flag = (*st)->Acquire(sizeof(int64_t));
+        if (!flag.ok()) return flag.status().Annotate("WaitOnStream");
+        auto dev = backend_->HostDevicePointer(flag->data);
+        if (!dev.ok()) return dev.status().Annotate("WaitOnStream");
+        __atomic_store_n(static_cast<int64_t*>(flag->data), 0, __ATOMIC_RELEASE);
+        p->stream_flag = std::move(flag).value();
+        p->stream_flag_device = static_cast<int64_t*>(*dev);
+      }
+      device_flag = p->stream_flag_device;
+    }
+    // The flag stays allocated while the handle is remembered (kFinishedKeep handles).
+    return backend_->WaitFlagAsync(device_flag, 1, nullptr, stream)
+        .Annotate("WaitOnStream(handle=" + std::to_string(handle) + ")");
   }
 
   Status Wait(uint64_t handle, int64_t timeout_ms) {
@@ -185,13 +292,15 @@ class AFTensorWorker::Impl : public DataHandler {
                            std::to_string(s) + " has more tensors than the " +
                            std::to_string(p->slots_per_server) + " pull slots");
     }
-    const TensorView& slot = p->pull[s * p->slots_per_server + index].tensor;
+    const size_t i = s * p->slots_per_server + index;
+    const TensorView& slot = p->pull[i].tensor;
     const TensorDesc& d = meta.data[index];
     if (d.nbytes != slot.nbytes() || d.dtype != slot.dtype) {
       return DataLossError("response slot " + std::to_string(index) + " from server " +
                            std::to_string(s) + " is " + std::to_string(d.nbytes) + " bytes of " +
                            DTypeName(d.dtype) + "; the pull tensor is " + slot.Describe());
     }
+    if (!p->staging.empty() && p->staging[i].data != nullptr) return p->staging[i].data;
     return slot.data;
   }
 
@@ -204,6 +313,8 @@ class AFTensorWorker::Impl : public DataHandler {
     }
     const uint64_t now = GetNanosecond();
     std::shared_ptr<Pending> done;
+    std::vector<DeviceStager::Copy> copies;  // staged GPU slots of this server's response
+    std::shared_ptr<Pending> staged;
     // Pull tensors of a completed handle: their owners are released here, outside mu_
     // (an owner may run user code, e.g. free a torch tensor), instead of when the handle
     // is forgotten kFinishedKeep handles later, which would pin thousands of tensors.
@@ -234,15 +345,55 @@ class AFTensorWorker::Impl : public DataHandler {
                                         std::to_string(p->slots_per_server) + " pull slots"));
       } else {
         p->answered[s] = 1;
-        t.response_processed = GetNanosecond();
-        if (--p->remaining == 0) {
-          done = CompleteLocked(p->handle, OkStatus());
+        const int P = p->slots_per_server;
+        for (int j = 0; j < P && !p->staging.empty(); ++j) {
+          const size_t i = s * P + j;
+          if (p->staging[i].data == nullptr) continue;
+          copies.push_back({p->pull[i].tensor.data, p->staging[i].data, p->pull[i].tensor.nbytes()});
+        }
+        if (copies.empty()) {
+          t.response_processed = GetNanosecond();
+          if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
           // Every response is written; nothing reads p->pull once the handle is done.
-          if (done) released.swap(p->pull);
+          if (done) ReleaseLocked(done.get(), &released);
+        } else {
+          staged = pending_.at(p->handle);
         }
       }
     }
+    if (staged) {
+      // The staged slots complete once the copy to the GPU tensors finished.
+      const int s = ServerOf(meta.id);
+      Status queued = stager_->Submit(copies, nullptr, [this, staged, s](const Status& copied) {
+        FinishStaged(staged, s, copied);
+      });
+      if (!queued.ok()) FinishStaged(staged, s, queued);
+    }
     if (done) waiter_.Notify();
+  }
+
+  void FinishStaged(const std::shared_ptr<Pending>& p, int s, const Status& copied) {
+    std::shared_ptr<Pending> done;
+    KeyTensorBatch released;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!copied.ok()) {
+        done = FailLocked(p->handle, copied.Annotate("copying server " + std::to_string(s) +
+                                                     "'s response to the GPU pull tensors"));
+      } else {
+        p->traces[s].response_processed = GetNanosecond();
+        if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
+        if (done) ReleaseLocked(done.get(), &released);
+      }
+    }
+    if (done) waiter_.Notify();
+  }
+
+  // Requires mu_, on successful completion: hands the pull tensors' owners to the caller
+  // to drop outside the lock; staging buffers are free again once no copy uses them.
+  static void ReleaseLocked(Pending* p, KeyTensorBatch* released) {
+    released->swap(p->pull);
+    p->staging.clear();
   }
 
   void OnDropped(const Meta& meta, const Status& why) override {
@@ -342,6 +493,24 @@ class AFTensorWorker::Impl : public DataHandler {
     return CompleteLocked(handle, why);
   }
 
+  static bool AnyOnDevice(const KeyTensorBatch& batch) {
+    for (const KeyTensor& kt : batch) {
+      if (kt.tensor.device.type != DeviceType::kCPU) return true;
+    }
+    return false;
+  }
+
+  // The staging engine, created at the first GPU tensor (its stream lives on device 0's
+  // context; tensors on other devices are copied through unified addressing).
+  Result<DeviceStager*> Stager() {
+    std::lock_guard<std::mutex> lock(stager_mu_);
+    if (!stager_) {
+      MESHPOST_RETURN_IF_ERROR(backend_->Available());
+      MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, StagerOptions{}));
+    }
+    return stager_.get();
+  }
+
   // Requires mu_. Completes a handle exactly once; returns it when this call completed it.
   std::shared_ptr<Pending> CompleteLocked(uint64_t handle, const Status& status) {
     auto it = pending_.find(handle);
@@ -349,6 +518,9 @@ class AFTensorWorker::Impl : public DataHandler {
     std::shared_ptr<Pending> p = it->second;
     p->status = status;
     p->done.store(true, std::memory_order_release);
+    // A stream waiting on the handle is released on failure too (Wait reports the error);
+    // a stuck GPU stream would be worse than a stream that runs on after a failed pull.
+    if (p->stream_flag.data) backend_->HostWriteFlag(static_cast<int64_t*>(p->stream_flag.data), 1);
     --inflight_;
     finished_.push_back(handle);
     while (finished_.size() > kFinishedKeep) {
@@ -361,12 +533,17 @@ class AFTensorWorker::Impl : public DataHandler {
 
   NodeContext* ctx_;
   const int num_servers_;
+  DeviceBackend* const backend_;
   Waiter waiter_;
   std::mutex mu_;
   uint64_t next_handle_ = 1;
   int inflight_ = 0;
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
+  std::mutex stager_mu_;
+  // Declared last: destroyed first, so its completion thread stops before the state its
+  // callbacks touch goes away.
+  std::unique_ptr<DeviceStager> stager_;
 };
 
 AFTensorWorker::AFTensorWorker(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {
@@ -375,8 +552,12 @@ AFTensorWorker::AFTensorWorker(NodeContext* ctx) : impl_(std::make_unique<Impl>(
 AFTensorWorker::~AFTensorWorker() = default;
 
 Result<uint64_t> AFTensorWorker::ZBatchPushPull(const KeyTensorBatch& push,
-                                                const KeyTensorBatch& pull) {
-  return impl_->ZBatchPushPull(push, pull);
+                                                const KeyTensorBatch& pull,
+                                                const StreamSync& sync) {
+  return impl_->ZBatchPushPull(push, pull, sync);
+}
+Status AFTensorWorker::WaitOnStream(uint64_t handle, DeviceStream stream) {
+  return impl_->WaitOnStream(handle, stream);
 }
 Status AFTensorWorker::Wait(uint64_t handle, int64_t timeout_ms) {
   return impl_->Wait(handle, timeout_ms);

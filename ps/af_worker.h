@@ -10,6 +10,7 @@
 
 #include "common/result.h"
 #include "ps/trace.h"
+#include "tensor/device_backend.h"
 #include "tensor/tensor_view.h"
 
 namespace meshpost {
@@ -25,7 +26,13 @@ class AFTensorWorker {
 
   // Push tensors and pull tensors must stay valid until the handle completes, unless
   // their `owner` is set (then meshpost holds it as long as it needs the memory).
-  Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull);
+  // CUDA tensors move through pinned staging buffers (see docs/gpu.md); with
+  // sync.need_event the push tensors are read only after sync.stream's work so far.
+  Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
+                                  const StreamSync& sync = {});
+  // Later work on `stream` waits until `handle` completed (its pull tensors are written, or
+  // it failed: Wait reports which) without blocking the CPU.
+  Status WaitOnStream(uint64_t handle, DeviceStream stream);
   // OK once every server answered; DeadlineExceeded after timeout_ms (the request stays
   // pending and may be waited on again); Unavailable when a server died or left; any error
   // the server reported. timeout_ms < 0 waits without limit.

@@ -12,6 +12,8 @@
 
 namespace meshpost {
 
+class DeviceBackend;  // tensor/device_backend.h
+
 enum class Role { kScheduler, kServer, kWorker };
 const char* RoleName(Role role);
 
@@ -53,6 +55,9 @@ struct Options {
   std::string cluster_token;
   // Largest frame a peer may send before its connection is closed (MESHPOST_MAX_MESSAGE_BYTES).
   int64_t max_message_bytes = int64_t{1} << 30;
+  // GPU tensors are moved through this backend; null means CudaBackend(). Not from the
+  // environment: tests set a FakeBackend (which must outlive the node).
+  DeviceBackend* device_backend = nullptr;
 
   // Global rank of a worker or server: node_rank * group_size + instance.
   int Rank() const { return node_rank * group_size + instance; }

@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "tensor/device_backend.h"
+
 namespace meshpost {
 
 int64_t TensorView::numel() const {
@@ -39,12 +41,25 @@ Result<int64_t> CheckedNumel(const std::vector<int64_t>& shape) {
   return n;
 }
 
-Status ValidateTensor(const TensorView& t, const std::string& where) {
+Status ValidateTensor(const TensorView& t, const std::string& where, DeviceBackend* backend) {
   auto numel = CheckedNumel(t.shape);
   if (!numel.ok()) return numel.status().Annotate(where);
   if (t.device.type != DeviceType::kCPU) {
-    return UnimplementedError(where + ": tensor is on " + t.device.ToString() +
-                              "; this build of meshpost supports cpu tensors only");
+    if (backend == nullptr) {
+      return UnimplementedError(where + ": tensor is on " + t.device.ToString() +
+                                "; only cpu tensors are accepted here");
+    }
+    Status usable = backend->Available();
+    if (!usable.ok()) {
+      return Status(usable.code(), where + ": tensor is on " + t.device.ToString() +
+                                       " but GPU tensors cannot be moved in this process: " +
+                                       usable.message());
+    }
+    if (t.device.index < 0 || t.device.index >= backend->device_count()) {
+      return InvalidArgumentError(where + ": tensor is on " + t.device.ToString() + "; only " +
+                                  std::to_string(backend->device_count()) +
+                                  " device(s) are visible");
+    }
   }
   if (t.data == nullptr && *numel != 0) {
     return InvalidArgumentError(where + ": tensor " + t.Describe() +

@@ -35,9 +35,14 @@ struct KeyTensor {
 };
 using KeyTensorBatch = std::vector<KeyTensor>;
 
-// Checks a caller's tensor: non-null data (unless empty), sane shape, CPU device (CUDA
-// needs a CUDA build). `where` names the function and argument, e.g. "ZBatchPushPull: push[2]".
-Status ValidateTensor(const TensorView& t, const std::string& where);
+class DeviceBackend;
+
+// Checks a caller's tensor: non-null data (unless empty), sane shape, and a device it can
+// move: cpu always; cuda only where `backend` is given and usable (otherwise the error
+// says why GPU tensors are refused). `where` names the function and argument, e.g.
+// "ZBatchPushPull: push[2]".
+Status ValidateTensor(const TensorView& t, const std::string& where,
+                      DeviceBackend* backend = nullptr);
 Status ValidateKey(int64_t key, const std::string& where);
 
 // Product of dims with overflow and negativity checks.

@@ -1,0 +1,218 @@
+#include "tensor/device_staging.h"
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+namespace meshpost {
+namespace {
+
+constexpr size_t kMinBlock = 4096;
+
+size_t SizeClass(size_t n) {
+  size_t c = kMinBlock;
+  while (c < n) c <<= 1;
+  return c;
+}
+
+// Free pinned blocks by size class. Shared with the deleters of handed-out buffers, so a
+// buffer dropped after the stager is gone is still freed (the backend outlives both).
+struct Pool {
+  DeviceBackend* backend = nullptr;
+  size_t limit = 0;
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;
+  size_t pooled = 0;
+
+  ~Pool() {
+    for (auto& [size, p] : free_blocks) backend->FreePinned(p);
+  }
+  void Return(void* p, size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (pooled + size <= limit) {
+        free_blocks.emplace(size, p);
+        pooled += size;
+        return;
+      }
+    }
+    backend->FreePinned(p);
+  }
+};
+
+}  // namespace
+
+class DeviceStager::Impl {
+ public:
+  struct Batch {
+    DeviceEvent done_event = nullptr;
+    DeviceEvent after = nullptr;
+    Done done;
+  };
+
+  Impl(DeviceBackend* backend, const StagerOptions& options, DeviceStream stream)
+      : backend_(backend), options_(options), stream_(stream), pool_(std::make_shared<Pool>()) {
+    pool_->backend = backend;
+    pool_->limit = options.pool_limit_bytes;
+    completer_ = std::thread([this] { Complete(); });
+  }
+
+  ~Impl() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    completer_.join();
+    for (auto& z : zombies_) {
+      (void)backend_->SyncEvent(z.done_event, options_.copy_timeout_ms);
+    }
+    zombies_.clear();
+    for (DeviceEvent e : free_events_) backend_->DestroyEvent(e);
+    backend_->DestroyStream(stream_);
+  }
+
+  Result<PinnedBuffer> Acquire(size_t n) {
+    const size_t size = SizeClass(n);
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(pool_->mu);
+      auto it = pool_->free_blocks.find(size);
+      if (it != pool_->free_blocks.end()) {
+        p = it->second;
+        pool_->free_blocks.erase(it);
+        pool_->pooled -= size;
+      }
+    }
+    if (p == nullptr) {
+      auto fresh = backend_->AllocPinned(size);
+      if (!fresh.ok()) return fresh.status().Annotate("DeviceStager: pinned staging buffer");
+      p = *fresh;
+    }
+    // The caller fills or reads it from the host next: a reuse while a copy still uses
+    // the block is exactly what the fake backend's checker reports.
+    backend_->HostAccess(p, size, /*write=*/true);
+    std::shared_ptr<Pool> pool = pool_;
+    std::shared_ptr<void> owner(p, [pool, size](void* q) { pool->Return(q, size); });
+    return PinnedBuffer{p, size, std::move(owner)};
+  }
+
+  Result<DeviceEvent> TakeEvent() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_events_.empty()) {
+        DeviceEvent e = free_events_.back();
+        free_events_.pop_back();
+        return e;
+      }
+    }
+    return backend_->CreateEvent(options_.device);
+  }
+
+  void RecycleEvent(DeviceEvent e) {
+    if (e == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    free_events_.push_back(e);
+  }
+
+  Result<DeviceEvent> RecordOn(DeviceStream stream) {
+    MESHPOST_ASSIGN_OR_RETURN(DeviceEvent e, TakeEvent());
+    Status s = backend_->RecordEvent(e, stream);
+    if (!s.ok()) {
+      RecycleEvent(e);
+      return s.Annotate("recording an event on the caller's stream");
+    }
+    return e;
+  }
+
+  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done) {
+    auto ev = TakeEvent();
+    if (!ev.ok()) {
+      RecycleEvent(after);
+      return ev.status();
+    }
+    // One submitter at a time: the stream order must match the completion queue order.
+    std::lock_guard<std::mutex> submit(submit_mu_);
+    Status s;
+    if (after != nullptr) s = backend_->StreamWaitEvent(stream_, after);
+    for (size_t i = 0; i < copies.size() && s.ok(); ++i) {
+      s = backend_->CopyAsync(copies[i].dst, copies[i].src, copies[i].n, stream_);
+    }
+    if (s.ok()) s = backend_->RecordEvent(*ev, stream_);
+    if (!s.ok()) {
+      // Copies already queued may still run: wait for the stream before giving buffers back.
+      (void)backend_->SyncEvent(*ev, options_.copy_timeout_ms);
+      RecycleEvent(*ev);
+      RecycleEvent(after);
+      return s.Annotate("DeviceStager: queueing staging copies");
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(Batch{*ev, after, std::move(done)});
+    }
+    cv_.notify_all();
+    return OkStatus();
+  }
+
+  void Complete() {
+    for (;;) {
+      Batch b;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, drained
+        b = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      Status s = backend_->SyncEvent(b.done_event, options_.copy_timeout_ms);
+      if (!s.ok()) s = s.Annotate("staging copy on the " + std::string(backend_->name()) +
+                                  " device (did the caller's stream stall?)");
+      b.done(s);
+      if (s.ok()) {
+        RecycleEvent(b.done_event);
+        RecycleEvent(b.after);
+      } else {
+        // The copies may still run: keep what they touch alive until the stager goes.
+        zombies_.push_back(std::move(b));
+      }
+    }
+  }
+
+  DeviceBackend* backend_;
+  const StagerOptions options_;
+  const DeviceStream stream_;
+  std::shared_ptr<Pool> pool_;
+  std::mutex submit_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Batch> queue_;
+  std::vector<DeviceEvent> free_events_;
+  std::vector<Batch> zombies_;  // touched only by the completion thread, then the destructor
+  bool stop_ = false;
+  std::thread completer_;
+};
+
+Result<std::unique_ptr<DeviceStager>> DeviceStager::Create(DeviceBackend* backend,
+                                                           const StagerOptions& options) {
+  if (backend == nullptr) return InvalidArgumentError("DeviceStager::Create: null backend");
+  MESHPOST_RETURN_IF_ERROR(backend->Available());
+  MESHPOST_ASSIGN_OR_RETURN(DeviceStream stream, backend->CreateStream(options.device));
+  return std::unique_ptr<DeviceStager>(
+      new DeviceStager(std::make_unique<Impl>(backend, options, stream)));
+}
+
+DeviceStager::DeviceStager(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DeviceStager::~DeviceStager() = default;
+
+Result<PinnedBuffer> DeviceStager::Acquire(size_t n) { return impl_->Acquire(n); }
+Status DeviceStager::Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done) {
+  return impl_->Submit(copies, after, std::move(done));
+}
+Result<DeviceEvent> DeviceStager::RecordOn(DeviceStream stream) { return impl_->RecordOn(stream); }
+void DeviceStager::Recycle(DeviceEvent event) { impl_->RecycleEvent(event); }
+DeviceBackend* DeviceStager::backend() const { return impl_->backend_; }
+DeviceStream DeviceStager::stream() const { return impl_->stream_; }
+
+}  // namespace meshpost

@@ -1,0 +1,68 @@
+// DeviceStager: moves device memory through pinned host buffers for transports that can
+// only read or write host memory (TCP, and RDMA/same-host when the user chooses staging).
+// Copies run on the stager's own stream, after an optional event of the caller's stream
+// (need_event), and a completion thread runs each batch's callback once its copies are
+// done. Pinned buffers come from a pool and return to it only when the last reference is
+// dropped, so a buffer is never reused while a copy or a send still uses it.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "common/result.h"
+#include "tensor/device_backend.h"
+
+namespace meshpost {
+
+// A pinned host buffer from the pool; returns to the pool when the last copy is dropped.
+struct PinnedBuffer {
+  void* data = nullptr;
+  size_t size = 0;
+  std::shared_ptr<const void> owner;  // hand this to whoever reads data asynchronously
+};
+
+struct StagerOptions {
+  int device = 0;
+  size_t pool_limit_bytes = size_t{1} << 30;  // pinned memory kept for reuse
+  int64_t copy_timeout_ms = 60'000;           // a copy (or the awaited event) taking longer fails
+};
+
+class DeviceStager {
+ public:
+  using Done = std::function<void(const Status&)>;
+  struct Copy {
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t n = 0;
+  };
+
+  static Result<std::unique_ptr<DeviceStager>> Create(DeviceBackend* backend,
+                                                      const StagerOptions& options);
+  ~DeviceStager();  // waits for queued copies (bounded by copy_timeout_ms), then stops
+  DeviceStager(const DeviceStager&) = delete;
+  DeviceStager& operator=(const DeviceStager&) = delete;
+
+  // A pinned buffer of at least n bytes that the caller may fill or read.
+  Result<PinnedBuffer> Acquire(size_t n);
+  // Enqueues `copies` on the stager's stream after `after` (null: no wait) and calls
+  // done(status) on the completion thread once they finished. Buffers the copies use must
+  // stay referenced until done runs (capture their owners in `done`).
+  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done);
+  // Records an event on `stream` (the caller's current stream) for Submit's `after`;
+  // the returned event is owned by the stager and recycled after the batch that used it.
+  Result<DeviceEvent> RecordOn(DeviceStream stream);
+  // Gives back an event from RecordOn that will not be passed to Submit.
+  void Recycle(DeviceEvent event);
+
+  DeviceBackend* backend() const;
+  DeviceStream stream() const;
+
+  class Impl;
+
+ private:
+  explicit DeviceStager(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace meshpost

@@ -1,0 +1,279 @@
+// GPU tensors end to end through the postoffice, over TCP, with the fake device backend:
+// a scheduler, a server and a worker run as threads of this process. "Device" tensors are
+// fake device memory, produced on a held stream so the tests decide when the data exists;
+// the fake backend's race checker then proves the stream contract (need_event, staging,
+// WaitOnStream) instead of luck deciding it.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "common/clock.h"
+#include "ps/postoffice.h"
+#include "tensor/backend/fake_backend.h"
+
+namespace meshpost {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+
+constexpr int64_t kWaitMs = 30000;
+constexpr int64_t kElems = 4096;
+constexpr size_t kBytes = kElems * sizeof(float);
+
+Result<int> ReadPort(int fd) {
+  std::string line;
+  const uint64_t deadline = GetNanosecond() + 30'000'000'000ull;
+  while (line.find('\n') == std::string::npos) {
+    const uint64_t now = GetNanosecond();
+    if (now >= deadline) return DeadlineExceededError("scheduler did not report its port");
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>((deadline - now) / 1000000) + 1) <= 0) continue;
+    char buf[32];
+    const ssize_t got = read(fd, buf, sizeof(buf));
+    if (got <= 0) return UnavailableError("scheduler closed the port pipe without a port");
+    line.append(buf, static_cast<size_t>(got));
+  }
+  return std::stoi(line);
+}
+
+// One scheduler, one server, one worker over tcp; every node moves GPU tensors through
+// `backend`.
+class Cluster {
+ public:
+  explicit Cluster(DeviceBackend* backend) : backend_(backend) {}
+  ~Cluster() { (void)Stop(); }
+
+  Status Start() {
+    int fds[2];
+    if (pipe(fds) != 0) return UnavailableError("pipe failed");
+    Options so = Base(Role::kScheduler, 0);
+    so.port_fd = fds[1];
+    MESHPOST_ASSIGN_OR_RETURN(scheduler_, Postoffice::Create(so));
+    Status sched_start, server_start, worker_start;
+    std::thread st([&] { sched_start = scheduler_->Start(); });
+    auto port = ReadPort(fds[0]);
+    close(fds[0]);
+    if (!port.ok()) {
+      st.join();
+      return port.status();
+    }
+    auto server = Postoffice::Create(Base(Role::kServer, *port));
+    auto worker = Postoffice::Create(Base(Role::kWorker, *port));
+    if (!server.ok() || !worker.ok()) {
+      st.join();
+      return server.ok() ? worker.status() : server.status();
+    }
+    server_ = std::move(server).value();
+    worker_ = std::move(worker).value();
+    std::thread t1([&] { server_start = server_->Start(); });
+    std::thread t2([&] { worker_start = worker_->Start(); });
+    t1.join();
+    t2.join();
+    st.join();
+    MESHPOST_RETURN_IF_ERROR(sched_start);
+    MESHPOST_RETURN_IF_ERROR(server_start);
+    return worker_start;
+  }
+
+  Status Stop() {
+    if (!scheduler_) return OkStatus();
+    Status a, b;
+    std::thread t1([&] { if (worker_) a = worker_->Stop(10000); });
+    std::thread t2([&] { if (server_) b = server_->Stop(10000); });
+    t1.join();
+    t2.join();
+    Status c = scheduler_->Stop(10000);
+    worker_.reset();
+    server_.reset();
+    scheduler_.reset();
+    return a.ok() ? (b.ok() ? c : b) : a;
+  }
+
+  AFTensorWorker* worker() { return worker_->worker(); }
+  AFTensorServer* server() { return server_->server(); }
+
+ private:
+  Options Base(Role role, int root_port) {
+    Options o;
+    o.role = role;
+    o.root_uri = "127.0.0.1";
+    o.root_port = root_port;
+    o.num_servers = 1;
+    o.num_workers = 1;
+    o.transport = "tcp";
+    o.start_timeout_ms = 30000;
+    o.spin_us = 0;
+    o.device_backend = backend_;
+    return o;
+  }
+
+  DeviceBackend* backend_;
+  std::unique_ptr<Postoffice> scheduler_, server_, worker_;
+};
+
+class FakeDeviceClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(cluster_.Start().ok());
+    user_stream_ = *be_.CreateStream(0);
+    push_dev_ = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+    pull_dev_ = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+    answer_dev_ = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+    host_.resize(kElems);
+    for (int64_t i = 0; i < kElems; ++i) host_[i] = static_cast<float>(i) * 0.5f;
+  }
+  void TearDown() override {
+    EXPECT_TRUE(cluster_.Stop().ok());
+    be_.FreeDevice(push_dev_);
+    be_.FreeDevice(pull_dev_);
+    be_.FreeDevice(answer_dev_);
+  }
+
+  static TensorView DeviceView(float* p) {
+    return TensorView{p, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  }
+
+  // The worker's "kernel": writes the push tensor on the user's stream, which is held so
+  // the data does not exist yet.
+  void ProduceHeld() {
+    be_.HoldStream(user_stream_);
+    ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  }
+
+  // Serves one request: checks the pushed values and answers value * 2 from GPU memory
+  // produced on a held server stream, with need_event.
+  void ServeOne(DeviceStream server_stream) {
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_EQ(batch->size(), 1u);
+    const BatchRequest& req = (*batch)[0];
+    ASSERT_EQ(req.push.size(), 1u);
+    ASSERT_EQ(req.push[0].tensor.nbytes(), kBytes);
+    const float* got = static_cast<const float*>(req.push[0].tensor.data);
+    for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(got[i], host_[i]) << "element " << i;
+    doubled_.resize(kElems);
+    for (int64_t i = 0; i < kElems; ++i) doubled_[i] = got[i] * 2.f;
+    be_.HoldStream(server_stream);
+    ASSERT_TRUE(be_.CopyAsync(answer_dev_, doubled_.data(), kBytes, server_stream).ok());
+    Status s = cluster_.server()->Respond(req.handle, {DeviceView(answer_dev_)},
+                                          StreamSync{true, server_stream});
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+    be_.ReleaseStream(server_stream);
+  }
+
+  FakeBackend be_;
+  Cluster cluster_{&be_};
+  DeviceStream user_stream_ = 0;
+  float* push_dev_ = nullptr;
+  float* pull_dev_ = nullptr;
+  float* answer_dev_ = nullptr;
+  std::vector<float> host_, doubled_;
+};
+
+TEST_F(FakeDeviceClusterTest, NeedEventOrdersPushAndResponseWithTheCallersStreams) {
+  ProduceHeld();
+  auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
+                                                  {{9, DeviceView(pull_dev_)}},
+                                                  StreamSync{true, user_stream_});
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  // The push tensor is not produced yet: nothing may reach the server.
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  auto early = cluster_.server()->GetBatch(200);
+  EXPECT_EQ(early.status().code(), StatusCode::kDeadlineExceeded) << early.status();
+  // A consumer on another stream waits for the pull on the GPU, not on the CPU.
+  DeviceStream consumer = *be_.CreateStream(0);
+  std::vector<float> seen(kElems, -1.f);
+  ASSERT_TRUE(cluster_.worker()->WaitOnStream(*handle, consumer).ok());
+  ASSERT_TRUE(be_.CopyAsync(seen.data(), pull_dev_, kBytes, consumer).ok());
+  be_.ReleaseStream(user_stream_);
+
+  DeviceStream server_stream = *be_.CreateStream(0);
+  ServeOne(server_stream);
+  ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+  DeviceEvent drained = *be_.CreateEvent(0);
+  ASSERT_TRUE(be_.RecordEvent(drained, consumer).ok());
+  ASSERT_TRUE(be_.SyncEvent(drained, kWaitMs).ok());
+  for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(seen[i], host_[i] * 2.f) << "element " << i;
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+}
+
+TEST_F(FakeDeviceClusterTest, WithoutNeedEventTheStagingReadIsUnorderedAndReported) {
+  ProduceHeld();
+  // need_event=false promises the tensor is ready; here it is not, and the checker says so.
+  auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
+                                                  {{9, DeviceView(pull_dev_)}}, StreamSync{});
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto batch = cluster_.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  be_.ReleaseStream(user_stream_);
+  ASSERT_TRUE(cluster_.server()->Respond((*batch)[0].handle, {(*batch)[0].push[0].tensor}).ok());
+  ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), Not(IsEmpty()));
+}
+
+TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
+  std::vector<float> cpu_push(kElems, 3.f), cpu_pull(kElems, 0.f);
+  TensorView cpu_in{cpu_push.data(), DType::kFloat32, {kElems}, {}, nullptr};
+  TensorView cpu_out{cpu_pull.data(), DType::kFloat32, {kElems}, {}, nullptr};
+  ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  for (int round = 0; round < 5; ++round) {
+    auto handle = cluster_.worker()->ZBatchPushPull(
+        {{1, DeviceView(push_dev_)}, {2, cpu_in}}, {{3, cpu_out}, {4, DeviceView(pull_dev_)}},
+        StreamSync{true, user_stream_});
+    ASSERT_TRUE(handle.ok()) << handle.status();
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    const BatchRequest& req = (*batch)[0];
+    ASSERT_EQ(req.push.size(), 2u);
+    EXPECT_EQ(static_cast<const float*>(req.push[0].tensor.data)[kElems - 1], host_[kElems - 1]);
+    EXPECT_EQ(static_cast<const float*>(req.push[1].tensor.data)[0], 3.f);
+    // Answer slot 0 (cpu) with the cpu push and slot 1 (gpu) from device memory.
+    ASSERT_TRUE(cluster_.server()
+                    ->Respond(req.handle, {req.push[1].tensor, DeviceView(push_dev_)})
+                    .ok());
+    ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+    EXPECT_EQ(cpu_pull[5], 3.f);
+    std::vector<float> back(kElems);
+    DeviceStream s = user_stream_;
+    ASSERT_TRUE(cluster_.worker()->WaitOnStream(*handle, s).ok());  // already done: no-op
+    ASSERT_TRUE(be_.CopyAsync(back.data(), pull_dev_, kBytes, s).ok());
+    DeviceEvent e = *be_.CreateEvent(0);
+    ASSERT_TRUE(be_.RecordEvent(e, s).ok());
+    ASSERT_TRUE(be_.SyncEvent(e, kWaitMs).ok());
+    EXPECT_EQ(back[kElems - 1], host_[kElems - 1]);
+  }
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+}
+
+TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
+  be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
+  auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
+                                                  {{9, DeviceView(pull_dev_)}});
+  ASSERT_FALSE(handle.ok());
+  EXPECT_THAT(handle.status().message(), HasSubstr("push[0]"));
+  EXPECT_THAT(handle.status().message(), HasSubstr("CUDA driver not found (test)"));
+  // CPU tensors still work.
+  std::vector<float> in(16, 1.f), out(16, 0.f);
+  auto ok = cluster_.worker()->ZBatchPushPull(
+      {{1, TensorView{in.data(), DType::kFloat32, {16}, {}, nullptr}}},
+      {{2, TensorView{out.data(), DType::kFloat32, {16}, {}, nullptr}}});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  auto batch = cluster_.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok());
+  ASSERT_TRUE(cluster_.server()->Respond((*batch)[0].handle, {(*batch)[0].push[0].tensor}).ok());
+  ASSERT_TRUE(cluster_.worker()->Wait(*ok, kWaitMs).ok());
+  EXPECT_EQ(out[15], 1.f);
+}
+
+}  // namespace
+}  // namespace meshpost
