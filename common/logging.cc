@@ -9,6 +9,19 @@
 namespace meshpost {
 namespace {
 
+spdlog::level::level_enum ToSpdlog(LogLevel level) {
+  switch (level) {
+    case LogLevel::kTrace: return spdlog::level::trace;
+    case LogLevel::kDebug: return spdlog::level::debug;
+    case LogLevel::kUnset:
+    case LogLevel::kInfo: return spdlog::level::info;
+    case LogLevel::kWarn: return spdlog::level::warn;
+    case LogLevel::kError: return spdlog::level::err;
+    case LogLevel::kOff: return spdlog::level::off;
+  }
+  return spdlog::level::info;
+}
+
 // Logging is process-wide by nature (one stderr); this is the one registry of loggers.
 struct LogState {
   std::mutex mu;
@@ -22,9 +35,13 @@ LogState& State() {
   static LogState* state = [] {
     auto* s = new LogState();
     s->sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+    // Lines logged before ConfigureLogging (option parsing) follow the variables too.
     if (const char* v = std::getenv("PS_VERBOSE")) {
-      if (v[0] == '1') s->level = spdlog::level::debug;
-      if (v[0] == '2') s->level = spdlog::level::trace;
+      s->level = ToSpdlog(LogLevelFromVerbose(static_cast<int>(std::strtol(v, nullptr, 10))));
+    }
+    if (const char* v = std::getenv("MESHPOST_LOG_LEVEL")) {
+      auto level = ParseLogLevel("MESHPOST_LOG_LEVEL", v);
+      if (level.ok()) s->level = ToSpdlog(*level);
     }
     return s;
   }();
@@ -51,12 +68,14 @@ spdlog::logger& Log(const char* layer) {
 }
 
 void ConfigureLogging(const std::string& role_tag, int verbose) {
+  ConfigureLogging(role_tag, LogLevelFromVerbose(verbose));
+}
+
+void ConfigureLogging(const std::string& role_tag, LogLevel level) {
   LogState& s = State();
   std::lock_guard<std::mutex> lock(s.mu);
   s.tag = role_tag;
-  s.level = verbose >= 2 ? spdlog::level::trace
-            : verbose == 1 ? spdlog::level::debug
-                           : spdlog::level::info;
+  if (level != LogLevel::kUnset) s.level = ToSpdlog(level);
   for (auto& [name, logger] : s.loggers) {
     logger->set_level(s.level);
     ApplyPattern(*logger, s.tag);

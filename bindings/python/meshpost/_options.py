@@ -1,38 +1,42 @@
 """Keyword options <-> launch variables.
 
 Every option a meshpost node takes can be given as a keyword argument or through the
-environment variable it maps to; keywords win. Validation happens in the C++ core (one
-place), so error messages name both the option and its variable.
+environment variable it maps to; keywords win. The list comes from the C++ option table
+(``meshpost::OptionTable()``, the one source that also generates docs/configuration.md's
+tables); validation happens in the C++ core too, so error messages name both the option
+and its variable.
+
+``python -m meshpost._options --write-docs docs/configuration.md`` regenerates the doc's
+tables from the table; ``--check-docs`` fails when they differ.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+import sys
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+
+from . import _meshpost
+
+
+class OptionSpec(NamedTuple):
+    """One launch variable: its Python keyword ("" for none), table group, default,
+    accepted values (for "ignored" rows: why meshpost ignores it) and meaning."""
+
+    variable: str
+    keyword: str
+    group: str
+    default: str
+    valid: str
+    meaning: str
+
+
+OPTION_TABLE: List[OptionSpec] = [OptionSpec(*row) for row in _meshpost.option_table()]
 
 # keyword -> environment variable (see docs/python.md and docs/configuration.md)
-OPTION_VARIABLES: Dict[str, str] = {
-    "root_uri": "DMLC_PS_ROOT_URI",
-    "root_port": "DMLC_PS_ROOT_PORT",
-    "num_workers": "DMLC_NUM_WORKER",
-    "num_servers": "DMLC_NUM_SERVER",
-    "group_size": "DMLC_GROUP_SIZE",
-    "node_rank": "DMLC_NODE_RANK",
-    "instance": "DMLC_INSTANCE_ID",
-    "node_host": "DMLC_NODE_HOST",
-    "interface": "DMLC_INTERFACE",
-    "port": "DMLC_PORT",
-    "verbose": "PS_VERBOSE",
-    "enable_rdma": "DMLC_ENABLE_RDMA",
-    "transport": "MESHPOST_TRANSPORT",
-    "heartbeat_interval_ms": "MESHPOST_HEARTBEAT_INTERVAL_MS",
-    "heartbeat_timeout_ms": "MESHPOST_HEARTBEAT_TIMEOUT_MS",
-    "spin_us": "MESHPOST_SPIN_US",
-    "busy_poll": "MESHPOST_BUSY_POLL",
-    "start_timeout_ms": "MESHPOST_START_TIMEOUT_MS",
-    "max_inflight": "MESHPOST_MAX_INFLIGHT",
-    "port_fd": "MESHPOST_PORT_FD",
-}
+OPTION_VARIABLES: Dict[str, str] = {o.keyword: o.variable for o in OPTION_TABLE if o.keyword}
+
+GROUPS = ("launch", "meshpost", "rdma", "ignored")
 
 
 def _text(value: Any) -> str:
@@ -58,9 +62,50 @@ def build_env(role: Optional[str], options: Mapping[str, Any],
         if value is None:
             continue
         env[OPTION_VARIABLES[name]] = _text(value)
-        if name == "instance":
-            # STEPMESH_GPU takes precedence in the core; a keyword must win over both.
+        if name == "instance" and "gpu" not in options:
+            # The keyword names this process's place in its group: the rank counts
+            # STEPMESH_GPU, so a lone `instance=` sets both (StepMesh keeps them equal).
             env["STEPMESH_GPU"] = _text(value)
     if role is not None:
         env["DMLC_ROLE"] = role
     return env
+
+
+def doc_block(group: str) -> str:
+    """The generated markdown of one group, with the markers docs/configuration.md uses."""
+    return (f"<!-- options:{group} -->\n{_meshpost.option_table_markdown(group)}"
+            f"<!-- /options:{group} -->")
+
+
+def _rewrite(doc: str) -> str:
+    for group in GROUPS:
+        start, end = f"<!-- options:{group} -->", f"<!-- /options:{group} -->"
+        i, j = doc.find(start), doc.find(end)
+        if i < 0 or j < i:
+            raise ValueError(f"the doc has no '{start}' ... '{end}' block")
+        doc = doc[:i] + doc_block(group) + doc[j + len(end):]
+    return doc
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("--write-docs", "--check-docs"):
+        print("usage: python -m meshpost._options --write-docs|--check-docs "
+              "docs/configuration.md", file=sys.stderr)
+        return 2
+    with open(argv[1], encoding="utf-8") as f:
+        doc = f.read()
+    new = _rewrite(doc)
+    if argv[0] == "--check-docs":
+        if new != doc:
+            print(f"{argv[1]}: option tables differ from the C++ option table; run "
+                  f"python -m meshpost._options --write-docs {argv[1]}", file=sys.stderr)
+            return 1
+        return 0
+    if new != doc:
+        with open(argv[1], "w", encoding="utf-8") as f:
+            f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
