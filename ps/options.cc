@@ -198,7 +198,7 @@ constexpr const char* kVanValues =
 
 // StepMesh picks its van from DMLC_ENABLE_RDMA, else DMLC_PS_VAN_TYPE, else zmq; UCX has
 // its own switch. meshpost has the zmq (tcp) and ibverbs (rdma) vans of that list.
-Status ReadVanType(const EnvLookup& env, bool* enable_rdma) {
+Status ReadVanType(const EnvLookup& env, bool* enable_rdma, std::string* setting) {
   if (const char* ucx = env("DMLC_ENABLE_UCX")) {
     auto on = ParseBool("DMLC_ENABLE_UCX", ucx);
     if (!on.ok()) return on.status();
@@ -215,6 +215,7 @@ Status ReadVanType(const EnvLookup& env, bool* enable_rdma) {
     v = env(name);
   }
   if (v == nullptr) return OkStatus();
+  *setting = std::string(name) + "=" + v;
   const std::string value = Lower(v);
   if (value == "zmq" || value == "0" || value == "false" || value == "no" || value == "off" ||
       value.empty()) {
@@ -370,7 +371,7 @@ Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::stri
   if (const char* v = env("MESHPOST_LOG_LEVEL")) {
     MESHPOST_ASSIGN_OR_RETURN(o.log_level, ParseLogLevel("MESHPOST_LOG_LEVEL", v));
   }
-  MESHPOST_RETURN_IF_ERROR(ReadVanType(env, &o.enable_rdma));
+  MESHPOST_RETURN_IF_ERROR(ReadVanType(env, &o.enable_rdma, &o.enable_rdma_setting));
   if (const char* v = env("MESHPOST_TRANSPORT")) o.transport = v;
   MESHPOST_RETURN_IF_ERROR(ReadBool(env, "STEPMESH_BIND_CPU_CORE", &o.bind_cpu_core));
   MESHPOST_RETURN_IF_ERROR(

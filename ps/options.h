@@ -44,6 +44,7 @@ struct Options {
   // DMLC_ENABLE_RDMA (or DMLC_PS_VAN_TYPE): pairs on different hosts must use RDMA;
   // co-located pairs keep the same-host transport.
   bool enable_rdma = false;
+  std::string enable_rdma_setting;     // e.g. "DMLC_ENABLE_RDMA=ibverbs", for messages
   std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
   // The transport every data pair must use ("" = choose per pair).
   std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }

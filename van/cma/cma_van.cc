@@ -783,8 +783,10 @@ class CmaVan : public Van {
 
   // Releases everything pending towards a peer; owners are destroyed outside the lock.
   void MarkDead(Peer* peer, const Status& why) {
+    // Debug, not info: every orderly shutdown closes these sockets (a "Broken pipe" on the
+    // doorbell is a peer that already left); a peer that died is reported by ps/.
     if (!peer->dead.exchange(true) && why.code() != StatusCode::kCancelled) {
-      MP_LOG_INFO(kLog, "cma van: connection to node {} closed: {}", peer->id, why.ToString());
+      MP_LOG_DEBUG(kLog, "cma van: connection to node {} closed: {}", peer->id, why.ToString());
     }
     Ring<Pending> released;
     {

@@ -62,6 +62,7 @@ f.init()
 
 if role == "worker":
     f.barrier(True, True)
+    seen_ids = set()
     for it in range(ITERS):
         handles = []
         expected = []
@@ -81,6 +82,8 @@ if role == "worker":
             # StepMesh: one id per push tensor (2) and per pull slot position (1), h first.
             assert len(handlers) == 3 and handlers[0] == h, handlers
             assert len(set(handlers)) == 3
+            assert not seen_ids & set(handlers), "ids are never reused"
+            seen_ids.update(handlers)
             f.wait(h, 60000)
             for x in handlers[1:]:
                 f.wait(x, 60000)  # every id is accepted, and already complete
