@@ -360,7 +360,7 @@ TEST(OptionTableTest, ConfigurationDocHoldsTheGeneratedTables) {
                               "<!-- /options:" + name + " -->";
     EXPECT_TRUE(Contains(doc.str(), block))
         << "docs/configuration.md's '" << name << "' table differs from OptionTable(); "
-        << "regenerate it: .venv/bin/python -m meshpost._options --write-docs "
+        << "regenerate it: .venv/bin/python -m meshpost.options_doc --write-docs "
            "docs/configuration.md";
   }
 }

@@ -44,8 +44,10 @@ def test_stepmesh_program_runs_unchanged_1x1_and_2x2(cluster):
         for w in range(workers):
             assert any("iterations x 3 stages checked" in line
                        for line in results[f"worker:{w}"].output)
-        counts[(workers, servers)] = {name: len(meshpost_log_lines(r.output))
-                                      for name, r in results.items()}
+        # "waiting for ..." progress lines depend on how fast the machine starts processes.
+        counts[(workers, servers)] = {
+            name: len([line for line in meshpost_log_lines(r.output) if "waiting for" not in line])
+            for name, r in results.items()}
     # At INFO a start/stop prints O(1) lines per process, not one per peer: a worker or
     # server of the 2x2 cluster prints no more than one of the 1x1 cluster; the scheduler
     # may name each node once as it registers.

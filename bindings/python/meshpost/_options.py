@@ -6,14 +6,13 @@ environment variable it maps to; keywords win. The list comes from the C++ optio
 tables); validation happens in the C++ core too, so error messages name both the option
 and its variable.
 
-``python -m meshpost._options --write-docs docs/configuration.md`` regenerates the doc's
-tables from the table; ``--check-docs`` fails when they differ.
+``python -m meshpost.options_doc --write-docs docs/configuration.md`` regenerates the
+doc's tables from the table; ``--check-docs`` fails when they differ.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 from . import _meshpost
@@ -77,7 +76,7 @@ def doc_block(group: str) -> str:
             f"<!-- /options:{group} -->")
 
 
-def _rewrite(doc: str) -> str:
+def rewrite_doc(doc: str) -> str:
     for group in GROUPS:
         start, end = f"<!-- options:{group} -->", f"<!-- /options:{group} -->"
         i, j = doc.find(start), doc.find(end)
@@ -85,27 +84,3 @@ def _rewrite(doc: str) -> str:
             raise ValueError(f"the doc has no '{start}' ... '{end}' block")
         doc = doc[:i] + doc_block(group) + doc[j + len(end):]
     return doc
-
-
-def main(argv: List[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("--write-docs", "--check-docs"):
-        print("usage: python -m meshpost._options --write-docs|--check-docs "
-              "docs/configuration.md", file=sys.stderr)
-        return 2
-    with open(argv[1], encoding="utf-8") as f:
-        doc = f.read()
-    new = _rewrite(doc)
-    if argv[0] == "--check-docs":
-        if new != doc:
-            print(f"{argv[1]}: option tables differ from the C++ option table; run "
-                  f"python -m meshpost._options --write-docs {argv[1]}", file=sys.stderr)
-            return 1
-        return 0
-    if new != doc:
-        with open(argv[1], "w", encoding="utf-8") as f:
-            f.write(new)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
