@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/env.h"
+#include "common/affinity.h"
 #include "common/result.h"
 #include "common/waiter.h"
 #include "van/message.h"
@@ -90,6 +91,9 @@ struct VanOptions {
   std::string interface;  // DMLC_INTERFACE: vans that pick a device (rdma) use it
   // Where van-specific variables (MESHPOST_RDMA_*) are read; empty = process environment.
   EnvLookup env;
+  // STEPMESH_BIND_CPU_CORE: each thread a van starts pins itself through this (null: no
+  // pinning). Shared by every van and ps/ thread of the process.
+  std::shared_ptr<CorePinner> pinner;
 };
 
 class Van {

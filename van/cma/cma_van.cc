@@ -380,7 +380,10 @@ class CmaVan : public Van {
     MESHPOST_RETURN_IF_ERROR(Watch(listen_fd_.get(), kListenId));
     receiver_ = receiver;
     running_ = true;
-    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    recv_thread_ = std::thread([this] {
+      PinCurrentThread(options_.pinner, "cma receive");
+      ReceiveLoop();
+    });
     return OkStatus();
   }
 

@@ -96,7 +96,10 @@ class ZmqVan : public Van {
     if (receiver_socket_ == nullptr) return FailedPreconditionError("van Start before Bind");
     if (running_.exchange(true)) return FailedPreconditionError("van already started");
     receiver_ = receiver;
-    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    recv_thread_ = std::thread([this] {
+      PinCurrentThread(options_.pinner, "tcp receive");
+      ReceiveLoop();
+    });
     return OkStatus();
   }
 
