@@ -108,8 +108,11 @@ if role == "worker":
             assert costs[0][0] <= f.get_nanosecond()
     print(f"worker {rank}: {ITERS} iterations x {STAGES} stages checked", flush=True)
 elif role == "server":
-    # One large return buffer for respond_vec, as vLLM-style FFN servers keep it.
-    ret_buffer = torch.zeros(MAX_ROWS * num_workers, DIM, dtype=torch.bfloat16)
+    # One large return buffer per stage for respond_vec, as FFN servers keep them: a
+    # response is read from it after respond_vec returns (zero-copy), so a stage's buffer
+    # is only rewritten once the workers have that stage's answer.
+    ret_buffers = [torch.zeros(MAX_ROWS * num_workers, DIM, dtype=torch.bfloat16)
+                   for _ in range(STAGES)]
     f.barrier(True, True)
     for it in range(ITERS):
         for mb in range(STAGES):
@@ -125,6 +128,7 @@ elif role == "server":
                 for handler, tensors, _ in batch:
                     f.respond([tensors[0]], handler)
             else:
+                ret_buffer = ret_buffers[mb]
                 off = 0
                 for handler, tensors, _ in batch:
                     n = tensors[0].shape[0]
