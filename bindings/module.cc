@@ -33,10 +33,25 @@ namespace {
 constexpr int64_t kSliceMs = 100;
 
 Result<Options> OptionsFromMap(const std::map<std::string, std::string>& env) {
-  return OptionsFromEnv([&env](const char* name) -> const char* {
-    auto it = env.find(name);
-    return it == env.end() ? nullptr : it->second.c_str();
-  });
+  std::vector<std::string> names;
+  names.reserve(env.size());
+  for (const auto& [name, value] : env) names.push_back(name);
+  return OptionsFromEnv(
+      [&env](const char* name) -> const char* {
+        auto it = env.find(name);
+        return it == env.end() ? nullptr : it->second.c_str();
+      },
+      names);
+}
+
+// The option table, for meshpost._options (keywords) and the docs check.
+py::list OptionTableForPython() {
+  py::list out;
+  for (const OptionSpec& o : OptionTable()) {
+    out.append(py::make_tuple(o.variable, o.keyword, OptionGroupName(o.group), o.default_value,
+                              o.valid, o.meaning));
+  }
+  return out;
 }
 
 std::string TypeName(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
@@ -288,6 +303,18 @@ class Node {
     std::vector<std::array<uint64_t, 8>> out;
     for (const Trace& t : *r) out.push_back(t.ToArray());
     return out;
+  }
+
+  // StepMesh's fetch_trace(id): the 8 stamps of the request that carried id's tensors.
+  std::array<uint64_t, 8> FetchTrace(int64_t handle) {
+    AFTensorWorker* w = RequireWorker("fetch_trace");
+    const uint64_t h = HandleOf(handle, "fetch_trace");
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return w->FetchRequestTrace(h);
+    }();
+    if (!r.ok()) RaiseStatus(r.status());
+    return r->ToArray();
   }
 
   // --- server ---
@@ -558,6 +585,17 @@ PYBIND11_MODULE(_meshpost, m) {
   m.def("available_transports", [] { return meshpost::CompiledTransports(); });
   m.def("supported_dtypes", &meshpost::py_bindings::SupportedDTypeNames);
   meshpost::py_bindings::BindCuda(m);
+  m.def("option_table", &meshpost::py_bindings::OptionTableForPython,
+        "[(variable, keyword, group, default, valid, meaning)] for every launch variable.");
+  m.def("option_table_markdown", [](const std::string& group) {
+    for (auto g : {meshpost::OptionGroup::kLaunch, meshpost::OptionGroup::kMeshpost,
+                   meshpost::OptionGroup::kRdma, meshpost::OptionGroup::kIgnored}) {
+      if (group == meshpost::OptionGroupName(g)) return meshpost::OptionTableMarkdown(g);
+    }
+    meshpost::py_bindings::RaiseValueError("option_table_markdown: group='" + group +
+                                           "'; expected launch, meshpost, rdma or ignored");
+    return std::string();
+  }, py::arg("group"));
   py::class_<Node>(m, "Node")
       .def(py::init<const std::map<std::string, std::string>&>(), py::arg("env"))
       .def("start", &Node::Start)
@@ -571,6 +609,7 @@ PYBIND11_MODULE(_meshpost, m) {
       .def("done", &Node::Done, py::arg("handler"))
       .def("get_all_handlers", &Node::GetAllHandlers, py::arg("handler"))
       .def("fetch_traces", &Node::FetchTraces, py::arg("handler"))
+      .def("fetch_trace", &Node::FetchTrace, py::arg("handler"))
       .def("get_batch", &Node::GetBatch, py::arg("timeout_ms"))
       .def("respond", &Node::Respond, py::arg("tensors"), py::arg("handler"),
            py::arg("stream") = py::none())

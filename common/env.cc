@@ -2,11 +2,23 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
+
+#include <unistd.h>
 
 namespace meshpost {
 
 EnvLookup ProcessEnv() {
   return [](const char* name) -> const char* { return std::getenv(name); };
+}
+
+std::vector<std::string> ProcessEnvNames() {
+  std::vector<std::string> names;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const char* eq = std::strchr(*e, '=');
+    names.emplace_back(*e, eq == nullptr ? std::strlen(*e) : static_cast<size_t>(eq - *e));
+  }
+  return names;
 }
 
 Result<int64_t> ParseInt(const std::string& name, const std::string& value, int64_t min,

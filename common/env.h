@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "common/result.h"
 
@@ -13,6 +14,8 @@ namespace meshpost {
 // Looks a variable up; returns nullptr when unset. Tests pass a map-backed function.
 using EnvLookup = std::function<const char*(const char*)>;
 EnvLookup ProcessEnv();
+// Names of every variable set in this process's environment.
+std::vector<std::string> ProcessEnvNames();
 
 Result<int64_t> ParseInt(const std::string& name, const std::string& value, int64_t min,
                          int64_t max);

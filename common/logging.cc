@@ -9,12 +9,30 @@
 namespace meshpost {
 namespace {
 
-spdlog::level::level_enum LevelFromEnv() {
-  if (const char* v = std::getenv("PS_VERBOSE")) {
-    if (v[0] == '1') return spdlog::level::debug;
-    if (v[0] == '2') return spdlog::level::trace;
+spdlog::level::level_enum ToSpdlog(LogLevel level) {
+  switch (level) {
+    case LogLevel::kTrace: return spdlog::level::trace;
+    case LogLevel::kDebug: return spdlog::level::debug;
+    case LogLevel::kUnset:
+    case LogLevel::kInfo: return spdlog::level::info;
+    case LogLevel::kWarn: return spdlog::level::warn;
+    case LogLevel::kError: return spdlog::level::err;
+    case LogLevel::kOff: return spdlog::level::off;
   }
   return spdlog::level::info;
+}
+
+// Lines logged before ConfigureLogging (option parsing) follow the variables too.
+spdlog::level::level_enum LevelFromEnv() {
+  spdlog::level::level_enum level = spdlog::level::info;
+  if (const char* v = std::getenv("PS_VERBOSE")) {
+    level = ToSpdlog(LogLevelFromVerbose(static_cast<int>(std::strtol(v, nullptr, 10))));
+  }
+  if (const char* v = std::getenv("MESHPOST_LOG_LEVEL")) {
+    auto parsed = ParseLogLevel("MESHPOST_LOG_LEVEL", v);
+    if (parsed.ok()) level = ToSpdlog(*parsed);
+  }
+  return level;
 }
 
 // Logging is process-wide by nature (one stderr); this is the one registry of loggers.
@@ -62,12 +80,14 @@ spdlog::logger& Log(const char* layer) {
 }
 
 void ConfigureLogging(const std::string& role_tag, int verbose) {
+  ConfigureLogging(role_tag, LogLevelFromVerbose(verbose));
+}
+
+void ConfigureLogging(const std::string& role_tag, LogLevel level) {
   LogState& s = State();
   std::lock_guard<std::mutex> lock(s.mu);
   s.tag = role_tag;
-  s.level = verbose >= 2 ? spdlog::level::trace
-            : verbose == 1 ? spdlog::level::debug
-                           : spdlog::level::info;
+  if (level != LogLevel::kUnset) s.level = ToSpdlog(level);
   for (auto& [name, logger] : s.loggers) {
     logger->set_level(s.level);
     ApplyPattern(*logger, s.tag);

@@ -13,6 +13,8 @@
 #include <memory>
 #include <string>
 
+#include "common/log_level.h"
+
 namespace meshpost {
 
 namespace log_internal {
@@ -30,8 +32,10 @@ inline bool Enabled(spdlog::level::level_enum level) {
 spdlog::logger& Log(const char* layer);
 
 // Sets the "role:rank" tag shown on every line and the level for all layers.
-// verbose: 0 → info, 1 → debug, 2 → trace.
+// verbose (StepMesh's PS_VERBOSE): 0 → info, 1 → debug, 2 and above → trace.
 void ConfigureLogging(const std::string& role_tag, int verbose);
+// Same with an explicit level (MESHPOST_LOG_LEVEL); kUnset keeps the current level.
+void ConfigureLogging(const std::string& role_tag, LogLevel level);
 
 }  // namespace meshpost
 

@@ -1,15 +1,17 @@
 #include "ps/af_worker.h"
 
+#include <algorithm>
 #include <atomic>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 
 #include "common/clock.h"
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "tensor/device_staging.h"
+#include "van/codec.h"
 
 namespace meshpost {
 namespace {
@@ -21,6 +23,7 @@ constexpr size_t kFinishedKeep = 4096;
 
 struct Pending {
   uint64_t handle = 0;
+  uint64_t num_ids = 1;  // StepMesh ids [handle, handle + num_ids) name this batch
   int num_servers = 0;
   int slots_per_server = 0;
   KeyTensorBatch pull;  // holds owners: pull tensors stay alive until completion
@@ -31,6 +34,7 @@ struct Pending {
   std::vector<PinnedBuffer> staging;
   PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
   int64_t* stream_flag_device = nullptr;
+  int last_server = 0;             // whose answer arrived last: the batch's critical path
   Status status;                   // written before `done` is released
   std::atomic<bool> done{false};
 };
@@ -59,8 +63,12 @@ class AFTensorWorker::Impl : public DataHandler {
           " tensors, not divisible by the " + std::to_string(num_servers_) +
           " servers; expected num_servers * slots_per_server tensors, server-major");
     }
-    if (push.size() > 4096 || pull.size() / num_servers_ > 4096) {
-      return InvalidArgumentError(std::string(fn) + ": at most 4096 tensors per server each way");
+    if (push.size() > kMaxTensorsPerMessage ||
+        pull.size() / num_servers_ > kMaxTensorsPerMessage) {
+      return InvalidArgumentError(std::string(fn) + ": push has " + std::to_string(push.size()) +
+                                  " tensors and pull " + std::to_string(pull.size() / num_servers_) +
+                                  " per server; expected at most " +
+                                  std::to_string(kMaxTensorsPerMessage) + " each way");
     }
     for (size_t i = 0; i < push.size(); ++i) {
       const std::string where = std::string(fn) + ": push[" + std::to_string(i) + "]";
@@ -100,6 +108,8 @@ class AFTensorWorker::Impl : public DataHandler {
     p->traces.resize(num_servers_);
     p->answered.assign(num_servers_, 0);
     p->remaining = num_servers_;
+    // One id per push tensor and per pull slot position, as StepMesh allocates them.
+    p->num_ids = std::max<uint64_t>(1, push.size() + static_cast<uint64_t>(p->slots_per_server));
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (inflight_ >= ctx_->options().max_inflight) {
@@ -108,7 +118,8 @@ class AFTensorWorker::Impl : public DataHandler {
             " requests already in flight (max_inflight / MESHPOST_MAX_INFLIGHT=" +
             std::to_string(ctx_->options().max_inflight) + "); Wait on earlier handles first");
       }
-      p->handle = next_handle_++;
+      p->handle = next_handle_;
+      next_handle_ += p->num_ids;
       ++inflight_;
       pending_.emplace(p->handle, p);
     }
@@ -258,16 +269,25 @@ class AFTensorWorker::Impl : public DataHandler {
     return (*p)->done.load(std::memory_order_acquire);
   }
 
-  Result<std::vector<uint64_t>> GetAllHandlers(uint64_t handle) {
-    auto p = Find(handle, "GetAllHandlers");
+  Result<std::vector<uint64_t>> GetAllHandlers(uint64_t id) {
+    auto p = Find(id, "GetAllHandlers");
     if (!p.ok()) return p.status();
+    if ((*p)->handle != id) return std::vector<uint64_t>{id};
     std::vector<uint64_t> ids;
-    for (int s = 0; s < num_servers_; ++s) ids.push_back(RequestId(handle, s));
+    ids.reserve((*p)->num_ids);
+    for (uint64_t i = 0; i < (*p)->num_ids; ++i) ids.push_back(id + i);
     return ids;
   }
 
-  Result<std::vector<Trace>> FetchTrace(uint64_t handle) {
-    auto p = Find(handle, "FetchTrace");
+  Result<Trace> FetchRequestTrace(uint64_t id) {
+    auto p = Find(id, "FetchTrace");
+    if (!p.ok()) return p.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    return (*p)->traces[(*p)->last_server];
+  }
+
+  Result<std::vector<Trace>> FetchTrace(uint64_t id) {
+    auto p = Find(id, "FetchTrace");
     if (!p.ok()) return p.status();
     std::lock_guard<std::mutex> lock(mu_);
     return (*p)->traces;
@@ -345,6 +365,7 @@ class AFTensorWorker::Impl : public DataHandler {
                                         std::to_string(p->slots_per_server) + " pull slots"));
       } else {
         p->answered[s] = 1;
+        p->last_server = s;
         const int P = p->slots_per_server;
         for (int j = 0; j < P && !p->staging.empty(); ++j) {
           const size_t i = s * P + j;
@@ -443,17 +464,19 @@ class AFTensorWorker::Impl : public DataHandler {
     return d;
   }
 
-  Result<std::shared_ptr<Pending>> Find(uint64_t handle, const char* fn) {
+  // The batch that owns `id`: its handle or any id GetAllHandlers listed for it.
+  Result<std::shared_ptr<Pending>> Find(uint64_t id, const char* fn) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = pending_.find(handle);
-    if (it == pending_.end()) {
-      return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
-                           (handle < next_handle_ && handle > 0
-                                ? " completed long ago and was forgotten (only the last " +
-                                      std::to_string(kFinishedKeep) + " are kept)"
-                                : " was never returned by ZBatchPushPull"));
+    auto it = pending_.upper_bound(id);
+    if (it != pending_.begin()) {
+      --it;
+      if (id - it->first < it->second->num_ids) return it->second;
     }
-    return it->second;
+    return NotFoundError(std::string(fn) + ": handle " + std::to_string(id) +
+                         (id < next_handle_ && id > 0
+                              ? " completed long ago and was forgotten (only the last " +
+                                    std::to_string(kFinishedKeep) + " are kept)"
+                              : " was never returned by ZBatchPushPull"));
   }
 
   // Requires mu_. The pending request a response answers, if it still expects one.
@@ -538,7 +561,8 @@ class AFTensorWorker::Impl : public DataHandler {
   std::mutex mu_;
   uint64_t next_handle_ = 1;
   int inflight_ = 0;
-  std::unordered_map<uint64_t, std::shared_ptr<Pending>> pending_;
+  // Ordered by handle so that any id of a batch finds its batch (upper_bound - 1).
+  std::map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
   std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
@@ -566,8 +590,11 @@ Result<bool> AFTensorWorker::Done(uint64_t handle) { return impl_->Done(handle);
 Result<std::vector<uint64_t>> AFTensorWorker::GetAllHandlers(uint64_t handle) {
   return impl_->GetAllHandlers(handle);
 }
-Result<std::vector<Trace>> AFTensorWorker::FetchTrace(uint64_t handle) {
-  return impl_->FetchTrace(handle);
+Result<std::vector<Trace>> AFTensorWorker::FetchTrace(uint64_t id) {
+  return impl_->FetchTrace(id);
+}
+Result<Trace> AFTensorWorker::FetchRequestTrace(uint64_t id) {
+  return impl_->FetchRequestTrace(id);
 }
 int AFTensorWorker::num_servers() const { return impl_->num_servers(); }
 

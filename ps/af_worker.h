@@ -2,6 +2,11 @@
 // server and registers the pull tensors as destinations (server-major: with S servers and
 // S * P pull tensors, entry s * P + j is slot j of server s); it returns a 64-bit handle
 // that completes once every server has answered. Handles are never reused.
+//
+// StepMesh's id contract: a batch owns len(push) + P consecutive ids, the handle first
+// (one per push tensor and one per pull slot position). Wait, Done, FetchTrace and
+// GetAllHandlers accept every one of them; meshpost sends one message per server that
+// carries all of them, so each id's trace is that message's.
 #pragma once
 
 #include <cstdint>
@@ -38,11 +43,17 @@ class AFTensorWorker {
   // the server reported. timeout_ms < 0 waits without limit.
   Status Wait(uint64_t handle, int64_t timeout_ms);
   // True once the handle completed (successfully or not); NotFound for unknown handles.
+  // Wait and Done accept any id of the batch and refer to the whole batch.
   Result<bool> Done(uint64_t handle);
-  // Per-server request ids of a handle, in server-rank order.
-  Result<std::vector<uint64_t>> GetAllHandlers(uint64_t handle);
-  // One Trace per server, in server-rank order.
-  Result<std::vector<Trace>> FetchTrace(uint64_t handle);
+  // The batch's ids, the handle first (StepMesh's GetAllHandlers). For an id that is not
+  // a batch's first, just that id (as StepMesh answers for a non-batch timestamp).
+  Result<std::vector<uint64_t>> GetAllHandlers(uint64_t id);
+  // One Trace per server, in server-rank order (any id of the batch).
+  Result<std::vector<Trace>> FetchTrace(uint64_t id);
+  // StepMesh's per-id trace: the 8 stamps of the message that carried id's tensors, i.e.
+  // the request to the server whose answer completed the batch last (the critical path;
+  // server 0 until one answered). Any id of a batch is accepted.
+  Result<Trace> FetchRequestTrace(uint64_t id);
   int num_servers() const;
 
   class Impl;

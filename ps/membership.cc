@@ -5,6 +5,7 @@
 
 #include "common/clock.h"
 #include "common/logging.h"
+#include "ps/start_report.h"
 #include "ps/control.h"
 #include "ps/node_context.h"
 
@@ -40,13 +41,27 @@ Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
   MESHPOST_RETURN_IF_ERROR(router_->SendControl(
       ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})).Build()));
   std::unique_lock<std::mutex> lock(mu_);
-  // The scheduler's connection can fail before any table arrives (wrong cluster token):
+  // The scheduler knows (and logs) who is missing; a node can say whom it waits on, so a
+  // wrong DMLC_PS_ROOT_URI / DMLC_PS_ROOT_PORT shows before the start timeout. The
+  // scheduler's connection can also fail before any table arrives (wrong cluster token):
   // that ends the wait at once with the van's reason.
-  if (!WaitLocked(lock,
-                  [this] {
-                    return table_ready_ || !join_error_.ok() || !peer_status_[kSchedulerId].ok();
-                  },
-                  deadline)) {
+  auto joined_or_failed = [this] {
+    return table_ready_ || !join_error_.ok() || !peer_status_[kSchedulerId].ok();
+  };
+  const uint64_t began = GetNanosecond();
+  for (;;) {
+    const uint64_t report_at =
+        std::min(deadline, GetNanosecond() + uint64_t{kStartProgressIntervalMs} * 1000000);
+    if (WaitLocked(lock, joined_or_failed, report_at) || GetNanosecond() >= deadline) {
+      break;
+    }
+    MP_LOG_INFO(kLog,
+                "waiting for the cluster: no node table from the scheduler at {}:{} after {} s "
+                "(it lists who is missing; DMLC_NUM_WORKER={}, DMLC_NUM_SERVER={})",
+                opts_.root_uri, opts_.root_port, (GetNanosecond() - began) / 1000000000,
+                opts_.num_workers, opts_.num_servers);
+  }
+  if (!joined_or_failed()) {
     return DeadlineExceededError(
         "Start: no node table from the scheduler at " + opts_.root_uri + ":" +
         std::to_string(opts_.root_port) + " after " + std::to_string(opts_.start_timeout_ms) +
@@ -246,19 +261,27 @@ void Membership::OnPeerLeave(const Meta& m) {
     MP_LOG_ERROR(kLog, "PEER_LEAVE from non-peer node {} dropped", m.sender);
     return;
   }
-  PeerGone(m.sender, UnavailableError(m.body));
+  PeerGone(m.sender, UnavailableError(m.body), /*orderly=*/true);
 }
 
-void Membership::PeerGone(int id, const Status& why) {
+void Membership::PeerGone(int id, const Status& why, bool orderly) {
   if (!layout_.Contains(id)) return;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // A peer the scheduler announced as leaving whose connection closes is leaving.
+    orderly = orderly || leaving_.count(id) > 0;
     leaving_.erase(id);
     if (!peer_status_[id].ok()) return;
     peer_status_[id] = why;
     cv_.notify_all();
   }
-  MP_LOG_INFO(kLog, "peer down: {}", why.message());
+  // An orderly leave is the normal end of a run: debug, so a clean stop prints nothing
+  // alarming. A death is a warning here; the handles it fails carry the error.
+  if (orderly) {
+    MP_LOG_DEBUG(kLog, "peer left: {}", why.message());
+  } else {
+    MP_LOG_WARN(kLog, "peer down: {}", why.message());
+  }
   // Never call into the worker/server holding our lock.
   if (on_peer_down_) on_peer_down_(id, why);
 }
@@ -297,7 +320,10 @@ void Membership::Evicted(const std::string& why) {
 void Membership::StartHeartbeats() {
   std::lock_guard<std::mutex> lock(mu_);
   heartbeats_running_ = true;
-  heartbeat_thread_ = std::thread([this] { HeartbeatLoop(); });
+  heartbeat_thread_ = std::thread([this] {
+    PinCurrentThread(router_->pinner(), "heartbeat");
+    HeartbeatLoop();
+  });
 }
 
 void Membership::StopHeartbeats() {

@@ -43,7 +43,7 @@ class Membership {
   void OnControl(const Meta& m);    // from the scheduler
   void OnPeerLeave(const Meta& m);  // a data peer's PEER_LEAVE
   // A data peer died (van failure, scheduler's NODE_DOWN) or finished leaving.
-  void PeerGone(int id, const Status& why);
+  void PeerGone(int id, const Status& why, bool orderly = false);
   // The scheduler told this node it was evicted: fail everything with that reason.
   void Evicted(const std::string& why);
   // OK while node `id` is alive; otherwise why it is not (died, left, leaving).

@@ -1,5 +1,7 @@
 #include "ps/options.h"
 
+#include <algorithm>
+#include <cctype>
 #include <climits>
 #include <thread>
 
@@ -19,7 +21,155 @@ const char* RoleName(Role role) {
   return "unknown";
 }
 
+LogLevel Options::EffectiveLogLevel() const {
+  return log_level != LogLevel::kUnset ? log_level : LogLevelFromVerbose(verbose);
+}
+
 namespace {
+
+using G = OptionGroup;
+
+// The one list of variables. Order is the order of the docs' tables.
+const std::vector<OptionSpec> kTable = {
+    {"DMLC_ROLE", "", G::kLaunch, "required", "`scheduler`, `server`, `worker`",
+     "this process's role"},
+    {"DMLC_PS_ROOT_URI", "root_uri", G::kLaunch, "required", "host name or IP",
+     "scheduler host"},
+    {"DMLC_PS_ROOT_PORT", "root_port", G::kLaunch, "required",
+     "1–65535; `0` only for the scheduler (picks a free port, see `MESHPOST_PORT_FD`)",
+     "scheduler port"},
+    {"DMLC_NUM_WORKER", "num_workers", G::kLaunch, "required", "1–4096",
+     "number of workers (attention ranks) in the cluster"},
+    {"DMLC_NUM_SERVER", "num_servers", G::kLaunch, "required", "1–4096",
+     "number of servers (FFN ranks) in the cluster"},
+    {"DMLC_GROUP_SIZE", "group_size", G::kLaunch, "1", "1–4096",
+     "ranks per node (e.g. GPUs per host); a factor of the rank"},
+    {"DMLC_NODE_RANK", "node_rank", G::kLaunch, "0", "0–4095", "node index within the role"},
+    {"STEPMESH_GPU", "gpu", G::kLaunch, "0", "0–4095",
+     "device index of this process within its node; a term of the rank"},
+    {"DMLC_INSTANCE_ID", "instance", G::kLaunch, "`STEPMESH_GPU`", "0–4095",
+     "instance index within the node group (informational: meshpost runs one instance per "
+     "process)"},
+    {"DMLC_RANK_OFFSET", "rank_offset", G::kLaunch, "0", "-4096–4096",
+     "added to the rank (e.g. `-STEPMESH_GPU` for one cluster per GPU)"},
+    {"DMLC_NODE_HOST", "node_host", G::kLaunch,
+     "from `DMLC_INTERFACE`, else `127.0.0.1` when the root URI is loopback, else the first "
+     "non-loopback IPv4",
+     "host/IP", "address advertised to peers"},
+    {"DMLC_INTERFACE", "interface", G::kLaunch, "unset",
+     "an interface name (`eth0`; unknown names list the interfaces that exist) or `auto` "
+     "(first up non-loopback IPv4 interface; loopback when the root URI is loopback)",
+     "network interface whose IPv4 address is advertised"},
+    {"DMLC_PORT", "port", G::kLaunch, "0 (OS-assigned)", "0–65535",
+     "fixed port for this worker/server"},
+    {"DMLC_ENABLE_RDMA", "enable_rdma", G::kLaunch, "unset (no RDMA)",
+     "`zmq`/`0`/`false`: no RDMA (same-host transport between co-located processes, tcp "
+     "between hosts); `ibverbs`/`1`/`true`: RDMA between hosts (co-located pairs keep the "
+     "same-host transport; Start fails naming the device probe's reason when a pair on "
+     "different hosts needs RDMA and there is no device). `fabric`, `ucx`, `tp`, `multivan` "
+     "are refused with the list of supported values",
+     "StepMesh's van selection"},
+    {"DMLC_PS_VAN_TYPE", "", G::kLaunch, "`zmq`", "as `DMLC_ENABLE_RDMA`",
+     "read when `DMLC_ENABLE_RDMA` is unset (ps-lite's name)"},
+    {"DMLC_ENABLE_UCX", "", G::kLaunch, "0", "`0`; `1` is refused (meshpost has no UCX van)",
+     "StepMesh's UCX switch"},
+    {"PS_VERBOSE", "verbose", G::kLaunch, "0",
+     "0 info, 1 debug, 2 (or more) trace; `MESHPOST_LOG_LEVEL` wins", "log level (StepMesh's)"},
+    {"STEPMESH_BIND_CPU_CORE", "bind_cpu_core", G::kLaunch, "0",
+     "boolean (StepMesh defaults to 1; meshpost to 0, as it also runs on shared laptops)",
+     "pin meshpost's own threads (receive, progress, heartbeat) to consecutive cores"},
+    {"STEPMESH_CPU_START_OFFSET", "cpu_start_offset", G::kLaunch, "0", "0–65535",
+     "first core for `STEPMESH_BIND_CPU_CORE`; a core this process may not use gives one "
+     "warning and no pinning, never a failure"},
+
+    {"MESHPOST_TRANSPORT", "transport", G::kMeshpost,
+     "`auto` (per pair: same host > rdma (when `DMLC_ENABLE_RDMA` asks for it) > tcp)",
+     "`auto`, `cma`, `rdma`, `tcp`; forcing one that cannot run (not built, no device, peer "
+     "on another host) fails `Start` saying why",
+     "data transport between workers and servers, forced for every pair"},
+    {"MESHPOST_LOG_LEVEL", "log_level", G::kMeshpost, "from `PS_VERBOSE` (info)",
+     "`trace`, `debug`, `info`, `warn`, `error`, `off`", "log level"},
+    {"MESHPOST_CMA_DISABLE", "cma_disable", G::kMeshpost, "0", "boolean",
+     "same-host transport: skip cross-memory attach and copy through shared memory (the "
+     "automatic fallback where CMA is refused)"},
+    {"MESHPOST_HEARTBEAT_INTERVAL_MS", "heartbeat_interval_ms", G::kMeshpost, "1000",
+     "10–600000", "heartbeat period"},
+    {"MESHPOST_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", G::kMeshpost, "6000",
+     "≥ 2 × interval", "silence after which a node is declared dead"},
+    {"MESHPOST_SPIN_US", "spin_us", G::kMeshpost,
+     "50 on machines with ≥ 4 cores, 0 below (spinning there steals the core the answer "
+     "needs)",
+     "0–10000000", "spin before blocking in every wait"},
+    {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
+     "never block (dedicated cores)"},
+    {"MESHPOST_START_TIMEOUT_MS", "start_timeout_ms", G::kMeshpost, "120000", "≥ 100",
+     "limit for rendezvous in `Start()`; who is missing is logged every 5 s"},
+    {"MESHPOST_MAX_INFLIGHT", "max_inflight", G::kMeshpost, "1024", "1–1048576",
+     "pending requests per worker"},
+    {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
+     "an open fd; used by launchers with `DMLC_PS_ROOT_PORT=0`",
+     "(scheduler) file descriptor to which the bound port is written, then closed"},
+    {"MESHPOST_CLUSTER_TOKEN", "cluster_token", G::kMeshpost,
+     "unset (unauthenticated; the local launchers generate one per cluster)",
+     "≥ 16 bytes; not together with `MESHPOST_CLUSTER_TOKEN_FILE`",
+     "cluster secret: every connection proves knowledge of it, and messages are attributed to "
+     "the authenticated peer (docs/security.md)"},
+    {"MESHPOST_CLUSTER_TOKEN_FILE", "cluster_token_file", G::kMeshpost, "unset",
+     "a readable file with ≥ 16 bytes",
+     "file holding the cluster secret (trailing whitespace ignored)"},
+    {"MESHPOST_MAX_MESSAGE_BYTES", "max_message_bytes", G::kMeshpost, "1073741824 (1 GiB)",
+     "≥ 4096",
+     "largest frame a peer may send; a larger one closes that connection before anything is "
+     "allocated"},
+
+    {"MESHPOST_RDMA_DEVICE", "rdma_device", G::kRdma, "the first device with an active port",
+     "a device name (`mlx5_0`), optionally `:port`", "RDMA device"},
+    {"MESHPOST_RDMA_PORT", "rdma_port", G::kRdma, "the first active port", "1–255",
+     "device port"},
+    {"MESHPOST_RDMA_GID_INDEX", "rdma_gid_index", G::kRdma,
+     "-1 (RoCE v2 GID of `DMLC_INTERFACE`'s address, else the first usable)", "-1–1023",
+     "GID table index"},
+    {"MESHPOST_RDMA_INLINE", "rdma_inline", G::kRdma, "the device's limit", "0–4096",
+     "largest payload sent inline"},
+    {"MESHPOST_RDMA_HEADER_SLOTS", "rdma_header_slots", G::kRdma, "see docs/rdma.md",
+     "1–the van's maximum", "header ring slots per peer"},
+    {"MESHPOST_RDMA_HEADER_BYTES", "rdma_header_bytes", G::kRdma, "see docs/rdma.md",
+     "the van's slot size range", "bytes per header slot"},
+    {"MESHPOST_RDMA_MR_CACHE", "rdma_mr_cache", G::kRdma, "see docs/rdma.md", "1–1048576",
+     "registered memory regions kept"},
+
+    {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "", "meshpost opens one queue pair per peer; "
+     "balancing QPs over bonded (LAG) ports is not implemented", "QP balance over bonded NICs"},
+    {"STEPMESH_DROP_RATE", "", G::kIgnored, "", "a fault-injection knob of StepMesh's tests; "
+     "meshpost's tests kill and freeze peers instead", "drop a share of messages (testing)"},
+    {"PS_DROP_MSG", "", G::kIgnored, "", "as `STEPMESH_DROP_RATE` (ps-lite's name)",
+     "drop a share of messages (testing)"},
+    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; GPU tensors "
+     "are not supported yet (see README)", "sync GPU kernels through host memory"},
+    {"STEPMESH_BACKEND", "", G::kIgnored, "", "the tensor's device chooses the backend",
+     "CPU or GPU backend"},
+    {"STEPMESH_BAKCEND", "", G::kIgnored, "", "StepMesh's spelling in its docs; as "
+     "`STEPMESH_BACKEND`", "CPU or GPU backend"},
+    {"STEPMESH_CPU_CORES_PER_SOCKET", "", G::kIgnored, "", "meshpost pins from "
+     "`STEPMESH_CPU_START_OFFSET` only; NUMA placement is left to `numactl`/`taskset`",
+     "cores per socket for pinning"},
+    {"STEPMESH_CPU_CORES_PER_GPU", "", G::kIgnored, "", "as `STEPMESH_CPU_CORES_PER_SOCKET`",
+     "cores per GPU for pinning"},
+    {"DMLC_LOCAL", "", G::kIgnored, "", "same-host peers are detected (host identity) and use "
+     "the same-host transport without it", "run on one machine"},
+    {"DMLC_NUM_PORTS", "", G::kIgnored, "", "one port per node; meshpost's rdma van uses one "
+     "device port", "ports per node"},
+    {"PS_RESEND", "", G::kIgnored, "", "meshpost does not resend: transports are reliable and a "
+     "dead peer fails the pending handles", "resend unacknowledged messages"},
+    {"PS_RESEND_TIMEOUT", "", G::kIgnored, "", "as `PS_RESEND`", "resend timeout"},
+    {"ENABLE_PROFILING", "", G::kIgnored, "", "use `fetch_trace` / `fetch_traces` (per-request "
+     "stamps) instead", "van profiling to a file"},
+    {"PROFILE_PATH", "", G::kIgnored, "", "as `ENABLE_PROFILING`", "van profiling file"},
+    {"BYTEPS_ENABLE_MIXED_MODE", "", G::kIgnored, "", "ranks come from the launch variables, "
+     "not from host ordering", "BytePS rank ordering"},
+    {"BYTEPS_ORDERED_HOSTS", "", G::kIgnored, "", "as `BYTEPS_ENABLE_MIXED_MODE`",
+     "BytePS rank ordering"},
+};
 
 constexpr const char* kRequired =
     "required: DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_WORKER, "
@@ -49,9 +199,157 @@ Status ReadBool(const EnvLookup& env, const char* name, bool* out) {
   return OkStatus();
 }
 
+std::string Lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+
+constexpr const char* kVanValues =
+    "supported: zmq or 0 (no RDMA: the same-host transport between co-located processes, "
+    "tcp between hosts), ibverbs or 1 (RDMA between hosts); unset means zmq";
+
+// StepMesh picks its van from DMLC_ENABLE_RDMA, else DMLC_PS_VAN_TYPE, else zmq; UCX has
+// its own switch. meshpost has the zmq (tcp) and ibverbs (rdma) vans of that list.
+Status ReadVanType(const EnvLookup& env, bool* enable_rdma, std::string* setting) {
+  if (const char* ucx = env("DMLC_ENABLE_UCX")) {
+    auto on = ParseBool("DMLC_ENABLE_UCX", ucx);
+    if (!on.ok()) return on.status();
+    if (*on) {
+      return InvalidArgumentError(std::string("DMLC_ENABLE_UCX=") + ucx +
+                                  ": meshpost has no UCX van; " + kVanValues +
+                                  " (DMLC_ENABLE_RDMA)");
+    }
+  }
+  const char* name = "DMLC_ENABLE_RDMA";
+  const char* v = env(name);
+  if (v == nullptr) {
+    name = "DMLC_PS_VAN_TYPE";
+    v = env(name);
+  }
+  if (v == nullptr) return OkStatus();
+  *setting = std::string(name) + "=" + v;
+  const std::string value = Lower(v);
+  if (value == "zmq" || value == "0" || value == "false" || value == "no" || value == "off" ||
+      value.empty()) {
+    *enable_rdma = false;
+    return OkStatus();
+  }
+  if (value == "ibverbs" || value == "1" || value == "true" || value == "yes" || value == "on") {
+    *enable_rdma = true;
+    return OkStatus();
+  }
+  if (value == "fabric" || value == "ucx" || value == "tp" || value == "multivan") {
+    return InvalidArgumentError(std::string(name) + "='" + v + "' selects StepMesh's " + value +
+                                " van, which meshpost does not have; " + kVanValues);
+  }
+  return InvalidArgumentError(std::string(name) + "='" + v + "' is not a van type; " +
+                              kVanValues);
+}
+
+size_t EditDistance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+const OptionSpec* Known(const std::string& name) {
+  for (const OptionSpec& o : kTable) {
+    if (name == o.variable) return &o;
+  }
+  return nullptr;
+}
+
+// Variables of meshpost's own tools (tests, benchmarks, demo, build and CI scripts), which
+// share the MESHPOST_ prefix but are not options of a node.
+bool IsToolVariable(const std::string& name) {
+  for (const char* prefix : {"MESHPOST_ITEST_", "MESHPOST_BENCH_", "MESHPOST_DEMO_",
+                             "MESHPOST_BUILD_", "MESHPOST_PYTEST_", "MESHPOST_TEST_",
+                             "MESHPOST_DEPS", "MESHPOST_CI_"}) {
+    if (name.rfind(prefix, 0) == 0) return true;
+  }
+  return false;
+}
+
+void NoteNames(const EnvLookup& env, const std::vector<std::string>& names, Options* o) {
+  for (const std::string& name : names) {
+    const OptionSpec* spec = Known(name);
+    if (spec != nullptr) {
+      if (spec->group == G::kIgnored) {
+        const char* v = env(name.c_str());
+        o->ignored.push_back(name + "=" + (v ? v : "") + " accepted and ignored: " +
+                             spec->valid);
+      }
+      continue;
+    }
+    if (name.rfind("MESHPOST_", 0) == 0 && !IsToolVariable(name)) {
+      o->warnings.push_back("unknown variable " + name + " ignored; did you mean " +
+                            ClosestKnownVariable(name) + "? (see docs/configuration.md)");
+    }
+  }
+}
+
 }  // namespace
 
-Result<Options> OptionsFromEnv(const EnvLookup& env) {
+const char* OptionGroupName(OptionGroup group) {
+  switch (group) {
+    case G::kLaunch: return "launch";
+    case G::kMeshpost: return "meshpost";
+    case G::kRdma: return "rdma";
+    case G::kIgnored: return "ignored";
+  }
+  return "unknown";
+}
+
+const std::vector<OptionSpec>& OptionTable() { return kTable; }
+
+std::string ClosestKnownVariable(const std::string& name) {
+  const OptionSpec* best = nullptr;
+  size_t best_d = SIZE_MAX;
+  // Prefer meshpost's own names for a MESHPOST_* typo, then any name.
+  for (int pass = 0; pass < 2 && best == nullptr; ++pass) {
+    for (const OptionSpec& o : kTable) {
+      const std::string v = o.variable;
+      if (pass == 0 && v.rfind("MESHPOST_", 0) != 0) continue;
+      const size_t d = EditDistance(name, v);
+      if (d < best_d) {
+        best_d = d;
+        best = &o;
+      }
+    }
+  }
+  return best == nullptr ? std::string() : best->variable;
+}
+
+std::string OptionTableMarkdown(OptionGroup group) {
+  std::string out;
+  if (group == G::kIgnored) {
+    out += "| variable | StepMesh meaning | why meshpost ignores it |\n|---|---|---|\n";
+  } else {
+    out += "| variable | Python keyword | meaning | default | valid values |\n"
+           "|---|---|---|---|---|\n";
+  }
+  for (const OptionSpec& o : kTable) {
+    if (o.group != group) continue;
+    out += std::string("| `") + o.variable + "` | ";
+    if (group == G::kIgnored) {
+      out += std::string(o.meaning) + " | " + o.valid + " |\n";
+      continue;
+    }
+    out += (*o.keyword ? std::string("`") + o.keyword + "`" : std::string("—")) + " | " +
+           o.meaning + " | " + o.default_value + " | " + o.valid + " |\n";
+  }
+  return out;
+}
+
+Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::string>& names) {
   Options o;
   const char* role = env("DMLC_ROLE");
   if (role == nullptr) return Missing("DMLC_ROLE");
@@ -73,15 +371,24 @@ Result<Options> OptionsFromEnv(const EnvLookup& env) {
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_NUM_SERVER", 1, 4096, true, &o.num_servers));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_GROUP_SIZE", 1, 4096, false, &o.group_size));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_NODE_RANK", 0, 4095, false, &o.node_rank));
-  // StepMesh names the instance STEPMESH_GPU; DMLC_INSTANCE_ID is the neutral alias.
+  // StepMesh: the rank counts STEPMESH_GPU; DMLC_INSTANCE_ID defaults to it.
+  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "STEPMESH_GPU", 0, 4095, false, &o.gpu));
+  o.instance = o.gpu;
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_INSTANCE_ID", 0, 4095, false, &o.instance));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "STEPMESH_GPU", 0, 4095, false, &o.instance));
+  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_RANK_OFFSET", -4096, 4096, false, &o.rank_offset));
   if (const char* v = env("DMLC_NODE_HOST")) o.node_host = v;
   if (const char* v = env("DMLC_INTERFACE")) o.interface = v;
+  if (Lower(o.interface) == "auto") o.interface = "auto";
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_PORT", 0, 65535, false, &o.port));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "PS_VERBOSE", 0, 2, false, &o.verbose));
-  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "DMLC_ENABLE_RDMA", &o.enable_rdma));
+  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "PS_VERBOSE", 0, INT_MAX, false, &o.verbose));
+  if (const char* v = env("MESHPOST_LOG_LEVEL")) {
+    MESHPOST_ASSIGN_OR_RETURN(o.log_level, ParseLogLevel("MESHPOST_LOG_LEVEL", v));
+  }
+  MESHPOST_RETURN_IF_ERROR(ReadVanType(env, &o.enable_rdma, &o.enable_rdma_setting));
   if (const char* v = env("MESHPOST_TRANSPORT")) o.transport = v;
+  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "STEPMESH_BIND_CPU_CORE", &o.bind_cpu_core));
+  MESHPOST_RETURN_IF_ERROR(
+      ReadInt(env, "STEPMESH_CPU_START_OFFSET", 0, 65535, false, &o.cpu_start_offset));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_HEARTBEAT_INTERVAL_MS", 10, 600000, false,
                                    &o.heartbeat_interval_ms));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_HEARTBEAT_TIMEOUT_MS", 50, 3600000, false,
@@ -101,6 +408,11 @@ Result<Options> OptionsFromEnv(const EnvLookup& env) {
     MESHPOST_ASSIGN_OR_RETURN(o.max_message_bytes,
                               ParseInt("MESHPOST_MAX_MESSAGE_BYTES", v, 4096, INT64_MAX));
   }
+  for (const OptionSpec& spec : kTable) {
+    if (spec.group != G::kRdma) continue;
+    if (const char* v = env(spec.variable)) o.rdma_env[spec.variable] = v;
+  }
+  NoteNames(env, names, &o);
   MESHPOST_RETURN_IF_ERROR(o.Validate());
   return o;
 }
@@ -121,29 +433,38 @@ Status Options::Validate() const {
   if (num_workers < 1) return bad("num_workers (DMLC_NUM_WORKER)", std::to_string(num_workers), ">= 1");
   if (num_servers < 1) return bad("num_servers (DMLC_NUM_SERVER)", std::to_string(num_servers), ">= 1");
   if (group_size < 1) return bad("group_size (DMLC_GROUP_SIZE)", std::to_string(group_size), ">= 1");
-  if (instance < 0 || instance >= group_size) {
-    return bad("instance (STEPMESH_GPU / DMLC_INSTANCE_ID)", std::to_string(instance),
-               "0 <= instance < DMLC_GROUP_SIZE=" + std::to_string(group_size));
-  }
+  if (gpu < 0) return bad("gpu (STEPMESH_GPU)", std::to_string(gpu), ">= 0");
+  if (instance < 0) return bad("instance (DMLC_INSTANCE_ID)", std::to_string(instance), ">= 0");
   if (node_rank < 0) return bad("node_rank (DMLC_NODE_RANK)", std::to_string(node_rank), ">= 0");
   if (role != Role::kScheduler) {
     const int count = role == Role::kServer ? num_servers : num_workers;
-    if (Rank() >= count) {
-      return bad(std::string(RoleName(role)) + " rank (DMLC_NODE_RANK * DMLC_GROUP_SIZE + instance)",
-                 std::to_string(Rank()),
-                 "< " + std::to_string(count) + " (DMLC_NUM_" +
-                     (role == Role::kServer ? "SERVER" : "WORKER") + ")");
+    if (Rank() < 0 || Rank() >= count) {
+      const char* var = role == Role::kServer ? "DMLC_NUM_SERVER" : "DMLC_NUM_WORKER";
+      std::string want = "0 <= rank < " + std::to_string(count) + " (" + var + ")";
+      // StepMesh counts DMLC_NUM_* per node group (DMLC_NUM_WORKER x DMLC_GROUP_SIZE
+      // instances); meshpost counts ranks. Say so where that is the likely mix-up.
+      if (group_size > 1 && Rank() >= 0 && Rank() < count * group_size) {
+        want += "; meshpost's DMLC_NUM_WORKER/DMLC_NUM_SERVER count ranks, not StepMesh's "
+                "node groups: set " + std::string(var) + "=" +
+                std::to_string(count * group_size) + " for " + std::to_string(count) +
+                " node(s) of DMLC_GROUP_SIZE=" + std::to_string(group_size);
+      }
+      return bad(std::string(RoleName(role)) +
+                     " rank (DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU + DMLC_RANK_OFFSET = " +
+                     std::to_string(node_rank) + " * " + std::to_string(group_size) + " + " +
+                     std::to_string(gpu) + " + " + std::to_string(rank_offset) + ")",
+                 std::to_string(Rank()), want);
     }
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
-  if (verbose < 0 || verbose > 2) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), "0, 1 or 2");
+  if (verbose < 0) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), ">= 0");
   if (transport != "auto" && !IsKnownTransport(transport)) {
     return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
                "auto, " + KnownTransportNames());
   }
-  if (enable_rdma && transport != "auto" && transport != "rdma") {
-    return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
-               "auto or rdma when DMLC_ENABLE_RDMA=1");
+  if (cpu_start_offset < 0) {
+    return bad("cpu_start_offset (STEPMESH_CPU_START_OFFSET)", std::to_string(cpu_start_offset),
+               ">= 0");
   }
   if (heartbeat_interval_ms < 10) {
     return bad("heartbeat_interval_ms", std::to_string(heartbeat_interval_ms), ">= 10");

@@ -1,13 +1,18 @@
-// Launch configuration. Every DMLC_* / MESHPOST_* variable maps to one field here;
-// OptionsFromEnv() is the one place the environment is read, and Validate() checks any
-// options object (from env or built in code) with messages naming the field and value.
+// Launch configuration. Every DMLC_* / STEPMESH_* / MESHPOST_* variable maps to one field
+// here; OptionsFromEnv() is the one place the environment is read, and Validate() checks
+// any options object (from env or built in code) with messages naming the field and value.
+// OptionTable() is the one list of variables: the Python keyword map and the tables in
+// docs/configuration.md are generated from it (tests check that they agree).
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/env.h"
+#include "common/log_level.h"
 #include "common/result.h"
 
 namespace meshpost {
@@ -30,19 +35,24 @@ struct Options {
   int num_servers = 1;                 // DMLC_NUM_SERVER
   int group_size = 1;                  // DMLC_GROUP_SIZE
   int node_rank = 0;                   // DMLC_NODE_RANK
-  int instance = 0;                    // STEPMESH_GPU or DMLC_INSTANCE_ID
+  int gpu = 0;                         // STEPMESH_GPU: device index, part of the rank
+  int instance = 0;                    // DMLC_INSTANCE_ID (default: STEPMESH_GPU)
+  int rank_offset = 0;                 // DMLC_RANK_OFFSET
   std::string node_host;               // DMLC_NODE_HOST (default: from interface / root)
-  std::string interface;               // DMLC_INTERFACE
+  std::string interface;               // DMLC_INTERFACE ("auto": see docs/configuration.md)
   int port = 0;                        // DMLC_PORT (0: OS-assigned)
-  int verbose = 0;                     // PS_VERBOSE 0/1/2
-  bool enable_rdma = false;            // DMLC_ENABLE_RDMA
+  int verbose = 0;                     // PS_VERBOSE: 0 info, 1 debug, >= 2 trace
+  LogLevel log_level = LogLevel::kUnset;  // MESHPOST_LOG_LEVEL (wins over PS_VERBOSE)
+  // DMLC_ENABLE_RDMA (or DMLC_PS_VAN_TYPE): pairs on different hosts must use RDMA;
+  // co-located pairs keep the same-host transport.
+  bool enable_rdma = false;
+  std::string enable_rdma_setting;     // e.g. "DMLC_ENABLE_RDMA=ibverbs", for messages
   std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
-  // The transport a data pair must use ("" = choose per pair); DMLC_ENABLE_RDMA=1 is rdma.
-  std::string ForcedTransport() const {
-    if (enable_rdma) return "rdma";
-    return transport == "auto" ? std::string() : transport;
-  }
+  // The transport every data pair must use ("" = choose per pair).
+  std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }
   bool cma_disable = false;            // MESHPOST_CMA_DISABLE: same-host van copies via shm
+  bool bind_cpu_core = false;          // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
+  int cpu_start_offset = 0;            // STEPMESH_CPU_START_OFFSET: first core to pin to
   int heartbeat_interval_ms = 1000;    // MESHPOST_HEARTBEAT_INTERVAL_MS
   int heartbeat_timeout_ms = 6000;     // MESHPOST_HEARTBEAT_TIMEOUT_MS
   int64_t spin_us = DefaultSpinUs();    // MESHPOST_SPIN_US: spin before blocking
@@ -58,12 +68,50 @@ struct Options {
   // GPU tensors are moved through this backend; null means CudaBackend(). Not from the
   // environment: tests set a FakeBackend (which must outlive the node).
   DeviceBackend* device_backend = nullptr;
+  // MESHPOST_RDMA_* as given; the rdma van parses them (its errors name the variable).
+  std::map<std::string, std::string> rdma_env;
+  // Lines for the log at Start: unknown MESHPOST_* variables (warn, naming the closest
+  // known one) and StepMesh variables meshpost accepts and ignores (debug, with why).
+  std::vector<std::string> warnings;
+  std::vector<std::string> ignored;
 
-  // Global rank of a worker or server: node_rank * group_size + instance.
-  int Rank() const { return node_rank * group_size + instance; }
+  // Global rank of a worker or server, as StepMesh computes it:
+  // DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU + DMLC_RANK_OFFSET.
+  int Rank() const { return node_rank * group_size + gpu + rank_offset; }
+  // MESHPOST_LOG_LEVEL when set, else PS_VERBOSE's level.
+  LogLevel EffectiveLogLevel() const;
   Status Validate() const;
 };
 
-Result<Options> OptionsFromEnv(const EnvLookup& env = ProcessEnv());
+// Reads every variable through `env`. `names` (every variable set, e.g. ProcessEnvNames())
+// lets it warn about unknown MESHPOST_* names and note ignored StepMesh ones.
+Result<Options> OptionsFromEnv(const EnvLookup& env = ProcessEnv(),
+                               const std::vector<std::string>& names = ProcessEnvNames());
+
+// ---- the option table ----
+
+enum class OptionGroup {
+  kLaunch,    // ps-lite / BytePS / StepMesh launch variables
+  kMeshpost,  // meshpost's own options
+  kRdma,      // the rdma van's options (parsed by van/rdma)
+  kIgnored,   // StepMesh variables accepted and ignored, with why
+};
+const char* OptionGroupName(OptionGroup group);
+
+struct OptionSpec {
+  const char* variable;
+  const char* keyword;  // Python keyword argument ("" when there is none)
+  OptionGroup group;
+  const char* default_value;
+  const char* valid;    // accepted values; for kIgnored rows: why it is ignored
+  const char* meaning;
+};
+
+const std::vector<OptionSpec>& OptionTable();
+// The markdown table of one group, as docs/configuration.md holds it between
+// "<!-- options:NAME -->" and "<!-- /options:NAME -->".
+std::string OptionTableMarkdown(OptionGroup group);
+// The known variable closest to `name` (edit distance), for "did you mean" messages.
+std::string ClosestKnownVariable(const std::string& name);
 
 }  // namespace meshpost

@@ -15,6 +15,8 @@
 #include "ps/node.h"
 #include "ps/node_context.h"
 #include "ps/scheduler.h"
+#include "ps/start_report.h"
+#include "ps/transport_policy.h"
 #include "ps/van_router.h"
 
 namespace meshpost {
@@ -46,7 +48,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         router_(opts_, my_id_, layout_.num_nodes(), std::move(make_van)) {
     ConfigureLogging(std::string(RoleName(opts_.role)) +
                          (opts_.role == Role::kScheduler ? "" : ":" + std::to_string(opts_.Rank())),
-                     opts_.verbose);
+                     opts_.EffectiveLogLevel());
     if (opts_.role == Role::kScheduler) {
       scheduler_ = std::make_unique<Scheduler>(opts_, layout_, &router_);
     } else {
@@ -126,6 +128,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       MESHPOST_ASSIGN_OR_RETURN(self.vans, router_.StartDataVans(host, this));
     }
     MP_LOG_INFO(kLog, "{} listening on {}:{}", RoleName(opts_.role), host, port_);
+    for (const std::string& w : opts_.warnings) MP_LOG_WARN(kLog, "{}", w);
+    for (const std::string& note : opts_.ignored) MP_LOG_DEBUG(kLog, "{}", note);
 
     const uint64_t deadline = DeadlineFromTimeoutMs(opts_.start_timeout_ms);
     if (scheduler_) {
@@ -138,7 +142,17 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     }
     Status b = Barrier(kAllGroups, std::max<int64_t>(0, (deadline - GetNanosecond()) / 1000000));
     if (!b.ok()) return b.Annotate("Start: start barrier");
-    MP_LOG_INFO(kLog, "started: {} workers, {} servers", opts_.num_workers, opts_.num_servers);
+    if (scheduler_) {
+      MP_LOG_INFO(kLog, "started: {} workers, {} servers", opts_.num_workers, opts_.num_servers);
+    } else {
+      const std::map<std::string, std::string> transports = Transports();
+      MP_LOG_INFO(kLog, "started: {} workers, {} servers; transports: {}", opts_.num_workers,
+                  opts_.num_servers, TransportSummary(transports));
+      if (opts_.enable_rdma && opts_.ForcedTransport().empty() && !router_.AnyRemotePeer()) {
+        const std::string via = transports.empty() ? std::string("cma") : transports.begin()->second;
+        MP_LOG_INFO(kLog, "{}", RdmaNotNeededNote(opts_, via));
+      }
+    }
     return OkStatus();
   }
 
@@ -240,7 +254,12 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
  private:
   Result<std::string> AdvertisedHost() const {
     if (!opts_.node_host.empty()) return opts_.node_host;
-    if (!opts_.interface.empty()) return InterfaceAddress(opts_.interface);
+    // DMLC_INTERFACE=auto (StepMesh's launch scripts): the rules below, which are what
+    // StepMesh picks without a GPU-to-NIC map: loopback for a loopback root, else the first
+    // up non-loopback IPv4 interface.
+    if (!opts_.interface.empty() && opts_.interface != "auto") {
+      return InterfaceAddress(opts_.interface);
+    }
     if (opts_.role == Role::kScheduler) return opts_.root_uri;
     if (IsLoopback(opts_.root_uri)) return std::string("127.0.0.1");
     return DefaultHostAddress();

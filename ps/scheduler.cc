@@ -7,6 +7,7 @@
 #include "common/logging.h"
 #include "ps/control.h"
 #include "ps/node_context.h"
+#include "ps/start_report.h"
 
 namespace meshpost {
 namespace {
@@ -35,13 +36,27 @@ bool Scheduler::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64
 
 Status Scheduler::AwaitNodes(uint64_t deadline) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (WaitLocked(lock, [this] { return table_published_; }, deadline)) return OkStatus();
-  std::string missing;
-  for (int id = 1; id < layout_.num_nodes(); ++id) {
-    if (!registered_.count(id)) missing += (missing.empty() ? "" : ", ") + layout_.Describe(id);
+  auto missing = [this] {
+    std::vector<std::string> out;
+    for (int id = 1; id < layout_.num_nodes(); ++id) {
+      if (!registered_.count(id)) out.push_back(layout_.Describe(id));
+    }
+    return out;
+  };
+  // Every few seconds say who is still missing, so a wrong port or a dead node shows long
+  // before the start timeout.
+  for (;;) {
+    const uint64_t report_at =
+        std::min(deadline, GetNanosecond() + uint64_t{kStartProgressIntervalMs} * 1000000);
+    if (WaitLocked(lock, [this] { return table_published_; }, report_at)) return OkStatus();
+    if (GetNanosecond() >= deadline) break;
+    MP_LOG_INFO(kLog, "{}", WaitingFor(missing(), static_cast<int>(registered_.size()),
+                                       layout_.num_nodes() - 1));
   }
+  std::string names;
+  for (const std::string& m : missing()) names += (names.empty() ? "" : ", ") + m;
   return DeadlineExceededError("Start: scheduler waited " + std::to_string(opts_.start_timeout_ms) +
-                               " ms (MESHPOST_START_TIMEOUT_MS) for nodes; missing: " + missing);
+                               " ms (MESHPOST_START_TIMEOUT_MS) for nodes; missing: " + names);
 }
 
 Status Scheduler::Barrier(int mask, int64_t timeout_ms) {
@@ -162,8 +177,10 @@ void Scheduler::OnRegister(const Meta& m) {
     return;
   }
   registered_[n.id] = n;
-  MP_LOG_INFO(kLog, "registered {} ({}/{})", n.Describe(), registered_.size(),
-              layout_.num_nodes() - 1);
+  // Debug: a line per node would make the scheduler's start O(nodes) at info; the wait
+  // loop names who is missing instead.
+  MP_LOG_DEBUG(kLog, "registered {} ({}/{})", n.Describe(), registered_.size(),
+               layout_.num_nodes() - 1);
   if (static_cast<int>(registered_.size()) == layout_.num_nodes() - 1) PublishTableLocked();
 }
 
@@ -230,7 +247,11 @@ void Scheduler::ReplyLocked(int id, Command cmd, int32_t arg, uint64_t seq,
 void Scheduler::MarkDownLocked(int id, const std::string& why, NodeDownReason reason) {
   if (!AliveLocked(id)) return;
   node_status_[id] = UnavailableError(why);
-  MP_LOG_INFO(kLog, "node down: {}", why);
+  if (reason == NodeDownReason::kLeft) {
+    MP_LOG_DEBUG(kLog, "node left: {}", why);
+  } else {
+    MP_LOG_WARN(kLog, "node down: {}", why);
+  }
   for (auto& [other, info] : registered_) {
     if (other == id || !AliveLocked(other)) continue;
     Status s = router_->SendControl(ControlMessage(Command::kNodeDown, kSchedulerId, other)
@@ -296,7 +317,10 @@ bool Scheduler::AllNodesGoneLocked() const {
 void Scheduler::StartLiveness() {
   std::lock_guard<std::mutex> lock(mu_);
   liveness_running_ = true;
-  liveness_thread_ = std::thread([this] { LivenessLoop(); });
+  liveness_thread_ = std::thread([this] {
+    PinCurrentThread(router_->pinner(), "liveness");
+    LivenessLoop();
+  });
 }
 
 void Scheduler::StopLiveness() {

@@ -1,7 +1,11 @@
 #include "ps/van_router.h"
 
+#include <algorithm>
+
 #include "common/logging.h"
+#include "common/net.h"
 #include "ps/control.h"
+#include "ps/transport_policy.h"
 #include "van/registry.h"
 
 namespace meshpost {
@@ -14,9 +18,17 @@ VanOptions VanOptionsFor(const Options& o) {
   v.wait.spin_ns = o.spin_us * 1000;
   v.wait.busy_poll = o.busy_poll;
   v.cma_disable = o.cma_disable;
-  v.interface = o.interface;
+  // "auto" picks the advertised address (ps/), not a device: the rdma van then chooses.
+  v.interface = o.interface == "auto" ? std::string() : o.interface;
   v.cluster_token = o.cluster_token;
   v.max_message_bytes = static_cast<uint64_t>(o.max_message_bytes);
+  // MESHPOST_RDMA_* come with the options (keyword arguments included), not the process
+  // environment; the lookup owns its copy so it outlives any Options object.
+  v.env = [vars = o.rdma_env](const char* name) -> const char* {
+    auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  };
+  v.pinner = std::make_shared<CorePinner>(o.bind_cpu_core, o.cpu_start_offset);
   return v;
 }
 
@@ -29,7 +41,8 @@ VanRouter::VanRouter(const Options& options, int my_id, int num_nodes, VanFactor
       factory_(factory ? std::move(factory) : VanFactory(&CreateVan)),
       van_options_(VanOptionsFor(options)),
       route_(num_nodes, nullptr),
-      route_name_(num_nodes, "tcp") {
+      route_name_(num_nodes, "tcp"),
+      host_identity_(HostIdentity()) {
   van_options_.self_id = my_id;  // bound into every connection's handshake
 }
 
@@ -49,13 +62,16 @@ Status VanRouter::StartControl(VanReceiver* receiver) { return control_->Start(r
 Result<std::vector<std::pair<std::string, std::string>>> VanRouter::StartDataVans(
     const std::string& host, VanReceiver* receiver) {
   const std::string forced = opts_.ForcedTransport();
+  const std::vector<std::string> compiled = CompiledTransports();
   std::vector<std::string> wanted;
-  if (forced.empty()) {
-    for (const std::string& name : CompiledTransports()) {
-      if (name != "tcp") wanted.push_back(name);
-    }
-  } else if (forced != "tcp") {
-    wanted.push_back(forced);
+  for (const std::string& name : CandidateTransports(opts_, compiled)) {
+    if (name != "tcp") wanted.push_back(name);
+  }
+  if (forced.empty() && opts_.enable_rdma &&
+      std::find(compiled.begin(), compiled.end(), "rdma") == compiled.end()) {
+    rdma_unavailable_ = UnimplementedError(
+        "transport 'rdma' is not built into this meshpost (configure with "
+        "-DMESHPOST_WITH_RDMA=ON and libibverbs-dev installed)");
   }
   std::vector<std::pair<std::string, std::string>> offered;
   for (const std::string& name : wanted) {
@@ -67,11 +83,13 @@ Result<std::vector<std::pair<std::string, std::string>>> VanRouter::StartDataVan
     }
     if (!st.ok()) {
       if (!forced.empty()) {
-        return st.Annotate("Start: transport '" + forced + "' was forced (" +
-                           (opts_.enable_rdma ? "DMLC_ENABLE_RDMA=1" : "MESHPOST_TRANSPORT") +
-                           ") but cannot run here");
+        return st.Annotate("Start: transport '" + forced +
+                           "' was forced (MESHPOST_TRANSPORT) but cannot run here");
       }
-      MP_LOG_INFO(kLog, "transport {} not used: {}", name, st.message());
+      // Debug: in automatic mode a missing device is the normal case on most machines.
+      // Whether a pair needed it is judged per peer (CheckPairTransport).
+      if (name == "rdma") rdma_unavailable_ = st;
+      MP_LOG_DEBUG(kLog, "transport {} not used: {}", name, st.message());
       continue;
     }
     offered.emplace_back(name, (*van)->endpoint());
@@ -132,7 +150,12 @@ Status VanRouter::ConnectPeer(const NodeInfo& n) {
     return InvalidArgumentError("transport '" + forced + "' was forced but cannot reach " +
                                 n.Describe() + ": " + why_not);
   }
-  MP_LOG_INFO(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
+  const bool same_host = n.host_identity == host_identity_;
+  if (!same_host) remote_peers_.fetch_add(1, std::memory_order_relaxed);
+  MESHPOST_RETURN_IF_ERROR(
+      CheckPairTransport(opts_, n.Describe(), same_host, route_name_[n.id], rdma_unavailable_));
+  // One line per peer is debug; Start logs one summary at info.
+  MP_LOG_DEBUG(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
   return OkStatus();
 }
 

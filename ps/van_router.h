@@ -5,6 +5,7 @@
 // Knows no concrete van: every choice is a question to the Van interface. Internal to ps/.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
@@ -63,6 +64,10 @@ class VanRouter {
 
   // The mechanism carrying data to `id` ("cma", "cma-shm", "rdma", "tcp").
   std::string TransportTo(int id) const;
+  // Whether any connected data peer runs on another host.
+  bool AnyRemotePeer() const { return remote_peers_.load(std::memory_order_relaxed) > 0; }
+  // STEPMESH_BIND_CPU_CORE: shared with ps/'s own threads (heartbeat, liveness).
+  const std::shared_ptr<CorePinner>& pinner() const { return van_options_.pinner; }
   void Stop();
 
  private:
@@ -92,6 +97,11 @@ class VanRouter {
   // Data vans that register memory; fixed once StartDataVans returned (read lock-free on
   // the data path afterwards).
   std::vector<Van*> registering_;
+  // Why the rdma van is not running here (OK when it runs or was not wanted); written by
+  // StartDataVans, read by ConnectPeer afterwards.
+  Status rdma_unavailable_;
+  const std::string host_identity_;
+  std::atomic<int> remote_peers_{0};
 
   mutable std::mutex mu_;
   bool data_vans_started_ = false;                 // guarded by mu_

@@ -29,6 +29,7 @@ Result<std::unique_ptr<Van>> MakeRdma(const VanOptions& o) {
   if (ro.interface.empty()) ro.interface = o.interface;
   ro.wait = o.wait;
   ro.stop_drain_ms = o.stop_drain_ms;
+  ro.pinner = o.pinner;
   MESHPOST_ASSIGN_OR_RETURN(auto van, CreateRdmaVan(ro));
   return std::unique_ptr<Van>(std::move(van));
 }

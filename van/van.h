@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/env.h"
+#include "common/affinity.h"
 #include "common/result.h"
 #include "common/waiter.h"
 #include "van/message.h"
@@ -98,6 +99,9 @@ struct VanOptions {
   // Largest frame a peer may send; a larger one closes that connection before anything is
   // allocated for it (MESHPOST_MAX_MESSAGE_BYTES).
   uint64_t max_message_bytes = 1ull << 30;
+  // STEPMESH_BIND_CPU_CORE: each thread a van starts pins itself through this (null: no
+  // pinning). Shared by every van and ps/ thread of the process.
+  std::shared_ptr<CorePinner> pinner;
 };
 
 class Van {

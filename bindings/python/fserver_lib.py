@@ -7,8 +7,10 @@ that keep compatibility:
 * errors raise exceptions (subclasses of meshpost.Error and of ValueError, TypeError,
   TimeoutError or ConnectionError) instead of aborting the process;
 * ``get_batch(timeout_ms=None)`` accepts an optional timeout;
-* ``fetch_trace(handler)`` returns the first server's 8 stamps, ``fetch_traces(handler)``
-  every server's;
+* ``push_pull`` allocates StepMesh's ids (one per push tensor and per pull slot position,
+  the handler first); ``get_all_handlers``, ``wait`` and ``fetch_trace`` accept each of
+  them. ``fetch_trace(x)`` gives the 8 stamps of the request that carried x's tensors (the
+  server that answered last); ``fetch_traces(handler)`` gives every server's;
 * ``need_event`` orders the transfer after the work queued so far on the current CUDA
   stream when the tensors are CUDA tensors (ignored for CPU tensors, which need no event);
 * the CUDA API (``SimpleNotify``, ``map_pinned_tensor``, ``write_flag``, ``wait_flag``,
@@ -129,13 +131,17 @@ def barrier(include_server: bool, include_worker: bool, instance_barrier: bool =
 
 
 def get_all_handlers(handler: int) -> List[int]:
-    """Per-server request ids of `handler`, in server-rank order."""
+    """The ids of `handler`'s batch, `handler` first: one per push tensor and one per pull
+    slot position (StepMesh's numbering). Each is accepted by wait() and fetch_trace()."""
     return list(_require().get_all_handlers(handler))
 
 
 def fetch_trace(handler: int) -> List[int]:
-    """The 8 trace stamps of `handler`'s request to the first server."""
-    return list(_require().fetch_traces(handler)[0])
+    """The 8 stamps (get_nanosecond() clock) of the request that carried `handler`'s
+    tensors: request start, posted, received, processed; response start, posted,
+    received, processed. `handler` may be any id from get_all_handlers(); the request is
+    the one to the server that answered last (the batch's critical path)."""
+    return list(_require().fetch_trace(handler))
 
 
 def fetch_traces(handler: int) -> List[List[int]]:

@@ -158,8 +158,16 @@ void SumWorker(Ctx& c) {
                           std::to_string(pulls[s].as<float>()[i]) + ", want " + std::to_string(expect));
       }
     }
+    // StepMesh's contract: one id per push tensor and per pull slot position, h first,
+    // each accepted by Wait and FetchRequestTrace.
     auto ids = ValueOrDie(c.po->worker()->GetAllHandlers(h), "GetAllHandlers");
-    EXPECT_OR_DIE(static_cast<int>(ids.size()) == c.S(), "one sub-handle per server");
+    EXPECT_OR_DIE(ids.size() == 2 && ids[0] == h, "ids: 1 push + 1 pull slot, h first");
+    for (uint64_t id : ids) {
+      OK_OR_DIE(c.po->worker()->Wait(id, 0));
+      auto t = ValueOrDie(c.po->worker()->FetchRequestTrace(id), "FetchRequestTrace");
+      EXPECT_OR_DIE(t.request_start > 0 && t.response_processed >= t.request_start,
+                    "per-id trace is a completed request's");
+    }
     auto traces = ValueOrDie(c.po->worker()->FetchTrace(h), "FetchTrace");
     EXPECT_OR_DIE(static_cast<int>(traces.size()) == c.S(), "one trace per server");
     for (const Trace& t : traces) {

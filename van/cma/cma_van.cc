@@ -392,7 +392,10 @@ class CmaVan : public Van {
     MESHPOST_RETURN_IF_ERROR(Watch(listen_fd_.get(), kListenId));
     receiver_ = receiver;
     running_ = true;
-    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    recv_thread_ = std::thread([this] {
+      PinCurrentThread(options_.pinner, "cma receive");
+      ReceiveLoop();
+    });
     return OkStatus();
   }
 
@@ -819,8 +822,10 @@ class CmaVan : public Van {
 
   // Releases everything pending towards a peer; owners are destroyed outside the lock.
   void MarkDead(Peer* peer, const Status& why) {
+    // Debug, not info: every orderly shutdown closes these sockets (a "Broken pipe" on the
+    // doorbell is a peer that already left); a peer that died is reported by ps/.
     if (!peer->dead.exchange(true) && why.code() != StatusCode::kCancelled) {
-      MP_LOG_INFO(kLog, "cma van: connection to node {} closed: {}", peer->id, why.ToString());
+      MP_LOG_DEBUG(kLog, "cma van: connection to node {} closed: {}", peer->id, why.ToString());
     }
     Ring<Pending> released;
     {

@@ -57,7 +57,10 @@ class RdmaVanImpl : public RdmaVan {
     if (running_.exchange(true)) return FailedPreconditionError("RdmaVan already started");
     receiver_.store(receiver, std::memory_order_release);
     transport_->SetReceiver(receiver);
-    poller_ = std::thread([this] { PollLoop(); });
+    poller_ = std::thread([this] {
+      PinCurrentThread(options_.pinner, "rdma progress");
+      PollLoop();
+    });
     return OkStatus();
   }
 

@@ -38,6 +38,7 @@ struct RdmaOptions {
   size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
   WaitPolicy wait;                    // completion poller spin/block policy
   int64_t stop_drain_ms = 5'000;      // VanOptions::stop_drain_ms
+  std::shared_ptr<CorePinner> pinner;  // VanOptions::pinner
   RdmaVerbsFactory verbs;             // tests only; empty = libibverbs
 };
 

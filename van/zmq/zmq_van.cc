@@ -154,7 +154,10 @@ class ZmqVan : public Van {
     }
     running_ = true;
     receiver_ = receiver;
-    recv_thread_ = std::thread([this] { ReceiveLoop(); });
+    recv_thread_ = std::thread([this] {
+      PinCurrentThread(options_.pinner, "tcp receive");
+      ReceiveLoop();
+    });
     return OkStatus();
   }
 

@@ -1,41 +1,41 @@
 """Keyword options <-> launch variables.
 
 Every option a meshpost node takes can be given as a keyword argument or through the
-environment variable it maps to; keywords win. Validation happens in the C++ core (one
-place), so error messages name both the option and its variable.
+environment variable it maps to; keywords win. The list comes from the C++ option table
+(``meshpost::OptionTable()``, the one source that also generates docs/configuration.md's
+tables); validation happens in the C++ core too, so error messages name both the option
+and its variable.
+
+``python -m meshpost.options_doc --write-docs docs/configuration.md`` regenerates the
+doc's tables from the table; ``--check-docs`` fails when they differ.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+
+from . import _meshpost
+
+
+class OptionSpec(NamedTuple):
+    """One launch variable: its Python keyword ("" for none), table group, default,
+    accepted values (for "ignored" rows: why meshpost ignores it) and meaning."""
+
+    variable: str
+    keyword: str
+    group: str
+    default: str
+    valid: str
+    meaning: str
+
+
+OPTION_TABLE: List[OptionSpec] = [OptionSpec(*row) for row in _meshpost.option_table()]
 
 # keyword -> environment variable (see docs/python.md and docs/configuration.md)
-OPTION_VARIABLES: Dict[str, str] = {
-    "root_uri": "DMLC_PS_ROOT_URI",
-    "root_port": "DMLC_PS_ROOT_PORT",
-    "num_workers": "DMLC_NUM_WORKER",
-    "num_servers": "DMLC_NUM_SERVER",
-    "group_size": "DMLC_GROUP_SIZE",
-    "node_rank": "DMLC_NODE_RANK",
-    "instance": "DMLC_INSTANCE_ID",
-    "node_host": "DMLC_NODE_HOST",
-    "interface": "DMLC_INTERFACE",
-    "port": "DMLC_PORT",
-    "verbose": "PS_VERBOSE",
-    "enable_rdma": "DMLC_ENABLE_RDMA",
-    "transport": "MESHPOST_TRANSPORT",
-    "heartbeat_interval_ms": "MESHPOST_HEARTBEAT_INTERVAL_MS",
-    "heartbeat_timeout_ms": "MESHPOST_HEARTBEAT_TIMEOUT_MS",
-    "spin_us": "MESHPOST_SPIN_US",
-    "busy_poll": "MESHPOST_BUSY_POLL",
-    "start_timeout_ms": "MESHPOST_START_TIMEOUT_MS",
-    "max_inflight": "MESHPOST_MAX_INFLIGHT",
-    "port_fd": "MESHPOST_PORT_FD",
-    "cluster_token": "MESHPOST_CLUSTER_TOKEN",
-    "cluster_token_file": "MESHPOST_CLUSTER_TOKEN_FILE",
-    "max_message_bytes": "MESHPOST_MAX_MESSAGE_BYTES",
-}
+OPTION_VARIABLES: Dict[str, str] = {o.keyword: o.variable for o in OPTION_TABLE if o.keyword}
+
+GROUPS = ("launch", "meshpost", "rdma", "ignored")
 
 
 def _text(value: Any) -> str:
@@ -61,9 +61,26 @@ def build_env(role: Optional[str], options: Mapping[str, Any],
         if value is None:
             continue
         env[OPTION_VARIABLES[name]] = _text(value)
-        if name == "instance":
-            # STEPMESH_GPU takes precedence in the core; a keyword must win over both.
+        if name == "instance" and "gpu" not in options:
+            # The keyword names this process's place in its group: the rank counts
+            # STEPMESH_GPU, so a lone `instance=` sets both (StepMesh keeps them equal).
             env["STEPMESH_GPU"] = _text(value)
     if role is not None:
         env["DMLC_ROLE"] = role
     return env
+
+
+def doc_block(group: str) -> str:
+    """The generated markdown of one group, with the markers docs/configuration.md uses."""
+    return (f"<!-- options:{group} -->\n{_meshpost.option_table_markdown(group)}"
+            f"<!-- /options:{group} -->")
+
+
+def rewrite_doc(doc: str) -> str:
+    for group in GROUPS:
+        start, end = f"<!-- options:{group} -->", f"<!-- /options:{group} -->"
+        i, j = doc.find(start), doc.find(end)
+        if i < 0 or j < i:
+            raise ValueError(f"the doc has no '{start}' ... '{end}' block")
+        doc = doc[:i] + doc_block(group) + doc[j + len(end):]
+    return doc

@@ -149,7 +149,8 @@ class Handle:
         return self._node.done(self.id)
 
     def handlers(self) -> List[int]:
-        """Per-server request ids, in server-rank order."""
+        """StepMesh's ids of this batch, this handle first: one per push tensor and one
+        per pull slot position. Each is accepted by fserver_lib.wait/fetch_trace."""
         return list(self._node.get_all_handlers(self.id))
 
     def traces(self) -> List[Trace]:

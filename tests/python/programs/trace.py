@@ -14,7 +14,9 @@ if role() == "worker":
         t1 = ps.get_nanosecond()
         first = ps.fetch_trace(h)
         every = ps.fetch_traces(h)
-        assert len(first) == 8 and len(every) == 2 and every[0] == first
+        # fetch_trace is the request to the server that answered last (critical path).
+        assert len(first) == 8 and len(every) == 2 and first in every
+        assert first[7] == max(tr[7] for tr in every), (first, every)
         for tr in every:
             assert all(isinstance(v, int) and v > 0 for v in tr), tr
             # Worker stamps (same host as t0/t1): start <= posted <= received <= processed.
@@ -23,8 +25,12 @@ if role() == "worker":
             assert tr[2] <= tr[3] <= tr[4] <= tr[5], tr
             # One host here, so the clocks agree across processes too.
             assert tr[1] <= tr[2] and tr[5] <= tr[6], tr
+        # StepMesh ids: 1 push tensor + 1 pull slot position, h first; each accepted.
         handlers = ps.get_all_handlers(h)
-        assert len(handlers) == 2 and len(set(handlers)) == 2
+        assert len(handlers) == 2 and handlers[0] == h and len(set(handlers)) == 2
+        for x in handlers:
+            ps.wait(x, 0)
+            assert ps.fetch_trace(x) == first
 elif role() == "server":
     for _ in range(5):
         [(h, tensors, keys)] = ps.get_batch(30000)
