@@ -9,6 +9,7 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "ps/node_context.h"
+#include "ps/trace_recorder.h"
 
 namespace meshpost {
 namespace {
@@ -28,6 +29,12 @@ struct Pending {
   int remaining = 0;
   Status status;                   // written before `done` is released
   std::atomic<bool> done{false};
+  // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
+  bool traced = false;
+  std::atomic<bool> wake_recorded{false};
+  uint64_t push_bytes = 0;
+  uint16_t num_keys = 0;
+  int64_t keys[kTraceRecordKeys] = {0, 0, 0};
 };
 
 }  // namespace
@@ -37,7 +44,10 @@ class AFTensorWorker::Impl : public DataHandler {
   explicit Impl(NodeContext* ctx)
       : ctx_(ctx),
         num_servers_(ctx->options().num_servers),
-        waiter_(ctx->wait_policy()) {}
+        waiter_(ctx->wait_policy()),
+        recorder_(StartNodeTraceRecorder(ctx->options(), 1, ctx->clock_sync(), [ctx](int s) {
+          return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s)));
+        })) {}
 
   Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull) {
     const uint64_t start = GetNanosecond();
@@ -90,6 +100,7 @@ class AFTensorWorker::Impl : public DataHandler {
       pending_.emplace(p->handle, p);
     }
 
+    if (recorder_ && recorder_->Sampled(p->handle)) PrepareTrace(p.get(), push);
     for (const KeyTensor& kt : pull) {
       if (kt.tensor.owner) ctx_->OnPullMemory(kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner);
     }
@@ -130,6 +141,13 @@ class AFTensorWorker::Impl : public DataHandler {
     const bool done = waiter_.WaitUntil(
         [pending] { return pending->done.load(std::memory_order_acquire); },
         DeadlineFromTimeoutMs(timeout_ms));
+    if (done && pending->traced && !pending->wake_recorded.exchange(true)) {
+      TraceRecord r;
+      r.kind = TraceRecordKind::kWake;
+      r.handle = handle;
+      r.stamps[0] = GetNanosecond();
+      recorder_->Record(r);
+    }
     if (!done) {
       std::string missing;
       {
@@ -237,6 +255,7 @@ class AFTensorWorker::Impl : public DataHandler {
         t.response_processed = GetNanosecond();
         if (--p->remaining == 0) {
           done = CompleteLocked(p->handle, OkStatus());
+          if (done && p->traced) RecordCompletedLocked(*p);
           // Every response is written; nothing reads p->pull once the handle is done.
           if (done) released.swap(p->pull);
         }
@@ -282,6 +301,34 @@ class AFTensorWorker::Impl : public DataHandler {
   }
 
  private:
+  static void PrepareTrace(Pending* p, const KeyTensorBatch& push) {
+    p->traced = true;
+    p->num_keys = static_cast<uint16_t>(push.size());
+    for (size_t i = 0; i < push.size(); ++i) {
+      p->push_bytes += push[i].tensor.nbytes();
+      if (i < static_cast<size_t>(kTraceRecordKeys)) p->keys[i] = push[i].key;
+    }
+  }
+
+  // Requires mu_. One record per server, once all eight stamps of every server are known.
+  void RecordCompletedLocked(const Pending& p) {
+    const int P = p.slots_per_server;
+    for (int s = 0; s < p.num_servers; ++s) {
+      TraceRecord r;
+      r.kind = TraceRecordKind::kWorkerRequest;
+      r.peer = s;
+      r.request_id = RequestId(p.handle, s);
+      r.handle = p.handle;
+      r.push_bytes = p.push_bytes;
+      for (int j = 0; j < P; ++j) r.pull_bytes += p.pull[s * P + j].tensor.nbytes();
+      r.num_keys = p.num_keys;
+      for (int k = 0; k < kTraceRecordKeys; ++k) r.keys[k] = p.keys[k];
+      const std::array<uint64_t, 8> st = p.traces[s].ToArray();
+      for (int k = 0; k < 8; ++k) r.stamps[k] = st[k];
+      recorder_->Record(r);
+    }
+  }
+
   static TensorDesc Describe(const KeyTensor& kt) {
     TensorDesc d;
     d.key = kt.key;
@@ -367,6 +414,7 @@ class AFTensorWorker::Impl : public DataHandler {
   int inflight_ = 0;
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
+  std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
 };
 
 AFTensorWorker::AFTensorWorker(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {

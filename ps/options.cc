@@ -95,6 +95,7 @@ Result<Options> OptionsFromEnv(const EnvLookup& env) {
   MESHPOST_RETURN_IF_ERROR(
       ReadInt(env, "MESHPOST_MAX_INFLIGHT", 1, 1 << 20, false, &o.max_inflight));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_PORT_FD", 0, 1 << 20, false, &o.port_fd));
+  MESHPOST_RETURN_IF_ERROR(ReadTraceOptions(env, &o.trace));  // MESHPOST_TRACE*
   MESHPOST_RETURN_IF_ERROR(o.Validate());
   return o;
 }
@@ -150,6 +151,7 @@ Status Options::Validate() const {
   if (spin_us < 0) return bad("spin_us (MESHPOST_SPIN_US)", std::to_string(spin_us), ">= 0");
   if (start_timeout_ms < 100) return bad("start_timeout_ms", std::to_string(start_timeout_ms), ">= 100");
   if (max_inflight < 1) return bad("max_inflight", std::to_string(max_inflight), ">= 1");
+  MESHPOST_RETURN_IF_ERROR(ValidateTraceOptions(trace));
   return OkStatus();
 }
 

@@ -9,6 +9,7 @@
 
 #include "common/env.h"
 #include "common/result.h"
+#include "ps/trace_options.h"
 
 namespace meshpost {
 
@@ -48,6 +49,8 @@ struct Options {
   int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
+  // Trace capture (MESHPOST_TRACE, MESHPOST_TRACE_DIR, ...): parsed in ps/trace_options.cc.
+  TraceOptions trace;
 
   // Global rank of a worker or server: node_rank * group_size + instance.
   int Rank() const { return node_rank * group_size + instance; }

@@ -32,6 +32,12 @@ OPTION_VARIABLES: Dict[str, str] = {
     "start_timeout_ms": "MESHPOST_START_TIMEOUT_MS",
     "max_inflight": "MESHPOST_MAX_INFLIGHT",
     "port_fd": "MESHPOST_PORT_FD",
+    # trace capture (docs/profiling.md)
+    "trace": "MESHPOST_TRACE",
+    "trace_dir": "MESHPOST_TRACE_DIR",
+    "trace_file_mb": "MESHPOST_TRACE_FILE_MB",
+    "trace_max_files": "MESHPOST_TRACE_MAX_FILES",
+    "trace_ring": "MESHPOST_TRACE_RING",
 }
 
 
