@@ -141,7 +141,9 @@ TEST(TraceRingTest, ManyProducersLoseNothingTheyWereToldWasKept) {
   for (;;) {
     if (ring.TryPop(&r)) {
       auto it = last.find(r.peer);
-      if (it != last.end()) EXPECT_GT(r.handle, it->second);
+      if (it != last.end()) {
+        EXPECT_GT(r.handle, it->second);
+      }
       last[r.peer] = r.handle;
       ++popped;
     } else if (!producing.load()) {
@@ -247,7 +249,9 @@ TEST(TraceRecorderTest, RotatesAndKeepsTheNewestFiles) {
     r.kind = TraceRecordKind::kServerRequest;
     r.handle = i;
     if ((*rec)->Record(r)) ++kept;
-    if (i % 4096 == 0) ASSERT_TRUE((*rec)->Flush().ok());
+    if (i % 4096 == 0) {
+      ASSERT_TRUE((*rec)->Flush().ok());
+    }
   }
   rec->reset();
   std::vector<std::string> files = dir.Files();
@@ -260,7 +264,9 @@ TEST(TraceRecorderTest, RotatesAndKeepsTheNewestFiles) {
     EXPECT_LE(ReadAll(path).size(), o.max_file_bytes);
     for (const TraceRecord& r : ReadRecords(path)) {
       if (r.kind != TraceRecordKind::kServerRequest) continue;
-      if (!first) EXPECT_GT(r.handle, last);
+      if (!first) {
+        EXPECT_GT(r.handle, last);
+      }
       last = r.handle;
       first = false;
     }

@@ -165,3 +165,59 @@ def test_report_on_missing_or_foreign_files(tmp_path):
     (tmp_path / "x.mptrace").write_bytes(b"NOTATRACE" * 40)
     out = run_report(str(tmp_path))
     assert out.returncode == 2 and "not a meshpost trace" in out.stderr
+
+
+# ---- cross-host clock correction, on synthetic files (no cluster needed) ----
+
+def _write_trace(path, role, rank, host, records, clock=None, num_workers=1, num_servers=1):
+    import struct
+    head = struct.pack("<8sIIIBBHiiiIIIQQ64s", b"MPTRACE\0", 1, 256, 128,
+                       1 if role == "worker" else 2, 2, 0, rank, num_workers, num_servers,
+                       4242, 1, 0, 0, 0, host.encode()).ljust(256, b"\0")
+    body = b""
+    rec = struct.Struct("<BBHiQQQQ3q8Q")
+    if clock is not None:  # (offset_ns, error_ns)
+        body += rec.pack(4, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1, clock[0] % (1 << 64), clock[1],
+                         2 * clock[1], 5, 0, 0, 0)
+    for kind, peer, rid, handle, stamps in records:
+        body += rec.pack(kind, 3, 1, peer, rid, handle, 64, 64, 1, 0, 0, *stamps)
+    path.write_bytes(head + body)
+
+
+def _synthetic_two_hosts(d, with_server_clock=True):
+    w_off, s_off = 7_000_000_000, -3_000_000_000  # local - scheduler, per host
+    wrecs, srecs = [], []
+    for h in range(1, 21):
+        base = 10_000_000_000 + h * 1_000_000
+        true = [base, base + 1000, base + 11000, base + 12000, base + 112000, base + 113000,
+                base + 123000, base + 124000]  # transfers 10 us each way
+        st = [t + (s_off if 2 <= i <= 5 else w_off) for i, t in enumerate(true)]
+        wrecs.append((1, 0, h << 12, h, st))
+        wrecs.append((3, -1, 0, h, [true[7] + 500 + w_off] + [0] * 7))
+        srecs.append((2, 0, h << 12, h, [0, 0] + st[2:6] + [0, 0]))
+    _write_trace(d / "worker0-p1.0000.mptrace", "worker", 0, "hostA", wrecs,
+                 clock=(w_off, 2000))
+    _write_trace(d / "server0-p2.0000.mptrace", "server", 0, "hostB", srecs,
+                 clock=(s_off, 3000) if with_server_clock else None)
+
+
+def test_cross_host_stamps_are_corrected_by_clock_offsets(tmp_path):
+    _synthetic_two_hosts(tmp_path)
+    result = mtrace.analyze(mtrace.load(str(tmp_path)))
+    assert result["clock"]["corrected"]
+    assert result["clock"]["nodes"]["server 0"] == {"offset_ns": -3_000_000_000,
+                                                    "error_ns": 3000, "rtt_ns": 6000,
+                                                    "samples": 5}
+    hops = result["hops"]["worker 0"]
+    assert hops["request transfer"]["p50_us"] == pytest.approx(10.0)
+    assert hops["response transfer"]["p50_us"] == pytest.approx(10.0)
+    assert hops["server compute"]["p50_us"] == pytest.approx(100.0)
+    assert hops["worker wake-up"]["p50_us"] == pytest.approx(0.5)
+    assert hops["round trip"]["p50_us"] == pytest.approx(124.5)
+    assert "+/- 3.0 us" in mtrace.format_text(result)
+
+
+def test_cross_host_without_estimate_is_flagged(tmp_path):
+    _synthetic_two_hosts(tmp_path, with_server_clock=False)
+    result = mtrace.analyze(mtrace.load(str(tmp_path)))
+    assert any("server 0" in n and "NOT corrected" in n for n in result["notes"])

@@ -337,6 +337,18 @@ def format_text(result: Dict[str, Any]) -> str:
     hops = result["hops"]
     nodes = list(hops)
     width = max([len(n) for n in nodes] + [8])
+    # Overview first: p50 of every hop per rank, one line per rank.
+    short = {"worker send": "send", "request transfer": "req xfer", "server queue": "queue",
+             "server compute": "compute", "respond": "respond",
+             "response transfer": "resp xfer", "payload": "payload", WAKE_HOP: "wake-up",
+             ROUND_TRIP: "round trip"}
+    cols = HOP_NAMES + [ROUND_TRIP]
+    lines.append("")
+    lines.append("p50 per hop:")
+    lines.append(f"  {'rank':<{width}} " + " ".join(f"{short[h]:>10}" for h in cols))
+    for n in nodes:
+        lines.append(f"  {n:<{width}} " + " ".join(
+            f"{_fmt_us(hops[n][h]['p50_us']) if h in hops[n] else '-':>10}" for h in cols))
     for hop in HOP_NAMES + [ROUND_TRIP]:
         rows = [(n, hops[n][hop]) for n in nodes if hop in hops[n]]
         if not rows:
