@@ -135,6 +135,7 @@ def render_timeline(trace: Dict[str, Any], out_png: str, title: str = "",
         lo, hi = 0.0, 1.0
     pad = (hi - lo) * 0.02
     lo, hi = lo - pad, hi + pad
+    origin = lo  # the x axis shows ms from the window's start
     rows = sorted({(e["pid"], e["tid"]) for e in slices})
     row_of = {r: i for i, r in enumerate(rows)}
     fig, ax = plt.subplots(figsize=(13, 0.55 * len(rows) + 1.8))
@@ -163,7 +164,11 @@ def render_timeline(trace: Dict[str, Any], out_png: str, title: str = "",
                        fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(lo, hi)
-    ax.set_xlabel("time (us, from the first request)")
+    ticks = ax.get_xticks()
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{(t - origin) / 1000:.1f}" for t in ticks])
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel(f"time (ms), last {max_round_trips} push_pulls of the first worker")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _HOP_COLORS.values()]
     ax.legend(handles, list(_HOP_COLORS), loc="upper center", ncol=7, fontsize=7,
               bbox_to_anchor=(0.5, -0.25 if len(rows) < 6 else -0.12))
