@@ -5,6 +5,7 @@ the Perfetto, timeline and plot exports must be well formed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ import pytest
 import meshpost
 from meshpost import trace as mtrace
 from meshpost import trace_file
+
+# The suite runs twice in CI (transport auto, then MESHPOST_TRANSPORT=tcp); scenarios whose
+# logic does not depend on the transport run in the first pass only, to bound CI time.
+FIRST_PASS_ONLY = pytest.mark.skipif(os.environ.get("MESHPOST_TRANSPORT") == "tcp",
+                                 reason="transport-independent; covered by the default pass")
 
 ITERATIONS = 25
 SLEEP_MS = 25  # far above a same-host hop (tens to hundreds of us) even on a loaded box
@@ -128,6 +134,7 @@ def test_perfetto_export_has_tracks_slices_and_flows(slow_server_trace, tmp_path
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000, p
 
 
+@FIRST_PASS_ONLY
 def test_report_names_a_slow_worker(tmp_path, cluster):
     cluster.run("trace_capture.py", workers=2, servers=2,
                 args=[str(tmp_path), str(ITERATIONS), "worker", "1", str(SLEEP_MS)],
@@ -139,6 +146,7 @@ def test_report_names_a_slow_worker(tmp_path, cluster):
     assert verdict["evidence"]["late_share"] >= 0.8, verdict
 
 
+@FIRST_PASS_ONLY
 def test_sampling_captures_every_nth_request(tmp_path, cluster):
     cluster.run("trace_capture.py", workers=1, servers=1,
                 args=[str(tmp_path), "20", "none", "0", "0", "sample:4"], timeout=120)

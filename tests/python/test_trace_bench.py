@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,8 @@ def test_bad_arguments_exit_with_a_message():
     assert out.returncode == 2 and "complex7" in out.stderr
 
 
+@pytest.mark.skipif(os.environ.get("MESHPOST_TRANSPORT") == "tcp",
+                    reason="transport-independent; covered by the default pass (CI time)")
 def test_sweep_writes_table_json_plot_and_traces(tmp_path):
     js, png, tr = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "trace"
     out = subprocess.run(
