@@ -89,6 +89,19 @@ def test_report_names_the_slow_server_and_hop(slow_server_trace):
     assert not result["clock"]["corrected"]  # one host: one clock
 
 
+def test_heartbeat_clock_estimates_bound_the_true_offset(slow_server_trace):
+    # On one host every process reads the same CLOCK_MONOTONIC: the true offset is 0, so
+    # each NTP-style estimate must lie within its own error bound of 0. The run lasts
+    # longer than several heartbeat periods (25 x 25 ms of sleeps, 200 ms heartbeats).
+    estimates = {}
+    for f in trace_file.read_dir(str(slow_server_trace)):
+        for c in f.clocks:
+            assert c.samples >= 1 and c.rtt_ns > 0 and c.error_ns * 2 >= c.rtt_ns, c
+            assert abs(c.offset_ns) <= c.error_ns, (f.path, c)
+            estimates[(f.role, f.rank)] = c
+    assert estimates, "no node recorded a clock estimate"
+
+
 def test_text_report_states_the_verdict(slow_server_trace):
     out = run_report(str(slow_server_trace))
     assert out.returncode == 0, out.stderr

@@ -81,21 +81,21 @@ def load(directory: str) -> Run:
     # Clock correction: only when the trace spans hosts. On one host every node reads the
     # same CLOCK_MONOTONIC, and a heartbeat estimate would only add its error.
     offsets: Dict[str, int] = {}
-    clock: Dict[str, Any] = {"corrected": False, "nodes": {}}
-    if len(set(hosts.values())) > 1:
-        clock["corrected"] = True
-        for (role, rank), fs in nodes.items():
-            est = best_clock(fs)
-            name = _node(role, rank)
-            if est is None:
-                notes.append(f"{name} on {hosts[name]} has no clock estimate; hops to and "
-                             f"from it are NOT corrected for clock offset")
-                clock["nodes"][name] = None
-                continue
+    multi_host = len(set(hosts.values())) > 1
+    clock: Dict[str, Any] = {"corrected": multi_host, "nodes": {}}
+    for (role, rank), fs in nodes.items():
+        est = best_clock(fs)
+        name = _node(role, rank)
+        clock["nodes"][name] = None if est is None else {
+            "offset_ns": est.offset_ns, "error_ns": est.error_ns, "rtt_ns": est.rtt_ns,
+            "samples": est.samples}
+        if not multi_host:
+            continue
+        if est is None:
+            notes.append(f"{name} on {hosts[name]} has no clock estimate; hops to and "
+                         f"from it are NOT corrected for clock offset")
+        else:
             offsets[name] = est.offset_ns
-            clock["nodes"][name] = {"offset_ns": est.offset_ns, "error_ns": est.error_ns,
-                                    "rtt_ns": est.rtt_ns, "samples": est.samples}
-
     num_workers = max(f.num_workers for f in files)
     num_servers = max(f.num_servers for f in files)
     requests: List[Request] = []
@@ -331,7 +331,11 @@ def format_text(result: Dict[str, Any]) -> str:
                                        f"offset {c['offset_ns'] / 1e3:+.1f} us "
                                        f"+/- {c['error_ns'] / 1e3:.1f} us"))
     else:
-        lines.append("clocks: one host, one clock: no correction needed")
+        known = {n: c for n, c in result["clock"]["nodes"].items() if c is not None}
+        lines.append("clocks: one host, one clock: no correction needed" + (
+            " (heartbeat estimates, for reference: " + ", ".join(
+                f"{n} {c['offset_ns'] / 1e3:+.1f} +/- {c['error_ns'] / 1e3:.1f} us"
+                for n, c in sorted(known.items())) + ")" if known else ""))
     for note in result["notes"]:
         lines.append(f"note: {note}")
     hops = result["hops"]
