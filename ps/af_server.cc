@@ -11,6 +11,7 @@
 #include "ps/node_context.h"
 #include "ps/request_queues.h"
 #include "tensor/device_staging.h"
+#include "ps/trace_recorder.h"
 
 namespace meshpost {
 namespace {
@@ -48,7 +49,11 @@ class AFTensorServer::Impl : public DataHandler {
         queues_(num_workers_),
         worker_down_(num_workers_),
         handle_base_(static_cast<uint64_t>(ctx->options().Rank()) << kHandleRankShift),
-        next_handle_(handle_base_ + 1) {}
+        next_handle_(handle_base_ + 1),
+        recorder_(StartNodeTraceRecorder(
+            ctx->options(), 2, ctx->clock_sync(), [ctx, n = num_servers_](int w) {
+              return TraceTransportFromName(ctx->PeerTransport(WorkerNodeId(n, w)));
+            })) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
     const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
@@ -464,12 +469,32 @@ class AFTensorServer::Impl : public DataHandler {
       out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner});
     }
     out.meta.stamps = {r->received, r->processed, start, GetNanosecond()};
+    const std::array<uint64_t, kServerStamps> stamps = out.meta.stamps;
     Status s = ctx_->Send(std::move(out));
     if (!s.ok()) {
       return s.Annotate("response for handle " + std::to_string(r->handle) + " to worker " +
                         std::to_string(r->worker_rank));
     }
+    if (recorder_ && recorder_->Sampled(HandleOf(r->request_id))) Record(*r, tensors, stamps);
     return OkStatus();
+  }
+
+  void Record(const ServerRequest& req, const std::vector<TensorView>& tensors,
+              const std::array<uint64_t, kServerStamps>& stamps) {
+    TraceRecord r;
+    r.kind = TraceRecordKind::kServerRequest;
+    r.peer = req.worker_rank;
+    r.request_id = req.request_id;
+    r.handle = req.handle;
+    r.num_keys = static_cast<uint16_t>(req.push.size());
+    for (size_t i = 0; i < req.push.size(); ++i) {
+      r.push_bytes += req.push[i].nbytes;
+      if (i < static_cast<size_t>(kTraceRecordKeys)) r.keys[i] = req.push[i].key;
+    }
+    for (const TensorView& t : tensors) r.pull_bytes += t.nbytes();
+    // Same positions as in ps/trace.h, so both ends' records index alike.
+    for (int k = 0; k < kServerStamps; ++k) r.stamps[2 + k] = stamps[k];
+    recorder_->Record(r);
   }
 
   NodeContext* ctx_;
@@ -490,6 +515,7 @@ class AFTensorServer::Impl : public DataHandler {
   uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
+  std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
   std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.

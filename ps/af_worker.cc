@@ -12,6 +12,7 @@
 #include "ps/node_context.h"
 #include "tensor/device_staging.h"
 #include "van/codec.h"
+#include "ps/trace_recorder.h"
 
 namespace meshpost {
 namespace {
@@ -37,6 +38,12 @@ struct Pending {
   int last_server = 0;             // whose answer arrived last: the batch's critical path
   Status status;                   // written before `done` is released
   std::atomic<bool> done{false};
+  // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
+  bool traced = false;
+  std::atomic<bool> wake_recorded{false};
+  uint64_t push_bytes = 0;
+  uint16_t num_keys = 0;
+  int64_t keys[kTraceRecordKeys] = {0, 0, 0};
 };
 
 }  // namespace
@@ -47,7 +54,10 @@ class AFTensorWorker::Impl : public DataHandler {
       : ctx_(ctx),
         num_servers_(ctx->options().num_servers),
         backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
-        waiter_(ctx->wait_policy()) {}
+        waiter_(ctx->wait_policy()),
+        recorder_(StartNodeTraceRecorder(ctx->options(), 1, ctx->clock_sync(), [ctx](int s) {
+          return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s)));
+        })) {}
 
   Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
                                   const StreamSync& sync) {
@@ -124,6 +134,7 @@ class AFTensorWorker::Impl : public DataHandler {
       pending_.emplace(p->handle, p);
     }
 
+    if (recorder_ && recorder_->Sampled(p->handle)) PrepareTrace(p.get(), push);
     for (const KeyTensor& kt : pull) {
       // GPU slots are written by the staging copy; the transport sees the pinned buffer.
       if (kt.tensor.owner && kt.tensor.device.type == DeviceType::kCPU) {
@@ -248,6 +259,13 @@ class AFTensorWorker::Impl : public DataHandler {
     const bool done = waiter_.WaitUntil(
         [pending] { return pending->done.load(std::memory_order_acquire); },
         DeadlineFromTimeoutMs(timeout_ms));
+    if (done && pending->traced && !pending->wake_recorded.exchange(true)) {
+      TraceRecord r;
+      r.kind = TraceRecordKind::kWake;
+      r.handle = handle;
+      r.stamps[0] = GetNanosecond();
+      recorder_->Record(r);
+    }
     if (!done) {
       std::string missing;
       {
@@ -375,6 +393,7 @@ class AFTensorWorker::Impl : public DataHandler {
         if (copies.empty()) {
           t.response_processed = GetNanosecond();
           if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
+          if (done && p->traced) RecordCompletedLocked(*p);
           // Every response is written; nothing reads p->pull once the handle is done.
           if (done) ReleaseLocked(done.get(), &released);
         } else {
@@ -454,6 +473,34 @@ class AFTensorWorker::Impl : public DataHandler {
   }
 
  private:
+  static void PrepareTrace(Pending* p, const KeyTensorBatch& push) {
+    p->traced = true;
+    p->num_keys = static_cast<uint16_t>(push.size());
+    for (size_t i = 0; i < push.size(); ++i) {
+      p->push_bytes += push[i].tensor.nbytes();
+      if (i < static_cast<size_t>(kTraceRecordKeys)) p->keys[i] = push[i].key;
+    }
+  }
+
+  // Requires mu_. One record per server, once all eight stamps of every server are known.
+  void RecordCompletedLocked(const Pending& p) {
+    const int P = p.slots_per_server;
+    for (int s = 0; s < p.num_servers; ++s) {
+      TraceRecord r;
+      r.kind = TraceRecordKind::kWorkerRequest;
+      r.peer = s;
+      r.request_id = RequestId(p.handle, s);
+      r.handle = p.handle;
+      r.push_bytes = p.push_bytes;
+      for (int j = 0; j < P; ++j) r.pull_bytes += p.pull[s * P + j].tensor.nbytes();
+      r.num_keys = p.num_keys;
+      for (int k = 0; k < kTraceRecordKeys; ++k) r.keys[k] = p.keys[k];
+      const std::array<uint64_t, 8> st = p.traces[s].ToArray();
+      for (int k = 0; k < 8; ++k) r.stamps[k] = st[k];
+      recorder_->Record(r);
+    }
+  }
+
   static TensorDesc Describe(const KeyTensor& kt) {
     TensorDesc d;
     d.key = kt.key;
@@ -564,6 +611,7 @@ class AFTensorWorker::Impl : public DataHandler {
   // Ordered by handle so that any id of a batch finds its batch (upper_bound - 1).
   std::map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
+  std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
   std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.

@@ -176,8 +176,17 @@ void Membership::OnControl(const Meta& m) {
     case Command::kBarrierDone:
       barrier_outcome_[{m.arg, m.id}] = OutcomeOf(m);
       break;
-    case Command::kHeartbeatAck:
-      last_ack_ns_ = GetNanosecond();
+    case Command::kHeartbeatAck: {
+      const uint64_t now = GetNanosecond();
+      last_ack_ns_ = now;
+      // NTP-style sample for trace clock correction: stamps[0] echoes our send time,
+      // stamps[1] is the scheduler's clock when it answered. An echo that is not from a
+      // recent heartbeat of ours (future, or older than the liveness timeout) is ignored.
+      const uint64_t sent = m.stamps[0];
+      const uint64_t limit = static_cast<uint64_t>(opts_.heartbeat_timeout_ms) * 1000000ull;
+      if (sent != 0 && sent <= now && now - sent <= limit) {
+        clock_sync_.AddSample(sent, m.stamps[1], now);
+      }
       if (scheduler_silent_ && evicted_.ok()) {
         // It was paused, not dead: barriers and leaving work again.
         scheduler_silent_ = false;
@@ -185,6 +194,7 @@ void Membership::OnControl(const Meta& m) {
         MP_LOG_INFO(kLog, "scheduler answers heartbeats again");
       }
       break;
+    }
     case Command::kLeaveAck:
       leave_acked_ = true;
       break;
@@ -366,8 +376,9 @@ void Membership::HeartbeatLoop() {
       for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
       lock.lock();
     }
-    Status s = router_->SendControl(
-        ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq).Build());
+    OutMessage hb = ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq).Build();
+    hb.meta.stamps[0] = GetNanosecond();  // echoed by the ack: one clock-offset sample
+    Status s = router_->SendControl(std::move(hb));
     (void)s;
     if (peer_status_[kSchedulerId].ok() && now - last_ack_ns_ > timeout_ns) {
       scheduler_silent_ = true;

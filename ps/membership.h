@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "ps/clock_sync.h"
 #include "ps/cluster.h"
 #include "ps/node.h"
 #include "ps/van_router.h"
@@ -50,6 +51,8 @@ class Membership {
   Status PeerStatus(int id) const;
   bool Joined() const;
   std::vector<NodeInfo> Table() const;
+  // Offset of this node's clock to the scheduler's, from heartbeat round trips (traces).
+  const ClockSync* clock_sync() const { return &clock_sync_; }
 
  private:
   void OnNodeTable(const Meta& m);
@@ -60,6 +63,7 @@ class Membership {
   const Options& opts_;
   const ClusterLayout layout_;
   const int my_id_;
+  ClockSync clock_sync_;  // thread-safe on its own; fed by heartbeat acks
   VanRouter* const router_;
   const PeerDownFn on_peer_down_;
   NodeInfo self_;

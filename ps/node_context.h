@@ -5,6 +5,7 @@
 
 #include "common/result.h"
 #include "common/waiter.h"
+#include "ps/clock_sync.h"
 #include "ps/options.h"
 #include "van/message.h"
 
@@ -52,6 +53,11 @@ class NodeContext {
   virtual void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) {}
   virtual void OnPullMemory(const void* addr, size_t size,
                             const std::shared_ptr<const void>& owner) {}
+
+  // Trace capture: the transport carrying data to/from a peer (by node id; "" when not
+  // known), and this node's clock-offset estimate to the scheduler (null: none kept).
+  virtual std::string PeerTransport(int node_id) const { return std::string(); }
+  virtual const ClockSync* clock_sync() const { return nullptr; }
 
   WaitPolicy wait_policy() const {
     WaitPolicy p;

@@ -121,6 +121,19 @@ const std::vector<OptionSpec> kTable = {
      "≥ 4096",
      "largest frame a peer may send; a larger one closes that connection before anything is "
      "allocated"},
+    {"MESHPOST_TRACE", "trace", G::kMeshpost, "off",
+     "`off`, `all`, `sample:N` (every Nth push_pull handle, the same requests at worker and "
+     "server)",
+     "capture per-request trace records to files (docs/profiling.md)"},
+    {"MESHPOST_TRACE_DIR", "trace_dir", G::kMeshpost, "unset", "a directory (created if missing)",
+     "where each worker and server writes its own trace files"},
+    {"MESHPOST_TRACE_FILE_MB", "trace_file_mb", G::kMeshpost, "64", "1–1048576",
+     "rotate a node's trace file above this size"},
+    {"MESHPOST_TRACE_MAX_FILES", "trace_max_files", G::kMeshpost, "8", "1–100000",
+     "rotated trace files kept per node (oldest deleted)"},
+    {"MESHPOST_TRACE_RING", "trace_ring", G::kMeshpost, "65536", "16–16777216",
+     "records buffered between the data path and the trace writer thread; when full, records "
+     "are dropped and counted, never waited for"},
 
     {"MESHPOST_RDMA_DEVICE", "rdma_device", G::kRdma, "the first device with an active port",
      "a device name (`mlx5_0`), optionally `:port`", "RDMA device"},
@@ -413,6 +426,7 @@ Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::stri
     if (const char* v = env(spec.variable)) o.rdma_env[spec.variable] = v;
   }
   NoteNames(env, names, &o);
+  MESHPOST_RETURN_IF_ERROR(ReadTraceOptions(env, &o.trace));  // MESHPOST_TRACE*
   MESHPOST_RETURN_IF_ERROR(o.Validate());
   return o;
 }
@@ -482,6 +496,7 @@ Status Options::Validate() const {
     return bad("max_message_bytes (MESHPOST_MAX_MESSAGE_BYTES)", std::to_string(max_message_bytes),
                ">= 4096");
   }
+  MESHPOST_RETURN_IF_ERROR(ValidateTraceOptions(trace));
   return OkStatus();
 }
 

@@ -14,6 +14,7 @@
 #include "common/env.h"
 #include "common/log_level.h"
 #include "common/result.h"
+#include "ps/trace_options.h"
 
 namespace meshpost {
 
@@ -74,6 +75,8 @@ struct Options {
   // known one) and StepMesh variables meshpost accepts and ignores (debug, with why).
   std::vector<std::string> warnings;
   std::vector<std::string> ignored;
+  // Trace capture (MESHPOST_TRACE, MESHPOST_TRACE_DIR, ...): parsed in ps/trace_options.cc.
+  TraceOptions trace;
 
   // Global rank of a worker or server, as StepMesh computes it:
   // DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU + DMLC_RANK_OFFSET.

@@ -86,6 +86,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                     const std::shared_ptr<const void>& owner) override {
     router_.RegisterMemory(addr, size, owner);
   }
+  std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
+  const ClockSync* clock_sync() const override {
+    return membership_ ? membership_->clock_sync() : nullptr;
+  }
 
   int port() const { return port_; }
   AFTensorWorker* worker() { return worker_.get(); }

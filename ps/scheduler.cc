@@ -122,10 +122,18 @@ void Scheduler::OnControl(const Meta& m) {
     return;
   }
   switch (m.cmd) {
-    case Command::kHeartbeat:
+    case Command::kHeartbeat: {
       last_seen_[m.sender] = GetNanosecond();
-      ReplyLocked(m.sender, Command::kHeartbeatAck);
+      // Echo the node's send stamp and add ours: the node estimates its clock offset to
+      // this one from the round trip (ps/clock_sync.h), for cross-host traces.
+      OutMessage ack =
+          ControlMessage(Command::kHeartbeatAck, kSchedulerId, m.sender).Seq(m.id).Build();
+      ack.meta.stamps[0] = m.stamps[0];
+      ack.meta.stamps[1] = GetNanosecond();
+      Status s = router_->SendControl(std::move(ack));
+      if (!s.ok()) MP_LOG_DEBUG(kLog, "heartbeat ack to {} failed: {}", m.sender, s.ToString());
       break;
+    }
     case Command::kBarrier:
       if (m.arg <= 0 || m.arg > kAllGroups || !(m.arg & GroupOf(layout_.RoleOf(m.sender)))) {
         MP_LOG_ERROR(kLog, "bad barrier mask {} from {}", m.arg, layout_.Describe(m.sender));

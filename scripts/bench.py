@@ -10,7 +10,8 @@ Runs, interleaved round by round so machine drift hits every system alike:
 for the AFD shape (push uint8[128,7168] + int32[4], pull bf16[128,7168] per server), a 4 KiB
 each-way shape and a size sweep; then M x N clusters for the meshpost systems, in the same
 round. A cluster system may carry a spin setting, e.g. meshpost-cluster-cma@spin20 runs with
-MESHPOST_SPIN_US=20 (without it the library default). Writes JSON (every round's raw stats,
+MESHPOST_SPIN_US=20 (without it the library default), and @trace (MESHPOST_TRACE=all,
+for the capture-overhead ratio). Writes JSON (every round's raw stats,
 medians over rounds, ratios to meshpost-cma, and the issue-4 ratio table as the median of
 per-round ratios) and, with --plot, a PNG of latency vs size.
 
@@ -74,8 +75,9 @@ class Servers:
                 p.kill()
 
 
-def run_json(cmd, timeout=600):
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, timeout=timeout, text=True, check=True)
+def run_json(cmd, timeout=600, env=None):
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, timeout=timeout, text=True, check=True,
+                         env=env)
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
 
 
@@ -111,23 +113,46 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>] -> (transport, spin_us or None)."""
-    base, _, spin = sysname.partition("@")
+    """meshpost-cluster-<transport>[@spin<us>][@trace] -> (transport, spin_us or None, trace).
+    @trace runs the cluster with MESHPOST_TRACE=all into a temporary directory (the
+    capture-overhead measurement of docs/profiling.md)."""
+    base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    if spin and not spin.startswith("spin"):
-        raise ValueError(f"{sysname}: expected @spin<microseconds>")
-    return transport, (int(spin[4:]) if spin else None)
+    spin, trace = None, False
+    for mod in mods:
+        if mod == "trace":
+            trace = True
+        elif mod.startswith("spin") and mod[4:].isdigit():
+            spin = int(mod[4:])
+        else:
+            raise ValueError(f"{sysname}: expected @spin<microseconds> and/or @trace")
+    return transport, spin, trace
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin = parse_cluster_system(sysname)
+    transport, spin, trace = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
     if spin is not None:
         cmd += ["--spin-us", str(spin)]
-    r = run_json(cmd, timeout=1800)[0]
+    env = None
+    if trace:
+        import shutil
+        import tempfile
+        trace_dir = tempfile.mkdtemp(prefix="meshpost-bench-trace-")
+        env = dict(os.environ, MESHPOST_TRACE="all", MESHPOST_TRACE_DIR=trace_dir)
+    try:
+        r = run_json(cmd, timeout=1800, env=env)[0]
+        if trace:
+            files = [f for f in os.listdir(trace_dir) if f.endswith(".mptrace")]
+            if len(files) < m + n:
+                raise RuntimeError(f"{sysname}: {len(files)} trace files for {m + n} nodes")
+            r["trace_bytes"] = sum(os.path.getsize(os.path.join(trace_dir, f)) for f in files)
+    finally:
+        if trace:
+            shutil.rmtree(trace_dir, ignore_errors=True)
     used = set(r["worker0"]["transports"].values())
     want = {"tcp": "tcp", "cma": "cma", "cma-shm": "cma-shm"}[transport]
     if used != {want}:
@@ -366,6 +391,13 @@ RATIOS = [
      "p50_us"),
     ("cluster-cma-shm p50 / van cma-shm p50", "meshpost-cluster-cma-shm", "meshpost-cma-shm",
      "p50_us"),
+    # Trace capture overhead (MESHPOST_TRACE=all vs off, same round): docs/profiling.md.
+    ("cluster-cma@trace p50 / cluster-cma p50 (trace overhead)", "meshpost-cluster-cma@trace",
+     "meshpost-cluster-cma", "p50_us"),
+    ("cluster-cma@trace mean / cluster-cma mean (trace overhead)", "meshpost-cluster-cma@trace",
+     "meshpost-cluster-cma", "mean_us"),
+    ("cluster-tcp@trace p50 / cluster-tcp p50 (trace overhead)", "meshpost-cluster-tcp@trace",
+     "meshpost-cluster-tcp", "p50_us"),
 ]
 
 
