@@ -188,10 +188,21 @@ TEST(ClusterStartTest, ForcingAnUnavailableTransportIsAClearError) {
   }
   ClusterSpec spec = Spec("forced", 1, 1);
   spec.env["MESHPOST_START_TIMEOUT_MS"] = "3000";
-  spec.env["DMLC_ENABLE_RDMA"] = "1";
-  spec.env.erase("MESHPOST_TRANSPORT");
+  spec.env["MESHPOST_TRANSPORT"] = "rdma";
   // Without an RDMA device (or without the rdma van) Start names the transport and why.
-  spec.env["MESHPOST_ITEST_FORCED_ERROR"] = "transport 'rdma' was forced (DMLC_ENABLE_RDMA=1)";
+  spec.env["MESHPOST_ITEST_FORCED_ERROR"] = "transport 'rdma' was forced (MESHPOST_TRANSPORT)";
+  RunAndExpectSuccess(spec);
+}
+
+// StepMesh's DMLC_ENABLE_RDMA=1 asks for RDMA between hosts only: co-located peers keep the
+// same-host van, with or without an RDMA device, and Start succeeds.
+TEST(ClusterStartTest, EnableRdmaOnOneHostUsesTheSameHostTransport) {
+  ClusterSpec spec = Spec("sum");
+  spec.env["MESHPOST_TRANSPORT"] = "auto";
+  spec.env["DMLC_ENABLE_RDMA"] = "1";
+  bool cma = false;
+  for (const std::string& n : CompiledTransports()) cma |= n == "cma";
+  spec.env["MESHPOST_ITEST_TRANSPORT"] = cma ? (SiblingCmaAllowed() ? "cma" : "cma-shm") : "tcp";
   RunAndExpectSuccess(spec);
 }
 
