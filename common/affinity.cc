@@ -25,8 +25,8 @@ int CorePinner::PinCurrentThread(const char* thread_name) {
     CPU_SET(core, &one);
     err = pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
     if (err == 0) {
-      MP_LOG_DEBUG("common", "thread {} pinned to core {} (STEPMESH_BIND_CPU_CORE)",
-                   thread_name, core);
+      MP_LOG_DEBUG("common", "thread {} pinned to core {} (STEPMESH_BIND_CPU_CORE)", thread_name,
+                   core);
       return core;
     }
   }

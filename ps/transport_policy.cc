@@ -7,8 +7,7 @@ namespace meshpost {
 namespace {
 
 std::string Setting(const Options& o) {
-  return o.enable_rdma_setting.empty() ? std::string("DMLC_ENABLE_RDMA=1")
-                                       : o.enable_rdma_setting;
+  return o.enable_rdma_setting.empty() ? std::string("DMLC_ENABLE_RDMA=1") : o.enable_rdma_setting;
 }
 
 }  // namespace
@@ -32,8 +31,9 @@ Status CheckPairTransport(const Options& o, const std::string& peer, bool same_h
     return OkStatus();
   }
   const std::string why = rdma_unavailable.ok()
-                              ? std::string("the peer offers no rdma endpoint (its own RDMA "
-                                            "device is missing or it does not enable RDMA)")
+                              ? std::string(
+                                    "the peer offers no rdma endpoint (its own RDMA "
+                                    "device is missing or it does not enable RDMA)")
                               : rdma_unavailable.message();
   return UnavailableError(Setting(o) + ": " + peer +
                           " is on another host and needs RDMA, but RDMA cannot run: " + why +

@@ -36,8 +36,7 @@ TEST(TransportPolicyTest, CrossHostPairNeedsRdmaWhenEnabled) {
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
   EXPECT_NE(s.message().find("DMLC_ENABLE_RDMA=ibverbs"), std::string::npos) << s;
   EXPECT_NE(s.message().find("server 1 is on another host"), std::string::npos) << s;
-  EXPECT_NE(s.message().find("no RDMA device (ibv_get_device_list: none)"), std::string::npos)
-      << s;
+  EXPECT_NE(s.message().find("no RDMA device (ibv_get_device_list: none)"), std::string::npos) << s;
   // RDMA off: tcp between hosts is the plan.
   o.enable_rdma = false;
   EXPECT_TRUE(CheckPairTransport(o, "server 1", false, "tcp", OkStatus()).ok());
