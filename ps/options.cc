@@ -122,8 +122,8 @@ const std::vector<OptionSpec> kTable = {
      "largest frame a peer may send; a larger one closes that connection before anything is "
      "allocated"},
     {"MESHPOST_TRACE", "trace", G::kMeshpost, "off",
-     "`off`, `all`, `sample:N` (every Nth push_pull handle, the same requests at worker and "
-     "server)",
+     "`off`, `all`, `sample:N` (about one push_pull in N, chosen by a hash of the handle: the same "
+     "requests at worker and server)",
      "capture per-request trace records to files (docs/profiling.md)"},
     {"MESHPOST_TRACE_DIR", "trace_dir", G::kMeshpost, "unset", "a directory (created if missing)",
      "where each worker and server writes its own trace files"},

@@ -23,8 +23,16 @@ struct TraceOptions {
   bool enabled() const { return mode != Mode::kOff; }
   // True when the request with this (worker-side) handle is captured. Workers and servers
   // decide the same way, so a sampled request is captured at both ends.
+  // sample:N keeps about one push_pull in N. Handle ids advance by the number of ids a
+  // push_pull allocates (StepMesh's contract), so "handle % N" could select none (every
+  // handle odd with a stride of 2); a Fibonacci hash of the handle spreads any stride, and
+  // worker and server decide alike because both see the worker's handle.
   bool Sampled(uint64_t handle) const {
-    return mode == Mode::kAll || (mode == Mode::kSample && handle % sample_every == 0);
+    if (mode == Mode::kAll) return true;
+    if (mode != Mode::kSample) return false;
+    uint64_t x = handle * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 29;
+    return x % sample_every == 0;
   }
 };
 

@@ -32,8 +32,8 @@ mkdir -p "$out/artifacts"
 flags=(-std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I. $(pkg-config --cflags libzmq libsodium))
 libs=($(pkg-config --libs libsodium) -lspdlog -lfmt -lpthread)
-common_src=(common/status.cc common/env.cc common/auth.cc common/logging.cc
-            tensor/dtype.cc tensor/tensor_view.cc van/codec.cc)
+common_src=(common/status.cc common/env.cc common/auth.cc common/logging.cc common/log_level.cc
+            tensor/dtype.cc tensor/tensor_view.cc tensor/device_backend.cc van/codec.cc)
 
 # Each source is compiled once into build-fuzz/obj (recompiled when it or any header is
 # newer), so four targets cost one compile of the shared code.
@@ -61,7 +61,7 @@ for t in $targets; do
   case "$t" in
     codec|auth) build "$t" ;;
     rdma_wire) build "$t" van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs ;;
-    cma_frames) build "$t" van/cma/cma_van.cc common/net.cc ;;
+    cma_frames) build "$t" van/cma/cma_van.cc van/delivery.cc common/net.cc common/affinity.cc ;;
     *) echo "fuzz: unknown target $t"; exit 2 ;;
   esac
 done
