@@ -5,14 +5,10 @@
 # kernels are a fatbin embedded in the library, loaded through the driver. A CUDA build
 # therefore runs on machines without a GPU or driver (GPU tensors are refused with the
 # reason). Sets MESHPOST_HAVE_CUDA (CMake variable and compile definition).
-set(MESHPOST_WITH_CUDA "AUTO" CACHE STRING "Build the CUDA device backend (AUTO|ON|OFF)")
-set_property(CACHE MESHPOST_WITH_CUDA PROPERTY STRINGS AUTO ON OFF)
+include(${CMAKE_CURRENT_LIST_DIR}/feature_option.cmake)
+meshpost_feature_option(MESHPOST_WITH_CUDA "Build the CUDA device backend" _mp_cuda_mode)
 set(MESHPOST_CUDA_ARCHS "80;89;90" CACHE STRING
     "SM architectures of the CUDA kernels (PTX of the last one is embedded too)")
-string(TOUPPER "${MESHPOST_WITH_CUDA}" _mp_cuda_mode)
-if(NOT _mp_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
-  message(FATAL_ERROR "MESHPOST_WITH_CUDA='${MESHPOST_WITH_CUDA}': expected AUTO, ON or OFF")
-endif()
 
 set(MESHPOST_HAVE_CUDA OFF)
 if(NOT _mp_cuda_mode STREQUAL "OFF")

@@ -4,12 +4,8 @@
 # Sets the CMake variable MESHPOST_HAVE_RDMA so the transport registry (van/registry.cc,
 # which links meshpost_rdma) and tests/ know whether the target exists. No compile
 # definition leaks to other targets: ps/ reaches the RDMA van by name through the registry.
-set(MESHPOST_WITH_RDMA "AUTO" CACHE STRING "Build the RDMA van over libibverbs (AUTO|ON|OFF)")
-set_property(CACHE MESHPOST_WITH_RDMA PROPERTY STRINGS AUTO ON OFF)
-string(TOUPPER "${MESHPOST_WITH_RDMA}" _mp_rdma_mode)
-if(NOT _mp_rdma_mode MATCHES "^(AUTO|ON|OFF)$")
-  message(FATAL_ERROR "MESHPOST_WITH_RDMA='${MESHPOST_WITH_RDMA}': expected AUTO, ON or OFF")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/feature_option.cmake)
+meshpost_feature_option(MESHPOST_WITH_RDMA "Build the RDMA van over libibverbs" _mp_rdma_mode)
 
 set(MESHPOST_HAVE_RDMA OFF)
 if(NOT _mp_rdma_mode STREQUAL "OFF")
