@@ -7,28 +7,18 @@
 # tree). Exits 1 when clang-tidy reports a warning. Not part of CI yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/cxx_tool.sh
+
 build="${BUILD_DIR:-build}"
+cxx_tool_args tidy.sh --fix "$@"
 fix=()
-if [[ "${1:-}" == "--fix" ]]; then
-  fix=(--fix)
-  shift
-fi
-case "${1:-}" in
-  -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
-  -*) echo "tidy.sh: unknown option '$1'; expected --fix, --help or file names" >&2; exit 2 ;;
-esac
-ct="${CLANG_TIDY:-clang-tidy}"
-command -v "$ct" >/dev/null 2>&1 || {
-  echo "tidy.sh: '$ct' not found; install it (Debian: apt-get install clang-tidy)" \
-       "or set CLANG_TIDY" >&2; exit 2; }
+(( flag == 0 )) || fix=(--fix)
+cxx_tool_find tidy.sh CLANG_TIDY clang-tidy clang-tidy || { echo "$cxx_tool_missing" >&2; exit 2; }
+ct=$tool
 [[ -f "$build/compile_commands.json" ]] || {
   echo "tidy.sh: $build/compile_commands.json missing; run 'bash scripts/build.sh' first" >&2
   exit 2; }
-if (( $# > 0 )); then
-  files=("$@")
-else
-  mapfile -t files < <(git ls-files '*.cc' | grep -v '^bindings/')
-fi
+cxx_tool_files '^bindings/' '*.cc'
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 rc=0
