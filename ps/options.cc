@@ -29,39 +29,62 @@ namespace {
 
 using G = OptionGroup;
 
+// Row readers (OptionRead): the field a variable fills and, for integers, its range.
+constexpr bool kRequiredVar = true;
+OptionRead Int(int Options::*field, int64_t min, int64_t max, bool required = false) {
+  return {field, min, max, required};
+}
+OptionRead Int64(int64_t Options::*field, int64_t min, int64_t max) { return {field, min, max}; }
+OptionRead Bool(bool Options::*field) { return {field}; }
+OptionRead Str(std::string Options::*field, bool required = false) {
+  return {field, 0, 0, required};
+}
+
 // The one list of variables. Order is the order of the docs' tables.
 const std::vector<OptionSpec> kTable = {
     {"DMLC_ROLE", "", G::kLaunch, "required", "`scheduler`, `server`, `worker`",
      "this process's role"},
     {"DMLC_PS_ROOT_URI", "root_uri", G::kLaunch, "required", "host name or IP",
-     "scheduler host"},
+     "scheduler host",
+     Str(&Options::root_uri, kRequiredVar)},
     {"DMLC_PS_ROOT_PORT", "root_port", G::kLaunch, "required",
      "1–65535; `0` only for the scheduler (picks a free port, see `MESHPOST_PORT_FD`)",
-     "scheduler port"},
+     "scheduler port",
+     Int(&Options::root_port, 0, 65535, kRequiredVar)},
     {"DMLC_NUM_WORKER", "num_workers", G::kLaunch, "required", "1–4096",
-     "number of workers (attention ranks) in the cluster"},
+     "number of workers (attention ranks) in the cluster",
+     Int(&Options::num_workers, 1, 4096, kRequiredVar)},
     {"DMLC_NUM_SERVER", "num_servers", G::kLaunch, "required", "1–4096",
-     "number of servers (FFN ranks) in the cluster"},
+     "number of servers (FFN ranks) in the cluster",
+     Int(&Options::num_servers, 1, 4096, kRequiredVar)},
     {"DMLC_GROUP_SIZE", "group_size", G::kLaunch, "1", "1–4096",
-     "ranks per node (e.g. GPUs per host); a factor of the rank"},
-    {"DMLC_NODE_RANK", "node_rank", G::kLaunch, "0", "0–4095", "node index within the role"},
+     "ranks per node (e.g. GPUs per host); a factor of the rank",
+     Int(&Options::group_size, 1, 4096)},
+    {"DMLC_NODE_RANK", "node_rank", G::kLaunch, "0", "0–4095", "node index within the role",
+     Int(&Options::node_rank, 0, 4095)},
     {"STEPMESH_GPU", "gpu", G::kLaunch, "0", "0–4095",
-     "device index of this process within its node; a term of the rank"},
+     "device index of this process within its node; a term of the rank",
+     Int(&Options::gpu, 0, 4095)},
     {"DMLC_INSTANCE_ID", "instance", G::kLaunch, "`STEPMESH_GPU`", "0–4095",
      "instance index within the node group (informational: meshpost runs one instance per "
-     "process)"},
+     "process)",
+     Int(&Options::instance, 0, 4095)},
     {"DMLC_RANK_OFFSET", "rank_offset", G::kLaunch, "0", "-4096–4096",
-     "added to the rank (e.g. `-STEPMESH_GPU` for one cluster per GPU)"},
+     "added to the rank (e.g. `-STEPMESH_GPU` for one cluster per GPU)",
+     Int(&Options::rank_offset, -4096, 4096)},
     {"DMLC_NODE_HOST", "node_host", G::kLaunch,
      "from `DMLC_INTERFACE`, else `127.0.0.1` when the root URI is loopback, else the first "
      "non-loopback IPv4",
-     "host/IP", "address advertised to peers"},
+     "host/IP", "address advertised to peers",
+     Str(&Options::node_host)},
     {"DMLC_INTERFACE", "interface", G::kLaunch, "unset",
      "an interface name (`eth0`; unknown names list the interfaces that exist) or `auto` "
      "(first up non-loopback IPv4 interface; loopback when the root URI is loopback)",
-     "network interface whose IPv4 address is advertised"},
+     "network interface whose IPv4 address is advertised",
+     Str(&Options::interface)},
     {"DMLC_PORT", "port", G::kLaunch, "0 (OS-assigned)", "0–65535",
-     "fixed port for this worker/server"},
+     "fixed port for this worker/server",
+     Int(&Options::port, 0, 65535)},
     {"DMLC_ENABLE_RDMA", "enable_rdma", G::kLaunch, "unset (no RDMA)",
      "`zmq`/`0`/`false`: no RDMA (same-host transport between co-located processes, tcp "
      "between hosts); `ibverbs`/`1`/`true`: RDMA between hosts (co-located pairs keep the "
@@ -74,41 +97,53 @@ const std::vector<OptionSpec> kTable = {
     {"DMLC_ENABLE_UCX", "", G::kLaunch, "0", "`0`; `1` is refused (meshpost has no UCX van)",
      "StepMesh's UCX switch"},
     {"PS_VERBOSE", "verbose", G::kLaunch, "0",
-     "0 info, 1 debug, 2 (or more) trace; `MESHPOST_LOG_LEVEL` wins", "log level (StepMesh's)"},
+     "0 info, 1 debug, 2 (or more) trace; `MESHPOST_LOG_LEVEL` wins", "log level (StepMesh's)",
+     Int(&Options::verbose, 0, INT_MAX)},
     {"STEPMESH_BIND_CPU_CORE", "bind_cpu_core", G::kLaunch, "0",
      "boolean (StepMesh defaults to 1; meshpost to 0, as it also runs on shared laptops)",
-     "pin meshpost's own threads (receive, progress, heartbeat) to consecutive cores"},
+     "pin meshpost's own threads (receive, progress, heartbeat) to consecutive cores",
+     Bool(&Options::bind_cpu_core)},
     {"STEPMESH_CPU_START_OFFSET", "cpu_start_offset", G::kLaunch, "0", "0–65535",
      "first core for `STEPMESH_BIND_CPU_CORE`; a core this process may not use gives one "
-     "warning and no pinning, never a failure"},
+     "warning and no pinning, never a failure",
+     Int(&Options::cpu_start_offset, 0, 65535)},
 
     {"MESHPOST_TRANSPORT", "transport", G::kMeshpost,
      "`auto` (per pair: same host > rdma (when `DMLC_ENABLE_RDMA` asks for it) > tcp)",
      "`auto`, `cma`, `rdma`, `tcp`; forcing one that cannot run (not built, no device, peer "
      "on another host) fails `Start` saying why",
-     "data transport between workers and servers, forced for every pair"},
+     "data transport between workers and servers, forced for every pair",
+     Str(&Options::transport)},
     {"MESHPOST_LOG_LEVEL", "log_level", G::kMeshpost, "from `PS_VERBOSE` (info)",
      "`trace`, `debug`, `info`, `warn`, `error`, `off`", "log level"},
     {"MESHPOST_CMA_DISABLE", "cma_disable", G::kMeshpost, "0", "boolean",
      "same-host transport: skip cross-memory attach and copy through shared memory (the "
-     "automatic fallback where CMA is refused)"},
+     "automatic fallback where CMA is refused)",
+     Bool(&Options::cma_disable)},
     {"MESHPOST_HEARTBEAT_INTERVAL_MS", "heartbeat_interval_ms", G::kMeshpost, "1000",
-     "10–600000", "heartbeat period"},
+     "10–600000", "heartbeat period",
+     Int(&Options::heartbeat_interval_ms, 10, 600000)},
     {"MESHPOST_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", G::kMeshpost, "6000",
-     "≥ 2 × interval", "silence after which a node is declared dead"},
+     "≥ 2 × interval", "silence after which a node is declared dead",
+     Int(&Options::heartbeat_timeout_ms, 50, 3600000)},
     {"MESHPOST_SPIN_US", "spin_us", G::kMeshpost,
      "50 on machines with ≥ 4 cores, 0 below (spinning there steals the core the answer "
      "needs)",
-     "0–10000000", "spin before blocking in every wait"},
+     "0–10000000", "spin before blocking in every wait",
+     Int64(&Options::spin_us, 0, 10000000)},
     {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
-     "never block (dedicated cores)"},
+     "never block (dedicated cores)",
+     Bool(&Options::busy_poll)},
     {"MESHPOST_START_TIMEOUT_MS", "start_timeout_ms", G::kMeshpost, "120000", "≥ 100",
-     "limit for rendezvous in `Start()`; who is missing is logged every 5 s"},
+     "limit for rendezvous in `Start()`; who is missing is logged every 5 s",
+     Int(&Options::start_timeout_ms, 100, INT_MAX)},
     {"MESHPOST_MAX_INFLIGHT", "max_inflight", G::kMeshpost, "1024", "1–1048576",
-     "pending requests per worker"},
+     "pending requests per worker",
+     Int(&Options::max_inflight, 1, 1 << 20)},
     {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
      "an open fd; used by launchers with `DMLC_PS_ROOT_PORT=0`",
-     "(scheduler) file descriptor to which the bound port is written, then closed"},
+     "(scheduler) file descriptor to which the bound port is written, then closed",
+     Int(&Options::port_fd, 0, 1 << 20)},
     {"MESHPOST_CLUSTER_TOKEN", "cluster_token", G::kMeshpost,
      "unset (unauthenticated; the local launchers generate one per cluster)",
      "≥ 16 bytes; not together with `MESHPOST_CLUSTER_TOKEN_FILE`",
@@ -120,7 +155,8 @@ const std::vector<OptionSpec> kTable = {
     {"MESHPOST_MAX_MESSAGE_BYTES", "max_message_bytes", G::kMeshpost, "1073741824 (1 GiB)",
      "≥ 4096",
      "largest frame a peer may send; a larger one closes that connection before anything is "
-     "allocated"},
+     "allocated",
+     Int64(&Options::max_message_bytes, 4096, INT64_MAX)},
     {"MESHPOST_TRACE", "trace", G::kMeshpost, "off",
      "`off`, `all`, `sample:N` (about one push_pull in N, chosen by a hash of the handle: the same "
      "requests at worker and server)",
@@ -192,23 +228,21 @@ Status Missing(const char* name) {
   return InvalidArgumentError(std::string(name) + " is not set; " + kRequired);
 }
 
-// Reads an integer variable into *out when set; `required` turns absence into an error.
-Status ReadInt(const EnvLookup& env, const char* name, int64_t min, int64_t max, bool required,
-               int* out) {
-  const char* v = env(name);
-  if (v == nullptr) return required ? Missing(name) : OkStatus();
-  auto parsed = ParseInt(name, v, min, max);
-  if (!parsed.ok()) return parsed.status();
-  *out = static_cast<int>(*parsed);
-  return OkStatus();
-}
-
-Status ReadBool(const EnvLookup& env, const char* name, bool* out) {
-  const char* v = env(name);
-  if (v == nullptr) return OkStatus();
-  auto parsed = ParseBool(name, v);
-  if (!parsed.ok()) return parsed.status();
-  *out = *parsed;
+// Reads the variable of a row with a field (OptionRead) into `o`, when it is set.
+Status ReadRow(const EnvLookup& env, const OptionSpec& spec, Options* o) {
+  const OptionRead& r = spec.read;
+  const char* v = env(spec.variable);
+  if (v == nullptr) return r.required ? Missing(spec.variable) : OkStatus();
+  if (auto f = std::get_if<int Options::*>(&r.field)) {
+    MESHPOST_ASSIGN_OR_RETURN(int64_t n, ParseInt(spec.variable, v, r.min, r.max));
+    o->**f = static_cast<int>(n);
+  } else if (auto f64 = std::get_if<int64_t Options::*>(&r.field)) {
+    MESHPOST_ASSIGN_OR_RETURN(o->**f64, ParseInt(spec.variable, v, r.min, r.max));
+  } else if (auto b = std::get_if<bool Options::*>(&r.field)) {
+    MESHPOST_ASSIGN_OR_RETURN(o->**b, ParseBool(spec.variable, v));
+  } else if (auto str = std::get_if<std::string Options::*>(&r.field)) {
+    o->**str = v;
+  }
   return OkStatus();
 }
 
@@ -376,51 +410,20 @@ Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::stri
   } else {
     return InvalidArgumentError("DMLC_ROLE='" + r + "'; expected scheduler, server or worker");
   }
-  const char* uri = env("DMLC_PS_ROOT_URI");
-  if (uri == nullptr) return Missing("DMLC_PS_ROOT_URI");
-  o.root_uri = uri;
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_PS_ROOT_PORT", 0, 65535, true, &o.root_port));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_NUM_WORKER", 1, 4096, true, &o.num_workers));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_NUM_SERVER", 1, 4096, true, &o.num_servers));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_GROUP_SIZE", 1, 4096, false, &o.group_size));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_NODE_RANK", 0, 4095, false, &o.node_rank));
+  // Every row with a field (OptionRead), in the table's order.
+  for (const OptionSpec& spec : kTable) {
+    if (std::holds_alternative<std::monostate>(spec.read.field)) continue;
+    MESHPOST_RETURN_IF_ERROR(ReadRow(env, spec, &o));
+  }
   // StepMesh: the rank counts STEPMESH_GPU; DMLC_INSTANCE_ID defaults to it.
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "STEPMESH_GPU", 0, 4095, false, &o.gpu));
-  o.instance = o.gpu;
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_INSTANCE_ID", 0, 4095, false, &o.instance));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_RANK_OFFSET", -4096, 4096, false, &o.rank_offset));
-  if (const char* v = env("DMLC_NODE_HOST")) o.node_host = v;
-  if (const char* v = env("DMLC_INTERFACE")) o.interface = v;
+  if (env("DMLC_INSTANCE_ID") == nullptr) o.instance = o.gpu;
   if (Lower(o.interface) == "auto") o.interface = "auto";
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "DMLC_PORT", 0, 65535, false, &o.port));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "PS_VERBOSE", 0, INT_MAX, false, &o.verbose));
+  // The rows read by hand.
   if (const char* v = env("MESHPOST_LOG_LEVEL")) {
     MESHPOST_ASSIGN_OR_RETURN(o.log_level, ParseLogLevel("MESHPOST_LOG_LEVEL", v));
   }
   MESHPOST_RETURN_IF_ERROR(ReadVanType(env, &o.enable_rdma, &o.enable_rdma_setting));
-  if (const char* v = env("MESHPOST_TRANSPORT")) o.transport = v;
-  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "STEPMESH_BIND_CPU_CORE", &o.bind_cpu_core));
-  MESHPOST_RETURN_IF_ERROR(
-      ReadInt(env, "STEPMESH_CPU_START_OFFSET", 0, 65535, false, &o.cpu_start_offset));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_HEARTBEAT_INTERVAL_MS", 10, 600000, false,
-                                   &o.heartbeat_interval_ms));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_HEARTBEAT_TIMEOUT_MS", 50, 3600000, false,
-                                   &o.heartbeat_timeout_ms));
-  int spin = static_cast<int>(o.spin_us);
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_SPIN_US", 0, 10000000, false, &spin));
-  o.spin_us = spin;
-  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "MESHPOST_BUSY_POLL", &o.busy_poll));
-  MESHPOST_RETURN_IF_ERROR(ReadBool(env, "MESHPOST_CMA_DISABLE", &o.cma_disable));
-  MESHPOST_RETURN_IF_ERROR(
-      ReadInt(env, "MESHPOST_START_TIMEOUT_MS", 100, INT_MAX, false, &o.start_timeout_ms));
-  MESHPOST_RETURN_IF_ERROR(
-      ReadInt(env, "MESHPOST_MAX_INFLIGHT", 1, 1 << 20, false, &o.max_inflight));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_PORT_FD", 0, 1 << 20, false, &o.port_fd));
   MESHPOST_ASSIGN_OR_RETURN(o.cluster_token, ClusterTokenFromEnv(env));
-  if (const char* v = env("MESHPOST_MAX_MESSAGE_BYTES")) {
-    MESHPOST_ASSIGN_OR_RETURN(o.max_message_bytes,
-                              ParseInt("MESHPOST_MAX_MESSAGE_BYTES", v, 4096, INT64_MAX));
-  }
   for (const OptionSpec& spec : kTable) {
     if (spec.group != G::kRdma) continue;
     if (const char* v = env(spec.variable)) o.rdma_env[spec.variable] = v;

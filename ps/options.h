@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "common/env.h"
@@ -101,6 +102,19 @@ enum class OptionGroup {
 };
 const char* OptionGroupName(OptionGroup group);
 
+// How OptionsFromEnv() reads a row's variable: the Options field it fills and, for integers,
+// the accepted range (inclusive). A row without a field (std::monostate) is read by its own
+// code: DMLC_ROLE, MESHPOST_LOG_LEVEL, the van type, the cluster token, the trace and rdma
+// rows, and the ignored rows.
+using OptionField = std::variant<std::monostate, int Options::*, int64_t Options::*,
+                                 bool Options::*, std::string Options::*>;
+struct OptionRead {
+  OptionField field;
+  int64_t min = 0;
+  int64_t max = 0;
+  bool required = false;  // absence is an error; otherwise the field keeps its default
+};
+
 struct OptionSpec {
   const char* variable;
   const char* keyword;  // Python keyword argument ("" when there is none)
@@ -108,6 +122,7 @@ struct OptionSpec {
   const char* default_value;
   const char* valid;    // accepted values; for kIgnored rows: why it is ignored
   const char* meaning;
+  OptionRead read;      // empty: read by hand in OptionsFromEnv (see OptionRead)
 };
 
 const std::vector<OptionSpec>& OptionTable();

@@ -5,7 +5,9 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <regex>
 #include <sstream>
+#include <variant>
 
 #ifdef MESHPOST_HAVE_RDMA
 #include "van/rdma/rdma_van.h"
@@ -336,6 +338,46 @@ TEST(OptionTableTest, EveryVariableTheParsersReadIsInTheTableAndViceVersa) {
   }
   for (const std::string& name : r.asked) {
     EXPECT_EQ(in_table.count(name), 1u) << name << " is read but missing from OptionTable()";
+  }
+}
+
+// OptionsFromEnv reads a row with a field by the row's range; where the docs' "valid values"
+// column states a plain range ("1–4096", "≥ 100"), it must be that range.
+TEST(OptionTableTest, RowRangesAgreeWithTheDocumentedValidValues) {
+  const std::regex range("^(-?[0-9]+)–(-?[0-9]+)$");
+  const std::regex at_least("^≥ ([0-9]+)$");
+  int checked = 0;
+  for (const OptionSpec& o : OptionTable()) {
+    const bool integer = std::holds_alternative<int Options::*>(o.read.field) ||
+                         std::holds_alternative<int64_t Options::*>(o.read.field);
+    if (o.group == OptionGroup::kIgnored) {
+      EXPECT_TRUE(std::holds_alternative<std::monostate>(o.read.field)) << o.variable;
+    }
+    if (!integer) continue;
+    EXPECT_LE(o.read.min, o.read.max) << o.variable;
+    std::smatch m;
+    const std::string valid = o.valid;
+    if (std::regex_match(valid, m, range)) {
+      EXPECT_EQ(o.read.min, std::stoll(m[1])) << o.variable << ": " << valid;
+      EXPECT_EQ(o.read.max, std::stoll(m[2])) << o.variable << ": " << valid;
+      ++checked;
+    } else if (std::regex_match(valid, m, at_least)) {
+      EXPECT_EQ(o.read.min, std::stoll(m[1])) << o.variable << ": " << valid;
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 12) << "the plain-range rows were not found";
+}
+
+TEST(OptionTableTest, ARowsRangeIsEnforcedWithTheVariableInTheMessage) {
+  for (const OptionSpec& o : OptionTable()) {
+    if (!std::holds_alternative<int Options::*>(o.read.field)) continue;
+    FakeEnv env;
+    env.vars["DMLC_ROLE"] = "scheduler";
+    env.vars[o.variable] = std::to_string(o.read.max + 1);
+    auto parsed = env.Parse();
+    ASSERT_FALSE(parsed.ok()) << o.variable << "=" << o.read.max + 1 << " was accepted";
+    EXPECT_TRUE(Contains(parsed.status().message(), o.variable)) << parsed.status();
   }
 }
 
