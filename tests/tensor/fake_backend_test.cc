@@ -33,8 +33,21 @@ class FakeBackendTest : public ::testing::Test {
     std::memset(pinned_, 0, kBytes);
   }
   void TearDown() override {
+    if (flag_ != nullptr) be_.FreePinned(flag_);
     be_.FreeDevice(dev_);
     be_.FreePinned(pinned_);
+  }
+
+  // The flag tests' start: a pinned flag_ (0); a reader_ stream that waits for the flag to
+  // be 1 and then copies dev_ to pinned_; and the producer_, held, copying src_ to dev_.
+  void StartFlaggedTransfer() {
+    flag_ = static_cast<int64_t*>(*be_.AllocPinned(8));
+    *flag_ = 0;
+    reader_ = *be_.CreateStream(0);
+    ASSERT_TRUE(be_.WaitFlagAsync(flag_, 1, nullptr, reader_).ok());
+    ASSERT_TRUE(be_.CopyAsync(pinned_, dev_, kBytes, reader_).ok());
+    be_.HoldStream(producer_);
+    ASSERT_TRUE(be_.CopyAsync(dev_, src_.data(), kBytes, producer_).ok());
   }
 
   // Completes everything on `stream` submitted so far.
@@ -48,6 +61,8 @@ class FakeBackendTest : public ::testing::Test {
   static constexpr size_t kBytes = 1 << 16;
   FakeBackend be_;
   DeviceStream producer_ = 0, consumer_ = 0;
+  DeviceStream reader_ = 0;    // StartFlaggedTransfer
+  int64_t* flag_ = nullptr;  // StartFlaggedTransfer
   uint8_t* dev_ = nullptr;
   uint8_t* pinned_ = nullptr;
   std::vector<uint8_t> src_;
@@ -89,42 +104,27 @@ TEST_F(FakeBackendTest, ReadBeforeProducingEventIsAHazard) {
 }
 
 TEST_F(FakeBackendTest, FlagWrittenBeforeDataIsAHazard) {
-  int64_t* flag = static_cast<int64_t*>(*be_.AllocPinned(8));
-  *flag = 0;
-  DeviceStream reader = *be_.CreateStream(0);
-  // Reader: waits for the flag, then reads the data.
-  ASSERT_TRUE(be_.WaitFlagAsync(flag, 1, nullptr, reader).ok());
-  ASSERT_TRUE(be_.CopyAsync(pinned_, dev_, kBytes, reader).ok());
-  be_.HoldStream(producer_);
-  ASSERT_TRUE(be_.CopyAsync(dev_, src_.data(), kBytes, producer_).ok());
+  ASSERT_NO_FATAL_FAILURE(StartFlaggedTransfer());
   // Bug under test: the flag goes out on another stream without waiting for the data.
-  ASSERT_TRUE(be_.WriteFlagAsync(flag, 1, nullptr, consumer_).ok());
+  ASSERT_TRUE(be_.WriteFlagAsync(flag_, 1, nullptr, consumer_).ok());
   ASSERT_TRUE(be_.WaitIdle(kIdleMs));
   be_.ReleaseStream(producer_);
-  Drain(reader);
+  Drain(reader_);
   Drain(producer_);
   EXPECT_THAT(be_.Hazards(), Not(IsEmpty()));
-  be_.FreePinned(flag);
 }
 
 TEST_F(FakeBackendTest, FlagAfterDataEventIsClean) {
-  int64_t* flag = static_cast<int64_t*>(*be_.AllocPinned(8));
-  *flag = 0;
-  DeviceStream reader = *be_.CreateStream(0);
-  ASSERT_TRUE(be_.WaitFlagAsync(flag, 1, nullptr, reader).ok());
-  ASSERT_TRUE(be_.CopyAsync(pinned_, dev_, kBytes, reader).ok());
-  be_.HoldStream(producer_);
-  ASSERT_TRUE(be_.CopyAsync(dev_, src_.data(), kBytes, producer_).ok());
+  ASSERT_NO_FATAL_FAILURE(StartFlaggedTransfer());
   DeviceEvent data = *be_.CreateEvent(0);
   ASSERT_TRUE(be_.RecordEvent(data, producer_).ok());
   ASSERT_TRUE(be_.StreamWaitEvent(consumer_, data).ok());
-  ASSERT_TRUE(be_.WriteFlagAsync(flag, 1, nullptr, consumer_).ok());
+  ASSERT_TRUE(be_.WriteFlagAsync(flag_, 1, nullptr, consumer_).ok());
   ASSERT_TRUE(be_.WaitIdle(kIdleMs));
   be_.ReleaseStream(producer_);
-  Drain(reader);
+  Drain(reader_);
   EXPECT_EQ(std::memcmp(pinned_, src_.data(), kBytes), 0);
   EXPECT_THAT(be_.Hazards(), IsEmpty());
-  be_.FreePinned(flag);
 }
 
 TEST_F(FakeBackendTest, PinnedBufferReusedWhileCopyInFlightIsAHazard) {

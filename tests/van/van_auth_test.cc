@@ -4,15 +4,13 @@
 // the wire format.
 #include <gtest/gtest.h>
 #include <unistd.h>
-#include <zmq.h>
 
-#include <condition_variable>
-#include <deque>
-#include <mutex>
 #include <thread>
 
 #include "common/auth.h"
 #include "common/clock.h"
+#include "tests/support/raw_zmq_peer.h"
+#include "tests/support/recording_receiver.h"
 #include "van/codec.h"
 #include "van/registry.h"
 #include "van/van.h"
@@ -23,27 +21,14 @@ namespace {
 
 const std::string kToken = "zmq-auth-test-token-0123456789";
 
-class Recorder : public VanReceiver {
- public:
-  Result<void*> Destination(const Meta&, size_t) override { return static_cast<void*>(nullptr); }
-  void OnMessage(InMessage&& msg) override {
-    std::lock_guard<std::mutex> lock(mu);
-    messages.push_back(std::move(msg.meta));
-    cv.notify_all();
-  }
-  void OnDropped(const Meta&, const Status&) override {}
-  bool WaitFor(size_t n) {
-    std::unique_lock<std::mutex> lock(mu);
-    return cv.wait_for(lock, std::chrono::seconds(30), [&] { return messages.size() >= n; });
-  }
-  std::vector<Meta> Snapshot() {
-    std::lock_guard<std::mutex> lock(mu);
-    return {messages.begin(), messages.end()};
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<Meta> messages;
-};
+using Recorder = support::RecordingReceiver;
+
+// The headers of the messages `r` received so far, in order (taken out of `r`).
+std::vector<Meta> Metas(Recorder& r) {
+  std::vector<Meta> out;
+  for (InMessage& m : r.TakeMessages()) out.push_back(std::move(m.meta));
+  return out;
+}
 
 std::unique_ptr<Van> MakeVan(const std::string& token, int self_id, Recorder* r, int* port) {
   VanOptions o;
@@ -66,64 +51,56 @@ OutMessage Heartbeat(int from, int to, uint64_t id) {
   return m;
 }
 
-// A raw ZeroMQ client holding no token.
-struct Attacker {
-  void* ctx = zmq_ctx_new();
-  void* sock = nullptr;
-  explicit Attacker(int port) {
-    sock = zmq_socket(ctx, ZMQ_DEALER);
-    int zero = 0;
-    zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof(zero));
-    zmq_connect(sock, ("tcp://127.0.0.1:" + std::to_string(port)).c_str());
+// Two tcp vans on loopback, ids 1 (a) and 2 (b), each with its token and recorder.
+struct TcpPair {
+  TcpPair(const std::string& token_a, const std::string& token_b) {
+    a = MakeVan(token_a, 1, &ra, &pa);
+    b = MakeVan(token_b, 2, &rb, &pb);
   }
-  ~Attacker() {
-    zmq_close(sock);
-    zmq_ctx_term(ctx);
-  }
-  void Send(const std::string& frame) { zmq_send(sock, frame.data(), frame.size(), 0); }
+  Recorder ra, rb;  // outlive the vans
+  int pa = 0, pb = 0;
+  std::unique_ptr<Van> a, b;
 };
 
-TEST(ZmqAuthTest, AuthenticatedPeersExchangeMessagesAttributedToTheConnection) {
-  Recorder ra, rb;
-  int pa = 0, pb = 0;
-  auto a = MakeVan(kToken, 1, &ra, &pa);
-  auto b = MakeVan(kToken, 2, &rb, &pb);
-  ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
-  ASSERT_TRUE(b->Connect({1, "127.0.0.1", pa}).ok());
-  for (uint64_t i = 1; i <= 3; ++i) ASSERT_TRUE(a->Send(Heartbeat(1, 2, i)).ok());
-  ASSERT_TRUE(b->Send(Heartbeat(2, 1, 9)).ok());
-  ASSERT_TRUE(rb.WaitFor(3));
-  ASSERT_TRUE(ra.WaitFor(1));
-  auto got = rb.Snapshot();
-  for (uint64_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(got[i].sender, 1);
-    EXPECT_EQ(got[i].id, i + 1) << "messages queued during the handshake keep their order";
-  }
-  EXPECT_EQ(ra.Snapshot()[0].sender, 2);
-}
-
-TEST(ZmqAuthTest, AMessageClaimingAnotherSenderIsDropped) {
-  Recorder ra, rb;
-  int pa = 0, pb = 0;
-  auto a = MakeVan(kToken, 1, &ra, &pa);
-  auto b = MakeVan(kToken, 2, &rb, &pb);
-  ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
-  ASSERT_TRUE(a->Send(Heartbeat(5, 2, 1)).ok());  // node 1 pretends to be node 5
-  ASSERT_TRUE(a->Send(Heartbeat(1, 2, 2)).ok());
-  ASSERT_TRUE(rb.WaitFor(1));
-  auto got = rb.Snapshot();
+// `from` (node 1, connected to node 2) sends a message claiming to come from node 5, then
+// one as itself: only the second reaches `to`, attributed to node 1.
+void ExpectOnlyTheAuthenticatedSenderGetsThrough(Van& from, Recorder& to) {
+  ASSERT_TRUE(from.Send(Heartbeat(5, 2, 1)).ok());  // node 1 pretends to be node 5
+  ASSERT_TRUE(from.Send(Heartbeat(1, 2, 2)).ok());
+  ASSERT_TRUE(to.WaitFor(1));
+  auto got = Metas(to);
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].sender, 1);
   EXPECT_EQ(got[0].id, 2u);
 }
 
+TEST(ZmqAuthTest, AuthenticatedPeersExchangeMessagesAttributedToTheConnection) {
+  TcpPair p(kToken, kToken);
+  ASSERT_TRUE(p.a->Connect({2, "127.0.0.1", p.pb}).ok());
+  ASSERT_TRUE(p.b->Connect({1, "127.0.0.1", p.pa}).ok());
+  for (uint64_t i = 1; i <= 3; ++i) ASSERT_TRUE(p.a->Send(Heartbeat(1, 2, i)).ok());
+  ASSERT_TRUE(p.b->Send(Heartbeat(2, 1, 9)).ok());
+  ASSERT_TRUE(p.rb.WaitFor(3));
+  ASSERT_TRUE(p.ra.WaitFor(1));
+  auto got = Metas(p.rb);
+  ASSERT_EQ(got.size(), 3u);
+  for (uint64_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(got[i].sender, 1);
+    EXPECT_EQ(got[i].id, i + 1) << "messages queued during the handshake keep their order";
+  }
+  EXPECT_EQ(Metas(p.ra).at(0).sender, 2);
+}
+
+TEST(ZmqAuthTest, AMessageClaimingAnotherSenderIsDropped) {
+  TcpPair p(kToken, kToken);
+  ASSERT_TRUE(p.a->Connect({2, "127.0.0.1", p.pb}).ok());
+  ExpectOnlyTheAuthenticatedSenderGetsThrough(*p.a, p.rb);
+}
+
 TEST(ZmqAuthTest, RawFramesWithoutTheTokenNeverReachTheReceiver) {
-  Recorder ra, rb;
-  int pa = 0, pb = 0;
-  auto a = MakeVan(kToken, 1, &ra, &pa);
-  auto b = MakeVan(kToken, 2, &rb, &pb);
+  TcpPair p(kToken, kToken);
   {
-    Attacker evil(pb);
+    support::RawZmqPeer evil(p.pb);  // holds no token
     Meta forged;
     forged.cmd = Command::kNodeDown;
     forged.sender = 0;
@@ -144,14 +121,14 @@ TEST(ZmqAuthTest, RawFramesWithoutTheTokenNeverReachTheReceiver) {
     // Then a legitimate message on an authenticated connection: once it arrived, every
     // attacker frame sent before it was handled (one receive thread, handled in order of
     // arrival is not guaranteed across connections, so send it after a round trip).
-    ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
-    ASSERT_TRUE(b->Connect({1, "127.0.0.1", pa}).ok());
-    ASSERT_TRUE(b->Send(Heartbeat(2, 1, 1)).ok());
-    ASSERT_TRUE(ra.WaitFor(1));
-    ASSERT_TRUE(a->Send(Heartbeat(1, 2, 1)).ok());
-    ASSERT_TRUE(rb.WaitFor(1));
+    ASSERT_TRUE(p.a->Connect({2, "127.0.0.1", p.pb}).ok());
+    ASSERT_TRUE(p.b->Connect({1, "127.0.0.1", p.pa}).ok());
+    ASSERT_TRUE(p.b->Send(Heartbeat(2, 1, 1)).ok());
+    ASSERT_TRUE(p.ra.WaitFor(1));
+    ASSERT_TRUE(p.a->Send(Heartbeat(1, 2, 1)).ok());
+    ASSERT_TRUE(p.rb.WaitFor(1));
   }
-  for (const Meta& m : rb.Snapshot()) {
+  for (const Meta& m : Metas(p.rb)) {
     EXPECT_EQ(m.cmd, Command::kHeartbeat) << "a forged " << CommandName(m.cmd) << " got through";
     EXPECT_EQ(m.sender, 1);
   }
@@ -170,25 +147,19 @@ Status SendUntilFailure(Van& van, int to) {
 }
 
 TEST(ZmqAuthTest, AWrongTokenFailsTheConnectionWithAClearError) {
-  Recorder ra, rb;
-  int pa = 0, pb = 0;
-  auto a = MakeVan("a-different-token-0123456789", 1, &ra, &pa);
-  auto b = MakeVan(kToken, 2, &rb, &pb);
-  ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
-  Status s = SendUntilFailure(*a, 2);
+  TcpPair p("a-different-token-0123456789", kToken);
+  ASSERT_TRUE(p.a->Connect({2, "127.0.0.1", p.pb}).ok());
+  Status s = SendUntilFailure(*p.a, 2);
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
   EXPECT_NE(s.message().find("token"), std::string::npos) << s.message();
-  EXPECT_TRUE(rb.Snapshot().empty());
+  EXPECT_TRUE(Metas(p.rb).empty());
 }
 
 TEST(ZmqAuthTest, ANodeWithoutATokenRefusesAnAuthenticatingPeer) {
-  Recorder ra, rb;
-  int pa = 0, pb = 0;
-  auto a = MakeVan(kToken, 1, &ra, &pa);
-  auto b = MakeVan("", 2, &rb, &pb);
-  ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
-  Status s = SendUntilFailure(*a, 2);
+  TcpPair p(kToken, "");
+  ASSERT_TRUE(p.a->Connect({2, "127.0.0.1", p.pb}).ok());
+  Status s = SendUntilFailure(*p.a, 2);
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("without a cluster token"), std::string::npos) << s.message();
 }
@@ -200,18 +171,18 @@ TEST(ZmqAuthTest, FramesAboveTheSizeLimitCloseTheConnectionWithoutBeingDelivered
   auto b = CreateZmqVan(o);
   const int pb = *b->Bind("127.0.0.1", 0);
   ASSERT_TRUE(b->Start(&rb).ok());
-  Attacker big(pb);
+  support::RawZmqPeer big(pb);
   Meta m;
   m.cmd = Command::kHeartbeat;
   m.sender = 1;
   m.recipient = 2;
   m.body.assign(1 << 20, 'x');  // a valid frame, but above the limit
   big.Send(EncodeMeta(m));
-  Attacker small(pb);
+  support::RawZmqPeer small(pb);
   m.body = "ok";
   small.Send(EncodeMeta(m));
   ASSERT_TRUE(rb.WaitFor(1));
-  for (const Meta& got : rb.Snapshot()) EXPECT_EQ(got.body, "ok");
+  for (const Meta& got : Metas(rb)) EXPECT_EQ(got.body, "ok");
 }
 
 // ---- same-host van ----
@@ -249,13 +220,7 @@ TEST(CmaAuthTest, AuthenticatedConnectionsCarryMessagesAndRefuseOtherSenders) {
   auto a = MakeCma(kToken, 1, &ra);
   auto b = MakeCma(kToken, 2, &rb);
   ASSERT_TRUE(a->Connect(CmaPeer(2, *b)).ok());
-  ASSERT_TRUE(a->Send(Heartbeat(5, 2, 1)).ok());  // claims another sender: dropped
-  ASSERT_TRUE(a->Send(Heartbeat(1, 2, 2)).ok());
-  ASSERT_TRUE(rb.WaitFor(1));
-  auto got = rb.Snapshot();
-  ASSERT_EQ(got.size(), 1u);
-  EXPECT_EQ(got[0].sender, 1);
-  EXPECT_EQ(got[0].id, 2u);
+  ExpectOnlyTheAuthenticatedSenderGetsThrough(*a, rb);
 }
 
 TEST(CmaAuthTest, MismatchedTokensFailConnectWithAClearError) {
@@ -275,7 +240,7 @@ TEST(CmaAuthTest, MismatchedTokensFailConnectWithAClearError) {
   ASSERT_FALSE(token_to_tokenless.ok());
   EXPECT_NE(token_to_tokenless.message().find("without a cluster token"), std::string::npos)
       << token_to_tokenless.message();
-  EXPECT_TRUE(rb.Snapshot().empty());
+  EXPECT_TRUE(Metas(rb).empty());
 }
 
 }  // namespace

@@ -2,10 +2,9 @@
 // receiver choosing destinations and refusing payloads.
 #include <gtest/gtest.h>
 
-#include <zmq.h>
-
 #include <memory>
 
+#include "tests/support/raw_zmq_peer.h"
 #include "tests/support/recording_receiver.h"
 #include "van/codec.h"
 #include "van/van.h"
@@ -90,48 +89,13 @@ TEST(ZmqVanTest, RefusedDestinationReportsDrop) {
   ASSERT_TRUE(p.rb.WaitFor(1, 0));
 }
 
-// Raw frames from a peer that does not go through ZmqVan::Send (which refuses such
-// messages): [header][data frames...] on a DEALER socket, as a hostile or buggy peer would.
-class RawPeer {
- public:
-  explicit RawPeer(const std::string& endpoint) : ctx_(zmq_ctx_new()) {
-    sock_ = zmq_socket(ctx_, ZMQ_DEALER);
-    int zero = 0;
-    zmq_setsockopt(sock_, ZMQ_LINGER, &zero, sizeof(zero));
-    connected_ = zmq_connect(sock_, endpoint.c_str()) == 0;
-  }
-  ~RawPeer() {
-    zmq_close(sock_);
-    zmq_ctx_term(ctx_);
-  }
-  bool Send(const Meta& meta, const std::vector<std::vector<char>>& frames) {
-    const std::string header = EncodeMeta(meta);
-    if (zmq_send(sock_, header.data(), header.size(), frames.empty() ? 0 : ZMQ_SNDMORE) < 0) {
-      return false;
-    }
-    for (size_t i = 0; i < frames.size(); ++i) {
-      if (zmq_send(sock_, frames[i].data(), frames[i].size(),
-                   i + 1 < frames.size() ? ZMQ_SNDMORE : 0) < 0) {
-        return false;
-      }
-    }
-    return true;
-  }
-  bool connected() const { return connected_; }
-
- private:
-  void* ctx_;
-  void* sock_;
-  bool connected_ = false;
-};
-
 // A sender whose frames disagree with its own header (hostile or buggy) is refused.
 TEST(ZmqVanTest, FrameSizeMismatchIsDropped) {
   Pair p;
   std::vector<char> dest(64);
   p.rb.destinations[1] = dest.data();
   const std::string endpoint = "tcp://127.0.0.1:" + p.b->endpoint().substr(p.b->endpoint().rfind(':') + 1);
-  RawPeer raw(endpoint);
+  support::RawZmqPeer raw(endpoint);  // frames ZmqVan::Send would refuse
   ASSERT_TRUE(raw.connected());
   std::vector<char> payload(32, 5);
   OutMessage m = DataMessage(2, payload);
