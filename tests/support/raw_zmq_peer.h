@@ -44,8 +44,8 @@ class RawZmqPeer {
       return false;
     }
     for (size_t i = 0; i < data.size(); ++i) {
-      if (zmq_send(sock_, data[i].data(), data[i].size(),
-                   i + 1 < data.size() ? ZMQ_SNDMORE : 0) < 0) {
+      if (zmq_send(sock_, data[i].data(), data[i].size(), i + 1 < data.size() ? ZMQ_SNDMORE : 0) <
+          0) {
         return false;
       }
     }
