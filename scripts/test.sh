@@ -21,15 +21,14 @@ echo "== C++ tests (ctest) =="
 ctest --test-dir build --output-on-failure -j2 --timeout 600
 # ---- sanitizers (issue 8 build hygiene; docs/development.md) ----
 # ASan+UBSan over the unit, conformance, RDMA-fake and integration suites; TSan over the van
-# and ps unit suites. Own build trees (build-asan, build-tsan); skips with a reason on hosts
-# whose toolchain or kernel cannot run a sanitizer.
-# Off by default until the stage has passed on the merged tree within the CI budget
-# (MESHPOST_SANITIZERS=1 runs it; docs/development.md).
-if [[ "${MESHPOST_SANITIZERS:-0}" == 1 ]]; then
-  echo "== C++ tests under sanitizers (scripts/test_sanitizers.sh) =="
-  timeout --kill-after=30 2700 bash scripts/test_sanitizers.sh
+# and ps unit suites and the conformance suite. Own build trees (build-asan, build-tsan);
+# skips with a reason on hosts whose toolchain or kernel cannot run a sanitizer.
+# MESHPOST_SKIP_SANITIZERS=1 skips the stage (e.g. a quick local run).
+if [[ "${MESHPOST_SKIP_SANITIZERS:-0}" == 1 ]]; then
+  echo "== sanitizer stage SKIPPED (MESHPOST_SKIP_SANITIZERS=1) =="
 else
-  echo "== sanitizer stage SKIPPED (set MESHPOST_SANITIZERS=1 to run scripts/test_sanitizers.sh) =="
+  echo "== C++ tests under sanitizers (scripts/test_sanitizers.sh) =="
+  timeout --kill-after=30 1800 bash scripts/test_sanitizers.sh
 fi
 # ---- end sanitizers ----
 if [[ -f scripts/test_python.sh ]]; then

@@ -2,8 +2,8 @@
 # Builds and runs meshpost's C++ suites under sanitizers (docs/development.md):
 #   asan: AddressSanitizer + LeakSanitizer + UBSan (non-recoverable) over the unit, van
 #         conformance, RDMA (fake fabric) and multi-process integration suites -> build-asan/
-#   tsan: ThreadSanitizer over the van and ps unit suites and the van conformance suite
-#         (minus its three bulk-volume tests) -> build-tsan/
+#   tsan: ThreadSanitizer over the van and ps unit suites (trace recorder included) and the
+#         van conformance suite (minus its three bulk-volume tests) -> build-tsan/
 # Only the targets those suites need are built (RelWithDebInfo at -O1, line tables only, asserts
 # on). Every process writes its sanitizer reports to a log directory, so a report from a
 # child process whose exit a test tolerates (a killed peer, a node told to fail) still fails
@@ -103,7 +103,8 @@ for stage in "${stages[@]}"; do
         echo "SKIP tsan: this host cannot build or run -fsanitize=thread (above)"
         continue
       fi
-      configure_and_build build-tsan thread van_test van_conformance_test ps_unit_test
+      configure_and_build build-tsan thread van_test van_conformance_test ps_unit_test \
+        trace_recorder_test
       logs="$root/build-tsan/sanitizer-logs"
       export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:history_size=4:log_path=$logs/tsan:suppressions=$supp/tsan.supp"
       # The conformance suite's bulk-volume tests (64 MiB messages, hundreds of 1 MiB frames)
