@@ -134,7 +134,7 @@ def test_perfetto_export_has_per_thread_tracks_slices_and_flows(slow_server_trac
     # (an extra "(overlap k)" track of a thread where its hops overlap without nesting).
     for e in slices:
         name = threads[(e["pid"], e["tid"])]
-        assert f" tid {e['tid'] % (1 << 32)}" in name, (name, e)
+        assert f" tid {e['tid'] % (1 << 22)}" in name, (name, e)
     def track(e):
         return threads[(e["pid"], e["tid"])].split(" tid ")[0]
     on = {}
@@ -149,7 +149,7 @@ def test_perfetto_export_has_per_thread_tracks_slices_and_flows(slow_server_trac
         assert on[("server", hop)] == {"get_batch / respond"}, (hop, on)
     for e in slices:
         if track(e) in ("caller / Wait()", "get_batch / respond"):
-            assert e["tid"] % (1 << 32) == e["pid"], e  # the main thread
+            assert e["tid"] % (1 << 22) == e["pid"], e  # the main thread
         else:
             assert e["tid"] != e["pid"], e
     receive = {n for n in threads.values() if n.startswith("van receive tid ")}

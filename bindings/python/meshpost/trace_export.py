@@ -25,8 +25,12 @@ _US = 1e-3
 # peer ("to server s" / "from worker w"), as before. Round trips are async slices on the
 # worker's "round trip" track.
 _SYNTHETIC_PID = 10_000_000
-_LANE_TID = 1 << 32  # extra tracks: tid + k * _LANE_TID (beyond any Linux tid)
-_PEER_TID = 3 << 32  # version-1 per-peer tracks
+# Viewers keep tids in 32 bits (Perfetto: uint32; some int32), and Linux tids stay below
+# 2^22 (PID_MAX_LIMIT): extra tracks of a thread are tid + k * 2^22 (k < 256), version-1
+# per-peer tracks start at 2^30.
+_LANE_TID = 1 << 22
+_MAX_LANES = 256
+_PEER_TID = 1 << 30
 
 
 class _Slice:
@@ -61,7 +65,10 @@ def _assign_lanes(slices: List[_Slice]) -> Dict[Tuple[str, int], int]:
                     sl.tid = sl.thread + i * _LANE_TID
                     break
             else:
-                stacks.append([sl.b])
+                if len(stacks) < _MAX_LANES:
+                    stacks.append([sl.b])
+                else:  # pathological overlap: share the last track (may not nest)
+                    stacks[-1].append(sl.b)
                 sl.tid = sl.thread + (len(stacks) - 1) * _LANE_TID
         lanes_of[key] = len(stacks)
     return lanes_of
