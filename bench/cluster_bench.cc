@@ -338,8 +338,8 @@ int RunWorker(Postoffice& po, const Params& p, const TraceOptions& trace) {
       for (n = i; n < rtt.size() && captured[n] == captured[i]; ++n) {
       }
       std::vector<double> block(rtt.begin() + i, rtt.begin() + n);
-      js << (i ? ", " : "") << "[" << (captured[i] ? 1 : 0) << ", " << Summarize(block).p50
-         << ", " << n - i << "]";
+      js << (i ? ", " : "") << "[" << (captured[i] ? 1 : 0) << ", " << Summarize(block).p50 << ", "
+         << n - i << "]";
     }
     js << "]";
   }

@@ -218,7 +218,10 @@ class AFTensorWorker::Impl : public DataHandler {
       // Stamped as the request is handed to the transport: the response may be received
       // on another thread before Send() returns, and the stamps must stay ordered.
       p->traces[s].request_posted = GetNanosecond();
-      if (p->traced) p->traces[s].tids[0] = p->caller_tid, p->traces[s].tids[1] = TraceThreadId();
+      if (p->traced) {
+        p->traces[s].tids[0] = p->caller_tid;
+        p->traces[s].tids[1] = TraceThreadId();
+      }
       Status sent = ctx_->Send(std::move(msg));
       if (!sent.ok()) {
         Fail(p, sent.Annotate(std::string(fn) + ": sending to server " + std::to_string(s)));
@@ -507,7 +510,10 @@ class AFTensorWorker::Impl : public DataHandler {
       r.num_keys = p.num_keys;
       for (int k = 0; k < kTraceRecordKeys; ++k) r.keys[k] = p.keys[k];
       const std::array<uint64_t, 8> st = p.traces[s].ToArray();
-      for (int k = 0; k < 8; ++k) r.stamps[k] = st[k], r.tids[k] = p.traces[s].tids[k];
+      for (int k = 0; k < 8; ++k) {
+        r.stamps[k] = st[k];
+        r.tids[k] = p.traces[s].tids[k];
+      }
       recorder_->Record(r);
     }
   }

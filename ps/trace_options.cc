@@ -33,8 +33,7 @@ Status ParseTraceMode(const std::string& name, const std::string& value, TraceOp
   }
   const std::string alternate = "alternate:";
   if (value.compare(0, alternate.size(), alternate) == 0) {
-    auto n = ParseInt(name + " (N of alternate:N)", value.substr(alternate.size()), 1,
-                      1000000000);
+    auto n = ParseInt(name + " (N of alternate:N)", value.substr(alternate.size()), 1, 1000000000);
     if (!n.ok()) return n.status();
     out->mode = TraceOptions::Mode::kAlternate;
     out->sample_every = static_cast<uint32_t>(*n);

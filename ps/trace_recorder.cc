@@ -145,12 +145,12 @@ Result<std::unique_ptr<TraceRecorder>> TraceRecorder::Create(
   }
   TraceRecorder* raw = r.get();
   r->writer_ = std::thread([raw] { raw->WriterLoop(); });
-  MP_LOG_INFO(kLog, "tracing ({}{}) to {}", TraceModeName(options.mode),
-              options.mode == TraceOptions::Mode::kSample ||
-                      options.mode == TraceOptions::Mode::kAlternate
-                  ? ":" + std::to_string(options.sample_every)
-                  : std::string(),
-              r->path_);
+  MP_LOG_INFO(
+      kLog, "tracing ({}{}) to {}", TraceModeName(options.mode),
+      options.mode == TraceOptions::Mode::kSample || options.mode == TraceOptions::Mode::kAlternate
+          ? ":" + std::to_string(options.sample_every)
+          : std::string(),
+      r->path_);
   return r;
 }
 
