@@ -240,7 +240,7 @@ const char* const kStages[] = {
 };
 constexpr int kNumStages = 8;
 
-int RunWorker(Postoffice& po, const Params& p) {
+int RunWorker(Postoffice& po, const Params& p, const TraceOptions& trace) {
   AFTensorWorker* worker = po.worker();
   const int S = worker->num_servers();
   Status b = po.Barrier(kServerGroup | kWorkerGroup, kTimeoutMs);
@@ -263,6 +263,9 @@ int RunWorker(Postoffice& po, const Params& p) {
   }
 
   std::vector<double> rtt;
+  // MESHPOST_TRACE=alternate:N: whether each measured round trip was captured, for the
+  // trace overhead A/B (scripts/trace_overhead.py).
+  std::vector<bool> captured;
   std::vector<std::vector<double>> stage(kNumStages);
   rtt.reserve(p.iters);
   uint64_t wall_start = GetNanosecond();
@@ -285,6 +288,7 @@ int RunWorker(Postoffice& po, const Params& p) {
     }
     if (i < p.warmup) continue;
     rtt.push_back((t1 - t0) / 1e3);
+    captured.push_back(trace.Sampled(*h));
     auto traces = worker->FetchTrace(*h);
     if (!traces.ok()) return Fail("FetchTrace", traces.status());
     // The server that answered last decides the round trip.
@@ -325,7 +329,21 @@ int RunWorker(Postoffice& po, const Params& p) {
   for (int k = 0; k < kNumStages; ++k) {
     js << (k ? ", " : "") << "\"" << kStages[k] << "\": " << Summarize(stage[k]).mean;
   }
-  js << "}}";
+  js << "}";
+  if (trace.mode == TraceOptions::Mode::kAlternate) {
+    // Consecutive round trips with the same capture state form a block: [captured, median
+    // us, count] per block, in order.
+    js << ", \"trace_ab_blocks\": [";
+    for (size_t i = 0, n = 0; i < rtt.size(); i = n) {
+      for (n = i; n < rtt.size() && captured[n] == captured[i]; ++n) {
+      }
+      std::vector<double> block(rtt.begin() + i, rtt.begin() + n);
+      js << (i ? ", " : "") << "[" << (captured[i] ? 1 : 0) << ", " << Summarize(block).p50 << ", "
+         << n - i << "]";
+    }
+    js << "]";
+  }
+  js << "}";
   const std::string path = p.out_dir + "/worker-" + std::to_string(po.rank()) + ".json";
   std::ofstream f(path);
   f << js.str() << "\n";
@@ -343,7 +361,7 @@ int RunRole() {
   if (!s.ok()) return Fail("Start", s);
   int rc = 0;
   if (opts->role == Role::kServer) rc = RunServer(**po, p);
-  if (opts->role == Role::kWorker) rc = RunWorker(**po, p);
+  if (opts->role == Role::kWorker) rc = RunWorker(**po, p, opts->trace);
   s = (*po)->Stop(kTimeoutMs);
   if (!s.ok() && rc == 0) return Fail("Stop", s);
   return rc;

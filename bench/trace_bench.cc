@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 1000; ++i) {
       r.handle = static_cast<uint64_t>(done + i);
       r.stamps[0] = t0;
+      r.tids[0] = meshpost::TraceThreadId();  // as the data path stamps it
       (*rec)->Record(r);
     }
     const uint64_t t1 = meshpost::GetNanosecond();

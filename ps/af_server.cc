@@ -28,6 +28,10 @@ struct ServerRequest {
   std::vector<TensorDesc> slots;
   uint64_t received = 0;
   uint64_t processed = 0;
+  // Trace capture only: OS threads (TraceThreadId) that received, returned and answered it.
+  uint32_t received_tid = 0;
+  uint32_t processed_tid = 0;
+  uint32_t respond_tid = 0;
 };
 
 struct RecvChunk {
@@ -71,10 +75,12 @@ class AFTensorServer::Impl : public DataHandler {
         std::vector<std::shared_ptr<ServerRequest>> batch = queues_.PopBatch();
         ready_.store(queues_.BatchReady(), std::memory_order_release);
         const uint64_t now = GetNanosecond();
+        const uint32_t tid = recorder_ ? TraceThreadId() : 0;
         std::vector<BatchRequest> out;
         out.reserve(batch.size());
         for (auto& r : batch) {
           r->processed = now;
+          r->processed_tid = tid;
           BatchRequest b;
           b.handle = r->handle;
           b.worker_rank = r->worker_rank;
@@ -288,6 +294,7 @@ class AFTensorServer::Impl : public DataHandler {
     }
     auto r = std::make_shared<ServerRequest>();
     r->received = GetNanosecond();
+    if (recorder_) r->received_tid = TraceThreadId();
     r->worker_rank = *rank;
     r->worker_node = msg.meta.sender;
     r->request_id = msg.meta.id;
@@ -423,6 +430,7 @@ class AFTensorServer::Impl : public DataHandler {
   // handle fails rather than waiting for a response that never comes.
   Status SendResponse(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
                       uint64_t start, DeviceEvent after = nullptr) {
+    if (recorder_) r->respond_tid = TraceThreadId();
     if (!AnyOnDevice(tensors)) return SendResponseNow(std::move(r), tensors, start);
     MESHPOST_ASSIGN_OR_RETURN(DeviceStager* stager, Stager());
     std::vector<TensorView> staged = tensors;
@@ -475,12 +483,14 @@ class AFTensorServer::Impl : public DataHandler {
       return s.Annotate("response for handle " + std::to_string(r->handle) + " to worker " +
                         std::to_string(r->worker_rank));
     }
-    if (recorder_ && recorder_->Sampled(HandleOf(r->request_id))) Record(*r, tensors, stamps);
+    if (recorder_ && recorder_->Sampled(HandleOf(r->request_id))) {
+      Record(*r, tensors, stamps, TraceThreadId());
+    }
     return OkStatus();
   }
 
   void Record(const ServerRequest& req, const std::vector<TensorView>& tensors,
-              const std::array<uint64_t, kServerStamps>& stamps) {
+              const std::array<uint64_t, kServerStamps>& stamps, uint32_t posted_tid) {
     TraceRecord r;
     r.kind = TraceRecordKind::kServerRequest;
     r.peer = req.worker_rank;
@@ -494,6 +504,10 @@ class AFTensorServer::Impl : public DataHandler {
     for (const TensorView& t : tensors) r.pull_bytes += t.nbytes();
     // Same positions as in ps/trace.h, so both ends' records index alike.
     for (int k = 0; k < kServerStamps; ++k) r.stamps[2 + k] = stamps[k];
+    r.tids[2] = req.received_tid;
+    r.tids[3] = req.processed_tid;
+    r.tids[4] = req.respond_tid;
+    r.tids[5] = posted_tid;
     recorder_->Record(r);
   }
 

@@ -40,6 +40,7 @@ struct Pending {
   std::atomic<bool> done{false};
   // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
   bool traced = false;
+  uint32_t caller_tid = 0;  // thread that called ZBatchPushPull (traced handles only)
   std::atomic<bool> wake_recorded{false};
   uint64_t push_bytes = 0;
   uint16_t num_keys = 0;
@@ -217,6 +218,10 @@ class AFTensorWorker::Impl : public DataHandler {
       // Stamped as the request is handed to the transport: the response may be received
       // on another thread before Send() returns, and the stamps must stay ordered.
       p->traces[s].request_posted = GetNanosecond();
+      if (p->traced) {
+        p->traces[s].tids[0] = p->caller_tid;
+        p->traces[s].tids[1] = TraceThreadId();
+      }
       Status sent = ctx_->Send(std::move(msg));
       if (!sent.ok()) {
         Fail(p, sent.Annotate(std::string(fn) + ": sending to server " + std::to_string(s)));
@@ -264,6 +269,7 @@ class AFTensorWorker::Impl : public DataHandler {
       r.kind = TraceRecordKind::kWake;
       r.handle = handle;
       r.stamps[0] = GetNanosecond();
+      r.tids[0] = TraceThreadId();
       recorder_->Record(r);
     }
     if (!done) {
@@ -324,6 +330,7 @@ class AFTensorWorker::Impl : public DataHandler {
     const int s = ServerOf(meta.id);
     if (index == 0 && p->traces[s].response_received == 0) {
       p->traces[s].response_received = GetNanosecond();
+      if (p->traced) p->traces[s].tids[6] = TraceThreadId();
     }
     if (index >= static_cast<size_t>(p->slots_per_server)) {
       return DataLossError("response to handle " + std::to_string(p->handle) + " from server " +
@@ -367,7 +374,10 @@ class AFTensorWorker::Impl : public DataHandler {
       Pending* p = *found;
       const int s = ServerOf(meta.id);
       Trace& t = p->traces[s];
-      if (t.response_received == 0) t.response_received = now;
+      if (t.response_received == 0) {
+        t.response_received = now;
+        if (p->traced) t.tids[6] = TraceThreadId();
+      }
       t.request_received = meta.stamps[0];
       t.request_processed = meta.stamps[1];
       t.response_start = meta.stamps[2];
@@ -392,6 +402,7 @@ class AFTensorWorker::Impl : public DataHandler {
         }
         if (copies.empty()) {
           t.response_processed = GetNanosecond();
+          if (p->traced) t.tids[7] = TraceThreadId();
           if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
           if (done && p->traced) RecordCompletedLocked(*p);
           // Every response is written; nothing reads p->pull once the handle is done.
@@ -422,7 +433,9 @@ class AFTensorWorker::Impl : public DataHandler {
                                                      "'s response to the GPU pull tensors"));
       } else {
         p->traces[s].response_processed = GetNanosecond();
+        if (p->traced) p->traces[s].tids[7] = TraceThreadId();
         if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
+        if (done && p->traced) RecordCompletedLocked(*p);
         if (done) ReleaseLocked(done.get(), &released);
       }
     }
@@ -475,6 +488,7 @@ class AFTensorWorker::Impl : public DataHandler {
  private:
   static void PrepareTrace(Pending* p, const KeyTensorBatch& push) {
     p->traced = true;
+    p->caller_tid = TraceThreadId();
     p->num_keys = static_cast<uint16_t>(push.size());
     for (size_t i = 0; i < push.size(); ++i) {
       p->push_bytes += push[i].tensor.nbytes();
@@ -496,7 +510,10 @@ class AFTensorWorker::Impl : public DataHandler {
       r.num_keys = p.num_keys;
       for (int k = 0; k < kTraceRecordKeys; ++k) r.keys[k] = p.keys[k];
       const std::array<uint64_t, 8> st = p.traces[s].ToArray();
-      for (int k = 0; k < 8; ++k) r.stamps[k] = st[k];
+      for (int k = 0; k < 8; ++k) {
+        r.stamps[k] = st[k];
+        r.tids[k] = p.traces[s].tids[k];
+      }
       recorder_->Record(r);
     }
   }

@@ -159,7 +159,8 @@ const std::vector<OptionSpec> kTable = {
      Int64(&Options::max_message_bytes, 4096, INT64_MAX)},
     {"MESHPOST_TRACE", "trace", G::kMeshpost, "off",
      "`off`, `all`, `sample:N` (about one push_pull in N, chosen by a hash of the handle: the same "
-     "requests at worker and server)",
+     "requests at worker and server), `alternate:N` (handle ids in alternating blocks of N "
+     "captured / not: overhead A/B runs)",
      "capture per-request trace records to files (docs/profiling.md)"},
     {"MESHPOST_TRACE_DIR", "trace_dir", G::kMeshpost, "unset", "a directory (created if missing)",
      "where each worker and server writes its own trace files"},

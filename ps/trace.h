@@ -3,10 +3,21 @@
 // server stamps from the server's host; subtract only stamps from the same host.
 #pragma once
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <array>
 #include <cstdint>
 
 namespace meshpost {
+
+// The calling thread's OS thread id (gettid), cached per thread: after the first call it
+// is one thread-local load, cheap enough for the data path. Trace capture records it so a
+// timeline can show which thread took each stamp.
+inline uint32_t TraceThreadId() {
+  static thread_local uint32_t tid = static_cast<uint32_t>(syscall(SYS_gettid));
+  return tid;
+}
 
 struct Trace {
   uint64_t request_start = 0;       // worker: ZBatchPushPull entered
@@ -17,6 +28,10 @@ struct Trace {
   uint64_t response_posted = 0;     // server: response being handed to the transport
   uint64_t response_received = 0;   // worker: response header received
   uint64_t response_processed = 0;  // worker: payload in the pull tensors, handle complete
+  // OS thread (TraceThreadId) that took each stamp, in the order above; 0 = not known.
+  // Only the worker's own stamps (0, 1, 6, 7) are filled on the worker: the server's
+  // threads are in the server's trace file.
+  std::array<uint32_t, 8> tids = {0, 0, 0, 0, 0, 0, 0, 0};
 
   std::array<uint64_t, 8> ToArray() const {
     return {request_start,  request_posted,  request_received,  request_processed,

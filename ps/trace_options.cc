@@ -7,6 +7,7 @@ const char* TraceModeName(TraceOptions::Mode mode) {
     case TraceOptions::Mode::kOff: return "off";
     case TraceOptions::Mode::kSample: return "sample";
     case TraceOptions::Mode::kAll: return "all";
+    case TraceOptions::Mode::kAlternate: return "alternate";
   }
   return "unknown";
 }
@@ -30,8 +31,18 @@ Status ParseTraceMode(const std::string& name, const std::string& value, TraceOp
     out->sample_every = static_cast<uint32_t>(*n);
     return OkStatus();
   }
+  const std::string alternate = "alternate:";
+  if (value.compare(0, alternate.size(), alternate) == 0) {
+    auto n = ParseInt(name + " (N of alternate:N)", value.substr(alternate.size()), 1, 1000000000);
+    if (!n.ok()) return n.status();
+    out->mode = TraceOptions::Mode::kAlternate;
+    out->sample_every = static_cast<uint32_t>(*n);
+    return OkStatus();
+  }
   return InvalidArgumentError(name + "='" + value +
-                              "'; expected off, all or sample:N (capture every Nth request)");
+                              "'; expected off, all, sample:N (capture about one request in "
+                              "N) or alternate:N (alternating blocks of N handle ids, for "
+                              "overhead A/B runs)");
 }
 
 Status ReadTraceOptions(const EnvLookup& env, TraceOptions* out) {
@@ -62,7 +73,8 @@ Status ValidateTraceOptions(const TraceOptions& t) {
     return InvalidArgumentError("option " + field + "=" + value + " is invalid; expected " +
                                 want);
   };
-  if (t.mode == TraceOptions::Mode::kSample && t.sample_every < 1) {
+  if ((t.mode == TraceOptions::Mode::kSample || t.mode == TraceOptions::Mode::kAlternate) &&
+      t.sample_every < 1) {
     return bad("trace (MESHPOST_TRACE)", "sample:0", "sample:N with N >= 1");
   }
   if (t.enabled() && t.dir.empty()) {

@@ -145,11 +145,12 @@ Result<std::unique_ptr<TraceRecorder>> TraceRecorder::Create(
   }
   TraceRecorder* raw = r.get();
   r->writer_ = std::thread([raw] { raw->WriterLoop(); });
-  MP_LOG_INFO(kLog, "tracing ({}{}) to {}", TraceModeName(options.mode),
-              options.mode == TraceOptions::Mode::kSample
-                  ? ":" + std::to_string(options.sample_every)
-                  : std::string(),
-              r->path_);
+  MP_LOG_INFO(
+      kLog, "tracing ({}{}) to {}", TraceModeName(options.mode),
+      options.mode == TraceOptions::Mode::kSample || options.mode == TraceOptions::Mode::kAlternate
+          ? ":" + std::to_string(options.sample_every)
+          : std::string(),
+      r->path_);
   return r;
 }
 
@@ -256,7 +257,8 @@ void TraceRecorder::AppendRecord(const TraceRecord& in) {
   PutU64(&buffer_, r.pull_bytes);
   for (int i = 0; i < kTraceRecordKeys; ++i) PutU64(&buffer_, static_cast<uint64_t>(r.keys[i]));
   for (int i = 0; i < 8; ++i) PutU64(&buffer_, r.stamps[i]);
-  // 1 + 1 + 2 + 4 + 4 * 8 + 3 * 8 + 8 * 8 = 128 = kTraceRecordBytes
+  for (int i = 0; i < 8; ++i) PutU32(&buffer_, r.tids[i]);
+  // 1 + 1 + 2 + 4 + 4 * 8 + 3 * 8 + 8 * 8 + 8 * 4 = 160 = kTraceRecordBytes
   written_.fetch_add(1, std::memory_order_relaxed);
 }
 

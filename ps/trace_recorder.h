@@ -18,15 +18,18 @@
 
 #include "common/result.h"
 #include "ps/clock_sync.h"
+#include "ps/trace.h"
 #include "ps/trace_options.h"
 
 namespace meshpost {
 
 // Versioned file layout; bump kTraceFileVersion on any change (the reader checks it).
 constexpr char kTraceFileMagic[8] = {'M', 'P', 'T', 'R', 'A', 'C', 'E', '\0'};
-constexpr uint32_t kTraceFileVersion = 1;
+// Version 2 added the OS thread id of each stamp (records grew from 128 to 160 bytes);
+// the Python reader still reads version 1 files.
+constexpr uint32_t kTraceFileVersion = 2;
 constexpr uint32_t kTraceHeaderBytes = 256;
-constexpr uint32_t kTraceRecordBytes = 128;
+constexpr uint32_t kTraceRecordBytes = 160;
 constexpr int kTraceRecordKeys = 3;
 
 enum class TraceRecordKind : uint8_t {
@@ -53,6 +56,7 @@ struct TraceRecord {
   uint64_t pull_bytes = 0;
   int64_t keys[kTraceRecordKeys] = {0, 0, 0};
   uint64_t stamps[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  uint32_t tids[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // OS thread that took stamps[k]; 0 = none
 };
 
 // Bounded multi-producer queue of TraceRecords (a sequence number per cell: a producer

@@ -82,6 +82,7 @@ std::vector<TraceRecord> ReadRecords(const std::string& path, uint32_t* rank = n
     r.push_bytes = U64(b, off + 24);
     r.pull_bytes = U64(b, off + 32);
     for (int k = 0; k < 8; ++k) r.stamps[k] = U64(b, off + 64 + 8 * k);
+    for (int k = 0; k < 8; ++k) r.tids[k] = U32(b, off + 128 + 4 * k);
     out.push_back(r);
   }
   return out;
@@ -157,6 +158,19 @@ TEST(TraceRingTest, ManyProducersLoseNothingTheyWereToldWasKept) {
   EXPECT_GT(popped, 0u);
 }
 
+TEST(TraceThreadIdTest, IsTheCallingThreadsOsId) {
+  EXPECT_EQ(TraceThreadId(), static_cast<uint32_t>(syscall(SYS_gettid)));
+  EXPECT_EQ(TraceThreadId(), TraceThreadId()) << "cached, stable";
+  uint32_t other = 0;
+  std::thread t([&other] { other = TraceThreadId(); });
+  t.join();
+  EXPECT_NE(other, 0u);
+  EXPECT_NE(other, TraceThreadId());
+  if (getpid() == static_cast<pid_t>(syscall(SYS_gettid))) {
+    EXPECT_EQ(TraceThreadId(), static_cast<uint32_t>(getpid()));  // gtest's main thread
+  }
+}
+
 TEST(TraceOptionsTest, ParsesModes) {
   TraceOptions t;
   ASSERT_TRUE(ParseTraceMode("MESHPOST_TRACE", "sample:10", &t).ok());
@@ -179,6 +193,13 @@ TEST(TraceOptionsTest, ParsesModes) {
   EXPECT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("sometimes"), std::string::npos) << bad;
   EXPECT_NE(bad.message().find("sample:N"), std::string::npos) << bad;
+  ASSERT_TRUE(ParseTraceMode("MESHPOST_TRACE", "alternate:3", &t).ok());
+  EXPECT_EQ(t.mode, TraceOptions::Mode::kAlternate);
+  for (uint64_t h = 0; h < 12; ++h) EXPECT_EQ(t.Sampled(h), (h / 3) % 2 == 0) << h;
+  EXPECT_STREQ(TraceModeName(t.mode), "alternate");
+  EXPECT_FALSE(ParseTraceMode("MESHPOST_TRACE", "alternate:0", &t).ok());
+  bad = ParseTraceMode("MESHPOST_TRACE", "alternate:x", &t);
+  EXPECT_NE(bad.message().find("alternate:N"), std::string::npos) << bad;
   EXPECT_FALSE(ParseTraceMode("MESHPOST_TRACE", "sample:0", &t).ok());
   EXPECT_FALSE(ParseTraceMode("MESHPOST_TRACE", "sample:x", &t).ok());
 }
@@ -220,6 +241,7 @@ TEST(TraceRecorderTest, WritesHeaderRecordsAndStats) {
     r.request_id = i << 12;
     r.push_bytes = 4096;
     for (int k = 0; k < 8; ++k) r.stamps[k] = i * 1000 + k;
+    for (int k = 0; k < 8; ++k) r.tids[k] = static_cast<uint32_t>(4000000 + 10 * i + k);
     EXPECT_TRUE((*rec)->Record(r));
   }
   ASSERT_TRUE((*rec)->Flush().ok());
@@ -235,6 +257,7 @@ TEST(TraceRecorderTest, WritesHeaderRecordsAndStats) {
     EXPECT_EQ(r.handle, i);
     EXPECT_EQ(r.transport, TraceTransport::kTcp) << "filled by the writer from transport_of";
     EXPECT_EQ(r.stamps[7], i * 1000 + 7);
+    for (int k = 0; k < 8; ++k) EXPECT_EQ(r.tids[k], 4000000 + 10 * i + k) << "tid " << k;
   }
   EXPECT_EQ(records.back().kind, TraceRecordKind::kStats);
   EXPECT_EQ(records.back().stamps[1], 0u);    // dropped
@@ -244,7 +267,7 @@ TEST(TraceRecorderTest, WritesHeaderRecordsAndStats) {
 TEST(TraceRecorderTest, RotatesAndKeepsTheNewestFiles) {
   TempDir dir;
   TraceOptions o = AllTo(dir.path());
-  o.max_file_bytes = 1 << 20;  // 8190 records per file
+  o.max_file_bytes = 1 << 20;  // 6551 records per file
   o.max_files = 2;
   o.ring_records = 1 << 15;
   auto rec = TraceRecorder::Create(o, TraceFileInfo{2, 0, 1, 1}, nullptr, {});

@@ -110,38 +110,90 @@ def test_text_report_states_the_verdict(slow_server_trace):
         assert f"\n{hop}:\n" in out.stdout, hop
 
 
-def test_perfetto_export_has_tracks_slices_and_flows(slow_server_trace, tmp_path):
+def _thread_names(ev):
+    return {(e["pid"], e["tid"]): e["args"]["name"] for e in ev
+            if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def test_perfetto_export_has_per_thread_tracks_slices_and_flows(slow_server_trace, tmp_path):
     pf, png, tl = tmp_path / "t.json", tmp_path / "hops.png", tmp_path / "timeline.png"
     out = run_report(str(slow_server_trace), "--perfetto", str(pf), "--plot", str(png),
                      "--timeline", str(tl))
     assert out.returncode == 0, out.stderr
     trace = json.loads(pf.read_text())
     ev = trace["traceEvents"]
-    processes = {e["args"]["name"].split(" (")[0] for e in ev
+    # A process per node, with the real OS pid of the process that wrote its file.
+    pid_of = {f"{f.role} {f.rank}": f.pid for f in trace_file.read_dir(str(slow_server_trace))}
+    processes = {e["args"]["name"].split(" (")[0]: e["pid"] for e in ev
                  if e["ph"] == "M" and e["name"] == "process_name"}
-    assert processes == {"worker 0", "worker 1", "server 0", "server 1"}
-    threads = {(e["pid"], e["args"]["name"]) for e in ev
-               if e["ph"] == "M" and e["name"] == "thread_name"}
-    names = {n for _, n in threads}
-    assert {"push_pull", "to server 0", "to server 1", "from worker 0",
-            "from worker 1"} <= names
+    assert processes == pid_of
+    node_of = {pid: node for node, pid in processes.items()}
+    threads = _thread_names(ev)
     slices = [e for e in ev if e["ph"] == "X"]
+    # Every slice is on a named track of a real OS thread, named "<what it did> tid <tid>"
+    # (an extra "(overlap k)" track of a thread where its hops overlap without nesting).
+    for e in slices:
+        name = threads[(e["pid"], e["tid"])]
+        assert f" tid {e['tid'] % (1 << 22)}" in name, (name, e)
+    def track(e):
+        return threads[(e["pid"], e["tid"])].split(" tid ")[0]
+    on = {}
+    for e in slices:
+        on.setdefault((node_of[e["pid"]].split()[0], e["name"]), set()).add(track(e))
+    # The programs call push_pull / wait / get_batch / respond on their main thread, whose
+    # tid is the pid; responses and requests arrive on the van's receive thread.
+    assert on[("worker", "worker send")] == {"caller / Wait()"}, on
+    assert on[("worker", "worker wake-up")] == {"caller / Wait()"}, on
+    assert on[("worker", "payload")] == {"van receive"}, on
+    for hop in ("server queue", "server compute", "respond"):
+        assert on[("server", hop)] == {"get_batch / respond"}, (hop, on)
+    for e in slices:
+        if track(e) in ("caller / Wait()", "get_batch / respond"):
+            assert e["tid"] % (1 << 22) == e["pid"], e  # the main thread
+        else:
+            assert e["tid"] != e["pid"], e
+    receive = {n for n in threads.values() if n.startswith("van receive tid ")}
+    assert len(receive) >= 4, threads  # one per worker and per server
     for hop in ("worker send", "server queue", "server compute", "respond", "payload"):
         assert sum(e["name"] == hop for e in slices) == 4 * ITERATIONS, hop
-    assert sum(e["name"].startswith("push_pull") for e in slices) == 2 * ITERATIONS
+    assert sum(e["name"] == "worker wake-up" for e in slices) == 2 * ITERATIONS
     for e in slices:
         assert e["dur"] >= 0 and e["ts"] >= 0
+    # Slices on one track nest (a trace-event viewer drops or misdraws overlaps).
+    by_track = {}
+    for e in slices:
+        by_track.setdefault((e["pid"], e["tid"]), []).append(
+            (round(e["ts"] * 1000), round((e["ts"] + e["dur"]) * 1000)))
+    for key, spans in by_track.items():
+        stack = []
+        for a, b in sorted(spans, key=lambda x: (x[0], -(x[1] - x[0]))):
+            while stack and stack[-1] <= a:
+                stack.pop()
+            assert not stack or b <= stack[-1] + 1, (key, a, b, stack[-1])
+            stack.append(b)
+    # Round trips: an async slice per push_pull on each worker.
+    begins = [e for e in ev if e["ph"] == "b" and e["name"] == "round trip"]
+    ends = [e for e in ev if e["ph"] == "e" and e["name"] == "round trip"]
+    assert len(begins) == len(ends) == 2 * ITERATIONS
+    assert {node_of[e["pid"]] for e in begins} == {"worker 0", "worker 1"}
     starts = {e["id"]: e for e in ev if e["ph"] == "s"}
-    ends = {e["id"]: e for e in ev if e["ph"] == "f"}
-    # Two arrows per request: worker -> server, server -> worker.
-    assert len(starts) == len(ends) == 2 * 4 * ITERATIONS
-    assert set(starts) == set(ends)
+    finishes = {e["id"]: e for e in ev if e["ph"] == "f"}
+    # Two arrows per request: worker caller -> server get_batch, server respond -> worker
+    # van receive.
+    assert len(starts) == len(finishes) == 2 * 4 * ITERATIONS
+    assert set(starts) == set(finishes)
+    kinds = set()
     for fid, s in starts.items():
-        f = ends[fid]
+        f = finishes[fid]
         assert s["pid"] != f["pid"] and s["ts"] <= f["ts"], (s, f)
-        # Each end lies within a slice of its own thread, so the viewer can bind it.
-        assert any(x["pid"] == f["pid"] and x["tid"] == f["tid"] and
-                   x["ts"] <= f["ts"] <= x["ts"] + x["dur"] for x in slices), f
+        kinds.add((node_of[s["pid"]].split()[0], track(s), node_of[f["pid"]].split()[0],
+                   track(f)))
+        # Each end lies within a slice of its own track, so the viewer can bind it.
+        for x in (s, f):
+            assert any(y["pid"] == x["pid"] and y["tid"] == x["tid"] and
+                       y["ts"] <= x["ts"] <= y["ts"] + y["dur"] for y in slices), x
+    assert kinds == {("worker", "caller / Wait()", "server", "get_batch / respond"),
+                     ("server", "get_batch / respond", "worker", "van receive")}, kinds
     for p in (png, tl):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000, p
@@ -187,25 +239,147 @@ def test_bad_trace_options_are_clear_errors(clean_env):
 def test_report_on_missing_or_foreign_files(tmp_path):
     out = run_report(str(tmp_path / "nope"))
     assert out.returncode == 2 and "does not exist" in out.stderr
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2 and "no *.mptrace files" in out.stderr, out.stderr
+    assert "MESHPOST_TRACE_DIR=" in out.stderr
     (tmp_path / "x.mptrace").write_bytes(b"NOTATRACE" * 40)
     out = run_report(str(tmp_path))
     assert out.returncode == 2 and "not a meshpost trace" in out.stderr
+    out = run_report(str(tmp_path / "x.mptrace"))
+    assert out.returncode == 2 and "is a file, not a directory" in out.stderr, out.stderr
+
+
+def _one_request(d, name="worker0-p1.0000.mptrace", role="worker", **kw):
+    st = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000]
+    kind = 1 if role == "worker" else 2
+    _write_trace(d / name, role, 0, "hostA", [(kind, 0, 1 << 12, 1, st)], **kw)
+
+
+def test_report_points_at_run_subdirectories(tmp_path):
+    # meshpost.bench --trace DIR writes one subdirectory per cluster shape.
+    for sub in ("1x1-auto", "2x2-tcp"):
+        (tmp_path / sub).mkdir()
+        _one_request(tmp_path / sub)
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2, out.stdout
+    assert "subdirectories hold traces of 2 run(s): 1x1-auto, 2x2-tcp" in out.stderr, out.stderr
+    assert "pass one of them" in out.stderr
+    assert run_report(str(tmp_path / "2x2-tcp")).returncode == 0
+
+
+def test_report_refuses_mixed_runs(tmp_path):
+    # The same MESHPOST_TRACE_DIR reused for a second run: worker 0 from two processes.
+    _one_request(tmp_path, "worker0-p1.0000.mptrace", pid=111)
+    _one_request(tmp_path, "worker0-p2.0000.mptrace", pid=222)
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2
+    assert "mixes runs: worker 0 was written by 2 processes" in out.stderr, out.stderr
+    assert "pid 111" in out.stderr and "pid 222" in out.stderr
+    assert "own MESHPOST_TRACE_DIR" in out.stderr
+    for f in tmp_path.iterdir():
+        f.unlink()
+    _one_request(tmp_path, "worker0-p1.0000.mptrace", pid=111)
+    _one_request(tmp_path, "server0-p3.0000.mptrace", role="server", pid=333, num_servers=2)
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2
+    assert "different clusters (1 workers x 1 servers, 1 workers x 2 servers)" in out.stderr
+
+
+def test_report_on_unknown_version(tmp_path):
+    _one_request(tmp_path, version=9)
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2
+    assert "trace format version 9" in out.stderr, out.stderr
+    assert "understands versions 1 (128-byte records), 2 (160-byte records)" in out.stderr
+
+
+def test_report_notes_rotated_cut_empty_and_mixed_version_files(tmp_path):
+    # Worker 0 kept only its files 2 and 4 (MESHPOST_TRACE_MAX_FILES; 3 lost), the last one
+    # cut mid-record; server 0 wrote version 1 (an older meshpost); a worker 1 file is empty
+    # (killed as it started).
+    _one_request(tmp_path, "worker0-p1.0002.mptrace", version=2, seq=2, num_workers=2)
+    _one_request(tmp_path, "worker0-p1.0004.mptrace", version=2, seq=4, num_workers=2)
+    with open(tmp_path / "worker0-p1.0004.mptrace", "ab") as f:
+        f.write(b"\1" * 50)
+    _one_request(tmp_path, "server0-p2.0000.mptrace", role="server", version=1, pid=2,
+                 num_workers=2)
+    (tmp_path / "worker1-p3.0000.mptrace").write_bytes(b"")
+    out = run_report(str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr
+    notes = "\n".join(json.loads(out.stdout)["notes"])
+    assert "worker1-p3.0000.mptrace: 0 bytes, no complete header" in notes, notes
+    assert "worker 0: its first 2 file(s) were rotated away" in notes, notes
+    assert "worker 0: file(s) with sequence [3] are missing" in notes, notes
+    assert "worker0-p1.0004.mptrace: ends in a partial record (50 bytes" in notes, notes
+    assert "mixed trace format versions [1, 2]: server0-p2.0000.mptrace" in notes, notes
+    text = run_report(str(tmp_path)).stdout
+    assert "rotated away" in text, text
+    (tmp_path / "worker1-p3.0000.mptrace").write_bytes(b"MPTR")
+    for name in ("worker0-p1.0002", "worker0-p1.0004", "server0-p2.0000"):
+        (tmp_path / f"{name}.mptrace").unlink()
+    out = run_report(str(tmp_path))
+    assert out.returncode == 2 and "empty or cut before its header" in out.stderr, out.stderr
+
+
+def test_version_1_files_still_give_a_timeline(tmp_path):
+    # Files of an older meshpost (no thread ids): one track per peer, as before.
+    _synthetic_two_hosts(tmp_path)
+    result = mtrace.analyze(mtrace.load(str(tmp_path)))
+    assert result["hops"]["worker 0"]["round trip"]["count"] == 20
+    from meshpost.trace_export import to_perfetto
+    ev = to_perfetto(mtrace.load(str(tmp_path)))["traceEvents"]
+    names = set(_thread_names(ev).values())
+    assert names == {"to server 0", "from worker 0", "push_pull"}, names
+    assert sum(e["ph"] == "X" and e["name"] == "server compute" for e in ev) == 20
+
+
+def test_perfetto_tracks_follow_thread_ids(tmp_path):
+    # Version 2 files whose stamps were taken on given threads: GetBatch on 501, Respond
+    # and the GPU copy of the response on 502/503, the caller 101, the van 102.
+    st = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000]
+    _write_trace(tmp_path / "worker0-p100.0000.mptrace", "worker", 0, "h",
+                 [(1, 0, 1 << 12, 1, st), (3, -1, 0, 1, [9000] + [0] * 7)], version=2,
+                 pid=100, tids=(101, 101, 0, 0, 0, 0, 102, 102))
+    _write_trace(tmp_path / "server0-p500.0000.mptrace", "server", 0, "h",
+                 [(2, 0, 1 << 12, 1, st)], version=2, pid=500,
+                 tids=(0, 0, 504, 501, 502, 503, 0, 0))
+    from meshpost.trace_export import to_perfetto
+    ev = to_perfetto(mtrace.load(str(tmp_path)))["traceEvents"]
+    names = _thread_names(ev)
+    assert names == {(100, 101): "caller / Wait() tid 101", (100, 102): "van receive tid 102",
+                     (500, 501): "get_batch tid 501", (500, 502): "respond tid 502",
+                     (500, 503): "GPU copy tid 503", (500, 504): "van receive tid 504"}, names
+    where = {e["name"]: (e["pid"], e["tid"]) for e in ev if e["ph"] == "X"}
+    assert where == {"worker send": (100, 101), "server queue": (500, 501),
+                     "server compute": (500, 502), "respond": (500, 503),
+                     "payload": (100, 102), "worker wake-up": (100, 101)}, where
+    flows = {(e["ph"], e["id"]): (e["pid"], e["tid"]) for e in ev if e["ph"] in "sf"}
+    assert flows == {("s", 1): (100, 101), ("f", 1): (500, 501), ("s", 2): (500, 503),
+                     ("f", 2): (100, 102)}, flows
 
 
 # ---- cross-host clock correction, on synthetic files (no cluster needed) ----
 
-def _write_trace(path, role, rank, host, records, clock=None, num_workers=1, num_servers=1):
+def _write_trace(path, role, rank, host, records, clock=None, num_workers=1, num_servers=1,
+                 version=1, pid=4242, seq=0, tids=None):
+    """A trace file as ps/trace_recorder.cc writes it: version 1 (128-byte records) or 2
+    (160 bytes: the stamps' thread ids follow)."""
     import struct
-    head = struct.pack("<8sIIIBBHiiiIIIQQ64s", b"MPTRACE\0", 1, 256, 128,
+    rec_bytes = {1: 128, 2: 160}.get(version, 128)
+    head = struct.pack("<8sIIIBBHiiiIIIQQ64s", b"MPTRACE\0", version, 256, rec_bytes,
                        1 if role == "worker" else 2, 2, 0, rank, num_workers, num_servers,
-                       4242, 1, 0, 0, 0, host.encode()).ljust(256, b"\0")
+                       pid, 1, seq, 0, 0, host.encode()).ljust(256, b"\0")
     body = b""
     rec = struct.Struct("<BBHiQQQQ3q8Q")
+
+    def pack(*fields, t=(0,) * 8):
+        return rec.pack(*fields) + (struct.pack("<8I", *t) if version >= 2 else b"")
     if clock is not None:  # (offset_ns, error_ns)
-        body += rec.pack(4, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1, clock[0] % (1 << 64), clock[1],
-                         2 * clock[1], 5, 0, 0, 0)
+        body += pack(4, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1, clock[0] % (1 << 64), clock[1],
+                     2 * clock[1], 5, 0, 0, 0)
     for kind, peer, rid, handle, stamps in records:
-        body += rec.pack(kind, 3, 1, peer, rid, handle, 64, 64, 1, 0, 0, *stamps)
+        body += pack(kind, 3, 1, peer, rid, handle, 64, 64, 1, 0, 0, *stamps,
+                     t=tids or (0,) * 8)
     path.write_bytes(head + body)
 
 

@@ -30,6 +30,15 @@ def test_bad_arguments_exit_with_a_message():
     assert out.returncode == 2 and "complex7" in out.stderr
 
 
+def test_trace_directory_of_an_earlier_sweep_is_refused_up_front(tmp_path):
+    (tmp_path / "1x1-auto").mkdir()
+    (tmp_path / "1x1-auto" / "worker0-p1.0000.mptrace").write_bytes(b"MPTRACE\0")
+    out = subprocess.run([sys.executable, "-m", "meshpost.bench", "--trace", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout
+    assert "already holds 1 trace file(s) of an earlier run" in out.stderr, out.stderr
+
+
 @pytest.mark.skipif(os.environ.get("MESHPOST_TRANSPORT") == "tcp",
                     reason="transport-independent; covered by the default pass (CI time)")
 def test_sweep_writes_table_json_plot_and_traces(tmp_path):

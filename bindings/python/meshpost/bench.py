@@ -15,6 +15,7 @@ size. --trace DIR also captures MESHPOST_TRACE=all traces for `python -m meshpos
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -315,6 +316,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--iters={args.iters}, --warmup={args.warmup}; expected >= 1 and >= 0")
     if args.timeout <= 0:
         ap.error(f"--timeout={args.timeout}; expected > 0 seconds")
+    if args.trace:
+        # Files of an earlier sweep in the same directory would be mixed into this run's
+        # report (which then refuses them): stop before the sweep, not after it.
+        old = sorted(glob.glob(os.path.join(glob.escape(args.trace), "*", "*.mptrace")))
+        if old:
+            ap.error(f"--trace {args.trace!r} already holds {len(old)} trace file(s) of an "
+                     f"earlier run (e.g. {old[0]}); pass an empty or new directory")
     cfg = {"sizes": sizes, "dtypes": dtypes, "iters": args.iters, "warmup": args.warmup,
            "timeout": args.timeout}
     rows: List[Dict[str, Any]] = []

@@ -52,6 +52,10 @@ class Request:
     push_bytes: int
     pull_bytes: int
     transport: str
+    # OS thread that took each stamp: 0, 1, 6, 7 from the worker's record, 2..5 from the
+    # server's own record of the request; 0 where unknown (format version 1, or the
+    # server's file is missing).
+    tids: List[int] = field(default_factory=lambda: [0] * 8)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class Run:
     clock: Dict[str, Any]                         # correction applied, per node
     dropped: int
     notes: List[str] = field(default_factory=list)
+    pids: Dict[str, int] = field(default_factory=dict)   # "worker 0" -> OS pid
+    wake_tids: Dict[Tuple[int, int], int] = field(default_factory=dict)  # Wait() thread
 
 
 def _node(role: str, rank: int) -> str:
@@ -74,10 +80,11 @@ def _node(role: str, rank: int) -> str:
 
 def load(directory: str) -> Run:
     """Reads DIR and joins the records into requests on one time base."""
-    files = read_dir(directory)
+    notes: List[str] = []
+    files = read_dir(directory, notes)
     nodes = group_by_node(files)
     hosts = {_node(r, k): fs[0].host for (r, k), fs in nodes.items()}
-    notes: List[str] = []
+    pids = {_node(r, k): fs[0].pid for (r, k), fs in nodes.items()}
     # Clock correction: only when the trace spans hosts. On one host every node reads the
     # same CLOCK_MONOTONIC, and a heartbeat estimate would only add its error.
     offsets: Dict[str, int] = {}
@@ -100,7 +107,9 @@ def load(directory: str) -> Run:
     num_servers = max(f.num_servers for f in files)
     requests: List[Request] = []
     wakes: Dict[Tuple[int, int], int] = {}
+    wake_tids: Dict[Tuple[int, int], int] = {}
     server_view: Dict[Tuple[int, int], List[int]] = {}  # (server, request_id) -> stamps
+    server_tids: Dict[Tuple[int, int], Tuple[int, ...]] = {}
     batches: Dict[int, Dict[int, List[Tuple[int, int]]]] = {}
     for f in files:
         own = offsets.get(_node(f.role, f.rank), 0)
@@ -110,14 +119,21 @@ def load(directory: str) -> Run:
                 st = list(r.stamps)
                 st = [st[i] - (so if 2 <= i <= 5 else own) for i in range(8)]
                 requests.append(Request(f.rank, r.peer, r.handle, r.request_id, st,
-                                        r.push_bytes, r.pull_bytes, r.transport))
+                                        r.push_bytes, r.pull_bytes, r.transport,
+                                        list(r.tids)))
             elif f.role == "worker" and r.kind == KIND_WAKE:
                 wakes[(f.rank, r.handle)] = r.stamps[0] - own
+                wake_tids[(f.rank, r.handle)] = r.tids[0]
             elif f.role == "server" and r.kind == KIND_SERVER_REQUEST:
                 st = [s - own if s else 0 for s in r.stamps]
                 # Batches: one GetBatch returns every worker's request at one stamp.
                 batches.setdefault(f.rank, {}).setdefault(st[3], []).append((r.peer, st[2]))
                 server_view[(f.rank, r.request_id)] = st
+                server_tids[(f.rank, r.request_id)] = r.tids
+    for q in requests:  # the server's threads, from its own record of the request
+        t = server_tids.get((q.server, q.request_id))
+        if t is not None:
+            q.tids[2:6] = t[2:6]
     if not requests and server_view:
         notes.append("no worker records (workers not traced?): using server records only")
     server_batches = {s: [sorted(v) for _, v in sorted(b.items())] for s, b in batches.items()}
@@ -126,7 +142,7 @@ def load(directory: str) -> Run:
         notes.append(f"{dropped} records were dropped at capture (ring full): percentiles "
                      f"are over the records kept")
     return Run(files, requests, wakes, server_batches, num_workers, num_servers, hosts,
-               clock, dropped, notes)
+               clock, dropped, notes, pids, wake_tids)
 
 
 def _pct(sorted_values: Sequence[float], q: float) -> float:

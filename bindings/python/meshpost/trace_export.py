@@ -3,28 +3,81 @@ PNG and per-hop latency distribution plots (matplotlib, headless Agg backend).""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Tuple
 
-from .trace import HOP_NAMES, HOPS, ROUND_TRIP, WAKE_HOP, Run, hop_samples
+from .trace import HOP_NAMES, ROUND_TRIP, WAKE_HOP, Run, hop_samples
 
 # Perfetto/Chrome timestamps are microseconds (float); stamps are nanoseconds.
 _US = 1e-3
 
-# Lanes: pid per process (node), tid per lane within it. Workers: lane 0 is the push_pull
-# (round trip), lane 1 + s carries the hops of its request to server s. Servers: lane
-# 1 + w carries the handling of worker w's requests.
-_WORKER_PID = 1000
-_SERVER_PID = 1
+# Track layout. A process per node with its real OS pid (a synthetic one when two nodes'
+# pids collide, e.g. on different hosts), a thread track per real OS thread with the tid
+# that took the stamps (format version 2), named by what that thread did:
+#   worker: "caller" (ZBatchPushPull: worker send), "van receive" (payload),
+#           "Wait()" (worker wake-up), "GPU copy" (staged push or pull)
+#   server: "van receive" (a request arrived), "get_batch" (server queue: a request waits
+#           until GetBatch returns it), "respond" (server compute, then respond)
+# A hop is drawn on the thread that ended it. Trace-event slices on one track must nest;
+# where a thread's hops overlap without nesting (a request queued while the thread still
+# computes the previous batch), the later one goes on an extra track of the same thread,
+# "<name> (overlap 2)". Version 1 files have no thread ids: their hops go on one track per
+# peer ("to server s" / "from worker w"), as before. Round trips are async slices on the
+# worker's "round trip" track.
+_SYNTHETIC_PID = 10_000_000
+# Viewers keep tids in 32 bits (Perfetto: uint32; some int32), and Linux tids stay below
+# 2^22 (PID_MAX_LIMIT): extra tracks of a thread are tid + k * 2^22 (k < 256), version-1
+# per-peer tracks start at 2^30.
+_LANE_TID = 1 << 22
+_MAX_LANES = 256
+_PEER_TID = 1 << 30
 
 
-def _pid(role: str, rank: int) -> int:
-    return (_WORKER_PID if role == "worker" else _SERVER_PID) + rank
+class _Slice:
+    __slots__ = ("node", "thread", "name", "a", "b", "args", "flows", "tid")
+
+    def __init__(self, node, thread, name, a, b, args):
+        self.node, self.thread, self.name, self.a, self.b = node, thread, name, a, max(a, b)
+        self.args, self.flows, self.tid = args, [], thread
+
+    def flow(self, ph: str, fid: int, at: int) -> None:
+        # Each end sits strictly inside the slice (1 ns in where possible) so the viewer
+        # binds it there.
+        self.flows.append((ph, fid, min(max(at, self.a), self.b)))
+
+
+def _assign_lanes(slices: List[_Slice]) -> Dict[Tuple[str, int], int]:
+    """Puts each thread's slices on nested tracks: slice.tid becomes the real tid or an
+    extra track of it. Returns the number of tracks per (node, thread)."""
+    by_thread: Dict[Tuple[str, int], List[_Slice]] = {}
+    for sl in slices:
+        by_thread.setdefault((sl.node, sl.thread), []).append(sl)
+    lanes_of: Dict[Tuple[str, int], int] = {}
+    for key, group in by_thread.items():
+        group.sort(key=lambda x: (x.a, -(x.b - x.a)))
+        stacks: List[List[int]] = []  # per lane, the ends of its open slices
+        for sl in group:
+            for i, st in enumerate(stacks):
+                while st and st[-1] <= sl.a:
+                    st.pop()
+                if not st or sl.b <= st[-1]:
+                    st.append(sl.b)
+                    sl.tid = sl.thread + i * _LANE_TID
+                    break
+            else:
+                if len(stacks) < _MAX_LANES:
+                    stacks.append([sl.b])
+                else:  # pathological overlap: share the last track (may not nest)
+                    stacks[-1].append(sl.b)
+                sl.tid = sl.thread + (len(stacks) - 1) * _LANE_TID
+        lanes_of[key] = len(stacks)
+    return lanes_of
 
 
 def to_perfetto(run: Run, max_round_trips: int = 2000) -> Dict[str, Any]:
     """A trace-event dict ({"traceEvents": [...]}) that ui.perfetto.dev and
-    chrome://tracing open: a process per node, a thread (lane) per peer, a slice per hop,
-    and flow arrows request -> server handling -> response."""
+    chrome://tracing open: a process per node, a track per OS thread, a slice per hop, and
+    flow arrows worker send -> server queue and respond -> payload."""
     keep: Dict[int, set] = {}
     for r in run.requests:
         keep.setdefault(r.worker, set()).add(r.handle)
@@ -34,71 +87,126 @@ def to_perfetto(run: Run, max_round_trips: int = 2000) -> Dict[str, Any]:
     t0 = min((r.stamps[0] for r in reqs), default=0)
 
     def ts(ns: int) -> float:
-        return (ns - t0) * _US
+        return round((ns - t0) * _US, 3)
+
+    nodes = sorted({f"worker {r.worker}" for r in reqs} | {f"server {r.server}" for r in reqs},
+                   key=lambda n: (n.split()[0] != "worker", int(n.split()[1])))
+    pid_of: Dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        pid = run.pids.get(node, 0)
+        pid_of[node] = pid if pid and pid not in pid_of.values() else _SYNTHETIC_PID + i
+    roles: Dict[Tuple[str, int], List[str]] = {}  # (node, tid) -> what the thread did
+
+    def thread(node: str, tid: int, role: str, peer_lane: Tuple[int, str]) -> int:
+        if tid == 0:  # version 1: no thread ids, one track per peer
+            tid, role = _PEER_TID + peer_lane[0], peer_lane[1]
+        rs = roles.setdefault((node, tid), [])
+        if role not in rs:
+            rs.append(role)
+        return tid
+
+    slices: List[_Slice] = []
+    flow_id = 0
+    by_handle: Dict[Tuple[int, int], List[Any]] = {}
+    for r in reqs:
+        by_handle.setdefault((r.worker, r.handle), []).append(r)
+    async_events: List[Dict[str, Any]] = []
+    instants: List[Tuple[str, int, str, int]] = []  # (node, tid, name, ns)
+    for (w, h), group in sorted(by_handle.items(), key=lambda kv: kv[1][0].stamps[0]):
+        wn = f"worker {w}"
+        group.sort(key=lambda r: r.stamps[1])
+        prev = min(r.stamps[0] for r in group)
+        for r in group:
+            st, td = r.stamps, r.tids
+            sn = f"server {r.server}"
+            args = {"handle": r.handle, "request_id": r.request_id, "server": r.server,
+                    "worker": r.worker, "push_bytes": r.push_bytes,
+                    "pull_bytes": r.pull_bytes, "transport": r.transport}
+            to_s, from_w = (1 + r.server, f"to server {r.server}"), (1 + r.worker,
+                                                                   f"from worker {r.worker}")
+            caller = thread(wn, td[0], "caller", to_s)
+            sender = caller if td[1] in (0, td[0]) else thread(wn, td[1], "GPU copy", to_s)
+            # On the sending thread the sends to each server follow one another: the slice
+            # for server s starts where the send to the previous server ended.
+            send = _Slice(wn, sender, "worker send", max(prev, st[0]), st[1], args)
+            prev = max(prev, st[1])
+            queue = _Slice(sn, thread(sn, td[3], "get_batch", from_w), "server queue", st[2],
+                           st[3], args)
+            if td[2]:
+                instants.append((sn, thread(sn, td[2], "van receive", from_w),
+                                 f"request from worker {r.worker}", st[2]))
+            compute = _Slice(sn, thread(sn, td[4], "respond", from_w), "server compute",
+                             st[3], st[4], args)
+            respond = _Slice(sn, thread(sn, td[5], "respond" if td[5] in (0, td[4])
+                                        else "GPU copy", from_w), "respond", st[4], st[5],
+                             args)
+            payload = _Slice(wn, thread(wn, td[6], "van receive", to_s), "payload", st[6],
+                             st[7], args)
+            if td[7] and td[7] != td[6]:
+                instants.append((wn, thread(wn, td[7], "GPU copy", to_s),
+                                 f"response of server {r.server} in place", st[7]))
+            flow_id += 1
+            send.flow("s", flow_id, st[1] - 1)
+            queue.flow("f", flow_id, st[2] + 1)
+            flow_id += 1
+            respond.flow("s", flow_id, st[5] - 1)
+            payload.flow("f", flow_id, st[6] + 1)
+            slices += [send, queue, compute, respond, payload]
+        start = min(r.stamps[0] for r in group)
+        done = max(r.stamps[7] for r in group)
+        wake = run.wakes.get((w, h))
+        end = wake if wake is not None and wake >= done else done
+        if wake is not None and wake >= done:
+            wt = run.wake_tids.get((w, h), 0)
+            slices.append(_Slice(wn, thread(wn, wt, "Wait()", (0, "push_pull")),
+                                 WAKE_HOP, done, wake, {"handle": h}))
+        # Round trip: not one thread's work (the caller returns before the responses
+        # arrive), so an async slice on the worker's "round trip" track.
+        for ph, at in (("b", start), ("e", end)):
+            async_events.append({"ph": ph, "name": "round trip", "cat": "meshpost",
+                                 "id2": {"local": f"{w}:{h}"}, "pid": pid_of[wn],
+                                 "tid": 0, "ts": ts(at),
+                                 "args": {"handle": h, "servers": len(group)}
+                                 if ph == "b" else {}})
+    lanes = _assign_lanes(slices)
 
     events: List[Dict[str, Any]] = []
-    seen_threads = set()
-
-    def meta(role: str, rank: int, tid: int, thread: str) -> None:
-        pid = _pid(role, rank)
-        if (pid, None) not in seen_threads:
-            seen_threads.add((pid, None))
-            host = run.hosts.get(f"{role} {rank}", "")
-            events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
-                           "args": {"name": f"{role} {rank}" + (f" ({host})" if host else "")}})
-            events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
-                           "args": {"sort_index": pid}})
-        if (pid, tid) not in seen_threads:
-            seen_threads.add((pid, tid))
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                           "args": {"name": thread}})
-
-    def slice_(name: str, role: str, rank: int, tid: int, a: int, b: int,
-               args: Dict[str, Any]) -> None:
-        events.append({"ph": "X", "name": name, "cat": "meshpost", "pid": _pid(role, rank),
-                       "tid": tid, "ts": ts(a), "dur": max(b - a, 0) * _US, "args": args})
-
-    def flow(ph: str, fid: int, role: str, rank: int, tid: int, at_ns: int) -> None:
-        e = {"ph": ph, "name": "request" if ph == "s" else "request", "cat": "flow",
-             "id": fid, "pid": _pid(role, rank), "tid": tid, "ts": ts(at_ns)}
-        if ph == "f":
-            e["bp"] = "e"  # bind to the slice enclosing ts (the flow lands inside it)
-        events.append(e)
-
-    round_trips: Dict[Tuple[int, int], List[int]] = {}
-    flow_id = 0
-    for r in reqs:
-        st = r.stamps
-        w_lane, s_lane = 1 + r.server, 1 + r.worker
-        meta("worker", r.worker, w_lane, f"to server {r.server}")
-        meta("server", r.server, s_lane, f"from worker {r.worker}")
-        args = {"handle": r.handle, "request_id": r.request_id, "push_bytes": r.push_bytes,
-                "pull_bytes": r.pull_bytes, "transport": r.transport}
-        for name, a, b in HOPS:
-            if name in ("request transfer", "response transfer"):
-                continue  # drawn as flow arrows between the processes
-            if name in ("server queue", "server compute", "respond"):
-                slice_(name, "server", r.server, s_lane, st[a], st[b], args)
+    for node in nodes:
+        host = run.hosts.get(node, "")
+        pid = pid_of[node]
+        label = f"{node} (pid {run.pids.get(node, '?')}" + (f", {host})" if host else ")")
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
+                       "args": {"name": label}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
+                       "args": {"sort_index": nodes.index(node)}})
+    for (node, tid), rs in sorted(roles.items()):
+        for k in range(lanes.get((node, tid), 1)):
+            if tid >= _PEER_TID:
+                name = " / ".join(rs)
             else:
-                slice_(name, "worker", r.worker, w_lane, st[a], st[b], args)
-        # Flow out of the end of "worker send" into "server queue", then out of "respond"
-        # into "payload". Each end sits strictly inside its slice (1 ns in) so the viewer
-        # binds it there even when a slice has zero length.
-        flow_id += 1
-        flow("s", flow_id, "worker", r.worker, w_lane, max(st[0], st[1] - 1))
-        flow("f", flow_id, "server", r.server, s_lane, min(st[2] + 1, st[3]))
-        flow_id += 1
-        flow("s", flow_id, "server", r.server, s_lane, max(st[4], st[5] - 1))
-        flow("f", flow_id, "worker", r.worker, w_lane, min(st[6] + 1, st[7]))
-        rt = round_trips.setdefault((r.worker, r.handle), [st[0], st[7]])
-        rt[0], rt[1] = min(rt[0], st[0]), max(rt[1], st[7])
-    for (w, h), (a, b) in round_trips.items():
-        meta("worker", w, 0, "push_pull")
-        wake = run.wakes.get((w, h))
-        end = wake if wake is not None and wake >= b else b
-        slice_(f"push_pull {h}", "worker", w, 0, a, end, {"handle": h})
-        if wake is not None and wake >= b:
-            slice_(WAKE_HOP, "worker", w, 0, b, wake, {"handle": h})
+                name = f"{' / '.join(rs)} tid {tid}"
+            if k:
+                name += f" (overlap {k + 1})"
+            events.append({"ph": "M", "name": "thread_name", "pid": pid_of[node],
+                           "tid": tid + k * _LANE_TID, "args": {"name": name}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": pid_of[node],
+                           "tid": tid + k * _LANE_TID,
+                           "args": {"sort_index": (tid % _LANE_TID) * 8 + k}})
+    slices.sort(key=lambda x: (x.a, -(x.b - x.a)))
+    for sl in slices:
+        events.append({"ph": "X", "name": sl.name, "cat": "meshpost", "pid": pid_of[sl.node],
+                       "tid": sl.tid, "ts": ts(sl.a), "dur": round((sl.b - sl.a) * _US, 3),
+                       "args": sl.args})
+        for ph, fid, at in sl.flows:
+            e = {"ph": ph, "name": "request", "cat": "flow", "id": fid,
+                 "pid": pid_of[sl.node], "tid": sl.tid, "ts": ts(at)}
+            if ph == "f":
+                e["bp"] = "e"  # bind to the slice enclosing ts
+            events.append(e)
+    for node, tid, name, at in instants:
+        events.append({"ph": "i", "s": "t", "name": name, "cat": "meshpost",
+                       "pid": pid_of[node], "tid": tid, "ts": ts(at)})
+    events += async_events
     return {"traceEvents": events, "displayTimeUnit": "ns",
             "otherData": {"source": "meshpost.trace", "requests": len(reqs)}}
 
@@ -125,8 +233,17 @@ def render_timeline(trace: Dict[str, Any], out_png: str, title: str = "",
     names.update({(e["pid"], e["tid"]): e["args"]["name"] for e in ev
                   if e["ph"] == "M" and e["name"] == "thread_name"})
     slices = [e for e in ev if e["ph"] == "X"]
-    rts = sorted((e for e in slices if e["name"].startswith("push_pull")),
-                 key=lambda e: e["ts"])
+    # Round trips (async "b"/"e" pairs) become slices of a "round trip" row per worker.
+    begins = {(e["pid"], json.dumps(e.get("id2", e.get("id")))): e for e in ev
+              if e["ph"] == "b"}
+    for e in ev:
+        b = begins.get((e["pid"], json.dumps(e.get("id2", e.get("id"))))) \
+            if e["ph"] == "e" else None
+        if b is not None:
+            slices.append({"ph": "X", "name": "push_pull", "pid": e["pid"], "tid": -1,
+                           "ts": b["ts"], "dur": e["ts"] - b["ts"]})
+            names[(e["pid"], -1)] = "round trip"
+    rts = sorted((e for e in slices if e["name"] == "push_pull"), key=lambda e: e["ts"])
     if rts:
         first_pid = min(e["pid"] for e in rts)
         mine = [e for e in rts if e["pid"] == first_pid][-max_round_trips:]
@@ -160,8 +277,8 @@ def render_timeline(trace: Dict[str, Any], out_png: str, title: str = "",
                     arrowprops={"arrowstyle": "->", "color": "#444444", "lw": 0.6,
                                 "alpha": 0.7})
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{names.get((p, None), p)} / {names.get((p, t), t)}" for p, t in rows],
-                       fontsize=8)
+    ax.set_yticklabels([f"{str(names.get((p, None), p)).split(' (')[0]} / "
+                        f"{names.get((p, t), t)}" for p, t in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(lo, hi)
     ticks = ax.get_xticks()
