@@ -287,6 +287,10 @@ class AFTensorServer::Impl : public DataHandler {
   }
 
   void OnData(InMessage&& msg) override {
+    if (msg.meta.cmd == Command::kCancel) {
+      OnCancel(msg.meta);
+      return;
+    }
     auto rank = WorkerRankOf(msg.meta);
     if (!rank.ok()) {
       MP_LOG_ERROR(kLog, "server dropped message: {}", rank.status().ToString());
@@ -322,6 +326,31 @@ class AFTensorServer::Impl : public DataHandler {
     out.meta.body = why.message();
     Status s = ctx_->Send(std::move(out));
     if (!s.ok()) MP_LOG_ERROR(kLog, "could not report a refused request: {}", s.ToString());
+  }
+
+  // The worker's handle failed (another server died or refused it): a request of it still
+  // queued here would pair with other workers' requests of later rounds, and lockstep
+  // workers would then wait on each other for good. Already batched: answered as usual
+  // (the worker drops the answer).
+  void OnCancel(const Meta& meta) {
+    const int w = meta.sender - 1 - num_servers_;
+    if (w < 0 || w >= num_workers_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    queues_.RemoveIf(w, [&](const std::shared_ptr<ServerRequest>& r) {
+      return r->request_id == meta.id;
+    });
+    ready_.store(queues_.BatchReady(), std::memory_order_release);
+  }
+
+  void OnNodeUp(int node_id) override {
+    const int w = node_id - 1 - num_servers_;
+    if (w < 0 || w >= num_workers_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    // Requests the old holder left queued would be answered to the new one (which knows
+    // none of their handles) and pair with other workers' requests of a later round.
+    queues_.Clear(w);
+    ready_.store(queues_.BatchReady(), std::memory_order_release);
+    worker_down_[w] = OkStatus();
   }
 
   void OnNodeDown(int node_id, const Status& why) override {

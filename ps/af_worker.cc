@@ -30,6 +30,7 @@ struct Pending {
   KeyTensorBatch pull;  // holds owners: pull tensors stay alive until completion
   std::vector<Trace> traces;
   std::vector<uint8_t> answered;  // response arrived (its staging copy may still run)
+  std::vector<uint8_t> sent;      // request handed to the transport
   int remaining = 0;
   // GPU pull slots: the response lands in staging[i] and is copied to pull[i] after.
   std::vector<PinnedBuffer> staging;
@@ -118,6 +119,7 @@ class AFTensorWorker::Impl : public DataHandler {
     }
     p->traces.resize(num_servers_);
     p->answered.assign(num_servers_, 0);
+    p->sent.assign(num_servers_, 0);
     p->remaining = num_servers_;
     // One id per push tensor and per pull slot position, as StepMesh allocates them.
     p->num_ids = std::max<uint64_t>(1, push.size() + static_cast<uint64_t>(p->slots_per_server));
@@ -227,7 +229,16 @@ class AFTensorWorker::Impl : public DataHandler {
         Fail(p, sent.Annotate(std::string(fn) + ": sending to server " + std::to_string(s)));
         break;
       }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        p->sent[s] = 1;
+        if (p->done.load(std::memory_order_relaxed) && !p->answered[s]) {
+          cancels_.emplace_back(s, RequestId(p->handle, s));  // failed meanwhile
+          has_cancels_.store(true, std::memory_order_relaxed);
+        }
+      }
     }
+    SendCancels();  // for a handle that failed while its requests went out
     MP_LOG_TRACE(kLog, "push_pull handle {} sent to {} servers", p->handle, num_servers_);
   }
 
@@ -421,6 +432,7 @@ class AFTensorWorker::Impl : public DataHandler {
       if (!queued.ok()) FinishStaged(staged, s, queued);
     }
     if (done) waiter_.Notify();
+    if (done && !done->status.ok()) SendCancels();
   }
 
   void FinishStaged(const std::shared_ptr<Pending>& p, int s, const Status& copied) {
@@ -440,6 +452,7 @@ class AFTensorWorker::Impl : public DataHandler {
       }
     }
     if (done) waiter_.Notify();
+    if (done && !done->status.ok()) SendCancels();
   }
 
   // Requires mu_, on successful completion: hands the pull tensors' owners to the caller
@@ -460,6 +473,7 @@ class AFTensorWorker::Impl : public DataHandler {
                                                        std::to_string(ServerOf(meta.id))));
     }
     if (done) waiter_.Notify();
+    SendCancels();
   }
 
   void OnNodeDown(int node_id, const Status& why) override {
@@ -483,6 +497,7 @@ class AFTensorWorker::Impl : public DataHandler {
                    why.message());
       waiter_.Notify();
     }
+    SendCancels();
   }
 
  private:
@@ -574,6 +589,30 @@ class AFTensorWorker::Impl : public DataHandler {
       notify = FailLocked(p->handle, why) != nullptr;
     }
     if (notify) waiter_.Notify();
+    SendCancels();
+  }
+
+  // A failed handle's requests that servers hold unanswered are withdrawn (CANCEL after
+  // the request on the same connection), so they do not pair with later rounds of other
+  // workers (ps/af_server.cc OnCancel). Sent without mu_ held.
+  void SendCancels() {
+    if (!has_cancels_.load(std::memory_order_relaxed)) return;  // the common case: no lock
+    std::vector<std::pair<int, uint64_t>> todo;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      todo.swap(cancels_);
+      has_cancels_.store(false, std::memory_order_relaxed);
+    }
+    for (const auto& [s, id] : todo) {
+      if (!ctx_->PeerStatus(ServerNodeId(s)).ok()) continue;
+      OutMessage msg;
+      msg.meta.cmd = Command::kCancel;
+      msg.meta.sender = ctx_->node_id();
+      msg.meta.recipient = ServerNodeId(s);
+      msg.meta.id = id;
+      Status st = ctx_->Send(std::move(msg));
+      if (!st.ok()) MP_LOG_DEBUG(kLog, "cancel to server {} not sent: {}", s, st.ToString());
+    }
   }
 
   std::shared_ptr<Pending> FailLocked(uint64_t handle, const Status& why) {
@@ -605,6 +644,14 @@ class AFTensorWorker::Impl : public DataHandler {
     std::shared_ptr<Pending> p = it->second;
     p->status = status;
     p->done.store(true, std::memory_order_release);
+    if (!status.ok()) {
+      for (int s = 0; s < p->num_servers && s < static_cast<int>(p->sent.size()); ++s) {
+        if (p->sent[s] && !p->answered[s]) {
+          cancels_.emplace_back(s, RequestId(handle, s));
+          has_cancels_.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
     // A stream waiting on the handle is released on failure too (Wait reports the error);
     // a stuck GPU stream would be worse than a stream that runs on after a failed pull.
     if (p->stream_flag.data) backend_->HostWriteFlag(static_cast<int64_t*>(p->stream_flag.data), 1);
@@ -628,6 +675,8 @@ class AFTensorWorker::Impl : public DataHandler {
   // Ordered by handle so that any id of a batch finds its batch (upper_bound - 1).
   std::map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
+  std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
+  std::atomic<bool> has_cancels_{false};            // cancels_ is not empty
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
   std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its

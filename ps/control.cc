@@ -48,6 +48,7 @@ Status OutcomeOf(const Meta& meta, const std::string& context) {
 NodeDownReason NodeDownReasonOf(const Meta& meta) {
   if (meta.id == static_cast<uint64_t>(NodeDownReason::kLeft)) return NodeDownReason::kLeft;
   if (meta.id == static_cast<uint64_t>(NodeDownReason::kEvicted)) return NodeDownReason::kEvicted;
+  if (meta.id == static_cast<uint64_t>(NodeDownReason::kReplaced)) return NodeDownReason::kReplaced;
   return NodeDownReason::kDied;
 }
 

@@ -14,7 +14,9 @@ namespace meshpost {
 // Why a NODE_DOWN was sent (carried in Meta::id).
 // kEvicted: sent to the node itself, which the scheduler had declared dead (it paused or
 // lost its connection past the heartbeat timeout) and which spoke again afterwards.
-enum class NodeDownReason : uint64_t { kDied = 0, kLeft = 1, kEvicted = 2 };
+// kReplaced: sent to a process whose rank a new process took after it was declared dead
+// or left (it spoke again, from another incarnation than the holder's).
+enum class NodeDownReason : uint64_t { kDied = 0, kLeft = 1, kEvicted = 2, kReplaced = 3 };
 
 class ControlMessage {
  public:

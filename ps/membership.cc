@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <random>
 
 #include "common/clock.h"
 #include "common/logging.h"
@@ -12,18 +13,34 @@
 namespace meshpost {
 namespace {
 constexpr const char* kLog = "ps";
+
+uint64_t RandomIncarnation() {
+  std::random_device rd;
+  uint64_t v = 0;
+  while (v == 0) v = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ GetNanosecond();
+  return v;
+}
 }  // namespace
 
 Membership::Membership(const Options& options, const ClusterLayout& layout, int my_id,
-                       VanRouter* router, PeerDownFn on_peer_down)
+                       VanRouter* router, PeerDownFn on_peer_down, PeerUpFn on_peer_up)
     : opts_(options),
       layout_(layout),
       my_id_(my_id),
       router_(router),
       on_peer_down_(std::move(on_peer_down)),
+      on_peer_up_(std::move(on_peer_up)),
+      incarnation_(RandomIncarnation()),
       peer_status_(layout.num_nodes()) {}
 
 Membership::~Membership() { StopHeartbeats(); }
+
+OutMessage Membership::ToScheduler(ControlMessage c) const {
+  OutMessage msg = c.Build();
+  msg.meta.stamps[2] = incarnation_;
+  msg.meta.stamps[3] = table_version_.load(std::memory_order_acquire);
+  return msg;
+}
 
 template <typename Pred>
 bool Membership::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64_t deadline) {
@@ -38,8 +55,8 @@ bool Membership::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint6
 Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
   self_ = self;
   MESHPOST_RETURN_IF_ERROR(router_->ConnectControl(kSchedulerId, opts_.root_uri, opts_.root_port));
-  MESHPOST_RETURN_IF_ERROR(router_->SendControl(
-      ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})).Build()));
+  MESHPOST_RETURN_IF_ERROR(router_->SendControl(ToScheduler(
+      ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})))));
   std::unique_lock<std::mutex> lock(mu_);
   // The scheduler knows (and logs) who is missing; a node can say whom it waits on, so a
   // wrong DMLC_PS_ROOT_URI / DMLC_PS_ROOT_PORT shows before the start timeout. The
@@ -106,7 +123,7 @@ Status Membership::Barrier(int mask, int64_t timeout_ms) {
     seq = ++barrier_seq_[mask];
   }
   MESHPOST_RETURN_IF_ERROR(router_->SendControl(
-      ControlMessage(Command::kBarrier, my_id_, kSchedulerId).Arg(mask).Seq(seq).Build()));
+      ToScheduler(ControlMessage(Command::kBarrier, my_id_, kSchedulerId).Arg(mask).Seq(seq))));
   std::unique_lock<std::mutex> lock(mu_);
   const auto key = std::make_pair(mask, seq);
   const bool done = WaitLocked(
@@ -145,7 +162,8 @@ void Membership::Leave(int64_t timeout_ms) {
                                  .Build());
     (void)s;
   }
-  Status sent = router_->SendControl(ControlMessage(Command::kLeave, my_id_, kSchedulerId).Build());
+  Status sent =
+      router_->SendControl(ToScheduler(ControlMessage(Command::kLeave, my_id_, kSchedulerId)));
   if (!sent.ok()) return;
   const int64_t wait_ms = timeout_ms < 0 ? opts_.heartbeat_timeout_ms : timeout_ms;
   std::unique_lock<std::mutex> lock(mu_);
@@ -201,9 +219,11 @@ void Membership::OnControl(const Meta& m) {
     case Command::kNodeDown:
       if (m.arg <= 0 || m.arg >= layout_.num_nodes()) break;
       if (m.arg == my_id_) {
-        if (NodeDownReasonOf(m) == NodeDownReason::kEvicted && evicted_.ok()) {
+        const NodeDownReason reason = NodeDownReasonOf(m);
+        if ((reason == NodeDownReason::kEvicted || reason == NodeDownReason::kReplaced) &&
+            evicted_.ok()) {
           lock.unlock();
-          Evicted(m.body);
+          Evicted(m.body, reason == NodeDownReason::kReplaced);
           lock.lock();
         }
         break;
@@ -248,6 +268,15 @@ void Membership::OnNodeTable(const Meta& m) {
     cv_.notify_all();
     return;
   }
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (table_ready_) {
+      lock.unlock();
+      OnTableUpdate(m.id, std::move(nodes).value());
+      return;
+    }
+  }
+  table_version_.store(m.id, std::memory_order_release);
   Status error;
   for (const NodeInfo& n : *nodes) {
     if (!IsDataPeer(opts_.role, n.role)) continue;
@@ -263,6 +292,59 @@ void Membership::OnNodeTable(const Meta& m) {
   }
   // Rendezvous blobs held until now can be answered: the tcp links to the peers exist.
   router_->PeersConnected();
+}
+
+// Runs on the tcp receive thread, like the first table. Every entry that names another
+// process than before is a replacement: what was pending on the old holder failed when it
+// was declared dead (or is failed now), its connections are replaced, and it is alive
+// again. An immediate heartbeat reports the version, which releases the new holder's
+// start barrier at the scheduler.
+void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
+  if (version <= table_version_.load(std::memory_order_acquire)) {
+    MP_LOG_DEBUG(kLog, "stale node table {} ignored", version);
+    return;
+  }
+  std::vector<std::pair<NodeInfo, NodeInfo>> replaced;  // (old, new)
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!evicted_.ok()) return;
+    for (const NodeInfo& n : nodes) {
+      if (n.id == my_id_ || !layout_.Contains(n.id)) continue;
+      for (const NodeInfo& o : table_) {
+        if (o.id != n.id) continue;
+        if (o.host != n.host || o.port != n.port || o.pid != n.pid ||
+            o.host_identity != n.host_identity || o.vans != n.vans) {
+          replaced.emplace_back(o, n);
+        }
+      }
+    }
+  }
+  for (const auto& [old, now] : replaced) {
+    MP_LOG_WARN(kLog, "{} now holds the rank of {}", now.Describe(), old.Describe());
+    // Normally already down (the scheduler replaces only dead or departed nodes and said
+    // so first); if this node had not concluded it yet, fail what was pending now.
+    PeerGone(now.id, UnavailableError(old.Describe() + " was replaced by " + now.Describe()));
+    if (!IsDataPeer(opts_.role, now.role)) continue;
+    Status c = router_->ReconnectPeer(old, now);
+    if (!c.ok()) {
+      MP_LOG_ERROR(kLog, "cannot connect to {}: {}", now.Describe(), c.ToString());
+      continue;  // it stays down here
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      leaving_.erase(now.id);
+      peer_status_[now.id] = OkStatus();
+    }
+    if (on_peer_up_) on_peer_up_(now.id);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    table_ = std::move(nodes);
+    table_version_.store(version, std::memory_order_release);
+    cv_.notify_all();
+  }
+  Status s = router_->SendControl(ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
+  (void)s;
 }
 
 void Membership::OnPeerLeave(const Meta& m) {
@@ -300,10 +382,14 @@ void Membership::PeerGone(int id, const Status& why, bool orderly) {
 // connection) and the others were told so: nothing this node does can succeed any more.
 // Every peer is failed with the reason, so pending handles fail and every later call
 // (push_pull, get_batch, barrier) raises an error that says this node was evicted and why.
-void Membership::Evicted(const std::string& why) {
-  const Status evicted = UnavailableError(
-      "this node (" + layout_.Describe(my_id_) + ") was evicted from the cluster by the "
-      "scheduler: " + why + "; restart it to rejoin");
+void Membership::Evicted(const std::string& why, bool replaced) {
+  const Status evicted =
+      replaced ? UnavailableError("this node (" + layout_.Describe(my_id_) +
+                                  ") was replaced: the scheduler gave its rank to a new process "
+                                  "(" + why + "); it can no longer take part in the cluster")
+               : UnavailableError("this node (" + layout_.Describe(my_id_) +
+                                  ") was evicted from the cluster by the scheduler: " + why +
+                                  "; restart it to rejoin");
   std::vector<int> peers;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -376,7 +462,7 @@ void Membership::HeartbeatLoop() {
       for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
       lock.lock();
     }
-    OutMessage hb = ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq).Build();
+    OutMessage hb = ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq));
     hb.meta.stamps[0] = GetNanosecond();  // echoed by the ack: one clock-offset sample
     Status s = router_->SendControl(std::move(hb));
     (void)s;

@@ -5,6 +5,7 @@
 // the heartbeat thread sends heartbeats and expires leaving peers. Internal to ps/.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <map>
@@ -15,6 +16,7 @@
 
 #include "ps/clock_sync.h"
 #include "ps/cluster.h"
+#include "ps/control.h"
 #include "ps/node.h"
 #include "ps/van_router.h"
 
@@ -24,9 +26,11 @@ class Membership {
  public:
   // Told once per data peer that died or finished leaving, without any lock held.
   using PeerDownFn = std::function<void(int node_id, const Status& why)>;
+  // Told when a data peer that was down is reachable again: a new process took its rank.
+  using PeerUpFn = std::function<void(int node_id)>;
 
   Membership(const Options& options, const ClusterLayout& layout, int my_id, VanRouter* router,
-             PeerDownFn on_peer_down);
+             PeerDownFn on_peer_down, PeerUpFn on_peer_up = nullptr);
   ~Membership();
 
   // Registers `self` with the scheduler and waits for the node table (data peers
@@ -45,8 +49,9 @@ class Membership {
   void OnPeerLeave(const Meta& m);  // a data peer's PEER_LEAVE
   // A data peer died (van failure, scheduler's NODE_DOWN) or finished leaving.
   void PeerGone(int id, const Status& why, bool orderly = false);
-  // The scheduler told this node it was evicted: fail everything with that reason.
-  void Evicted(const std::string& why);
+  // The scheduler told this node it was evicted (or, `replaced`, that a new process holds
+  // its rank now): fail everything with that reason.
+  void Evicted(const std::string& why, bool replaced = false);
   // OK while node `id` is alive; otherwise why it is not (died, left, leaving).
   Status PeerStatus(int id) const;
   bool Joined() const;
@@ -56,6 +61,10 @@ class Membership {
 
  private:
   void OnNodeTable(const Meta& m);
+  // A later NODE_TABLE: a rank was taken over by a new process.
+  void OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes);
+  // Stamps what this node sends the scheduler with its incarnation and table version.
+  OutMessage ToScheduler(ControlMessage c) const;
   template <typename Pred>
   bool WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64_t deadline);
   void HeartbeatLoop();
@@ -66,6 +75,11 @@ class Membership {
   ClockSync clock_sync_;  // thread-safe on its own; fed by heartbeat acks
   VanRouter* const router_;
   const PeerDownFn on_peer_down_;
+  const PeerUpFn on_peer_up_;
+  // Random per process: tells the scheduler this process from an earlier holder of the
+  // same rank (stamps[2] of REGISTER, heartbeats, barriers, leave).
+  const uint64_t incarnation_;
+  std::atomic<uint64_t> table_version_{0};  // NODE_TABLE id last applied (stamps[3])
   NodeInfo self_;
 
   mutable std::mutex mu_;

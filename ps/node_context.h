@@ -36,6 +36,8 @@ class DataHandler {
   virtual void OnData(InMessage&& msg) = 0;
   virtual void OnDropped(const Meta& meta, const Status& why) = 0;
   virtual void OnNodeDown(int node_id, const Status& why) = 0;
+  // A peer that was down is reachable again: a new process took its rank (issue 10).
+  virtual void OnNodeUp(int node_id) {}
 };
 
 class NodeContext {

@@ -53,8 +53,12 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       scheduler_ = std::make_unique<Scheduler>(opts_, layout_, &router_);
     } else {
       membership_ = std::make_unique<Membership>(
-          opts_, layout_, my_id_, &router_, [this](int id, const Status& why) {
+          opts_, layout_, my_id_, &router_,
+          [this](int id, const Status& why) {
             if (DataHandler* h = data_.load(std::memory_order_acquire)) h->OnNodeDown(id, why);
+          },
+          [this](int id) {
+            if (DataHandler* h = data_.load(std::memory_order_acquire)) h->OnNodeUp(id);
           });
     }
     if (opts_.role == Role::kWorker) worker_ = std::make_unique<AFTensorWorker>(this);
@@ -222,7 +226,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
 
   void OnMessage(InMessage&& msg) override {
     const Meta& m = msg.meta;
-    if (m.cmd == Command::kRequest || m.cmd == Command::kResponse) {
+    if (m.cmd == Command::kRequest || m.cmd == Command::kResponse || m.cmd == Command::kCancel) {
       DataHandler* h = data_.load(std::memory_order_acquire);
       if (h == nullptr) {
         MP_LOG_ERROR(kLog, "{} from node {} dropped: this {} takes no data", CommandName(m.cmd),

@@ -29,6 +29,26 @@ class RequestQueues {
   int ready_workers() const { return ready_; }
   bool HasPending(int worker) const { return mask_[worker] != 0; }
   size_t Depth(int worker) const { return queues_[worker].size(); }
+  // Drops the queued requests of `worker` matching `pred`; returns how many.
+  template <typename Pred>
+  size_t RemoveIf(int worker, Pred pred) {
+    auto& q = queues_[worker];
+    const size_t before = q.size();
+    for (auto it = q.begin(); it != q.end();) it = pred(*it) ? q.erase(it) : it + 1;
+    if (q.empty() && mask_[worker]) {
+      mask_[worker] = 0;
+      --ready_;
+    }
+    return before - q.size();
+  }
+  // Drops every request queued for `worker` (its process was replaced).
+  void Clear(int worker) {
+    queues_[worker].clear();
+    if (mask_[worker]) {
+      mask_[worker] = 0;
+      --ready_;
+    }
+  }
 
   // Pops the oldest request of every worker, in worker-rank order. Requires BatchReady().
   std::vector<T> PopBatch() {

@@ -63,6 +63,8 @@ Status Scheduler::Barrier(int mask, int64_t timeout_ms) {
   std::unique_lock<std::mutex> lock(mu_);
   const uint64_t seq = ++barrier_seq_[mask];
   const auto key = std::make_pair(mask, seq);
+  auto failed = failed_barriers_.find(key);
+  if (failed != failed_barriers_.end()) return failed->second;  // released before we came
   barrier_arrivals_[key].insert(kSchedulerId);
   CheckBarriersLocked();
   WaitLocked(lock, [&] { return barrier_outcome_.count(key) > 0; },
@@ -108,6 +110,15 @@ void Scheduler::OnControl(const Meta& m) {
     MP_LOG_ERROR(kLog, "{} from unregistered node {} dropped", CommandName(m.cmd), m.sender);
     return;
   }
+  // stamps[2]: the sending process's incarnation. Another one than the holder's means a
+  // process whose rank was given to a replacement (it was paused, not dead): tell it.
+  const uint64_t incarnation = m.stamps[2];
+  auto holder = incarnation_.find(m.sender);
+  if (incarnation != 0 && holder != incarnation_.end() && holder->second != 0 &&
+      incarnation != holder->second) {
+    TellFormerHolderLocked(m.sender, incarnation);
+    return;
+  }
   if (!AliveLocked(m.sender) && !left_.count(m.sender)) {
     // A node declared dead speaks again (it was paused, not dead): everyone else already
     // failed what depended on it, so it cannot simply resume. Tell it at once.
@@ -124,6 +135,13 @@ void Scheduler::OnControl(const Meta& m) {
   switch (m.cmd) {
     case Command::kHeartbeat: {
       last_seen_[m.sender] = GetNanosecond();
+      // stamps[3]: the node table version this node applied (a replacement's start
+      // barrier waits for everyone to have connected to it).
+      uint64_t& acked = acked_version_[m.sender];
+      if (m.stamps[3] > acked && m.stamps[3] <= table_version_) {
+        acked = m.stamps[3];
+        ReleaseReplacementStartsLocked();
+      }
       // Echo the node's send stamp and add ours: the node estimates its clock offset to
       // this one from the round trip (ps/clock_sync.h), for cross-host traces.
       OutMessage ack =
@@ -139,8 +157,28 @@ void Scheduler::OnControl(const Meta& m) {
         MP_LOG_ERROR(kLog, "bad barrier mask {} from {}", m.arg, layout_.Describe(m.sender));
         break;
       }
-      barrier_arrivals_[{m.arg, m.id}].insert(m.sender);
-      CheckBarriersLocked();
+      {
+        auto start = replacement_start_.find(m.sender);
+        if (start != replacement_start_.end() && std::get<0>(start->second) == 0 &&
+            m.arg == kAllGroups && m.id == 1) {
+          // A replacement's start barrier: the others passed theirs long ago. It is
+          // released once every live node applied the table that admitted it.
+          std::get<0>(start->second) = m.arg;
+          std::get<1>(start->second) = m.id;
+          ReleaseReplacementStartsLocked();
+          break;
+        }
+        const uint64_t seq = ClusterSeqLocked(m.sender, m.arg, m.id);
+        auto failed = failed_barriers_.find({m.arg, seq});
+        if (failed != failed_barriers_.end()) {
+          // Released with an error before this member arrived (a member died): the same
+          // outcome, at once, instead of waiting for members that already moved on.
+          ReplyLocked(m.sender, Command::kBarrierDone, m.arg, m.id, failed->second);
+          break;
+        }
+        barrier_arrivals_[{m.arg, seq}].insert(m.sender);
+        CheckBarriersLocked();
+      }
       break;
     case Command::kLeave:
       if (!left_.count(m.sender)) {
@@ -178,13 +216,23 @@ void Scheduler::OnRegister(const Meta& m) {
   n.id = n.role == Role::kServer ? ServerNodeId(n.rank) : WorkerNodeId(opts_.num_servers, n.rank);
   auto it = registered_.find(n.id);
   if (it != registered_.end()) {
-    RefuseLocked(n, std::string(RoleName(n.role)) + " rank " + std::to_string(n.rank) +
-                        " clashes: it is already taken by " + it->second.Describe() +
-                        "; ranks are DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU and must "
-                        "be unique");
+    if (table_published_ && !AliveLocked(n.id)) {
+      ReplaceLocked(n, m.stamps[2]);
+      return;
+    }
+    RefuseLocked(
+        n, std::string(RoleName(n.role)) + " rank " + std::to_string(n.rank) +
+               " clashes: it is already taken by " + it->second.Describe() +
+               (table_published_
+                    ? ", which is alive (a rank can be taken over once its holder left or "
+                      "missed heartbeats for MESHPOST_HEARTBEAT_TIMEOUT_MS=" +
+                          std::to_string(opts_.heartbeat_timeout_ms) + " ms)"
+                    : "") +
+               "; ranks are DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU and must be unique");
     return;
   }
   registered_[n.id] = n;
+  incarnation_[n.id] = m.stamps[2];
   // Debug: a line per node would make the scheduler's start O(nodes) at info; the wait
   // loop names who is missing instead.
   MP_LOG_DEBUG(kLog, "registered {} ({}/{})", n.Describe(), registered_.size(),
@@ -192,34 +240,150 @@ void Scheduler::OnRegister(const Meta& m) {
   if (static_cast<int>(registered_.size()) == layout_.num_nodes() - 1) PublishTableLocked();
 }
 
-void Scheduler::RefuseLocked(const NodeInfo& n, const std::string& why) {
-  constexpr int kRefusalsPerSecond = 8;
+// Answers sent to an address named in a message (refusals, former holders) are bounded:
+// a flood of such messages costs a bounded number of connections.
+bool Scheduler::RateLimitLocked() {
+  constexpr int kAnswersPerSecond = 8;
   const uint64_t now = GetNanosecond();
   if (now - refusal_window_ns_ >= 1'000'000'000ull) {
     if (refusals_suppressed_ > 0) {
-      MP_LOG_ERROR(kLog, "{} more registrations refused without an answer (rate limit)",
+      MP_LOG_ERROR(kLog, "{} more refusals left without an answer (rate limit)",
                    refusals_suppressed_);
     }
     refusal_window_ns_ = now;
     refusals_in_window_ = 0;
     refusals_suppressed_ = 0;
   }
-  if (refusals_in_window_ >= kRefusalsPerSecond) {
+  if (refusals_in_window_ >= kAnswersPerSecond) {
     ++refusals_suppressed_;
-    return;
+    return false;
   }
   ++refusals_in_window_;
-  MP_LOG_ERROR(kLog, "refused node at {}:{} (pid {}): {}", n.host, n.port, n.pid, why);
-  // The refused node has no id of its own: reach it through a temporary one, and close
-  // that connection right after the reply (the van lets the reply drain first, bounded),
-  // so refusals leave nothing behind.
-  const int temp_id = 1 << 20 | next_temp_id_++;
-  if (!router_->ConnectControl(temp_id, n.host, n.port).ok()) return;
-  Status s = router_->SendControl(ControlMessage(Command::kRegisterReply, kSchedulerId, temp_id)
-                                      .Outcome(InvalidArgumentError(why))
-                                      .Build());
+  return true;
+}
+
+// A process that holds no id of its own here (refused, or replaced) is reached through a
+// temporary id, and that connection is closed right after the message (the van lets it
+// drain first, bounded), so it leaves nothing behind.
+void Scheduler::SendToAddressLocked(const std::string& host, int port, OutMessage msg) {
+  const int temp_id = 1 << 20 | (next_temp_id_++ & 0xfffff);
+  if (!router_->ConnectControl(temp_id, host, port).ok()) return;
+  msg.meta.recipient = temp_id;
+  Status s = router_->SendControl(std::move(msg));
   (void)s;
   router_->DisconnectControl(temp_id);
+}
+
+void Scheduler::RefuseLocked(const NodeInfo& n, const std::string& why) {
+  if (!RateLimitLocked()) return;
+  MP_LOG_ERROR(kLog, "refused node at {}:{} (pid {}): {}", n.host, n.port, n.pid, why);
+  SendToAddressLocked(n.host, n.port,
+                      ControlMessage(Command::kRegisterReply, kSchedulerId, -1)
+                          .Outcome(InvalidArgumentError(why))
+                          .Build());
+}
+
+void Scheduler::ReplaceLocked(const NodeInfo& n, uint64_t incarnation) {
+  const int id = n.id;
+  const NodeInfo old = registered_[id];
+  const std::string why = old.Describe() + " was replaced by " + n.Describe() + " after: " +
+                          node_status_[id].message();
+  MP_LOG_WARN(kLog, "{}", why);
+  auto inc = incarnation_.find(id);
+  if (inc != incarnation_.end() && inc->second != 0) {
+    constexpr size_t kMaxFormer = 256;
+    if (former_.size() >= kMaxFormer) former_.erase(former_.begin());
+    former_[inc->second] = Former{id, old, why};
+  }
+  registered_[id] = n;
+  incarnation_[id] = incarnation;
+  node_status_[id] = OkStatus();
+  left_.erase(id);
+  last_seen_[id] = GetNanosecond();
+  ++table_version_;
+  acked_version_[id] = table_version_;  // it gets this table as its first
+  // Its barrier counts start at 1; the cluster's do not. Its start barrier (kAllGroups,
+  // seq 1) is answered on its own (ReleaseReplacementStartsLocked); later barriers of
+  // every mask continue the cluster's sequence.
+  auto& offsets = seq_offset_[id];
+  offsets.clear();
+  for (int mask = 1; mask <= kAllGroups; ++mask) {
+    if (!(mask & GroupOf(n.role))) continue;
+    const int64_t released = static_cast<int64_t>(last_released_[mask]);
+    offsets[mask] = mask == kAllGroups ? released - 1 : released;
+  }
+  replacement_start_[id] = std::make_tuple(0, uint64_t{0}, table_version_);
+  // The id's connection reached the old holder: a fresh one (a new handshake) to the new
+  // address, even when it reuses the old host:port.
+  router_->DisconnectControl(id);
+  Status c = router_->ConnectControl(id, n.host, n.port);
+  if (!c.ok()) {
+    MP_LOG_ERROR(kLog, "cannot connect to {}: {}", n.Describe(), c.ToString());
+    MarkDownLocked(id, n.Describe() + " is unreachable: " + c.message(), NodeDownReason::kDied);
+    return;
+  }
+  table_.clear();
+  table_.push_back(self_);
+  for (auto& [other, info] : registered_) table_.push_back(info);
+  const std::string body = EncodeNodes(table_);
+  for (auto& [other, info] : registered_) {
+    if (!AliveLocked(other) || left_.count(other)) continue;
+    Status s = router_->SendControl(ControlMessage(Command::kNodeTable, kSchedulerId, other)
+                                        .Seq(table_version_)
+                                        .Body(body)
+                                        .Build());
+    (void)s;
+  }
+  cv_.notify_all();
+}
+
+void Scheduler::TellFormerHolderLocked(int id, uint64_t incarnation) {
+  auto f = former_.find(incarnation);
+  if (f == former_.end() || f->second.id != id) {
+    MP_LOG_DEBUG(kLog, "message for node {} from an unknown incarnation dropped", id);
+    return;
+  }
+  if (!RateLimitLocked()) return;
+  SendToAddressLocked(f->second.info.host, f->second.info.port,
+                      ControlMessage(Command::kNodeDown, kSchedulerId, -1)
+                          .Arg(id)
+                          .Reason(NodeDownReason::kReplaced)
+                          .Body(f->second.why)
+                          .Build());
+}
+
+uint64_t Scheduler::ClusterSeqLocked(int id, int mask, uint64_t seq) const {
+  auto node = seq_offset_.find(id);
+  if (node == seq_offset_.end()) return seq;
+  auto off = node->second.find(mask);
+  if (off == node->second.end()) return seq;
+  return static_cast<uint64_t>(static_cast<int64_t>(seq) + off->second);
+}
+
+void Scheduler::ReleaseReplacementStartsLocked() {
+  for (auto it = replacement_start_.begin(); it != replacement_start_.end();) {
+    const int id = it->first;
+    const auto [mask, seq, version] = it->second;
+    if (!AliveLocked(id)) {
+      it = replacement_start_.erase(it);
+      continue;
+    }
+    if (mask == 0) {
+      ++it;
+      continue;
+    }
+    bool everyone = true;
+    for (auto& [other, info] : registered_) {
+      if (other == id || !AliveLocked(other) || left_.count(other)) continue;
+      if (acked_version_[other] < version) everyone = false;
+    }
+    if (!everyone) {
+      ++it;
+      continue;
+    }
+    ReplyLocked(id, Command::kBarrierDone, mask, seq);
+    it = replacement_start_.erase(it);
+  }
 }
 
 void Scheduler::PublishTableLocked() {
@@ -236,7 +400,7 @@ void Scheduler::PublishTableLocked() {
       continue;
     }
     Status s = router_->SendControl(
-        ControlMessage(Command::kNodeTable, kSchedulerId, id).Body(body).Build());
+        ControlMessage(Command::kNodeTable, kSchedulerId, id).Seq(table_version_).Body(body).Build());
     (void)s;
   }
   table_published_ = true;
@@ -270,6 +434,7 @@ void Scheduler::MarkDownLocked(int id, const std::string& why, NodeDownReason re
     (void)s;
   }
   CheckBarriersLocked();
+  ReleaseReplacementStartsLocked();
   cv_.notify_all();
 }
 
@@ -310,7 +475,16 @@ void Scheduler::ReleaseBarrierLocked(int mask, uint64_t seq, const std::set<int>
       barrier_outcome_[{mask, seq}] = outcome;
       continue;
     }
-    if (AliveLocked(id)) ReplyLocked(id, Command::kBarrierDone, mask, seq, outcome);
+    if (!AliveLocked(id)) continue;
+    // The member's own sequence (a replacement's differs from the cluster's).
+    const uint64_t own = seq - (ClusterSeqLocked(id, mask, seq) - seq);
+    ReplyLocked(id, Command::kBarrierDone, mask, own, outcome);
+  }
+  last_released_[mask] = std::max(last_released_[mask], seq);
+  if (!outcome.ok()) {
+    constexpr size_t kMaxFailed = 1024;
+    if (failed_barriers_.size() >= kMaxFailed) failed_barriers_.erase(failed_barriers_.begin());
+    failed_barriers_[{mask, seq}] = outcome;
   }
   cv_.notify_all();
 }

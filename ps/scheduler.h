@@ -10,6 +10,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "ps/cluster.h"
@@ -42,7 +43,20 @@ class Scheduler {
 
  private:
   void OnRegister(const Meta& m);
+  // A new process takes the rank of a node that died or left (issue 10, item 4).
+  void ReplaceLocked(const NodeInfo& n, uint64_t incarnation);
+  // A message from a process that no longer holds its rank: tell it, through a temporary
+  // connection to its own address (the id's connection now reaches the new holder).
+  void TellFormerHolderLocked(int id, uint64_t incarnation);
+  // Sends `cmd` to `host:port` through a temporary id, then closes that connection;
+  // rate-limited (the address comes from a message).
+  bool RateLimitLocked();
+  void SendToAddressLocked(const std::string& host, int port, OutMessage msg);
   void RefuseLocked(const NodeInfo& n, const std::string& why);
+  // Barrier sequences are per node; a replacement starts counting at 1, so its arrivals
+  // are shifted onto the cluster's sequence (and its releases shifted back).
+  uint64_t ClusterSeqLocked(int id, int mask, uint64_t seq) const;
+  void ReleaseReplacementStartsLocked();
   void PublishTableLocked();
   void ReplyLocked(int id, Command cmd, int32_t arg = 0, uint64_t seq = 0,
                    const Status& outcome = OkStatus());
@@ -64,6 +78,24 @@ class Scheduler {
   std::condition_variable cv_;
   NodeInfo self_;
   std::map<int, NodeInfo> registered_;   // admitted nodes by id
+  // Per node id: a random number the holder's process chose (stamps[2] of everything it
+  // sends the scheduler), which tells a replaced holder's messages from the new one's.
+  std::map<int, uint64_t> incarnation_;
+  struct Former {
+    int id;
+    NodeInfo info;
+    std::string why;
+  };
+  std::map<uint64_t, Former> former_;    // replaced holders by incarnation (bounded)
+  uint64_t table_version_ = 1;           // NODE_TABLE id; bumped by each replacement
+  std::map<int, uint64_t> acked_version_;  // node id → table version its heartbeats report
+  // Replacements whose start barrier waits until every live node applied the table that
+  // admitted them: id → (mask, node seq, table version).
+  std::map<int, std::tuple<int, uint64_t, uint64_t>> replacement_start_;
+  std::map<int, std::map<int, int64_t>> seq_offset_;  // id → mask → cluster seq - node seq
+  std::map<int, uint64_t> last_released_;  // mask → highest released cluster seq
+  // Barriers released with an error, for members that arrive after the release (bounded).
+  std::map<std::pair<int, uint64_t>, Status> failed_barriers_;
   std::vector<NodeInfo> table_;          // published node table (self first)
   bool table_published_ = false;
   std::vector<Status> node_status_;      // per node id: OK while alive, else why not

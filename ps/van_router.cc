@@ -40,10 +40,11 @@ VanRouter::VanRouter(const Options& options, int my_id, int num_nodes, VanFactor
       num_nodes_(num_nodes),
       factory_(factory ? std::move(factory) : VanFactory(&CreateVan)),
       van_options_(VanOptionsFor(options)),
-      route_(num_nodes, nullptr),
+      route_(new std::atomic<Van*>[num_nodes]),
       route_name_(num_nodes, "tcp"),
       host_identity_(HostIdentity()) {
   van_options_.self_id = my_id;  // bound into every connection's handshake
+  for (int i = 0; i < num_nodes; ++i) route_[i].store(nullptr, std::memory_order_relaxed);
 }
 
 VanRouter::~VanRouter() { Stop(); }
@@ -142,26 +143,59 @@ Status VanRouter::ConnectPeer(const NodeInfo& n) {
       why_not += name + ": " + c.message() + "; ";
       continue;
     }
-    route_[n.id] = van.get();
+    route_[n.id].store(van.get(), std::memory_order_release);
+    std::lock_guard<std::mutex> lock(route_mu_);
     route_name_[n.id] = name;
     break;
   }
-  if (!forced.empty() && forced != route_name_[n.id]) {
+  const std::string route_name = [&] {
+    std::lock_guard<std::mutex> lock(route_mu_);
+    return route_name_[n.id];
+  }();
+  if (!forced.empty() && forced != route_name) {
     return InvalidArgumentError("transport '" + forced + "' was forced but cannot reach " +
                                 n.Describe() + ": " + why_not);
   }
   const bool same_host = n.host_identity == host_identity_;
   if (!same_host) remote_peers_.fetch_add(1, std::memory_order_relaxed);
   MESHPOST_RETURN_IF_ERROR(
-      CheckPairTransport(opts_, n.Describe(), same_host, route_name_[n.id], rdma_unavailable_));
+      CheckPairTransport(opts_, n.Describe(), same_host, route_name, rdma_unavailable_));
   // One line per peer is debug; Start logs one summary at info.
-  MP_LOG_DEBUG(kLog, "{} via {}", n.Describe(), route_name_[n.id]);
+  MP_LOG_DEBUG(kLog, "{} via {}", n.Describe(), route_name);
+  return OkStatus();
+}
+
+Status VanRouter::ReconnectPeer(const NodeInfo& old, const NodeInfo& n) {
+  if (n.id <= 0 || n.id >= num_nodes_) {
+    return InvalidArgumentError("ReconnectPeer: node id " + std::to_string(n.id) +
+                                " outside this cluster of " + std::to_string(num_nodes_));
+  }
+  // Senders fall back to tcp (whose connection is replaced too) while this runs; the peer
+  // counts as down until the caller marks it alive again, so none should be sending.
+  route_[n.id].store(nullptr, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(route_mu_);
+    route_name_[n.id] = "tcp";
+  }
+  for (auto& [name, van] : data_vans_) van->Disconnect(n.id);
+  control_->Disconnect(n.id);
+  if (old.host_identity != host_identity_) remote_peers_.fetch_sub(1, std::memory_order_relaxed);
+  MESHPOST_RETURN_IF_ERROR(ConnectPeer(n));
+  std::vector<EarlyBuffer> again;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [key, b] : recv_buffers_) {
+      if (key.first == n.id) again.push_back(b);
+    }
+  }
+  for (const EarlyBuffer& b : again) RegisterRecvBufferWith(registering_, b);
   return OkStatus();
 }
 
 Status VanRouter::Send(OutMessage&& msg) {
   const int to = msg.meta.recipient;
-  Van* van = (to > 0 && to < num_nodes_ && route_[to] != nullptr) ? route_[to] : control_.get();
+  Van* routed = (to > 0 && to < num_nodes_) ? route_[to].load(std::memory_order_acquire) : nullptr;
+  Van* van = routed != nullptr ? routed : control_.get();
   return van->Send(std::move(msg));
 }
 
@@ -213,6 +247,7 @@ void VanRouter::DeliverRendezvous(int sender, const std::string& body) {
 void VanRouter::RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    recv_buffers_[{peer_id, key}] = EarlyBuffer{peer_id, key, addr, size};
     if (!data_vans_started_) {
       // Registered before Start: the vans do not exist yet. StartDataVans replays it, or
       // pushes would land in a pooled buffer and be copied.
@@ -248,7 +283,10 @@ void VanRouter::RegisterMemory(const void* addr, size_t size,
 
 std::string VanRouter::TransportTo(int id) const {
   if (id < 0 || id >= num_nodes_) return "tcp";
-  return route_[id] != nullptr ? route_[id]->PeerTransport(id) : route_name_[id];
+  Van* van = route_[id].load(std::memory_order_acquire);
+  if (van != nullptr) return van->PeerTransport(id);
+  std::lock_guard<std::mutex> lock(route_mu_);
+  return route_name_[id];
 }
 
 void VanRouter::Stop() {

@@ -45,6 +45,10 @@ class VanRouter {
   // Connects data peer `peer`: tcp, plus the highest-priority data van both sides offer
   // that can reach it. Error when a forced transport cannot reach it.
   Status ConnectPeer(const NodeInfo& peer);
+  // Data peer `peer.id` is now another process (a replacement, issue 10): closes every
+  // connection to the old one on every van, connects to the new one like ConnectPeer, and
+  // registers again the receive buffers registered for that peer.
+  Status ReconnectPeer(const NodeInfo& old, const NodeInfo& peer);
 
   // Data to a peer goes over the van chosen for that pair; everything else over tcp.
   Status Send(OutMessage&& msg);
@@ -90,9 +94,10 @@ class VanRouter {
   std::unique_ptr<Van> control_;  // tcp
   std::vector<std::pair<std::string, std::unique_ptr<Van>>> data_vans_;  // priority order
   // Per node id: the data van (nullptr = tcp) and its name. Written on the tcp receive
-  // thread when the node table arrives, before the start barrier releases; read by
-  // senders only after it, so reads need no lock.
-  std::vector<Van*> route_;
+  // thread when a node table arrives (at start, and when a peer is replaced); senders
+  // read route_ lock-free, route_name_ under route_mu_.
+  std::unique_ptr<std::atomic<Van*>[]> route_;
+  mutable std::mutex route_mu_;
   std::vector<std::string> route_name_;
   // Data vans that register memory; fixed once StartDataVans returned (read lock-free on
   // the data path afterwards).
@@ -106,6 +111,9 @@ class VanRouter {
   mutable std::mutex mu_;
   bool data_vans_started_ = false;                 // guarded by mu_
   std::vector<EarlyBuffer> early_buffers_;         // guarded by mu_
+  // Every receive buffer registered, by (peer, key), to register again with a replaced
+  // peer's new connections; guarded by mu_.
+  std::map<std::pair<int, int64_t>, EarlyBuffer> recv_buffers_;
   bool peers_connected_ = false;                   // guarded by mu_
   std::vector<std::pair<int, std::string>> early_rendezvous_;  // guarded by mu_
 };

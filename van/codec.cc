@@ -21,7 +21,8 @@ const char* MemoryKindName(MemoryKind kind) {
 
 bool IsValidCommand(int v) {
   return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kVanRendezvous)) ||
-         v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse);
+         v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse) ||
+         v == static_cast<int>(Command::kCancel);
 }
 
 const char* CommandName(Command cmd) {
@@ -40,6 +41,7 @@ const char* CommandName(Command cmd) {
     case Command::kVanRendezvous: return "VAN_RENDEZVOUS";
     case Command::kRequest: return "REQUEST";
     case Command::kResponse: return "RESPONSE";
+    case Command::kCancel: return "CANCEL";
   }
   return "INVALID";
 }

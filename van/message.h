@@ -30,6 +30,7 @@ enum class Command : uint8_t {
   kVanRendezvous = 12,  // data peer → data peer over tcp: a van's rendezvous blob in body
   kRequest = 20,       // worker → server: pushes in data, pull slots in slots
   kResponse = 21,      // server → worker: pull-slot payloads in data
+  kCancel = 22,        // worker → server: withdraw request `id` (its handle failed elsewhere)
 };
 bool IsValidCommand(int value);
 const char* CommandName(Command cmd);

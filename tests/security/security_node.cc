@@ -232,6 +232,136 @@ void EvictServer(Postoffice& po, const std::string& dir) {
   }
 }
 
+// "replace": the test kills (or pauses) server 1 and starts a new process with its rank.
+// Workers answer-check every round (each request gets 2 * push + 7 * server rank back, so
+// no pairing between workers is assumed), count failures that name server 1 and retry
+// until the replacement serves; any other failure or wrong value exits non-zero. After
+// the stop file every live node passes one more all-groups barrier (sequence numbers
+// continue across the replacement) and leaves. A former holder that resumes must learn it
+// was replaced, from its next call and every later one; it writes replaced.<pid>.
+void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me) {
+  AFTensorWorker* w = po.worker();
+  const int S = po.options().num_servers;
+  int64_t done = 0;
+  for (int64_t it = 0; !Exists(dir + "/stop"); ++it) {
+    Buf push(kCols);
+    for (int64_t i = 0; i < kCols; ++i) push.v->at(i) = PushValue(po.rank(), it) + i;
+    std::vector<Buf> pulls;
+    KeyTensorBatch pull;
+    for (int s = 0; s < S; ++s) {
+      pulls.emplace_back(kCols);
+      pull.push_back({100 + s, pulls.back().view});
+    }
+    auto h = w->ZBatchPushPull({{0, push.view}}, pull);
+    Status st = h.status();
+    if (h.ok()) {
+      // Servers batch one request per worker: once the other worker saw the stop file and
+      // quit, this last request has no partner and is never answered. That (only) ends
+      // the loop; before the stop file a minute without an answer is a failure.
+      for (int waited_ms = 0;; waited_ms += 500) {
+        st = w->Wait(*h, 500);
+        if (st.code() != StatusCode::kDeadlineExceeded || waited_ms >= 60000) break;
+        if (Exists(dir + "/stop")) break;
+      }
+      if (st.code() == StatusCode::kDeadlineExceeded && Exists(dir + "/stop")) break;
+    }
+    if (!st.ok()) {
+      if (st.message().find("server 1") == std::string::npos) Die("push_pull: " + st.ToString());
+      if (!Exists(dir + "/" + me + ".failed")) WriteFile(dir + "/" + me + ".failed", st.message());
+      usleep(20000);
+      continue;
+    }
+    for (int s = 0; s < S; ++s) {
+      for (int64_t i = 0; i < kCols; ++i) {
+        const float want = 2.0f * push.v->at(i) + 7.0f * s;
+        if (pulls[s].v->at(i) != want) {
+          Die("wrong answer from server " + std::to_string(s) + " at " + std::to_string(i) +
+              ": " + std::to_string(pulls[s].v->at(i)) + ", want " + std::to_string(want));
+        }
+      }
+    }
+    if (++done % 10 == 0) WriteFile(dir + "/" + me + ".rounds", std::to_string(done));
+  }
+  WriteFile(dir + "/" + me + ".done", "1");
+}
+
+// Returns false when this process learned it was replaced (and checked it says so).
+bool ReplaceServer(Postoffice& po, const std::string& dir) {
+  AFTensorServer* s = po.server();
+  const int W = po.options().num_workers;
+  for (;;) {
+    auto batch = s->GetBatch(300);
+    if (!batch.ok()) {
+      const std::string why = batch.status().message();
+      if (why.find("replaced") != std::string::npos) {
+        auto again = s->GetBatch(100);
+        if (again.ok() || again.status().message().find("replaced") == std::string::npos) {
+          Die("a later GetBatch does not report the replacement: " +
+              (again.ok() ? std::string("OK") : again.status().ToString()));
+        }
+        Status b = po.Barrier(kAllGroups, 1000);
+        if (b.ok() || b.message().find("replaced") == std::string::npos) {
+          Die("Barrier of a replaced node: " + b.ToString());
+        }
+        WriteFile(dir + "/replaced." + std::to_string(getpid()), why);
+        return false;
+      }
+      if (WorkersDone(dir, W)) return true;
+      if (batch.status().code() != StatusCode::kDeadlineExceeded) usleep(20000);
+      continue;
+    }
+    for (const auto& req : *batch) {
+      if (req.push.size() != 1 || req.push[0].tensor.shape != std::vector<int64_t>{kCols}) {
+        Die("unexpected push from worker " + std::to_string(req.worker_rank));
+      }
+      const float* p = static_cast<const float*>(req.push[0].tensor.data);
+      Buf out(kCols);
+      for (int64_t i = 0; i < kCols; ++i) out.v->at(i) = 2.0f * p[i] + 7.0f * po.rank();
+      Status r = s->Respond(req.handle, {out.view});
+      if (!r.ok()) Die("Respond: " + r.ToString());
+    }
+  }
+}
+
+int RunReplace(Postoffice& po, const std::string& dir, const std::string& me) {
+  bool member = true;
+  if (po.role() == Role::kServer) member = ReplaceServer(po, dir);
+  if (po.role() == Role::kWorker) ReplaceWorker(po, dir, me);
+  if (po.role() == Role::kScheduler) {
+    while (!Exists(dir + "/stop")) usleep(50000);
+  }
+  if (member) {
+    Status b = po.Barrier(kAllGroups, 60000);
+    if (!b.ok()) Die("final barrier: " + b.ToString());
+  }
+  Status s = po.Stop(60000);
+  if (!s.ok() && member) Die("Stop: " + s.ToString());
+  return 0;
+}
+
+// "barrier": worker 0 enters a workers-only barrier at once (writing worker:0.waiting);
+// worker 1 enters it only once the test wrote "go", after an attacker sent forged barrier
+// completions to worker 0 and forged arrivals as worker 1 to the scheduler. A release
+// before "go" exists means a forgery was accepted.
+int RunBarrier(Postoffice& po, const std::string& dir, const std::string& me) {
+  const std::string go = dir + "/go";
+  if (po.role() == Role::kWorker && po.rank() == 0) {
+    WriteFile(dir + "/" + me + ".waiting", "1");
+    Status b = po.Barrier(kWorkerGroup, -1);
+    if (!Exists(go)) Die("barrier released before worker 1 arrived: " + b.ToString());
+    if (!b.ok()) Die("barrier: " + b.ToString());
+  } else if (po.role() == Role::kWorker) {
+    while (!Exists(go)) usleep(20000);
+    Status b = po.Barrier(kWorkerGroup, 60000);
+    if (!b.ok()) Die("barrier: " + b.ToString());
+  }
+  if (po.role() == Role::kWorker) WriteFile(dir + "/" + me + ".done", "1");
+  while (!Exists(dir + "/stop")) usleep(20000);
+  Status s = po.Stop(60000);
+  if (!s.ok()) Die("Stop: " + s.ToString());
+  return 0;
+}
+
 }  // namespace
 
 int main() {
@@ -251,6 +381,8 @@ int main() {
   }
   WriteFile(dir + "/" + me + ".port", std::to_string((*po)->port()));
   const std::string stop = dir + "/stop";
+  if (Scenario() == "replace") return RunReplace(**po, dir, me);
+  if (Scenario() == "barrier") return RunBarrier(**po, dir, me);
   if (Scenario() == "evict") {
     if (opts->role == Role::kServer) EvictServer(**po, dir);
     if (opts->role == Role::kWorker) EvictWorker(**po, dir, me);

@@ -6,11 +6,13 @@
 #include <dirent.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zmq.h>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -449,6 +451,189 @@ TEST_F(SecurityTest, PausedServerLearnsAtOnceThatItWasEvicted) {
   for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
     EXPECT_TRUE(e.ok()) << e.Describe();
   }
+}
+
+// Forged barrier completions (to a waiting member) and forged arrivals (to the scheduler,
+// as the member that has not arrived) release nothing: worker 0's barrier returns only
+// after worker 1 really arrived (security_node.cc, scenario "barrier").
+TEST_F(SecurityTest, ForgedBarrierArrivalsAndCompletionsReleaseNothing) {
+  ClusterSpec spec = Spec(true);
+  spec.env["MESHPOST_SEC_SCENARIO"] = "barrier";
+  Start(spec);
+  ASSERT_TRUE(Eventually([&] { return !ReadAll(dir_ + "/worker:0.waiting").empty(); }));
+  {
+    Attacker evil;
+    void* w0 = evil.Dial(ports_["worker:0"]);
+    void* sched = evil.Dial(ports_["scheduler:0"]);
+    constexpr int kWorkers = 4, kAll = 7;
+    for (uint64_t seq = 0; seq < 8; ++seq) {
+      for (int mask : {kWorkers, kAll}) {
+        Attacker::Send(w0, RawHeader(5, kScheduler, kWorker0, seq, mask, ""));  // BARRIER_DONE
+        Attacker::Send(sched, RawHeader(4, kWorker1, kScheduler, seq, mask, ""));  // BARRIER
+      }
+    }
+    // The attacker's sockets linger until their frames went out (or were refused).
+  }
+  // Nothing to observe directly: worker 0 exits non-zero if its barrier returned before
+  // "go". Give forged frames time to be processed, then let worker 1 arrive.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  {
+    std::ofstream f(dir_ + "/go");
+    f << "1\n";
+  }
+  EXPECT_TRUE(Eventually([&] {
+    return !ReadAll(dir_ + "/worker:0.done").empty() && !ReadAll(dir_ + "/worker:1.done").empty();
+  })) << "the real barrier never completed";
+  {
+    std::ofstream f(dir_ + "/stop");
+    f << "0\n";
+  }
+  for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
+    EXPECT_TRUE(e.ok()) << e.Describe();
+  }
+}
+
+// ---------------------------------------------------------------- replacing a lost rank
+
+class ReplaceTest : public SecurityTest {
+ protected:
+  void TearDown() override {
+    for (pid_t p : extra_) {
+      kill(p, SIGKILL);
+      waitpid(p, nullptr, 0);
+    }
+    SecurityTest::TearDown();
+  }
+
+  ClusterSpec ReplaceSpec(const std::string& transport) {
+    ClusterSpec spec = Spec(true);
+    spec.env["MESHPOST_SEC_SCENARIO"] = "replace";
+    spec.env["MESHPOST_TRANSPORT"] = transport;
+    spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
+    return spec;
+  }
+
+  // A new process for `role`:`rank` of the running cluster, outside LocalCluster (killed
+  // by pid in TearDown).
+  pid_t StartExtra(const ClusterSpec& spec, const std::string& role, int rank) {
+    std::map<std::string, std::string> env = spec.env;
+    env["DMLC_ROLE"] = role;
+    env["DMLC_NODE_RANK"] = std::to_string(rank);
+    env["DMLC_NUM_WORKER"] = std::to_string(spec.num_workers);
+    env["DMLC_NUM_SERVER"] = std::to_string(spec.num_servers);
+    env["DMLC_PS_ROOT_URI"] = "127.0.0.1";
+    env["DMLC_PS_ROOT_PORT"] = std::to_string(cluster_.port());
+    const pid_t pid = fork();
+    if (pid == 0) {
+      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+      execl(MESHPOST_SECURITY_NODE, MESHPOST_SECURITY_NODE, static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    extra_.push_back(pid);
+    return pid;
+  }
+
+  // Exit status of an extra process, waiting at most kProcessLimitMs.
+  int WaitExtra(pid_t pid) {
+    int status = 0;
+    const bool exited = Eventually(
+        [&] { return waitpid(pid, &status, WNOHANG) == pid; },
+        std::chrono::seconds(kProcessLimitMs / 1000));
+    if (!exited) return -1;
+    extra_.erase(std::find(extra_.begin(), extra_.end(), pid));
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  bool BothWorkersFailed() {
+    return !ReadAll(dir_ + "/worker:0.failed").empty() &&
+           !ReadAll(dir_ + "/worker:1.failed").empty();
+  }
+
+  void StopReplaceCluster(const std::string& lost) {
+    {
+      std::ofstream f(dir_ + "/stop");
+      f << "0\n";
+    }
+    for (const ProcessExit& e : cluster_.WaitAll(kProcessLimitMs)) {
+      if (e.name == lost) continue;  // killed by the test
+      EXPECT_TRUE(e.ok()) << e.Describe();
+    }
+  }
+
+  std::vector<pid_t> extra_;
+};
+
+// kill -9 of server 1; a process started with its rank while it still counts as alive is
+// refused naming the holder; one started after its death is admitted, the workers connect
+// to it, and push_pull returns correct data again. A final all-groups barrier (with the
+// replacement) and an orderly stop of everyone follow.
+TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
+  for (const std::string transport : {"tcp", "cma"}) {
+    SCOPED_TRACE(transport);
+    cluster_ = LocalCluster();
+    std::string cmd = "rm -f '" + dir_ + "'/*";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    const ClusterSpec spec = ReplaceSpec(transport);
+    Start(spec);
+    ExpectTrafficContinues(10);
+    const pid_t holder = cluster_.pid("server:1");
+    // While server 1 lives, its rank is refused, naming it.
+    const pid_t dup = StartExtra(spec, "server", 1);
+    EXPECT_EQ(WaitExtra(dup), 1);
+    const std::string refused = ReadAll(dir_ + "/server:1.start_error");
+    EXPECT_NE(refused.find("already taken by server 1"), std::string::npos) << refused;
+    EXPECT_NE(refused.find("pid " + std::to_string(holder)), std::string::npos) << refused;
+    EXPECT_NE(refused.find("which is alive"), std::string::npos) << refused;
+
+    ASSERT_EQ(kill(holder, SIGKILL), 0);
+    {
+      // Forged heartbeats for the dead server (any incarnation, current table version)
+      // must not keep it alive: the workers still learn that it died.
+      Attacker evil;
+      void* s = evil.Dial(ports_["scheduler:0"]);
+      std::atomic<bool> stop{false};
+      std::thread forger([&] {
+        for (uint64_t seq = 1; !stop.load(); ++seq) {
+          Attacker::Send(s, RawHeader(6, kServer1, kScheduler, seq, 0, ""));
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+      });
+      const bool noticed = Eventually([&] { return BothWorkersFailed(); });
+      stop = true;
+      forger.join();
+      ASSERT_TRUE(noticed) << "workers never noticed server 1 died";
+    }
+    const pid_t replacement = StartExtra(spec, "server", 1);
+    // Rounds count only checked answers of both servers: these need the replacement.
+    ExpectTrafficContinues(50);
+    StopReplaceCluster("server:1");
+    EXPECT_EQ(WaitExtra(replacement), 0);
+  }
+}
+
+// server 1 is paused past the heartbeat timeout and replaced; traffic resumes with the
+// replacement. Resumed, the former holder learns at once that it was replaced: its next
+// GetBatch and every later call (barrier included) say so.
+TEST_F(ReplaceTest, PausedServerIsReplacedAndToldSoWhenItResumes) {
+  const ClusterSpec spec = ReplaceSpec("tcp");
+  Start(spec);
+  ExpectTrafficContinues(10);
+  const pid_t holder = cluster_.pid("server:1");
+  ASSERT_EQ(kill(holder, SIGSTOP), 0);
+  ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
+      << "workers never noticed server 1 stopped answering";
+  const pid_t replacement = StartExtra(spec, "server", 1);
+  ExpectTrafficContinues(50);
+  ASSERT_EQ(kill(holder, SIGCONT), 0);
+  const std::string told = dir_ + "/replaced." + std::to_string(holder);
+  EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
+      << "the resumed server never learned it was replaced";
+  const std::string why = ReadAll(told);
+  EXPECT_NE(why.find("was replaced"), std::string::npos) << why;
+  EXPECT_NE(why.find("pid " + std::to_string(replacement)), std::string::npos) << why;
+  ExpectTrafficContinues(20);  // the resumed former holder disturbs nothing
+  StopReplaceCluster("");
+  EXPECT_EQ(WaitExtra(replacement), 0);
 }
 
 }  // namespace

@@ -704,6 +704,9 @@ class CmaVan : public Van {
     bool cma = false;
     std::unique_ptr<AcceptorHandshake> handshake;  // until the proof arrives (token set)
     int peer_id = -1;  // authenticated node id (token set); -1 while unauthenticated
+    // A newer connection authenticated as the same node (a replacement took its rank):
+    // closed the next time it is served, nothing more read from it.
+    bool superseded = false;
     std::unordered_map<uint32_t, Mapping> staging;
   };
 
@@ -995,6 +998,7 @@ class CmaVan : public Van {
 
   // Drains an inbound connection. Returns false when it must be closed.
   bool ServeInbound(InConn* c) {
+    if (c->superseded) return false;
     for (int budget = 0; budget < 64; ++budget) {
       UniqueFd passed;
       const ssize_t n = ReadFrame(c->fd.get(), &passed);
@@ -1052,6 +1056,13 @@ class CmaVan : public Van {
     }
     c->peer_id = *who;
     c->handshake.reset();
+    if (options_.self_id != 0) {
+      // The newest authenticated connection of a node wins (see the tcp van): what a
+      // replaced holder still sends is not its successor's.
+      for (auto& [id, other] : in_conns_) {
+        if (other.get() != c && other->peer_id == *who) other->superseded = true;
+      }
+    }
     MP_LOG_DEBUG(kLog, "cma van: connection from node {} (pid {}) authenticated", c->peer_id,
                  c->pid);
     return true;

@@ -556,6 +556,19 @@ class ZmqVan : public Van {
       conn.peer_id = *who;
       conn.opener = std::make_unique<MessageOpener>(conn.handshake->session_key());
       conn.handshake.reset();
+      if (options_.self_id != 0) {
+        // The newest authenticated connection of a node wins: a new process that took the
+        // rank of a dead or departed one (issue 10) authenticates as the same node, and
+        // nothing the old holder still sends (it may have been paused, not dead) may be
+        // attributed to its successor. Members never open two connections to one node.
+        // Not at the scheduler (self id 0): it tells holders apart by incarnation and must
+        // hear a former holder to tell it that it was replaced.
+        for (auto& [rid, other] : conns_) {
+          if (&other == &conn || !other.opener || other.refused || other.peer_id != *who) continue;
+          other.refused = true;
+          MP_LOG_DEBUG(kLog, "older connection of node {} superseded", *who);
+        }
+      }
       MP_LOG_DEBUG(kLog, "connection from node {} authenticated", conn.peer_id);
       return;
     }
