@@ -537,7 +537,11 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
           break;
         }
         for (const auto& b : blob->buffers) {
-          c->remote_buffers[b.key] = b;
+          RemoteBuffer& rb = c->remote_buffers[b.key];
+          // The same van buffer again: still busy until the credit of its last write.
+          const uint64_t busy_until = rb.addr == b.addr ? rb.busy_until : 0;
+          rb = b;
+          rb.busy_until = busy_until;
           c->awaiting.erase(b.key);
         }
         PumpLocked(c, &acts);
@@ -625,6 +629,10 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
                                 std::to_string(reinterpret_cast<uintptr_t>(addr)) +
                                 " size=" + std::to_string(size) +
                                 "; expected a non-null, non-empty buffer");
+  }
+  if (key == kHeaderBodyKey) {
+    return InvalidArgumentError("RdmaVan::RegisterRecvBuffer: key " + std::to_string(key) +
+                                " is reserved by the RDMA van for large headers");
   }
   Actions acts;
   {
@@ -1101,14 +1109,14 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
   // slot back, unless payloads in van buffers still wait for Run to copy them (below).
   ++c->unreturned;
   if (!frame.ok()) {
-    ReturnCreditsLocked(c, used_van_buffer, acts);
+    ReturnCreditsLocked(c, true, acts);
     MP_LOG_ERROR(kLog, "rdma: dropped malformed header from {}: {}", Node(c->peer),
                  frame.status().ToString());
     return;
   }
   Meta& meta = frame->meta;
   if (meta.sender != c->peer) {
-    ReturnCreditsLocked(c, used_van_buffer, acts);
+    ReturnCreditsLocked(c, true, acts);
     acts->dropped.emplace_back(
         meta, DataLossError("header on the queue pair of " + Node(c->peer) + " claims sender " +
                             std::to_string(meta.sender)));
