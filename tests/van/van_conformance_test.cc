@@ -807,6 +807,13 @@ TEST_F(RdmaDeviceTest, PeerRestartGetsAFreshConnection) {
   b_ = Open(kIdB, &rb2);
   ASSERT_TRUE(b_);
   ASSERT_TRUE(b_->Connect({kIdA, "", 0, a_->endpoint(), getpid()}).ok());
+  // Until a has seen the new hello, a's sends still go to the old connection and fail with
+  // it (as a restart must): b's side is ready only once a answered that hello.
+  const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  while (!b_->rdma()->IsReady(kIdA) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(b_->rdma()->IsReady(kIdA)) << "the restarted peer never became ready";
   std::fill(data.begin(), data.end(), 0x6b);
   ASSERT_TRUE(a_->Send(Push(2, data.data(), data.size(), nullptr)).ok());
   ASSERT_TRUE(rb2.WaitFor(1));
