@@ -22,6 +22,9 @@ PACKAGES=(
   rdma-core ibverbs-providers ibverbs-utils libibverbs1 librdmacm1
   # what host-built meshpost binaries link against (gtest is static)
   libzmq5 libspdlog1.10 libfmt9 libstdc++6
+  # the Python suite (MESHPOST_TRANSPORT=rdma): the host's .venv is built on Debian's
+  # python3 and torch 1.13 (--system-site-packages), so the guest needs the same ones
+  python3 python3-torch python3-numpy python3-pytest
 )
 KEY="$( (printf '%s\n' "$SUITE" "${PACKAGES[@]}"; cat "${BASH_SOURCE[0]}") | sha256sum | cut -c1-16)"
 if [[ "${1:-}" == "--print-key" ]]; then

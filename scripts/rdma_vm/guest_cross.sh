@@ -2,9 +2,10 @@
 # Runs INSIDE one of the two guests of two_vms.sh, from the repository root:
 #   guest_cross.sh BUILD_DIR a|b [SCENARIO...]   (default: all below; both sides must agree)
 # One 2x2 cluster per scenario, split across the guests: guest a runs the scheduler,
-# server 0 and worker 0; guest b runs server 1 and worker 1. No transport is forced, so
-# each pair picks its own: same guest -> cma (same-host van), across -> rdma (rxe0 on the
-# link between the guests). The sum scenario asserts exactly that per peer.
+# server 0 and worker 0; guest b runs server 1 and worker 1. DMLC_ENABLE_RDMA=1, as a
+# StepMesh launch sets it, and no transport forced, so each pair picks its own: same guest
+# -> cma (same-host van), across -> rdma (rxe0 on the link between the guests). The sum
+# scenario asserts exactly that per peer.
 # The scheduler's port is fixed: the link is private to the two guests.
 set -uo pipefail
 BUILD="${1:?usage: guest_cross.sh BUILD_DIR a|b}"
@@ -22,7 +23,7 @@ MY_IP="$MESHPOST_VM_IP"
 failed=()
 
 common_env=(
-  DMLC_PS_ROOT_URI="$SCHED_IP" DMLC_NUM_WORKER=2 DMLC_NUM_SERVER=2 DMLC_NODE_HOST="$MY_IP"
+  DMLC_PS_ROOT_URI="$SCHED_IP" DMLC_NUM_WORKER=2 DMLC_NUM_SERVER=2 DMLC_NODE_HOST="$MY_IP" DMLC_ENABLE_RDMA=1
   MESHPOST_HEARTBEAT_INTERVAL_MS=1000 MESHPOST_HEARTBEAT_TIMEOUT_MS=15000  # late under emulation
   MESHPOST_START_TIMEOUT_MS=120000
 )

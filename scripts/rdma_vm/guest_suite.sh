@@ -9,11 +9,14 @@
 #   failure      device failure tests: stale MR after free + remap at the same address, peer
 #                restart, small memlock limit (the killed-peer cases are in `cluster`)
 #   bench        meshpost_cluster_bench --transport rdma (1x1 AFD shape; 2x2 and 4x4 with 64 KiB)
+#   python       the pytest suite (tests/python) with MESHPOST_TRANSPORT=rdma, from the host's
+#                .venv (scripts/test_python.sh builds it; Debian's python3 and torch 1.13 on
+#                both sides, so the guest imports the same extension)
 set -uo pipefail
 BUILD="${1:?usage: guest_suite.sh BUILD_DIR [STEP...]}"
 shift
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(unit conformance failure cluster bench)
+((${#STEPS[@]})) || STEPS=(unit conformance failure cluster bench python)
 LOGS="$(mktemp -d /tmp/suite.XXXXXX)"
 failed=()
 
@@ -40,21 +43,8 @@ step_unit() {
   # The one test that expects *no* device is excluded; it skips by design here.
   gtest unit "$BUILD/tests/rdma_test" --gtest_filter='-RdmaAvailabilityTest.VanBindReportsMissingDeviceAsStatus'
 }
-# Conformance tests the rdma van is known to fail on a real device, with the reason; they
-# are listed (never silently dropped) every run until the van is fixed. See docs/rdma.md.
-KNOWN_GAPS=(
-  "RdmaDevice/VanConformanceTest.DeliversInOrder/rdma_device|the pooled receive buffer of a key is rewritten by the next push of that key while the receiver still holds the earlier message"
-  "RdmaDevice/VanConformanceTest.ManyInFlightAllOwnersReleased/rdma_device|same pooled-buffer reuse as DeliversInOrder"
-  "RdmaDevice/VanConformanceTest.LargeHeaderBody/rdma_device|a Meta body larger than the header slot (MESHPOST_RDMA_HEADER_BYTES, 4 KiB) is refused"
-  "RdmaDevice/VanConformanceTest.CleanStopWithMessagesInFlight/rdma_device|Stop drains for a bounded time (stop_drain_ms, 5 s) and 64 MiB at emulated speed can take longer; not re-checked since that bound rose from 1 s"
-)
 step_conformance() {
-  local exclude="" gap
-  for gap in "${KNOWN_GAPS[@]}"; do
-    echo "== [conformance] KNOWN GAP, not run: ${gap%%|*}: ${gap#*|}"
-    exclude+=":${gap%%|*}"
-  done
-  gtest conformance "$BUILD/tests/van_conformance_test" --gtest_filter="RdmaDevice/*-${exclude#:}"
+  gtest conformance "$BUILD/tests/van_conformance_test" --gtest_filter='RdmaDevice/*'
 }
 step_cluster() {
   # Heartbeats arrive seconds late under emulation: only a real death should count.
@@ -83,11 +73,28 @@ step_bench() {
   ((rc == 0)) || failed+=(bench)
 }
 
+step_python() {
+  local t0=$SECONDS rc
+  if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import meshpost' 2>/dev/null; then
+    echo "== [python] FAIL: no usable .venv with meshpost (scripts/test_python.sh builds it on the host)"
+    failed+=(python)
+    return
+  fi
+  echo "== [python] pytest with MESHPOST_TRANSPORT=rdma"
+  # Heartbeats arrive seconds late under emulation (conftest reads the override).
+  (cd tests/python && MESHPOST_TRANSPORT=rdma MESHPOST_PYTEST_HEARTBEAT_TIMEOUT_MS=15000 \
+     timeout -k 10 "${PYTHON_TIMEOUT:-900}" ../../.venv/bin/python -m pytest -q -rs -p no:cacheprovider \
+     ${MESHPOST_RDMA_VM_PYTEST_ARGS:-})
+  rc=$?
+  echo "== [python] exit $rc, $((SECONDS - t0)) s"
+  ((rc == 0)) || failed+=(python)
+}
+
 echo "== guest $(hostname): $(uname -r), $(nproc) vCPUs"
 ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer|active_mtu' || failed+=(device)
 for s in "${STEPS[@]}"; do
   case "$s" in
-    unit | conformance | cluster | failure | bench) "step_$s" ;;
+    unit | conformance | cluster | failure | bench | python) "step_$s" ;;
     *) echo "guest_suite.sh: unknown step '$s'"; failed+=("$s") ;;
   esac
 done

@@ -74,8 +74,8 @@ two_vm() {
 }
 for part in $PARTS; do
   case "$part" in
-    one) run_part "one guest" 600 one_vm ;;
-    two) run_part "two guests" 420 two_vm ;;
+    one) run_part "one guest" 1200 one_vm ;;
+    two) run_part "two guests" 600 two_vm ;;
     *) echo "stage.sh: unknown part '$part' in MESHPOST_RDMA_VM_PARTS" >&2; exit 2 ;;
   esac
 done

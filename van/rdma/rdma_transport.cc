@@ -26,6 +26,8 @@ constexpr size_t kMaxRetiredBuffers = 64;
 // Unanswered requests whose pull slots are remembered per peer (> header slots in flight).
 constexpr size_t kMaxRequestSlots = 4096;
 constexpr uint32_t kExtraRecvs = 8;
+// Largest header frame sent out of line (a Meta body is at most kMaxBodyBytes).
+constexpr size_t kMaxIndirectFrameBytes = kMaxBodyBytes + (1u << 20);
 
 std::shared_ptr<char> AllocAligned(size_t bytes) {
   const size_t rounded = (bytes + 4095) / 4096 * 4096;
@@ -178,6 +180,13 @@ struct RdmaTransport::Conn {
   uint32_t credits = 0;
   uint32_t expected_slot = 0;
   uint32_t unreturned = 0;
+  // Delivered messages whose van-buffer payload Run has not copied out yet: no credit goes
+  // back while any is held (credits return in order, and a credit frees the buffers of
+  // every header before it for the sender to write again).
+  uint32_t held = 0;
+  bool credits_urgent = false;     // the sender may be waiting on them: return unbatched
+  uint64_t headers_posted = 0;     // headers we wrote to the peer
+  uint64_t headers_credited = 0;   // of those, how many slots the peer handed back
   uint32_t sq_used = 0;
   std::map<int64_t, RemoteBuffer> remote_buffers;  // where we may write on the peer
   std::map<int64_t, LocalBuffer> local_buffers;    // where the peer may write into us
@@ -368,7 +377,9 @@ void RdmaTransport::AdvertiseLocked(Conn* c, const std::vector<int64_t>& keys, A
   for (int64_t key : keys) {
     auto it = c->local_buffers.find(key);
     if (it == c->local_buffers.end() || it->second.pull_slot) continue;
-    out.push_back({key, it->second.addr, it->second.mr->info().rkey, it->second.len});
+    RemoteBuffer rb{key, it->second.addr, it->second.mr->info().rkey, it->second.len};
+    rb.reuse_after_credit = it->second.pool != nullptr;
+    out.push_back(rb);
   }
   for (size_t i = 0; i < out.size(); i += kMaxAdvertised) {
     const size_t end = std::min(out.size(), i + kMaxAdvertised);
@@ -526,7 +537,11 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
           break;
         }
         for (const auto& b : blob->buffers) {
-          c->remote_buffers[b.key] = b;
+          RemoteBuffer& rb = c->remote_buffers[b.key];
+          // The same van buffer again: still busy until the credit of its last write.
+          const uint64_t busy_until = rb.addr == b.addr ? rb.busy_until : 0;
+          rb = b;
+          rb.busy_until = busy_until;
           c->awaiting.erase(b.key);
         }
         PumpLocked(c, &acts);
@@ -539,6 +554,12 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
           break;
         }
         const int64_t key = blob->key;
+        if (key == kHeaderBodyKey && blob->nbytes > kMaxIndirectFrameBytes) {
+          acts.blobs.emplace_back(peer, EncodeRefuse(key, "header of " +
+                                                              std::to_string(blob->nbytes) +
+                                                              " bytes exceeds the limit"));
+          break;
+        }
         auto it = c->local_buffers.find(key);
         if (it != c->local_buffers.end() && it->second.len >= blob->nbytes) {
           AdvertiseLocked(c, {key}, &acts);
@@ -609,6 +630,10 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
                                 " size=" + std::to_string(size) +
                                 "; expected a non-null, non-empty buffer");
   }
+  if (key == kHeaderBodyKey) {
+    return InvalidArgumentError("RdmaVan::RegisterRecvBuffer: key " + std::to_string(key) +
+                                " is reserved by the RDMA van for large headers");
+  }
   Actions acts;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -651,7 +676,17 @@ Result<uint64_t> RdmaTransport::Send(OutMessage&& msg, bool detached) {
   const Meta& meta = msg.meta;
   const int peer = meta.recipient;
   MESHPOST_RETURN_IF_ERROR(ValidateSend("RdmaVan::Send", msg));
+  for (const auto& d : meta.data) {
+    if (d.key == kHeaderBodyKey) {
+      return InvalidArgumentError("RdmaVan::Send: key " + std::to_string(d.key) +
+                                  " is reserved by the RDMA van for large headers");
+    }
+  }
   for (const auto& s : meta.slots) {
+    if (s.key == kHeaderBodyKey) {
+      return InvalidArgumentError("RdmaVan::Send: pull slot key " + std::to_string(s.key) +
+                                  " is reserved by the RDMA van for large headers");
+    }
     if (s.nbytes > 0 && s.addr == 0) {
       return InvalidArgumentError("RdmaVan::Send: pull slot for key " + std::to_string(s.key) +
                                   " has no address");
@@ -674,12 +709,10 @@ Result<uint64_t> RdmaTransport::Send(OutMessage&& msg, bool detached) {
       return UnavailableError("RdmaVan::Send: connection to " + Node(peer) +
                               " is dead: " + c->dead_reason.message());
     }
-    const uint32_t slot_bytes = c->have_remote ? c->remote.slot_bytes : c->slot_bytes;
-    if (frame_bytes > slot_bytes) {
+    if (frame_bytes > kMaxIndirectFrameBytes) {
       return InvalidArgumentError("RdmaVan::Send: encoded header of " +
                                   std::to_string(frame_bytes) + " bytes exceeds the " +
-                                  std::to_string(slot_bytes) + "-byte RDMA header slot of " +
-                                  Node(peer) + " (raise MESHPOST_RDMA_HEADER_BYTES)");
+                                  std::to_string(kMaxIndirectFrameBytes) + "-byte limit");
     }
     if (c->pending.size() >= options_.max_pending) {
       return ResourceExhaustedError("RdmaVan::Send: " + std::to_string(c->pending.size()) +
@@ -687,7 +720,7 @@ Result<uint64_t> RdmaTransport::Send(OutMessage&& msg, bool detached) {
     }
     handle = next_handle_++;
     handles_[handle].detached = detached;
-    c->pending.push_back(Pending{handle, std::move(msg)});
+    c->pending.push_back(Pending{handle, std::move(msg), frame_bytes});
     PumpLocked(c, &acts);
   }
   Run(&acts);
@@ -717,23 +750,30 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
   }
   // 1. Every payload needs a destination the peer advertised that is large enough;
   //    otherwise ask for one (re-rendezvous) and wait, never overrun.
-  uint32_t writes = 0;
-  for (size_t i = 0; i < segs.size(); ++i) {
-    if (segs[i].size == 0) continue;
-    const int64_t key = meta.data[i].key;
+  //    A van buffer (reuse_after_credit) written by an earlier message is reused only once
+  //    the peer credited that message's header back: it copies the bytes out first.
+  auto destination = [&](int64_t key, uint64_t bytes) -> bool {
     auto rb = c->remote_buffers.find(key);
-    if (rb == c->remote_buffers.end() || rb->second.capacity < segs[i].size) {
+    if (rb == c->remote_buffers.end() || rb->second.capacity < bytes) {
       if (c->awaiting.insert(key).second) {
         if (rb != c->remote_buffers.end()) {
           MP_LOG_DEBUG(kLog, "rdma: key {} to {} needs {} bytes, buffer holds {}; re-rendezvous",
-                       key, Node(c->peer), segs[i].size, rb->second.capacity);
+                       key, Node(c->peer), bytes, rb->second.capacity);
         }
-        acts->blobs.emplace_back(c->peer, EncodeNeedBuffer(key, segs[i].size));
+        acts->blobs.emplace_back(c->peer, EncodeNeedBuffer(key, bytes));
       }
-      return PostResult::kBlocked;
+      return false;
     }
+    return !(rb->second.reuse_after_credit && rb->second.busy_until > c->headers_credited);
+  };
+  const bool indirect = p->frame_bytes > c->remote.slot_bytes;
+  uint32_t writes = indirect ? 1 : 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (segs[i].size == 0) continue;
+    if (!destination(meta.data[i].key, segs[i].size)) return PostResult::kBlocked;
     writes += static_cast<uint32_t>((segs[i].size + kMaxWriteBytes - 1) / kMaxWriteBytes);
   }
+  if (indirect && !destination(kHeaderBodyKey, p->frame_bytes)) return PostResult::kBlocked;
   // 2. Flow control: a free header slot on the peer, room in our send queue.
   if (c->credits == 0) return PostResult::kBlocked;
   if (c->sq_used + writes + 1 > options_.send_queue_depth) {
@@ -796,15 +836,35 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
   for (size_t i = 0; i < segs.size(); ++i) {
     meta.data[i].addr = segs[i].size == 0 ? 0 : c->remote_buffers[meta.data[i].key].addr;
   }
-  const std::string frame = EncodeHeaderFrame(EncodeMeta(meta), rkeys);
+  std::string frame = EncodeHeaderFrame(EncodeMeta(meta), rkeys);
+  // A header over the peer's slot goes out of line: written (registered, from a copy that
+  // lives until completion) into the peer's kHeaderBodyKey buffer; the slot names it.
+  std::shared_ptr<char> body_copy;
+  std::shared_ptr<VerbsMr> body_mr;
   if (frame.size() > c->remote.slot_bytes) {
-    CompleteLocked(p->handle,
-                   InvalidArgumentError("RdmaVan::Send: encoded header of " +
-                                        std::to_string(frame.size()) + " bytes exceeds the " +
-                                        std::to_string(c->remote.slot_bytes) +
-                                        "-byte RDMA header slot of " + Node(c->peer)),
-                   acts);
-    return PostResult::kFailed;
+    if (frame.size() > c->remote_buffers[kHeaderBodyKey].capacity) {
+      CompleteLocked(p->handle,
+                     InternalError("RdmaVan::Send: header of " + std::to_string(frame.size()) +
+                                   " bytes grew after its buffer was chosen"),
+                     acts);
+      return PostResult::kFailed;
+    }
+    body_copy = AllocAligned(frame.size());
+    if (!body_copy) {
+      CompleteLocked(p->handle,
+                     ResourceExhaustedError("RdmaVan::Send: cannot allocate " +
+                                            std::to_string(frame.size()) + " bytes for a header"),
+                     acts);
+      return PostResult::kFailed;
+    }
+    std::memcpy(body_copy.get(), frame.data(), frame.size());
+    auto mr = device_->RegisterMemory(body_copy.get(), frame.size(), 0);
+    if (!mr.ok()) {
+      CompleteLocked(p->handle, mr.status().Annotate("registering a large header"), acts);
+      return PostResult::kFailed;
+    }
+    body_mr = std::move(mr).value();
+    inf.mrs.push_back(body_mr);
   }
   // 5. Post: payload writes unsignaled, then the signaled header write whose completion
   //    (in order on an RC QP) retires them all.
@@ -822,8 +882,11 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
     return false;
   };
   uint32_t posted = 0;
+  const uint64_t header_seq = c->headers_posted + 1;
   for (size_t i = 0; i < segs.size(); ++i) {
-    const auto& rb = c->remote_buffers[meta.data[i].key];
+    if (segs[i].size == 0) continue;
+    auto& rb = c->remote_buffers[meta.data[i].key];
+    if (rb.reuse_after_credit) rb.busy_until = header_seq;
     for (uint64_t off = 0; off < segs[i].size; off += kMaxWriteBytes) {
       const uint64_t len = std::min<uint64_t>(kMaxWriteBytes, segs[i].size - off);
       WriteRequest wr;
@@ -836,6 +899,21 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
       if (!post(wr, WrKind::kData, 1)) return PostResult::kFailed;
       ++posted;
     }
+  }
+  if (body_copy) {
+    auto& rb = c->remote_buffers[kHeaderBodyKey];
+    if (rb.reuse_after_credit) rb.busy_until = header_seq;
+    WriteRequest wr;
+    wr.local_addr = body_copy.get();
+    wr.length = static_cast<uint32_t>(frame.size());
+    wr.lkey = body_mr->info().lkey;
+    wr.remote_addr = rb.addr;
+    wr.rkey = rb.rkey;
+    const std::string indirect_frame = EncodeIndirectHeader(rb.addr, frame.size());
+    inf.segments.push_back(SendSegment{body_copy.get(), frame.size(), body_copy});
+    if (!post(wr, WrKind::kData, 1)) return PostResult::kFailed;
+    ++posted;
+    frame = indirect_frame;
   }
   const uint32_t slot = c->next_remote_slot;
   WriteRequest hdr;
@@ -856,8 +934,9 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
     hdr.local_addr = staging;
     hdr.lkey = c->send_ring_mr->info().lkey;
   }
-  inf.segments = std::move(segs);
+  for (auto& seg : segs) inf.segments.push_back(std::move(seg));
   if (!post(hdr, WrKind::kHeader, posted + 1)) return PostResult::kFailed;
+  c->headers_posted = header_seq;
   c->next_remote_slot = (slot + 1) % c->remote.slots;
   --c->credits;
   c->sq_used += posted + 1;
@@ -866,9 +945,11 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
 }
 
 void RdmaTransport::ReturnCreditsLocked(Conn* c, bool force, Actions* acts) {
+  if (force) c->credits_urgent = true;
   if (c->state != PeerState::kReady || c->unreturned == 0) return;
+  if (c->held > 0) return;  // Release() returns them once the van buffers are copied out
   const uint32_t batch = std::max<uint32_t>(1, c->slots / 4);
-  if (!force && c->unreturned < batch) return;
+  if (!c->credits_urgent && c->unreturned < batch) return;
   if (c->sq_used + 1 > options_.send_queue_depth) return;  // retried after a completion
   WriteRequest wr;
   wr.with_imm = true;
@@ -887,6 +968,7 @@ void RdmaTransport::ReturnCreditsLocked(Conn* c, bool force, Actions* acts) {
   }
   c->sq_used += 1;
   c->unreturned = 0;
+  c->credits_urgent = false;
 }
 
 int RdmaTransport::Progress() {
@@ -967,6 +1049,7 @@ void RdmaTransport::HandleCompletionLocked(const Completion& wc, Actions* acts) 
           return;
         }
         c->credits = static_cast<uint32_t>(credits);
+        c->headers_credited += ImmValue(wc.imm);
         PumpLocked(c, acts);
       } else if (ImmKindOf(wc.imm) == ImmKind::kHeader) {
         HandleHeaderLocked(c, ImmValue(wc.imm), acts);
@@ -990,17 +1073,50 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
   }
   c->expected_slot = (slot + 1) % c->slots;
   const char* bytes = c->recv_ring.get() + size_t{slot} * c->slot_bytes;
-  auto frame = DecodeHeaderFrame(bytes, c->slot_bytes);
-  // The slot's bytes are copied out (or rejected): hand the slot back.
+  // Is [addr, addr + n) inside a buffer we advertised to this peer for key?
+  auto find_buffer = [&](int64_t key, uint64_t addr, uint64_t n) -> const LocalBuffer* {
+    auto inside = [&](const LocalBuffer& b) {
+      return addr >= b.addr && addr - b.addr <= b.len && n <= b.len - (addr - b.addr);
+    };
+    auto it = c->local_buffers.find(key);
+    if (it != c->local_buffers.end() && inside(it->second)) return &it->second;
+    for (auto r = c->retired.rbegin(); r != c->retired.rend(); ++r) {
+      if (inside(*r)) return &*r;
+    }
+    return nullptr;
+  };
+  // A van buffer was read: the sender waits for this credit before writing it again.
+  bool used_van_buffer = false;
+  Result<HeaderFrame> frame = DataLossError("rdma header frame: not decoded");
+  if (IsIndirectHeader(bytes, c->slot_bytes)) {
+    auto ind = DecodeIndirectHeader(bytes, c->slot_bytes);
+    const LocalBuffer* body = nullptr;
+    if (ind.ok()) body = find_buffer(kHeaderBodyKey, ind->addr, ind->len);
+    if (!ind.ok()) {
+      frame = ind.status();
+    } else if (body == nullptr || !body->pool) {
+      frame = DataLossError("rdma indirect header: " + std::to_string(ind->len) + " bytes at " +
+                            std::to_string(ind->addr) + " outside the header buffer advertised to " +
+                            Node(c->peer));
+    } else {
+      frame = DecodeHeaderFrame(reinterpret_cast<const void*>(ind->addr), ind->len);
+      used_van_buffer = true;
+    }
+  } else {
+    frame = DecodeHeaderFrame(bytes, c->slot_bytes);
+  }
+  // The slot's (and an out-of-line header's) bytes are copied out or rejected: hand the
+  // slot back, unless payloads in van buffers still wait for Run to copy them (below).
   ++c->unreturned;
-  ReturnCreditsLocked(c, false, acts);
   if (!frame.ok()) {
+    ReturnCreditsLocked(c, true, acts);
     MP_LOG_ERROR(kLog, "rdma: dropped malformed header from {}: {}", Node(c->peer),
                  frame.status().ToString());
     return;
   }
   Meta& meta = frame->meta;
   if (meta.sender != c->peer) {
+    ReturnCreditsLocked(c, true, acts);
     acts->dropped.emplace_back(
         meta, DataLossError("header on the queue pair of " + Node(c->peer) + " claims sender " +
                             std::to_string(meta.sender)));
@@ -1028,16 +1144,9 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
     RecvSegment seg;
     seg.size = d.nbytes;
     if (d.nbytes > 0) {
-      const LocalBuffer* lb = nullptr;
-      auto inside = [&](const LocalBuffer& b) {
-        return d.addr >= b.addr && d.addr - b.addr <= b.len && d.nbytes <= b.len - (d.addr - b.addr);
-      };
-      auto it = c->local_buffers.find(d.key);
-      if (it != c->local_buffers.end() && inside(it->second)) lb = &it->second;
-      for (auto r = c->retired.rbegin(); lb == nullptr && r != c->retired.rend(); ++r) {
-        if (inside(*r)) lb = &*r;
-      }
+      const LocalBuffer* lb = find_buffer(d.key, d.addr, d.nbytes);
       if (lb == nullptr) {
+        ReturnCreditsLocked(c, true, acts);
         acts->dropped.emplace_back(
             meta, DataLossError("data segment " + std::to_string(i) + " (key " +
                                 std::to_string(d.key) + ", " + std::to_string(d.nbytes) +
@@ -1046,9 +1155,17 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
         return;
       }
       seg.data = reinterpret_cast<void*>(d.addr);
-      seg.owner = lb->pool;
+      seg.owner = lb->pool;  // non-null: a van buffer, copied out by Run
     }
     in.segments.push_back(std::move(seg));
+  }
+  bool holds = false;
+  for (const auto& seg : in.segments) holds |= seg.owner != nullptr;
+  if (holds) {
+    ++c->held;
+    acts->releases.emplace_back(c->peer, c->gen);
+  } else {
+    ReturnCreditsLocked(c, used_van_buffer, acts);
   }
   acts->messages.push_back(std::move(in));
 }
@@ -1085,9 +1202,38 @@ void RdmaTransport::Run(Actions* acts) {
         refused = dest.status();
       } else if (*dest != nullptr) {
         seg = LandSegment(*dest, seg.data, seg.size, nullptr);
+      } else if (seg.owner != nullptr) {
+        // A van buffer the sender writes again once this message's credit is back: the
+        // message gets its own copy (register_recv_buffer memory avoids it).
+        std::shared_ptr<char> copy(static_cast<char*>(std::malloc(seg.size)),
+                                   [](char* q) { std::free(q); });
+        if (!copy) {
+          refused = ResourceExhaustedError("cannot allocate " + std::to_string(seg.size) +
+                                           " bytes for segment " + std::to_string(i));
+        } else {
+          std::memcpy(copy.get(), seg.data, seg.size);
+          seg.data = copy.get();
+          seg.owner = std::move(copy);
+        }
       }
     }
     Deliver(receiver, "rdma van", std::move(in), refused, refused_log_);
+  }
+  if (!acts->releases.empty()) {
+    // Every van buffer these messages used is copied out (or dropped): credit them back.
+    Actions more;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& [peer, gen] : acts->releases) {
+        Conn* c = FindConn(peer);
+        if (c == nullptr || c->gen != gen || c->held == 0) continue;
+        --c->held;
+        if (c->held == 0) ReturnCreditsLocked(c, true, &more);
+      }
+    }
+    acts->releases.clear();
+    for (auto& f : more.failures) acts->failures.push_back(std::move(f));
+    acts->notify |= more.notify;
   }
   for (auto& [meta, why] : acts->dropped) {
     MP_LOG_ERROR_LIMITED(refused_log_, kLog, "rdma: dropped {} from {}: {}",

@@ -101,6 +101,7 @@ class RdmaTransport {
   struct Pending {
     uint64_t handle = 0;
     OutMessage msg;
+    size_t frame_bytes = 0;  // encoded header frame; out of line when over the peer's slot
   };
   struct Conn;
   enum class WrKind { kData, kHeader, kCredit, kRecv };
@@ -128,6 +129,9 @@ class RdmaTransport {
     std::vector<InMessage> messages;
     std::vector<std::pair<Meta, Status>> dropped;
     std::vector<std::pair<int, Status>> failures;
+    // (peer, connection generation) of each delivered message whose payload sits in van
+    // buffers: once Run has copied it out, the header credit may go back.
+    std::vector<std::pair<int, uint64_t>> releases;
     bool notify = false;
   };
 

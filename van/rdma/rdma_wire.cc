@@ -44,6 +44,7 @@ std::string EncodeAdvertise(const std::vector<RemoteBuffer>& buffers) {
     w.Put<uint64_t>(b.addr);
     w.Put<uint32_t>(b.rkey);
     w.Put<uint64_t>(b.capacity);
+    w.Put<uint8_t>(b.reuse_after_credit ? kBufferReuseAfterCredit : 0);
   }
   return w.Release();
 }
@@ -122,7 +123,7 @@ Result<Blob> DecodeBlob(const void* data, size_t size) {
       uint32_t n = 0;
       if (!r.Get(&n)) return Bad("advertise: " + r.status().message());
       if (n > kMaxAdvertised) return Bad("advertise: " + std::to_string(n) + " buffers");
-      constexpr size_t kEntryBytes = 8 + 8 + 4 + 8;
+      constexpr size_t kEntryBytes = 8 + 8 + 4 + 8 + 1;
       if (r.remaining() < n * kEntryBytes) return Bad("advertise: truncated");
       b.buffers.resize(n);
       for (auto& e : b.buffers) {
@@ -130,6 +131,12 @@ Result<Blob> DecodeBlob(const void* data, size_t size) {
         r.Get(&e.addr);
         r.Get(&e.rkey);
         r.Get(&e.capacity);
+        uint8_t flags = 0;
+        r.Get(&flags);
+        if ((flags & ~kBufferReuseAfterCredit) != 0) {
+          return Bad("advertise: unknown buffer flags " + std::to_string(flags));
+        }
+        e.reuse_after_credit = (flags & kBufferReuseAfterCredit) != 0;
         if (e.addr == 0 || e.capacity == 0 || e.capacity > kMaxTensorBytes ||
             e.addr + e.capacity < e.addr) {
           return Bad("advertise: buffer for key " + std::to_string(e.key) + " at " +
@@ -204,6 +211,40 @@ Result<HeaderFrame> DecodeHeaderFrame(const void* data, size_t size) {
   f.slot_rkeys.resize(n);
   for (auto& k : f.slot_rkeys) tail.Get(&k);
   return f;
+}
+
+std::string EncodeIndirectHeader(uint64_t addr, uint64_t len) {
+  WireWriter w;
+  w.Put<uint32_t>(kIndirectHeaderMagic);
+  w.Put<uint32_t>(static_cast<uint32_t>(kIndirectHeaderBytes));
+  w.Put<uint64_t>(addr);
+  w.Put<uint64_t>(len);
+  return w.Release();
+}
+
+bool IsIndirectHeader(const void* data, size_t size) {
+  WireReader r(data, size);
+  uint32_t magic = 0;
+  return r.Get(&magic) && magic == kIndirectHeaderMagic;
+}
+
+Result<IndirectHeader> DecodeIndirectHeader(const void* data, size_t size) {
+  WireReader r(data, size);
+  uint32_t magic = 0, total = 0;
+  IndirectHeader h;
+  r.Get(&magic);
+  r.Get(&total);
+  r.Get(&h.addr);
+  r.Get(&h.len);
+  if (!r.ok()) return DataLossError("rdma indirect header: " + r.status().message());
+  if (magic != kIndirectHeaderMagic || total != kIndirectHeaderBytes) {
+    return DataLossError("rdma indirect header: bad magic or length " + std::to_string(total));
+  }
+  if (h.addr == 0 || h.len < 16 || h.len > kMaxBodyBytes + (1u << 20) || h.addr + h.len < h.addr) {
+    return DataLossError("rdma indirect header: " + std::to_string(h.len) + " bytes at " +
+                         std::to_string(h.addr));
+  }
+  return h;
 }
 
 }  // namespace rdma

@@ -17,11 +17,17 @@ namespace rdma {
 
 constexpr uint32_t kBlobMagic = 0x4452504D;    // "MPRD"
 constexpr uint32_t kHeaderMagic = 0x4852504D;  // "MPRH"
-constexpr uint16_t kBlobVersion = 1;
+constexpr uint16_t kBlobVersion = 2;           // 2: Advertise carries per-buffer flags
 constexpr uint32_t kMaxAdvertised = 4096;
 constexpr uint32_t kMaxHeaderSlots = 1u << 16;
 constexpr uint32_t kMinSlotBytes = 256;
 constexpr uint32_t kMaxSlotBytes = 1u << 20;
+// Headers larger than the peer's slot travel out of line: the encoded frame is written into
+// a van buffer the peer advertises for this reserved key, and the slot holds an indirect
+// frame naming it. Messages may not use the key themselves.
+constexpr int64_t kHeaderBodyKey = INT64_MIN;
+constexpr uint32_t kIndirectHeaderMagic = 0x4952504D;  // "MPRI"
+constexpr size_t kIndirectHeaderBytes = 4 + 4 + 8 + 8;
 
 enum class BlobType : uint8_t { kHello = 1, kAdvertise = 2, kNeedBuffer = 3, kRefuse = 4 };
 
@@ -45,7 +51,16 @@ struct RemoteBuffer {
   uint64_t addr = 0;
   uint32_t rkey = 0;
   uint64_t capacity = 0;
+  // Wire flag: a van-owned buffer whose bytes the receiver copies out before it returns the
+  // header credit of the message that filled it; the sender writes it again only after that
+  // credit is back (docs/rdma.md, "Van buffers"). Off for register_recv_buffer memory and
+  // pull slots, which the application owns.
+  bool reuse_after_credit = false;
+  // Sender-side only (not on the wire): the header sequence number of the last message
+  // written into this buffer; reusable once that many headers are credited back.
+  uint64_t busy_until = 0;
 };
+constexpr uint8_t kBufferReuseAfterCredit = 1;
 
 struct Blob {
   BlobType type = BlobType::kHello;
@@ -71,6 +86,16 @@ struct HeaderFrame {
   std::vector<uint32_t> slot_rkeys;
 };
 Result<HeaderFrame> DecodeHeaderFrame(const void* data, size_t size);
+
+// Indirect frame (fits any slot): where in the peer's kHeaderBodyKey buffer the full header
+// frame of this message was written, and its length.
+std::string EncodeIndirectHeader(uint64_t addr, uint64_t len);
+bool IsIndirectHeader(const void* data, size_t size);
+struct IndirectHeader {
+  uint64_t addr = 0;
+  uint64_t len = 0;
+};
+Result<IndirectHeader> DecodeIndirectHeader(const void* data, size_t size);
 
 // 32-bit immediate: two kind bits, 30 value bits (header slot index or returned credits).
 enum class ImmKind : uint32_t { kHeader = 0, kCredit = 1 };

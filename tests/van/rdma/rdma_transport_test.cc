@@ -175,9 +175,34 @@ TEST_F(RdmaTransportTest, UnregisteredKeyGetsPooledBufferOnceAndAddressIsCached)
   EXPECT_TRUE(w_->t->Wait(h2, 0).ok());
   EXPECT_EQ(cluster_.CountSent(BlobType::kNeedBuffer), 1);
   ASSERT_EQ(s_->recv.messages.size(), 2u);
-  EXPECT_NE(s_->recv.messages[1].segments[0].owner, nullptr);  // van-owned pool buffer
+  EXPECT_NE(s_->recv.messages[1].segments[0].owner, nullptr);  // van-owned
   EXPECT_EQ(Data(s_->recv.messages[1].segments[0]), *Bytes(900, 2));
-  EXPECT_EQ(s_->recv.messages[0].segments[0].data, s_->recv.messages[1].segments[0].data);
+  // The pool buffer is reused, the delivered messages keep their own bytes.
+  EXPECT_EQ(Data(s_->recv.messages[0].segments[0]), *Bytes(1000, 1));
+}
+
+// Regression (issue 13, gap a): a second push to a key used to overwrite the van buffer
+// while the receiver still held the first message.
+TEST_F(RdmaTransportTest, BackToBackPushesToOneKeyNeverOverwriteAHeldMessage) {
+  Pair();
+  Connect();
+  auto h0 = Push(3, Bytes(4096, 1), 0);  // settle the van buffer for key 3
+  cluster_.Settle();
+  ASSERT_TRUE(w_->t->Wait(h0, 0).ok());
+  cluster_.fabric.clear_writes();
+  std::vector<uint64_t> handles;
+  for (uint64_t i = 1; i <= 6; ++i) handles.push_back(Push(3, Bytes(4096, uint8_t(10 + i)), i));
+  // One message at a time may use the buffer: the rest wait for its credit.
+  EXPECT_EQ(w_->t->pending_sends(kServer), 5u);
+  cluster_.Settle();
+  for (auto h : handles) EXPECT_TRUE(w_->t->Wait(h, 0).ok());
+  ASSERT_EQ(s_->recv.messages.size(), 7u);
+  for (uint64_t i = 0; i <= 6; ++i) {
+    EXPECT_EQ(s_->recv.messages[i].meta.id, i);
+    EXPECT_EQ(Data(s_->recv.messages[i].segments[0]), *Bytes(4096, i == 0 ? 1 : uint8_t(10 + i)))
+        << "message " << i;
+  }
+  EXPECT_EQ(cluster_.CountSent(BlobType::kNeedBuffer), 1);  // no re-rendezvous per message
 }
 
 TEST_F(RdmaTransportTest, OversizedPushReRendezvousesInsteadOfOverrunning) {
@@ -429,17 +454,52 @@ TEST_F(RdmaTransportTest, NicWithSmallInlineLimitNeverGetsMoreInlined) {
   }
 }
 
-TEST_F(RdmaTransportTest, HeaderLargerThanSlotFailsAtTheCall) {
+// Regression (issue 13, gap b): a header over the peer's slot used to be refused.
+TEST_F(RdmaTransportTest, HeaderLargerThanSlotGoesOutOfLine) {
   RdmaOptions small;
   small.header_slot_bytes = 256;
   Pair(RoceSpec("mlx5_0", 1), RoceSpec("mlx5_0", 2), small, small);
   Connect();
+  std::vector<uint64_t> handles;
+  for (uint64_t i = 0; i < 3; ++i) {
+    OutMessage m = MakePush(kWorker, kServer, 1, Bytes(8, uint8_t(i)), i);
+    m.meta.body = std::string(300000 + i, char('a' + i));
+    auto h = w_->t->Send(std::move(m), false);
+    ASSERT_TRUE(h.ok()) << h.status();
+    handles.push_back(*h);
+  }
+  OutMessage small_body = MakePush(kWorker, kServer, 1, Bytes(8, 9), 3);
+  small_body.meta.body = "inline";
+  auto hs = w_->t->Send(std::move(small_body), false);
+  ASSERT_TRUE(hs.ok());
+  cluster_.Settle();
+  for (auto h : handles) EXPECT_TRUE(w_->t->Wait(h, 0).ok());
+  EXPECT_TRUE(w_->t->Wait(*hs, 0).ok());
+  ASSERT_EQ(s_->recv.messages.size(), 4u);
+  for (uint64_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(s_->recv.messages[i].meta.body, std::string(300000 + i, char('a' + i)));
+    EXPECT_EQ(Data(s_->recv.messages[i].segments[0]), *Bytes(8, uint8_t(i)));
+  }
+  EXPECT_EQ(s_->recv.messages[3].meta.body, "inline");
+  EXPECT_EQ(w_->t->state(kServer), PeerState::kReady);
+}
+
+TEST_F(RdmaTransportTest, HeaderOverTheLimitAndTheReservedKeyFailAtTheCall) {
+  Pair();
+  Connect();
   OutMessage m = MakePush(kWorker, kServer, 1, Bytes(8, 1));
-  m.meta.body = std::string(400, 'x');
+  m.meta.body = std::string((17u << 20) + 1, 'x');
   auto h = w_->t->Send(std::move(m), false);
   ASSERT_FALSE(h.ok());
   EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_TRUE(Contains(h.status().message(), "MESHPOST_RDMA_HEADER_BYTES"));
+  OutMessage r = MakePush(kWorker, kServer, kHeaderBodyKey, Bytes(8, 1));
+  auto hr = w_->t->Send(std::move(r), false);
+  ASSERT_FALSE(hr.ok());
+  EXPECT_EQ(hr.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(hr.status().message(), "reserved")) << hr.status();
+  auto ok = Push(1, Bytes(8, 2));
+  cluster_.Settle();
+  EXPECT_TRUE(w_->t->Wait(ok, 0).ok());
 }
 
 // --- flow control and completion-to-handle mapping --------------------------------------
