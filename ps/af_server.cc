@@ -53,7 +53,8 @@ class AFTensorServer::Impl : public DataHandler {
         recorder_(StartNodeTraceRecorder(
             ctx->options(), 2, ctx->clock_sync(), [ctx, n = num_servers_](int w) {
               return TraceTransportFromName(ctx->PeerTransport(WorkerNodeId(n, w)));
-            })) {}
+            })),
+        stager_(backend_, StagerOptions{}) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
     const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
@@ -395,15 +396,7 @@ class AFTensorServer::Impl : public DataHandler {
     return false;
   }
 
-  // The staging engine, created at the first GPU tensor.
-  Result<DeviceStager*> Stager() {
-    std::lock_guard<std::mutex> lock(stager_mu_);
-    if (!stager_) {
-      MESHPOST_RETURN_IF_ERROR(backend_->Available());
-      MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, StagerOptions{}));
-    }
-    return stager_.get();
-  }
+  Result<DeviceStager*> Stager() { return stager_.Get(); }
 
   // With GPU tensors and need_event: an event on the caller's stream for the staging copies.
   Status PrepareDevice(const char* fn, const std::vector<TensorView>& tensors,
@@ -516,10 +509,9 @@ class AFTensorServer::Impl : public DataHandler {
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
-  std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.
-  std::unique_ptr<DeviceStager> stager_;
+  LazyStager stager_;
 };
 
 AFTensorServer::AFTensorServer(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {

@@ -215,4 +215,19 @@ void DeviceStager::Recycle(DeviceEvent event) { impl_->RecycleEvent(event); }
 DeviceBackend* DeviceStager::backend() const { return impl_->backend_; }
 DeviceStream DeviceStager::stream() const { return impl_->stream_; }
 
+Result<DeviceStager*> LazyStager::Get() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!stager_) {
+    if (backend_ == nullptr) return FailedPreconditionError("no device backend configured");
+    MESHPOST_RETURN_IF_ERROR(backend_->Available());
+    MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, options_));
+  }
+  return stager_.get();
+}
+
+DeviceStager* LazyStager::IfCreated() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stager_.get();
+}
+
 }  // namespace meshpost

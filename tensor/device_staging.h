@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "common/result.h"
@@ -63,6 +64,26 @@ class DeviceStager {
  private:
   explicit DeviceStager(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+};
+
+// A DeviceStager created at first use (the first GPU tensor a worker or server sees), so
+// nodes that never touch GPU memory start no stream and no completion thread. Get() is
+// thread-safe; a failed creation (no usable device) is returned and retried next time.
+// Owners declare it after the state its callbacks touch, so it is destroyed first and its
+// completion thread has stopped before that state goes away.
+class LazyStager {
+ public:
+  LazyStager(DeviceBackend* backend, StagerOptions options)
+      : backend_(backend), options_(std::move(options)) {}
+  Result<DeviceStager*> Get();
+  // The stager when it was already created, else null (never creates one).
+  DeviceStager* IfCreated();
+
+ private:
+  DeviceBackend* const backend_;
+  const StagerOptions options_;
+  std::mutex mu_;
+  std::unique_ptr<DeviceStager> stager_;
 };
 
 }  // namespace meshpost
