@@ -54,7 +54,7 @@ class AFTensorServer::Impl : public DataHandler {
             ctx->options(), 2, ctx->clock_sync(), [ctx, n = num_servers_](int w) {
               return TraceTransportFromName(ctx->PeerTransport(WorkerNodeId(n, w)));
             })),
-        stager_(backend_, StagerOptions{}) {}
+        stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
     const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);

@@ -58,7 +58,7 @@ class AFTensorWorker::Impl : public DataHandler {
         recorder_(StartNodeTraceRecorder(ctx->options(), 1, ctx->clock_sync(), [ctx](int s) {
           return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s)));
         })),
-        stager_(backend_, StagerOptions{}) {}
+        stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
                                   const StreamSync& sync) {

@@ -106,6 +106,9 @@ const std::vector<OptionSpec> kTable = {
      "limit for rendezvous in `Start()`; who is missing is logged every 5 s"},
     {"MESHPOST_MAX_INFLIGHT", "max_inflight", G::kMeshpost, "1024", "1–1048576",
      "pending requests per worker"},
+    {"MESHPOST_GPU_STAGING_CHUNK", "gpu_staging_chunk", G::kMeshpost, "4194304 (4 MiB)",
+     "65536–1073741824", "bytes per pinned staging chunk for CUDA tensors: device↔pinned "
+     "copies are split into chunks of this size, each completing on its own (docs/gpu.md)"},
     {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
      "an open fd; used by launchers with `DMLC_PS_ROOT_PORT=0`",
      "(scheduler) file descriptor to which the bound port is written, then closed"},
@@ -157,8 +160,9 @@ const std::vector<OptionSpec> kTable = {
      "meshpost's tests kill and freeze peers instead", "drop a share of messages (testing)"},
     {"PS_DROP_MSG", "", G::kIgnored, "", "as `STEPMESH_DROP_RATE` (ps-lite's name)",
      "drop a share of messages (testing)"},
-    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; GPU tensors "
-     "are not supported yet (see README)", "sync GPU kernels through host memory"},
+    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; meshpost "
+     "orders GPU work with `need_event` and fserver_lib's flag kernels (docs/gpu.md)",
+     "sync GPU kernels through host memory"},
     {"STEPMESH_BACKEND", "", G::kIgnored, "", "the tensor's device chooses the backend",
      "CPU or GPU backend"},
     {"STEPMESH_BAKCEND", "", G::kIgnored, "", "StepMesh's spelling in its docs; as "
@@ -415,6 +419,11 @@ Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::stri
       ReadInt(env, "MESHPOST_START_TIMEOUT_MS", 100, INT_MAX, false, &o.start_timeout_ms));
   MESHPOST_RETURN_IF_ERROR(
       ReadInt(env, "MESHPOST_MAX_INFLIGHT", 1, 1 << 20, false, &o.max_inflight));
+  if (const char* v = env("MESHPOST_GPU_STAGING_CHUNK"); v != nullptr && *v != '\0') {
+    MESHPOST_ASSIGN_OR_RETURN(int64_t chunk,
+                              ParseInt("MESHPOST_GPU_STAGING_CHUNK", v, 65536, int64_t{1} << 30));
+    o.gpu_staging_chunk = static_cast<size_t>(chunk);
+  }
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_PORT_FD", 0, 1 << 20, false, &o.port_fd));
   MESHPOST_ASSIGN_OR_RETURN(o.cluster_token, ClusterTokenFromEnv(env));
   if (const char* v = env("MESHPOST_MAX_MESSAGE_BYTES")) {
@@ -472,6 +481,10 @@ Status Options::Validate() const {
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
   if (verbose < 0) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), ">= 0");
+  if (gpu_staging_chunk < 65536 || gpu_staging_chunk > (size_t{1} << 30)) {
+    return bad("gpu_staging_chunk (MESHPOST_GPU_STAGING_CHUNK)", std::to_string(gpu_staging_chunk),
+               "65536..1073741824 bytes");
+  }
   if (transport != "auto" && !IsKnownTransport(transport)) {
     return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
                "auto, " + KnownTransportNames());

@@ -27,11 +27,24 @@ struct StagerOptions {
   int device = 0;
   size_t pool_limit_bytes = size_t{1} << 30;  // pinned memory kept for reuse
   int64_t copy_timeout_ms = 60'000;           // a copy (or the awaited event) taking longer fails
+  // Copies are split into chunks of this many bytes, each followed by its own event, so a
+  // batch's chunks complete (and OnChunk runs) one by one while later chunks still copy.
+  size_t chunk_bytes = size_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK
+
+  static StagerOptions Chunked(size_t chunk_bytes) {
+    StagerOptions o;
+    o.chunk_bytes = chunk_bytes;
+    return o;
+  }
 };
 
 class DeviceStager {
  public:
   using Done = std::function<void(const Status&)>;
+  // Chunk `index` of a batch finished copying; `bytes_done` bytes of the batch (in the
+  // order of its copies) are now in place. Runs on the completion thread, in order,
+  // before the batch's Done.
+  using OnChunk = std::function<void(size_t index, size_t bytes_done)>;
   struct Copy {
     void* dst = nullptr;
     const void* src = nullptr;
@@ -49,7 +62,11 @@ class DeviceStager {
   // Enqueues `copies` on the stager's stream after `after` (null: no wait) and calls
   // done(status) on the completion thread once they finished. Buffers the copies use must
   // stay referenced until done runs (capture their owners in `done`).
-  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done);
+  // The copies are queued in chunks of options.chunk_bytes; on_chunk (optional) runs as
+  // each chunk completes, so a consumer can use chunk k while chunk k+1 still copies.
+  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done,
+                OnChunk on_chunk = nullptr);
+  size_t chunk_bytes() const;
   // Records an event on `stream` (the caller's current stream) for Submit's `after`;
   // the returned event is owned by the stager and recycled after the batch that used it.
   Result<DeviceEvent> RecordOn(DeviceStream stream);

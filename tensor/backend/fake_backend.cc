@@ -243,8 +243,11 @@ class FakeBackend::Impl {
         CheckAccessLocked(op.reads(), false, s->id, s->clock, what);
         CheckAccessLocked(op.writes(), true, s->id, s->clock, what);
         ++copies_;
+        const int64_t cost_ns = static_cast<int64_t>(op.n) * copy_ps_per_byte_ / 1000;
         lock.unlock();
         std::memmove(op.dst, op.src, op.n);
+        // Models a copy engine's bandwidth: the copy takes time proportional to its bytes.
+        if (cost_ns > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(cost_ns));
         lock.lock();
         break;
       }
@@ -550,6 +553,11 @@ class FakeBackend::Impl {
     cv_.notify_all();
   }
 
+  void SetCopyCost(int64_t ps_per_byte) {
+    std::lock_guard<std::mutex> lock(mu_);
+    copy_ps_per_byte_ = ps_per_byte;
+  }
+
   void SetDelay(DeviceStream stream, int64_t us) {
     std::lock_guard<std::mutex> lock(mu_);
     if (Stream* s = FindLocked(stream)) s->delay_us = us;
@@ -564,6 +572,7 @@ class FakeBackend::Impl {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   const int devices_;
+  int64_t copy_ps_per_byte_ = 0;  // SetCopyCost
   Status unavailable_;
   int next_stream_ = 0;
   uint64_t next_seq_ = 0;
@@ -587,6 +596,7 @@ FakeBackend::~FakeBackend() = default;
 void FakeBackend::HoldStream(DeviceStream stream) { impl_->SetHeld(stream, true); }
 void FakeBackend::ReleaseStream(DeviceStream stream) { impl_->SetHeld(stream, false); }
 void FakeBackend::SetDelayUs(DeviceStream stream, int64_t us) { impl_->SetDelay(stream, us); }
+void FakeBackend::SetCopyCost(int64_t ps_per_byte) { impl_->SetCopyCost(ps_per_byte); }
 bool FakeBackend::WaitIdle(int64_t timeout_ms) { return impl_->WaitIdle(timeout_ms); }
 std::vector<std::string> FakeBackend::Hazards() const {
   std::lock_guard<std::mutex> lock(impl_->mu_);
