@@ -280,4 +280,29 @@ DeviceStager* LazyStager::IfCreated() {
   return stager_.get();
 }
 
+Result<void*> LandingBuffers::Acquire(DeviceStager* stager, int node, uint64_t id, size_t index,
+                                      size_t n, void* device_dst, Device device) {
+  // Allocation (possibly a driver call) happens outside the table's lock.
+  MESHPOST_ASSIGN_OR_RETURN(PinnedBuffer buf, stager->Acquire(n == 0 ? 1 : n));
+  void* data = buf.data;
+  std::lock_guard<std::mutex> lock(mu_);
+  pending_[{node, id}][index] = Landing{std::move(buf), device_dst, device, n};
+  return data;
+}
+
+std::map<size_t, LandingBuffers::Landing> LandingBuffers::Take(int node, uint64_t id) {
+  std::map<size_t, Landing> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = pending_.find({node, id});
+  if (it == pending_.end()) return out;
+  out.swap(it->second);
+  pending_.erase(it);
+  return out;
+}
+
+size_t LandingBuffers::pending_messages() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_.size();
+}
+
 }  // namespace meshpost

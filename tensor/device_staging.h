@@ -7,8 +7,10 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common/result.h"
@@ -101,6 +103,33 @@ class LazyStager {
   const StagerOptions options_;
   std::mutex mu_;
   std::unique_ptr<DeviceStager> stager_;
+};
+
+// Bytes bound for device memory that a transport can only write to host memory (a
+// server's CUDA receive buffers): the transport lands segment `index` of message
+// (node, id) in a pinned buffer from Acquire; Take hands the message's landings, with
+// their device destinations, to the caller, which copies them to the device on the
+// stager. Landings of a message that never arrives whole are dropped with Drop.
+class LandingBuffers {
+ public:
+  struct Landing {
+    PinnedBuffer pinned;
+    void* device_dst = nullptr;  // where the bytes belong
+    Device device;
+    size_t n = 0;
+  };
+  // A pinned buffer of n bytes for segment `index` of message (node, id), bound for
+  // device_dst on `device`. A second Acquire for the same segment replaces the first.
+  Result<void*> Acquire(DeviceStager* stager, int node, uint64_t id, size_t index, size_t n,
+                        void* device_dst, Device device);
+  // The landings of message (node, id) by segment index, removed from the table.
+  std::map<size_t, Landing> Take(int node, uint64_t id);
+  void Drop(int node, uint64_t id) { (void)Take(node, id); }
+  size_t pending_messages();
+
+ private:
+  std::mutex mu_;
+  std::map<std::pair<int, uint64_t>, std::map<size_t, Landing>> pending_;
 };
 
 }  // namespace meshpost

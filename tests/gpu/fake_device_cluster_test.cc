@@ -275,5 +275,71 @@ TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
   EXPECT_EQ(out[15], 1.f);
 }
 
+// A server's CUDA receive buffer: pushes land in pinned staging and are copied to the
+// registered device chunk before GetBatch hands the request out (as a cuda:0 tensor).
+// Copies are slowed down so a GetBatch that did not wait for them would read stale bytes
+// and the race checker would report it. Requests keep their arrival order whether or not
+// they needed a copy.
+TEST_F(FakeDeviceClusterTest, CudaReceiveBufferIsFilledBeforeGetBatchReturns) {
+  be_.SetCopyCost(200'000);  // 200 ns per byte: 3.3 ms per 16 KiB copy
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, 2 * kBytes));
+  TensorView recv{recv_dev, DType::kFloat32, {2 * kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0, 0}, {7, 8}).ok());
+
+  std::vector<std::vector<float>> in(3, std::vector<float>(kElems));
+  std::vector<std::vector<float>> out(3, std::vector<float>(kElems, 0.f));
+  const int64_t keys[3] = {7, 9, 8};  // 9 has no receive buffer: a plain CPU request
+  std::vector<uint64_t> handles;
+  for (int r = 0; r < 3; ++r) {
+    for (int64_t i = 0; i < kElems; ++i) in[r][i] = static_cast<float>(r * 100000 + i);
+    auto h = cluster_.worker()->ZBatchPushPull(
+        {{keys[r], TensorView{in[r].data(), DType::kFloat32, {kElems}, {}, nullptr}}},
+        {{1, TensorView{out[r].data(), DType::kFloat32, {kElems}, {}, nullptr}}});
+    ASSERT_TRUE(h.ok()) << h.status();
+    handles.push_back(*h);
+  }
+  for (int r = 0; r < 3; ++r) {
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_EQ(batch->size(), 1u);
+    const KeyTensor& got = (*batch)[0].push[0];
+    ASSERT_EQ(got.key, keys[r]) << "request " << r << " out of order";
+    if (keys[r] == 9) {
+      EXPECT_EQ(got.tensor.device.type, DeviceType::kCPU);
+    } else {
+      EXPECT_EQ(got.tensor.device, (Device{DeviceType::kCUDA, 0}));
+      EXPECT_EQ(got.tensor.data, recv_dev + (keys[r] == 7 ? 0 : kElems));
+    }
+    be_.HostAccess(got.tensor.data, kBytes, /*write=*/false);
+    const float* v = static_cast<const float*>(got.tensor.data);
+    for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(v[i], in[r][i]) << "request " << r << " [" << i << "]";
+    // Answer from a CPU copy of the received values.
+    ASSERT_TRUE(cluster_.server()
+                    ->Respond((*batch)[0].handle,
+                              {TensorView{in[r].data(), DType::kFloat32, {kElems}, {}, nullptr}})
+                    .ok());
+  }
+  for (int r = 0; r < 3; ++r) {
+    ASSERT_TRUE(cluster_.worker()->Wait(handles[r], kWaitMs).ok());
+    EXPECT_EQ(out[r][kElems - 1], in[r][kElems - 1]);
+  }
+  be_.SetCopyCost(0);
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+  be_.FreeDevice(recv_dev);
+}
+
+TEST_F(FakeDeviceClusterTest, CudaReceiveBufferOnAnUnusableBackendIsRefusedWithTheReason) {
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+  be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
+  TensorView recv{recv_dev, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  Status s = cluster_.server()->RegisterRecvBuffer(recv, {0}, {7});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("RegisterRecvBuffer"));
+  EXPECT_THAT(s.message(), HasSubstr("CUDA driver not found (test)"));
+  be_.SetUnavailable(OkStatus());
+  be_.FreeDevice(recv_dev);
+}
+
 }  // namespace
 }  // namespace meshpost

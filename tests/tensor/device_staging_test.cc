@@ -170,5 +170,27 @@ TEST_F(DeviceStagingTest, LazyStagerCreatesOnceAndReportsAnUnusableBackend) {
   EXPECT_FALSE(none.Get().ok());
 }
 
+TEST_F(DeviceStagingTest, LandingBuffersArePerMessageAndTakenOnce) {
+  auto stager = MakeStager(&be_, kChunk);
+  ASSERT_NE(stager, nullptr);
+  LandingBuffers landing;
+  const Device cuda0{DeviceType::kCUDA, 0};
+  auto p0 = landing.Acquire(stager.get(), 3, 42, 0, 1000, a_, cuda0);
+  auto p1 = landing.Acquire(stager.get(), 3, 42, 2, 2000, b_, cuda0);
+  auto other = landing.Acquire(stager.get(), 4, 42, 0, 10, a_, cuda0);
+  ASSERT_TRUE(p0.ok() && p1.ok() && other.ok());
+  EXPECT_EQ(landing.pending_messages(), 2u);
+  auto taken = landing.Take(3, 42);
+  ASSERT_EQ(taken.size(), 2u);
+  EXPECT_EQ(taken[0].pinned.data, *p0);
+  EXPECT_EQ(taken[0].device_dst, a_);
+  EXPECT_EQ(taken[0].n, 1000u);
+  EXPECT_EQ(taken[2].pinned.data, *p1);
+  EXPECT_EQ(taken[2].device_dst, b_);
+  EXPECT_TRUE(landing.Take(3, 42).empty());
+  landing.Drop(4, 42);
+  EXPECT_EQ(landing.pending_messages(), 0u);
+}
+
 }  // namespace
 }  // namespace meshpost
