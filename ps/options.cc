@@ -153,6 +153,11 @@ const std::vector<OptionSpec> kTable = {
      "the van's slot size range", "bytes per header slot"},
     {"MESHPOST_RDMA_MR_CACHE", "rdma_mr_cache", G::kRdma, "see docs/rdma.md", "1–1048576",
      "registered memory regions kept"},
+    {"MESHPOST_RDMA_GPU", "rdma_gpu", G::kRdma, "auto", "`auto`, `dmabuf`, `peermem`, `staging`",
+     "how the RDMA van registers CUDA memory (GPUDirect): `dmabuf` = `ibv_reg_dmabuf_mr`, "
+     "`peermem` = `ibv_reg_mr` on device memory (nvidia-peermem), `auto` = the first that "
+     "works, `staging` = refuse CUDA regions, GPU tensors go through pinned host memory "
+     "(docs/gpu.md)"},
 
     {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "", "meshpost opens one queue pair per peer; "
      "balancing QPs over bonded (LAG) ports is not implemented", "QP balance over bonded NICs"},
