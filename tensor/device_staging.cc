@@ -134,8 +134,7 @@ class DeviceStager::Impl {
     return e;
   }
 
-  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done,
-                OnChunk on_chunk) {
+  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done, OnChunk on_chunk) {
     // Cut the batch's byte stream into chunks: pieces of copies, each chunk ending with an
     // event. An empty batch still gets one event (its Done runs in queue order).
     const size_t chunk = options_.chunk_bytes == 0 ? SIZE_MAX : options_.chunk_bytes;
@@ -151,8 +150,8 @@ class DeviceStager::Impl {
           in_chunk = 0;
         }
         const size_t n = std::min(c.n - off, chunk - in_chunk);
-        chunks.back().push_back({static_cast<char*>(c.dst) + off,
-                                 static_cast<const char*>(c.src) + off, n});
+        chunks.back().push_back(
+            {static_cast<char*>(c.dst) + off, static_cast<const char*>(c.src) + off, n});
         off += n;
         in_chunk += n;
         total += n;
@@ -215,8 +214,9 @@ class DeviceStager::Impl {
         s = backend_->SyncEvent(b.chunk_events[k], options_.copy_timeout_ms);
         if (s.ok() && b.on_chunk) b.on_chunk(k, b.chunk_end[k]);
       }
-      if (!s.ok()) s = s.Annotate("staging copy on the " + std::string(backend_->name()) +
-                                  " device (did the caller's stream stall?)");
+      if (!s.ok())
+        s = s.Annotate("staging copy on the " + std::string(backend_->name()) +
+                       " device (did the caller's stream stall?)");
       b.done(s);
       if (s.ok()) {
         for (DeviceEvent e : b.chunk_events) RecycleEvent(e);
