@@ -105,13 +105,16 @@ TensorView ViewFromTensor(py::handle obj, const std::string& where) {
 py::object TensorFromView(const TensorView& view, std::shared_ptr<const void> keep_alive) {
   const at::ScalarType st = ToScalarType(view.dtype);
   std::vector<int64_t> shape = view.shape;
+  // A push that landed in a CUDA receive buffer is a view of device memory.
+  at::TensorOptions options = at::TensorOptions().dtype(st);
+  if (view.device.type == DeviceType::kCUDA) options = options.device(at::kCUDA, view.device.index);
   at::Tensor t;
   if (view.numel() == 0 || view.data == nullptr) {
-    t = at::empty(shape, at::TensorOptions().dtype(st));
+    t = at::empty(shape, options);
   } else {
     t = at::from_blob(
         view.data, shape, [keep = std::move(keep_alive)](void*) mutable { keep.reset(); },
-        at::TensorOptions().dtype(st));
+        options);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }

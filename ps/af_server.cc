@@ -25,6 +25,7 @@ struct ServerRequest {
   uint64_t request_id = 0;
   std::vector<TensorDesc> push;
   std::vector<RecvSegment> segments;  // owners keep van buffers alive until answered
+  std::vector<Device> devices;        // per push segment when some landed in GPU memory
   std::vector<TensorDesc> slots;
   uint64_t received = 0;
   uint64_t processed = 0;
@@ -38,6 +39,7 @@ struct RecvChunk {
   char* data = nullptr;
   size_t capacity = 0;
   std::shared_ptr<const void> owner;
+  Device device;  // cuda: bytes land in pinned staging, then an async copy (docs/gpu.md)
 };
 
 }  // namespace
@@ -57,7 +59,8 @@ class AFTensorServer::Impl : public DataHandler {
         recorder_(StartNodeTraceRecorder(
             ctx->options(), 2, ctx->clock_sync(), [ctx, n = num_servers_](int w) {
               return TraceTransportFromName(ctx->PeerTransport(WorkerNodeId(n, w)));
-            })) {}
+            })),
+        stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
     const uint64_t deadline = DeadlineFromTimeoutMs(timeout_ms);
@@ -92,6 +95,7 @@ class AFTensorServer::Impl : public DataHandler {
             kt.tensor.shape = r->push[i].shape;
             // Van-owned bytes outlive the request for as long as a caller holds the view.
             kt.tensor.owner = r->segments[i].owner;
+            if (!r->devices.empty()) kt.tensor.device = r->devices[i];
             b.push.push_back(std::move(kt));
           }
           b.pull_slots = SlotsOf(*r);
@@ -214,7 +218,13 @@ class AFTensorServer::Impl : public DataHandler {
   Status RegisterRecvBuffer(const TensorView& tensor, const std::vector<int>& worker_ranks,
                             const std::vector<int64_t>& keys) {
     const std::string fn = "RegisterRecvBuffer";
-    MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensor, fn + ": tensor"));
+    // CUDA tensors are accepted: pushes land in pinned staging and are copied to them
+    // before GetBatch returns the request.
+    MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensor, fn + ": tensor", backend_));
+    if (tensor.device.type != DeviceType::kCPU) {
+      auto st = Stager();
+      if (!st.ok()) return st.status().Annotate(fn);
+    }
     if (worker_ranks.empty() || worker_ranks.size() != keys.size()) {
       return InvalidArgumentError(fn + ": worker_ranks has " + std::to_string(worker_ranks.size()) +
                                   " entries and keys " + std::to_string(keys.size()) +
@@ -249,8 +259,16 @@ class AFTensorServer::Impl : public DataHandler {
         c.data = static_cast<char*>(tensor.data) + i * chunk;
         c.capacity = chunk;
         c.owner = tensor.owner;
+        c.device = tensor.device;
         recv_buffers_[{worker_ranks[i], keys[i]}] = std::move(c);
       }
+    }
+    if (tensor.device.type != DeviceType::kCPU) {
+      // Transports write host memory only: no one-sided registration for device chunks.
+      gpu_recv_.store(true, std::memory_order_release);
+      MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes on {}", n, chunk,
+                  tensor.device.ToString());
+      return OkStatus();
     }
     for (size_t i = 0; i < n; ++i) {
       ctx_->OnRecvBufferRegistered(worker_ranks[i], keys[i],
@@ -274,16 +292,24 @@ class AFTensorServer::Impl : public DataHandler {
   Result<void*> Destination(const Meta& meta, size_t index) override {
     MESHPOST_ASSIGN_OR_RETURN(int rank, WorkerRankOf(meta));
     const TensorDesc& d = meta.data[index];
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = recv_buffers_.find({rank, d.key});
-    if (it == recv_buffers_.end()) return nullptr;
-    if (d.nbytes > it->second.capacity) {
-      return InvalidArgumentError("push of key " + std::to_string(d.key) + " from worker " +
-                                  std::to_string(rank) + " is " + std::to_string(d.nbytes) +
-                                  " bytes but its registered receive buffer chunk holds " +
-                                  std::to_string(it->second.capacity));
+    RecvChunk chunk;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = recv_buffers_.find({rank, d.key});
+      if (it == recv_buffers_.end()) return nullptr;
+      if (d.nbytes > it->second.capacity) {
+        return InvalidArgumentError("push of key " + std::to_string(d.key) + " from worker " +
+                                    std::to_string(rank) + " is " + std::to_string(d.nbytes) +
+                                    " bytes but its registered receive buffer chunk holds " +
+                                    std::to_string(it->second.capacity));
+      }
+      if (it->second.device.type == DeviceType::kCPU) return static_cast<void*>(it->second.data);
+      chunk = it->second;
     }
-    return static_cast<void*>(it->second.data);
+    // A CUDA chunk: the bytes land in pinned memory; OnData copies them to the device.
+    MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
+    return landing_.Acquire(stager, meta.sender, meta.id, index, d.nbytes, chunk.data,
+                            chunk.device);
   }
 
   void OnData(InMessage&& msg) override {
@@ -305,16 +331,53 @@ class AFTensorServer::Impl : public DataHandler {
     r->push = std::move(msg.meta.data);
     r->slots = std::move(msg.meta.slots);
     r->segments = std::move(msg.segments);
+    if (!gpu_recv_.load(std::memory_order_acquire)) return Enqueue(std::move(r));
+    // With CUDA receive buffers registered, every request passes through the stager (an
+    // empty batch for CPU-only ones) so requests of a worker stay in arrival order.
+    std::map<size_t, LandingBuffers::Landing> landed =
+        landing_.Take(msg.meta.sender, msg.meta.id);
+    std::vector<DeviceStager::Copy> copies;
+    std::vector<PinnedBuffer> pinned;
+    for (auto& [i, l] : landed) {
+      if (i >= r->segments.size() || r->segments[i].data != l.pinned.data) continue;
+      if (r->devices.empty()) r->devices.resize(r->segments.size());
+      copies.push_back({l.device_dst, l.pinned.data, l.n});
+      r->segments[i].data = l.device_dst;  // the registered chunk's owner is the user's
+      r->segments[i].owner = nullptr;
+      r->devices[i] = l.device;
+      pinned.push_back(std::move(l.pinned));
+    }
+    auto stager = Stager();
+    Status queued = stager.ok() ? OkStatus() : stager.status();
+    if (queued.ok()) {
+      queued = (*stager)->Submit(copies, nullptr, [this, r, pinned](const Status& copied) {
+        if (copied.ok()) return Enqueue(r);
+        MP_LOG_ERROR(kLog, "push from worker {} not delivered: {}", r->worker_rank,
+                     copied.ToString());
+        (void)SendError(r, copied, "copying the push to the GPU receive buffer failed: ");
+      });
+    }
+    if (!queued.ok()) {
+      MP_LOG_ERROR(kLog, "push from worker {} not delivered: {}", r->worker_rank,
+                   queued.ToString());
+      (void)SendError(r, queued, "copying the push to the GPU receive buffer failed: ");
+    }
+  }
+
+  // Queues a request for GetBatch.
+  void Enqueue(std::shared_ptr<ServerRequest> r) {
+    const int rank = r->worker_rank;
     {
       std::lock_guard<std::mutex> lock(mu_);
       r->handle = next_handle_++;
-      queues_.Push(*rank, std::move(r));
+      queues_.Push(rank, std::move(r));
       ready_.store(queues_.BatchReady(), std::memory_order_release);
     }
     waiter_.Notify();
   }
 
   void OnDropped(const Meta& meta, const Status& why) override {
+    landing_.Drop(meta.sender, meta.id);  // pinned landings of a refused message, if any
     if (meta.cmd != Command::kRequest || !WorkerRankOf(meta).ok()) return;
     // Tell the worker, so its handle fails now instead of timing out.
     OutMessage out;
@@ -431,15 +494,7 @@ class AFTensorServer::Impl : public DataHandler {
     return false;
   }
 
-  // The staging engine, created at the first GPU tensor.
-  Result<DeviceStager*> Stager() {
-    std::lock_guard<std::mutex> lock(stager_mu_);
-    if (!stager_) {
-      MESHPOST_RETURN_IF_ERROR(backend_->Available());
-      MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, StagerOptions{}));
-    }
-    return stager_.get();
-  }
+  Result<DeviceStager*> Stager() { return stager_.Get(); }
 
   // With GPU tensors and need_event: an event on the caller's stream for the staging copies.
   Status PrepareDevice(const char* fn, const std::vector<TensorView>& tensors,
@@ -481,14 +536,15 @@ class AFTensorServer::Impl : public DataHandler {
     });
   }
 
-  Status SendError(const std::shared_ptr<ServerRequest>& r, const Status& why) {
+  Status SendError(const std::shared_ptr<ServerRequest>& r, const Status& why,
+                   const char* what = "staging the GPU response failed: ") {
     OutMessage out;
     out.meta.cmd = Command::kResponse;
     out.meta.sender = ctx_->node_id();
     out.meta.recipient = r->worker_node;
     out.meta.id = r->request_id;
     out.meta.status_code = static_cast<int32_t>(why.code());
-    out.meta.body = "staging the GPU response failed: " + why.message();
+    out.meta.body = what + why.message();
     return ctx_->Send(std::move(out));
   }
 
@@ -558,11 +614,12 @@ class AFTensorServer::Impl : public DataHandler {
   uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
+  std::atomic<bool> gpu_recv_{false};  // a CUDA receive buffer was registered
+  LandingBuffers landing_;             // pinned landings of pushes bound for CUDA chunks
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
-  std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.
-  std::unique_ptr<DeviceStager> stager_;
+  LazyStager stager_;
 };
 
 AFTensorServer::AFTensorServer(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {

@@ -59,7 +59,8 @@ class AFTensorWorker::Impl : public DataHandler {
         waiter_(ctx->wait_policy()),
         recorder_(StartNodeTraceRecorder(ctx->options(), 1, ctx->clock_sync(), [ctx](int s) {
           return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s)));
-        })) {}
+        })),
+        stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
                                   const StreamSync& sync) {
@@ -426,9 +427,10 @@ class AFTensorWorker::Impl : public DataHandler {
     if (staged) {
       // The staged slots complete once the copy to the GPU tensors finished.
       const int s = ServerOf(meta.id);
-      Status queued = stager_->Submit(copies, nullptr, [this, staged, s](const Status& copied) {
-        FinishStaged(staged, s, copied);
-      });
+      // The stager exists: the staging buffers came from it.
+      Status queued = stager_.IfCreated()->Submit(
+          copies, nullptr,
+          [this, staged, s](const Status& copied) { FinishStaged(staged, s, copied); });
       if (!queued.ok()) FinishStaged(staged, s, queued);
     }
     if (done) waiter_.Notify();
@@ -626,16 +628,7 @@ class AFTensorWorker::Impl : public DataHandler {
     return false;
   }
 
-  // The staging engine, created at the first GPU tensor (its stream lives on device 0's
-  // context; tensors on other devices are copied through unified addressing).
-  Result<DeviceStager*> Stager() {
-    std::lock_guard<std::mutex> lock(stager_mu_);
-    if (!stager_) {
-      MESHPOST_RETURN_IF_ERROR(backend_->Available());
-      MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, StagerOptions{}));
-    }
-    return stager_.get();
-  }
+  Result<DeviceStager*> Stager() { return stager_.Get(); }
 
   // Requires mu_. Completes a handle exactly once; returns it when this call completed it.
   std::shared_ptr<Pending> CompleteLocked(uint64_t handle, const Status& status) {
@@ -678,10 +671,9 @@ class AFTensorWorker::Impl : public DataHandler {
   std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
   std::atomic<bool> has_cancels_{false};            // cancels_ is not empty
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
-  std::mutex stager_mu_;
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.
-  std::unique_ptr<DeviceStager> stager_;
+  LazyStager stager_;
 };
 
 AFTensorWorker::AFTensorWorker(NodeContext* ctx) : impl_(std::make_unique<Impl>(ctx)) {

@@ -140,6 +140,10 @@ const std::vector<OptionSpec> kTable = {
     {"MESHPOST_MAX_INFLIGHT", "max_inflight", G::kMeshpost, "1024", "1–1048576",
      "pending requests per worker",
      Int(&Options::max_inflight, 1, 1 << 20)},
+    {"MESHPOST_GPU_STAGING_CHUNK", "gpu_staging_chunk", G::kMeshpost, "4194304 (4 MiB)",
+     "65536–1073741824", "bytes per pinned staging chunk for CUDA tensors: device↔pinned "
+     "copies are split into chunks of this size, each completing on its own (docs/gpu.md)",
+     Int64(&Options::gpu_staging_chunk, 65536, int64_t{1} << 30)},
     {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
      "an open fd; used by launchers with `DMLC_PS_ROOT_PORT=0`",
      "(scheduler) file descriptor to which the bound port is written, then closed",
@@ -187,6 +191,11 @@ const std::vector<OptionSpec> kTable = {
      "the van's slot size range", "bytes per header slot"},
     {"MESHPOST_RDMA_MR_CACHE", "rdma_mr_cache", G::kRdma, "see docs/rdma.md", "1–1048576",
      "registered memory regions kept"},
+    {"MESHPOST_RDMA_GPU", "rdma_gpu", G::kRdma, "auto", "`auto`, `dmabuf`, `peermem`, `staging`",
+     "how the RDMA van registers CUDA memory (GPUDirect): `dmabuf` = `ibv_reg_dmabuf_mr`, "
+     "`peermem` = `ibv_reg_mr` on device memory (nvidia-peermem), `auto` = the first that "
+     "works, `staging` = refuse CUDA regions, GPU tensors go through pinned host memory "
+     "(docs/gpu.md)"},
 
     {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "", "meshpost opens one queue pair per peer; "
      "balancing QPs over bonded (LAG) ports is not implemented", "QP balance over bonded NICs"},
@@ -194,8 +203,9 @@ const std::vector<OptionSpec> kTable = {
      "meshpost's tests kill and freeze peers instead", "drop a share of messages (testing)"},
     {"PS_DROP_MSG", "", G::kIgnored, "", "as `STEPMESH_DROP_RATE` (ps-lite's name)",
      "drop a share of messages (testing)"},
-    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; GPU tensors "
-     "are not supported yet (see README)", "sync GPU kernels through host memory"},
+    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; meshpost "
+     "orders GPU work with `need_event` and fserver_lib's flag kernels (docs/gpu.md)",
+     "sync GPU kernels through host memory"},
     {"STEPMESH_BACKEND", "", G::kIgnored, "", "the tensor's device chooses the backend",
      "CPU or GPU backend"},
     {"STEPMESH_BAKCEND", "", G::kIgnored, "", "StepMesh's spelling in its docs; as "
@@ -476,6 +486,10 @@ Status Options::Validate() const {
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
   if (verbose < 0) return bad("verbose (PS_VERBOSE)", std::to_string(verbose), ">= 0");
+  if (gpu_staging_chunk < 65536 || gpu_staging_chunk > (int64_t{1} << 30)) {
+    return bad("gpu_staging_chunk (MESHPOST_GPU_STAGING_CHUNK)", std::to_string(gpu_staging_chunk),
+               "65536..1073741824 bytes");
+  }
   if (transport != "auto" && !IsKnownTransport(transport)) {
     return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",
                "auto, " + KnownTransportNames());

@@ -61,6 +61,7 @@ struct Options {
   bool busy_poll = false;              // MESHPOST_BUSY_POLL: never block
   int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
+  int64_t gpu_staging_chunk = int64_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK (bytes)
   int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
   // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every
   // connection proves knowledge of it ("" = unauthenticated). See docs/security.md.

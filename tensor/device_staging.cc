@@ -1,6 +1,9 @@
 #include "tensor/device_staging.h"
 
+#include <algorithm>
+#include <climits>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -47,9 +50,11 @@ struct Pool {
 class DeviceStager::Impl {
  public:
   struct Batch {
-    DeviceEvent done_event = nullptr;
+    std::vector<DeviceEvent> chunk_events;  // one per chunk; the last marks the batch done
+    std::vector<size_t> chunk_end;          // bytes of the batch done after each chunk
     DeviceEvent after = nullptr;
     Done done;
+    OnChunk on_chunk;
   };
 
   Impl(DeviceBackend* backend, const StagerOptions& options, DeviceStream stream)
@@ -67,7 +72,9 @@ class DeviceStager::Impl {
     cv_.notify_all();
     completer_.join();
     for (auto& z : zombies_) {
-      (void)backend_->SyncEvent(z.done_event, options_.copy_timeout_ms);
+      if (!z.chunk_events.empty()) {
+        (void)backend_->SyncEvent(z.chunk_events.back(), options_.copy_timeout_ms);
+      }
     }
     zombies_.clear();
     for (DeviceEvent e : free_events_) backend_->DestroyEvent(e);
@@ -127,30 +134,66 @@ class DeviceStager::Impl {
     return e;
   }
 
-  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done) {
-    auto ev = TakeEvent();
-    if (!ev.ok()) {
-      RecycleEvent(after);
-      return ev.status();
+  Status Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done, OnChunk on_chunk) {
+    // Cut the batch's byte stream into chunks: pieces of copies, each chunk ending with an
+    // event. An empty batch still gets one event (its Done runs in queue order).
+    const size_t chunk = options_.chunk_bytes == 0 ? SIZE_MAX : options_.chunk_bytes;
+    std::vector<std::vector<Copy>> chunks(1);
+    std::vector<size_t> chunk_end(1, 0);
+    size_t total = 0, in_chunk = 0;
+    for (const Copy& c : copies) {
+      size_t off = 0;
+      while (off < c.n) {
+        if (in_chunk == chunk) {
+          chunks.emplace_back();
+          chunk_end.push_back(total);
+          in_chunk = 0;
+        }
+        const size_t n = std::min(c.n - off, chunk - in_chunk);
+        chunks.back().push_back(
+            {static_cast<char*>(c.dst) + off, static_cast<const char*>(c.src) + off, n});
+        off += n;
+        in_chunk += n;
+        total += n;
+        chunk_end.back() = total;
+      }
+    }
+    Batch b;
+    b.after = after;
+    b.done = std::move(done);
+    b.on_chunk = std::move(on_chunk);
+    b.chunk_end = std::move(chunk_end);
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      auto ev = TakeEvent();
+      if (!ev.ok()) {
+        for (DeviceEvent e : b.chunk_events) RecycleEvent(e);
+        RecycleEvent(after);
+        return ev.status().Annotate("DeviceStager: staging events");
+      }
+      b.chunk_events.push_back(*ev);
     }
     // One submitter at a time: the stream order must match the completion queue order.
     std::lock_guard<std::mutex> submit(submit_mu_);
     Status s;
     if (after != nullptr) s = backend_->StreamWaitEvent(stream_, after);
-    for (size_t i = 0; i < copies.size() && s.ok(); ++i) {
-      s = backend_->CopyAsync(copies[i].dst, copies[i].src, copies[i].n, stream_);
+    for (size_t k = 0; k < chunks.size() && s.ok(); ++k) {
+      for (size_t i = 0; i < chunks[k].size() && s.ok(); ++i) {
+        s = backend_->CopyAsync(chunks[k][i].dst, chunks[k][i].src, chunks[k][i].n, stream_);
+      }
+      if (s.ok()) s = backend_->RecordEvent(b.chunk_events[k], stream_);
     }
-    if (s.ok()) s = backend_->RecordEvent(*ev, stream_);
     if (!s.ok()) {
-      // Copies already queued may still run: wait for the stream before giving buffers back.
-      (void)backend_->SyncEvent(*ev, options_.copy_timeout_ms);
-      RecycleEvent(*ev);
+      // Copies already queued may still run: wait for the stream before giving buffers
+      // back (the last event recorded, if any, follows every queued copy).
+      (void)backend_->RecordEvent(b.chunk_events.back(), stream_);
+      (void)backend_->SyncEvent(b.chunk_events.back(), options_.copy_timeout_ms);
+      for (DeviceEvent e : b.chunk_events) RecycleEvent(e);
       RecycleEvent(after);
       return s.Annotate("DeviceStager: queueing staging copies");
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(Batch{*ev, after, std::move(done)});
+      queue_.push_back(std::move(b));
     }
     cv_.notify_all();
     return OkStatus();
@@ -166,12 +209,17 @@ class DeviceStager::Impl {
         b = std::move(queue_.front());
         queue_.pop_front();
       }
-      Status s = backend_->SyncEvent(b.done_event, options_.copy_timeout_ms);
-      if (!s.ok()) s = s.Annotate("staging copy on the " + std::string(backend_->name()) +
-                                  " device (did the caller's stream stall?)");
+      Status s;
+      for (size_t k = 0; k < b.chunk_events.size() && s.ok(); ++k) {
+        s = backend_->SyncEvent(b.chunk_events[k], options_.copy_timeout_ms);
+        if (s.ok() && b.on_chunk) b.on_chunk(k, b.chunk_end[k]);
+      }
+      if (!s.ok())
+        s = s.Annotate("staging copy on the " + std::string(backend_->name()) +
+                       " device (did the caller's stream stall?)");
       b.done(s);
       if (s.ok()) {
-        RecycleEvent(b.done_event);
+        for (DeviceEvent e : b.chunk_events) RecycleEvent(e);
         RecycleEvent(b.after);
       } else {
         // The copies may still run: keep what they touch alive until the stager goes.
@@ -207,12 +255,54 @@ DeviceStager::DeviceStager(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 DeviceStager::~DeviceStager() = default;
 
 Result<PinnedBuffer> DeviceStager::Acquire(size_t n) { return impl_->Acquire(n); }
-Status DeviceStager::Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done) {
-  return impl_->Submit(copies, after, std::move(done));
+Status DeviceStager::Submit(const std::vector<Copy>& copies, DeviceEvent after, Done done,
+                            OnChunk on_chunk) {
+  return impl_->Submit(copies, after, std::move(done), std::move(on_chunk));
 }
+size_t DeviceStager::chunk_bytes() const { return impl_->options_.chunk_bytes; }
 Result<DeviceEvent> DeviceStager::RecordOn(DeviceStream stream) { return impl_->RecordOn(stream); }
 void DeviceStager::Recycle(DeviceEvent event) { impl_->RecycleEvent(event); }
 DeviceBackend* DeviceStager::backend() const { return impl_->backend_; }
 DeviceStream DeviceStager::stream() const { return impl_->stream_; }
+
+Result<DeviceStager*> LazyStager::Get() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!stager_) {
+    if (backend_ == nullptr) return FailedPreconditionError("no device backend configured");
+    MESHPOST_RETURN_IF_ERROR(backend_->Available());
+    MESHPOST_ASSIGN_OR_RETURN(stager_, DeviceStager::Create(backend_, options_));
+  }
+  return stager_.get();
+}
+
+DeviceStager* LazyStager::IfCreated() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stager_.get();
+}
+
+Result<void*> LandingBuffers::Acquire(DeviceStager* stager, int node, uint64_t id, size_t index,
+                                      size_t n, void* device_dst, Device device) {
+  // Allocation (possibly a driver call) happens outside the table's lock.
+  MESHPOST_ASSIGN_OR_RETURN(PinnedBuffer buf, stager->Acquire(n == 0 ? 1 : n));
+  void* data = buf.data;
+  std::lock_guard<std::mutex> lock(mu_);
+  pending_[{node, id}][index] = Landing{std::move(buf), device_dst, device, n};
+  return data;
+}
+
+std::map<size_t, LandingBuffers::Landing> LandingBuffers::Take(int node, uint64_t id) {
+  std::map<size_t, Landing> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = pending_.find({node, id});
+  if (it == pending_.end()) return out;
+  out.swap(it->second);
+  pending_.erase(it);
+  return out;
+}
+
+size_t LandingBuffers::pending_messages() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_.size();
+}
 
 }  // namespace meshpost

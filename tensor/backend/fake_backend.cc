@@ -71,8 +71,12 @@ struct Op {
   int64_t Target() const {
     return value_addr ? __atomic_load_n(value_addr, __ATOMIC_ACQUIRE) : value;
   }
-  Range reads() const { return {reinterpret_cast<uintptr_t>(src), reinterpret_cast<uintptr_t>(src) + n}; }
-  Range writes() const { return {reinterpret_cast<uintptr_t>(dst), reinterpret_cast<uintptr_t>(dst) + n}; }
+  Range reads() const {
+    return {reinterpret_cast<uintptr_t>(src), reinterpret_cast<uintptr_t>(src) + n};
+  }
+  Range writes() const {
+    return {reinterpret_cast<uintptr_t>(dst), reinterpret_cast<uintptr_t>(dst) + n};
+  }
 };
 
 // One access to a byte range by an agent at its own epoch, with the agent's clock then.
@@ -213,7 +217,8 @@ class FakeBackend::Impl {
   void Run(Stream* s) {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [s] { return (!s->held && !s->queue.empty()) || (s->stop && s->queue.empty()); });
+      cv_.wait(lock,
+               [s] { return (!s->held && !s->queue.empty()) || (s->stop && s->queue.empty()); });
       if (s->queue.empty()) return;  // stopping
       std::shared_ptr<Op> op = s->queue.front();
       s->queue.pop_front();
@@ -238,13 +243,16 @@ class FakeBackend::Impl {
     ++s->clock[s->id];
     switch (op.kind) {
       case OpKind::kCopy: {
-        const std::string what = "copy #" + std::to_string(op.seq) + " on stream " +
-                                 std::to_string(s->id);
+        const std::string what =
+            "copy #" + std::to_string(op.seq) + " on stream " + std::to_string(s->id);
         CheckAccessLocked(op.reads(), false, s->id, s->clock, what);
         CheckAccessLocked(op.writes(), true, s->id, s->clock, what);
         ++copies_;
+        const int64_t cost_ns = static_cast<int64_t>(op.n) * copy_ps_per_byte_ / 1000;
         lock.unlock();
         std::memmove(op.dst, op.src, op.n);
+        // Models a copy engine's bandwidth: the copy takes time proportional to its bytes.
+        if (cost_ns > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(cost_ns));
         lock.lock();
         break;
       }
@@ -269,9 +277,7 @@ class FakeBackend::Impl {
         Merge(flag_clocks_[op.flag], s->clock);
         __atomic_store_n(op.flag, op.Target(), __ATOMIC_RELEASE);
         break;
-      case OpKind::kIncrement:
-        __atomic_fetch_add(op.flag, 1, __ATOMIC_ACQ_REL);
-        break;
+      case OpKind::kIncrement: __atomic_fetch_add(op.flag, 1, __ATOMIC_ACQ_REL); break;
       case OpKind::kWaitFlag: {
         s->blocked = true;
         cv_.notify_all();
@@ -434,9 +440,9 @@ class FakeBackend::Impl {
   Status RegisterHost(void* ptr, size_t n) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!registered_.emplace(reinterpret_cast<uintptr_t>(ptr), n).second) {
-      return FailedPreconditionError("FakeBackend::RegisterHost: " +
-                                     Hex(reinterpret_cast<uintptr_t>(ptr)) +
-                                     " is already registered");
+      return FailedPreconditionError(
+          "FakeBackend::RegisterHost: " + Hex(reinterpret_cast<uintptr_t>(ptr)) +
+          " is already registered");
     }
     return OkStatus();
   }
@@ -444,8 +450,8 @@ class FakeBackend::Impl {
   Status UnregisterHost(void* ptr) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!registered_.erase(reinterpret_cast<uintptr_t>(ptr))) {
-      return NotFoundError("FakeBackend::UnregisterHost: " +
-                           Hex(reinterpret_cast<uintptr_t>(ptr)) + " is not registered");
+      return NotFoundError("FakeBackend::UnregisterHost: " + Hex(reinterpret_cast<uintptr_t>(ptr)) +
+                           " is not registered");
     }
     return OkStatus();
   }
@@ -550,6 +556,11 @@ class FakeBackend::Impl {
     cv_.notify_all();
   }
 
+  void SetCopyCost(int64_t ps_per_byte) {
+    std::lock_guard<std::mutex> lock(mu_);
+    copy_ps_per_byte_ = ps_per_byte;
+  }
+
   void SetDelay(DeviceStream stream, int64_t us) {
     std::lock_guard<std::mutex> lock(mu_);
     if (Stream* s = FindLocked(stream)) s->delay_us = us;
@@ -564,6 +575,7 @@ class FakeBackend::Impl {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   const int devices_;
+  int64_t copy_ps_per_byte_ = 0;  // SetCopyCost
   Status unavailable_;
   int next_stream_ = 0;
   uint64_t next_seq_ = 0;
@@ -587,6 +599,7 @@ FakeBackend::~FakeBackend() = default;
 void FakeBackend::HoldStream(DeviceStream stream) { impl_->SetHeld(stream, true); }
 void FakeBackend::ReleaseStream(DeviceStream stream) { impl_->SetHeld(stream, false); }
 void FakeBackend::SetDelayUs(DeviceStream stream, int64_t us) { impl_->SetDelay(stream, us); }
+void FakeBackend::SetCopyCost(int64_t ps_per_byte) { impl_->SetCopyCost(ps_per_byte); }
 bool FakeBackend::WaitIdle(int64_t timeout_ms) { return impl_->WaitIdle(timeout_ms); }
 std::vector<std::string> FakeBackend::Hazards() const {
   std::lock_guard<std::mutex> lock(impl_->mu_);
@@ -634,8 +647,8 @@ Result<bool> FakeBackend::EventDone(DeviceEvent event) { return impl_->EventDone
 Status FakeBackend::CopyAsync(void* dst, const void* src, size_t n, DeviceStream stream) {
   if (n == 0) return OkStatus();
   if (dst == nullptr || src == nullptr) {
-    return InvalidArgumentError("CopyAsync: null " + std::string(dst ? "src" : "dst") +
-                                " for " + std::to_string(n) + " bytes");
+    return InvalidArgumentError("CopyAsync: null " + std::string(dst ? "src" : "dst") + " for " +
+                                std::to_string(n) + " bytes");
   }
   auto op = std::make_shared<Op>();
   op->kind = OpKind::kCopy;
@@ -677,7 +690,9 @@ Status FakeBackend::IncrementAsync(int64_t* counter, DeviceStream stream) {
 
 Result<void*> FakeBackend::AllocPinned(size_t n) { return impl_->AllocPinned(n); }
 void FakeBackend::FreePinned(void* ptr) { impl_->FreePinned(ptr); }
-Result<void*> FakeBackend::AllocDevice(int device, size_t n) { return impl_->AllocDevice(device, n); }
+Result<void*> FakeBackend::AllocDevice(int device, size_t n) {
+  return impl_->AllocDevice(device, n);
+}
 void FakeBackend::FreeDevice(void* ptr) { impl_->FreeDevice(ptr); }
 Status FakeBackend::RegisterHost(void* ptr, size_t n) { return impl_->RegisterHost(ptr, n); }
 Status FakeBackend::UnregisterHost(void* ptr) { return impl_->UnregisterHost(ptr); }

@@ -28,6 +28,10 @@ class FakeBackend : public DeviceBackend {
   void ReleaseStream(DeviceStream stream);
   // Sleeps this long before each op of `stream` (widens race windows in stress tests).
   void SetDelayUs(DeviceStream stream, int64_t delay_us);
+  // Every copy (all streams) also sleeps n * ps_per_byte picoseconds after moving its n
+  // bytes, like a copy engine of 1e12 / ps_per_byte bytes/s (0: off). For measurements
+  // of chunked pipelines; tests must not assert on time.
+  void SetCopyCost(int64_t ps_per_byte);
   // Until every stream is empty, held, or blocked on an event or flag; false on timeout.
   bool WaitIdle(int64_t timeout_ms);
   // Ordering violations seen so far (each names the ops and the overlapping range).

@@ -86,8 +86,12 @@ class Cluster {
   Status Stop() {
     if (!scheduler_) return OkStatus();
     Status a, b;
-    std::thread t1([&] { if (worker_) a = worker_->Stop(10000); });
-    std::thread t2([&] { if (server_) b = server_->Stop(10000); });
+    std::thread t1([&] {
+      if (worker_) a = worker_->Stop(10000);
+    });
+    std::thread t2([&] {
+      if (server_) b = server_->Stop(10000);
+    });
     t1.join();
     t2.join();
     Status c = scheduler_->Stop(10000);
@@ -181,9 +185,8 @@ class FakeDeviceClusterTest : public ::testing::Test {
 
 TEST_F(FakeDeviceClusterTest, NeedEventOrdersPushAndResponseWithTheCallersStreams) {
   ProduceHeld();
-  auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
-                                                  {{9, DeviceView(pull_dev_)}},
-                                                  StreamSync{true, user_stream_});
+  auto handle = cluster_.worker()->ZBatchPushPull(
+      {{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}}, StreamSync{true, user_stream_});
   ASSERT_TRUE(handle.ok()) << handle.status();
   // The push tensor is not produced yet: nothing may reach the server.
   ASSERT_TRUE(be_.WaitIdle(kWaitMs));
@@ -227,9 +230,9 @@ TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
   TensorView cpu_out{cpu_pull.data(), DType::kFloat32, {kElems}, {}, nullptr};
   ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
   for (int round = 0; round < 5; ++round) {
-    auto handle = cluster_.worker()->ZBatchPushPull(
-        {{1, DeviceView(push_dev_)}, {2, cpu_in}}, {{3, cpu_out}, {4, DeviceView(pull_dev_)}},
-        StreamSync{true, user_stream_});
+    auto handle = cluster_.worker()->ZBatchPushPull({{1, DeviceView(push_dev_)}, {2, cpu_in}},
+                                                    {{3, cpu_out}, {4, DeviceView(pull_dev_)}},
+                                                    StreamSync{true, user_stream_});
     ASSERT_TRUE(handle.ok()) << handle.status();
     auto batch = cluster_.server()->GetBatch(kWaitMs);
     ASSERT_TRUE(batch.ok()) << batch.status();
@@ -238,9 +241,8 @@ TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
     EXPECT_EQ(static_cast<const float*>(req.push[0].tensor.data)[kElems - 1], host_[kElems - 1]);
     EXPECT_EQ(static_cast<const float*>(req.push[1].tensor.data)[0], 3.f);
     // Answer slot 0 (cpu) with the cpu push and slot 1 (gpu) from device memory.
-    ASSERT_TRUE(cluster_.server()
-                    ->Respond(req.handle, {req.push[1].tensor, DeviceView(push_dev_)})
-                    .ok());
+    ASSERT_TRUE(
+        cluster_.server()->Respond(req.handle, {req.push[1].tensor, DeviceView(push_dev_)}).ok());
     ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
     EXPECT_EQ(cpu_pull[5], 3.f);
     std::vector<float> back(kElems);
@@ -257,8 +259,8 @@ TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
 
 TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
   be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
-  auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
-                                                  {{9, DeviceView(pull_dev_)}});
+  auto handle =
+      cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}});
   ASSERT_FALSE(handle.ok());
   EXPECT_THAT(handle.status().message(), HasSubstr("push[0]"));
   EXPECT_THAT(handle.status().message(), HasSubstr("CUDA driver not found (test)"));
@@ -273,6 +275,109 @@ TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
   ASSERT_TRUE(cluster_.server()->Respond((*batch)[0].handle, {(*batch)[0].push[0].tensor}).ok());
   ASSERT_TRUE(cluster_.worker()->Wait(*ok, kWaitMs).ok());
   EXPECT_EQ(out[15], 1.f);
+}
+
+// A server's CUDA receive buffer: pushes land in pinned staging and are copied to the
+// registered device chunk before GetBatch hands the request out (as a cuda:0 tensor).
+// Copies are slowed down so a GetBatch that did not wait for them would read stale bytes
+// and the race checker would report it. Requests keep their arrival order whether or not
+// they needed a copy.
+TEST_F(FakeDeviceClusterTest, CudaReceiveBufferIsFilledBeforeGetBatchReturns) {
+  be_.SetCopyCost(200'000);  // 200 ns per byte: 3.3 ms per 16 KiB copy
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, 2 * kBytes));
+  TensorView recv{recv_dev, DType::kFloat32, {2 * kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0, 0}, {7, 8}).ok());
+
+  std::vector<std::vector<float>> in(3, std::vector<float>(kElems));
+  std::vector<std::vector<float>> out(3, std::vector<float>(kElems, 0.f));
+  const int64_t keys[3] = {7, 9, 8};  // 9 has no receive buffer: a plain CPU request
+  std::vector<uint64_t> handles;
+  for (int r = 0; r < 3; ++r) {
+    for (int64_t i = 0; i < kElems; ++i) in[r][i] = static_cast<float>(r * 100000 + i);
+    auto h = cluster_.worker()->ZBatchPushPull(
+        {{keys[r], TensorView{in[r].data(), DType::kFloat32, {kElems}, {}, nullptr}}},
+        {{1, TensorView{out[r].data(), DType::kFloat32, {kElems}, {}, nullptr}}});
+    ASSERT_TRUE(h.ok()) << h.status();
+    handles.push_back(*h);
+  }
+  for (int r = 0; r < 3; ++r) {
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_EQ(batch->size(), 1u);
+    const KeyTensor& got = (*batch)[0].push[0];
+    ASSERT_EQ(got.key, keys[r]) << "request " << r << " out of order";
+    if (keys[r] == 9) {
+      EXPECT_EQ(got.tensor.device.type, DeviceType::kCPU);
+    } else {
+      EXPECT_EQ(got.tensor.device, (Device{DeviceType::kCUDA, 0}));
+      EXPECT_EQ(got.tensor.data, recv_dev + (keys[r] == 7 ? 0 : kElems));
+    }
+    be_.HostAccess(got.tensor.data, kBytes, /*write=*/false);
+    const float* v = static_cast<const float*>(got.tensor.data);
+    for (int64_t i = 0; i < kElems; ++i)
+      ASSERT_EQ(v[i], in[r][i]) << "request " << r << " [" << i << "]";
+    // Answer from a CPU copy of the received values.
+    ASSERT_TRUE(cluster_.server()
+                    ->Respond((*batch)[0].handle,
+                              {TensorView{in[r].data(), DType::kFloat32, {kElems}, {}, nullptr}})
+                    .ok());
+  }
+  for (int r = 0; r < 3; ++r) {
+    ASSERT_TRUE(cluster_.worker()->Wait(handles[r], kWaitMs).ok());
+    EXPECT_EQ(out[r][kElems - 1], in[r][kElems - 1]);
+  }
+  be_.SetCopyCost(0);
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+  be_.FreeDevice(recv_dev);
+}
+
+TEST_F(FakeDeviceClusterTest, CudaReceiveBufferOnAnUnusableBackendIsRefusedWithTheReason) {
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+  be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
+  TensorView recv{recv_dev, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  Status s = cluster_.server()->RegisterRecvBuffer(recv, {0}, {7});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("RegisterRecvBuffer"));
+  EXPECT_THAT(s.message(), HasSubstr("CUDA driver not found (test)"));
+  be_.SetUnavailable(OkStatus());
+  be_.FreeDevice(recv_dev);
+}
+
+// The device fails after a CUDA receive buffer was registered: the push cannot reach it,
+// the worker's handle fails with the reason instead of hanging, and the next push works
+// once the device is back.
+TEST_F(FakeDeviceClusterTest, CudaReceiveBufferCopyFailureFailsTheWorkersHandle) {
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, kBytes));
+  TensorView recv{recv_dev, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0}, {7}).ok());
+  std::vector<float> in(kElems, 5.f), out(kElems, 0.f);
+  TensorView cpu_in{in.data(), DType::kFloat32, {kElems}, {}, nullptr};
+  TensorView cpu_out{out.data(), DType::kFloat32, {kElems}, {}, nullptr};
+
+  be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
+  auto failed = cluster_.worker()->ZBatchPushPull({{7, cpu_in}}, {{1, cpu_out}});
+  ASSERT_TRUE(failed.ok()) << failed.status();
+  Status s = cluster_.worker()->Wait(*failed, kWaitMs);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.code(), StatusCode::kDeadlineExceeded) << s;
+  EXPECT_THAT(s.message(), HasSubstr("CUDA driver not found (test)"));
+
+  be_.SetUnavailable(OkStatus());
+  auto ok = cluster_.worker()->ZBatchPushPull({{7, cpu_in}}, {{1, cpu_out}});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  auto batch = cluster_.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  const KeyTensor& got = (*batch)[0].push[0];
+  EXPECT_EQ(got.tensor.device, (Device{DeviceType::kCUDA, 0}));
+  be_.HostAccess(got.tensor.data, kBytes, /*write=*/false);
+  EXPECT_EQ(static_cast<const float*>(got.tensor.data)[kElems - 1], 5.f);
+  ASSERT_TRUE(cluster_.server()->Respond((*batch)[0].handle, {cpu_in}).ok());
+  ASSERT_TRUE(cluster_.worker()->Wait(*ok, kWaitMs).ok());
+  EXPECT_EQ(out[0], 5.f);
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+  be_.FreeDevice(recv_dev);
 }
 
 }  // namespace

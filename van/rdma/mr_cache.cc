@@ -1,15 +1,100 @@
 #include "van/rdma/mr_cache.h"
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <string>
 
 namespace meshpost {
 namespace rdma {
+namespace {
+
+std::string HexAddr(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%llx",
+                static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
+  return buf;
+}
+
+}  // namespace
+
+const char* GpuRegistrationName(GpuRegistration mode) {
+  switch (mode) {
+    case GpuRegistration::kAuto:
+      return "auto";
+    case GpuRegistration::kDmabuf:
+      return "dmabuf";
+    case GpuRegistration::kPeerMem:
+      return "peermem";
+    case GpuRegistration::kStaging:
+      return "staging";
+  }
+  return "?";
+}
+
+Result<GpuRegistration> ParseGpuRegistration(const char* var, const std::string& value) {
+  for (GpuRegistration m : {GpuRegistration::kAuto, GpuRegistration::kDmabuf,
+                            GpuRegistration::kPeerMem, GpuRegistration::kStaging}) {
+    if (value == GpuRegistrationName(m)) return m;
+  }
+  return InvalidArgumentError(std::string(var) + "='" + value +
+                              "'; expected auto, dmabuf, peermem or staging");
+}
+
+Result<std::unique_ptr<VerbsMr>> RegisterGpuMemory(VerbsDevice* device, DeviceBackend* backend,
+                                                   void* addr, size_t len, uint32_t access,
+                                                   GpuRegistration mode) {
+  const std::string what = "GPUDirect registration of " + std::to_string(len) + " bytes at " +
+                           HexAddr(addr) + " on " + device->name();
+  if (mode == GpuRegistration::kStaging) {
+    return FailedPreconditionError(what + ": MESHPOST_RDMA_GPU=staging disables GPUDirect; "
+                                   "stage CUDA memory through pinned host memory instead");
+  }
+  if (backend == nullptr) backend = CudaBackend();
+  Status usable = backend->Available();
+  if (!usable.ok()) {
+    return FailedPreconditionError(what + ": no usable CUDA device: " + usable.message());
+  }
+  auto where = backend->PointerDevice(addr);
+  if (!where.ok()) return where.status().Annotate(what);
+  if (where->type != DeviceType::kCUDA) {
+    return InvalidArgumentError(what + ": the address is " + where->ToString() +
+                                " memory, not CUDA device memory");
+  }
+  std::string tried;
+  if (mode == GpuRegistration::kAuto || mode == GpuRegistration::kDmabuf) {
+    auto buf = backend->DmabufFd(addr, len);
+    if (buf.ok()) {
+      auto mr = device->RegisterDmabuf(buf->fd, buf->offset, len,
+                                       reinterpret_cast<uint64_t>(addr), access);
+      close(buf->fd);  // the registration holds its own reference
+      if (mr.ok()) return mr;
+      tried = "ibv_reg_dmabuf_mr: " + mr.status().message();
+    } else {
+      tried = "dma-buf export (" + std::string(backend->name()) + "): " + buf.status().message();
+    }
+  }
+  if (mode == GpuRegistration::kAuto || mode == GpuRegistration::kPeerMem) {
+    auto mr = device->RegisterMemory(addr, len, access);
+    if (mr.ok()) return mr;
+    tried += (tried.empty() ? "" : "; ") +
+             std::string("ibv_reg_mr on device memory (needs the nvidia-peermem module): ") +
+             mr.status().message();
+  }
+  return FailedPreconditionError(
+      what + " (" + where->ToString() + ", MESHPOST_RDMA_GPU=" + GpuRegistrationName(mode) +
+      ") failed: " + tried +
+      ". Fix: a dma-buf capable setup (open GPU kernel module, Linux >= 5.12, rdma-core >= 34) "
+      "or `modprobe nvidia-peermem`; or set MESHPOST_RDMA_GPU=staging to move GPU tensors "
+      "through pinned host memory");
+}
 
 MrCache::MrCache(VerbsDevice* device, size_t max_entries)
     : device_(device), max_entries_(max_entries == 0 ? 1 : max_entries) {}
 
 Result<std::shared_ptr<VerbsMr>> MrCache::Get(const void* addr, size_t len, uint32_t access,
-                                              const std::weak_ptr<const void>& owner) {
+                                              const std::weak_ptr<const void>& owner,
+                                              bool cuda_device) {
   if (addr == nullptr || len == 0) {
     return InvalidArgumentError("MrCache::Get: cannot register addr=" +
                                 std::to_string(reinterpret_cast<uintptr_t>(addr)) +
@@ -40,7 +125,9 @@ Result<std::shared_ptr<VerbsMr>> MrCache::Get(const void* addr, size_t len, uint
     Sweep();
     while (entries_.size() >= max_entries_) EvictLru();
   }
-  auto mr = device_->RegisterMemory(const_cast<void*>(addr), len, access);
+  auto mr = cuda_device ? RegisterGpuMemory(device_, gpu_backend_, const_cast<void*>(addr), len,
+                                             access, gpu_mode_)
+                        : device_->RegisterMemory(const_cast<void*>(addr), len, access);
   if (!mr.ok()) return mr.status();
   Entry e;
   e.mr = std::shared_ptr<VerbsMr>(std::move(mr).value());

@@ -43,6 +43,10 @@ Result<RdmaOptions> RdmaOptionsFromEnv(const EnvLookup& env) {
   o.header_slots = static_cast<uint32_t>(slots);
   o.header_slot_bytes = static_cast<uint32_t>(bytes);
   o.mr_cache_entries = static_cast<size_t>(cache);
+  if (const char* v = env("MESHPOST_RDMA_GPU"); v != nullptr && *v != '\0') {
+    MESHPOST_RETURN_IF_ERROR(rdma::ParseGpuRegistration("MESHPOST_RDMA_GPU", v).status());
+    o.gpu = v;
+  }
   return o;
 }
 

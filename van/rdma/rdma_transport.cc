@@ -244,7 +244,11 @@ RdmaTransport::RdmaTransport(std::unique_ptr<VerbsApi> api, std::unique_ptr<Verb
       local_(std::move(local)),
       control_send_(std::move(control_send)),
       mr_cache_(device_.get(), options.mr_cache_entries),
-      waiter_(options.wait) {}
+      waiter_(options.wait) {
+  // RdmaOptionsFromEnv validated the name; an unknown one (set in code) means auto.
+  auto gpu = ParseGpuRegistration("MESHPOST_RDMA_GPU", options.gpu);
+  mr_cache_.EnableGpu(options.gpu_backend, gpu.ok() ? *gpu : GpuRegistration::kAuto);
+}
 
 RdmaTransport::~RdmaTransport() {
   Shutdown();
@@ -623,7 +627,8 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
   return result;
 }
 
-Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size) {
+Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size,
+                                         bool cuda_device) {
   if (addr == nullptr || size == 0) {
     return InvalidArgumentError("RdmaVan::RegisterRecvBuffer: addr=" +
                                 std::to_string(reinterpret_cast<uintptr_t>(addr)) +
@@ -637,7 +642,7 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
   Actions acts;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto mr = mr_cache_.Get(addr, size, kAccessLocalWrite | kAccessRemoteWrite);
+    auto mr = mr_cache_.Get(addr, size, kAccessLocalWrite | kAccessRemoteWrite, {}, cuda_device);
     if (!mr.ok()) return mr.status().Annotate("RdmaVan::RegisterRecvBuffer");
     LocalBuffer lb;
     lb.addr = reinterpret_cast<uint64_t>(addr);
@@ -660,9 +665,9 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
 }
 
 Status RdmaTransport::RegisterMemory(const void* addr, size_t size,
-                                     const std::weak_ptr<const void>& owner) {
+                                     const std::weak_ptr<const void>& owner, bool cuda_device) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto mr = mr_cache_.Get(addr, size, kAccessLocalWrite | kAccessRemoteWrite, owner);
+  auto mr = mr_cache_.Get(addr, size, kAccessLocalWrite | kAccessRemoteWrite, owner, cuda_device);
   if (!mr.ok()) return mr.status().Annotate("RdmaVan::RegisterMemory");
   return OkStatus();
 }

@@ -68,8 +68,11 @@ class RdmaTransport {
   // Status of a completed handle without waiting: nullopt-like NotFound if pending.
   bool IsDone(uint64_t handle);
 
-  Status RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size);
-  Status RegisterMemory(const void* addr, size_t size, const std::weak_ptr<const void>& owner);
+  // cuda_device: the memory is CUDA device memory, registered for GPUDirect (mr_cache.h).
+  Status RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size,
+                            bool cuda_device = false);
+  Status RegisterMemory(const void* addr, size_t size, const std::weak_ptr<const void>& owner,
+                        bool cuda_device = false);
   void InvalidateMemory(const void* addr, size_t size);
 
   // Polls the CQ once and handles what it returned; returns the number of completions.

@@ -94,13 +94,20 @@ class RdmaVanImpl : public RdmaVan {
     return transport_->OnControlBlob(peer_id, blob.data(), blob.size());
   }
   bool RegistersMemory() const override { return true; }
+  // CUDA memory is registered for GPUDirect unless MESHPOST_RDMA_GPU=staging.
+  bool SupportsMemory(MemoryKind kind) const override {
+    return kind == MemoryKind::kHost ||
+           (kind == MemoryKind::kCudaDevice && options_.gpu != "staging");
+  }
   Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) override {
     MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterRecvBuffer", region));
-    return transport_->RegisterRecvBuffer(peer_id, key, region.addr, region.size);
+    return transport_->RegisterRecvBuffer(peer_id, key, region.addr, region.size,
+                                          region.kind == MemoryKind::kCudaDevice);
   }
   Status RegisterMemory(const MemoryRegion& region) override {
     MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterMemory", region));
-    return transport_->RegisterMemory(region.addr, region.size, region.owner);
+    return transport_->RegisterMemory(region.addr, region.size, region.owner,
+                                      region.kind == MemoryKind::kCudaDevice);
   }
   void InvalidateMemory(const void* addr, size_t size) override {
     if (transport_) transport_->InvalidateMemory(addr, size);
@@ -121,8 +128,13 @@ class RdmaVanImpl : public RdmaVan {
   Status CheckRegion(const char* fn, const MemoryRegion& region) const {
     if (!transport_) return FailedPreconditionError(std::string("RdmaVan::") + fn + " before Bind");
     if (!SupportsMemory(region.kind)) {
-      return UnimplementedError(std::string("RdmaVan::") + fn + ": memory kind '" +
-                                MemoryKindName(region.kind) + "' is not supported (host only)");
+      return UnimplementedError(
+          std::string("RdmaVan::") + fn + ": memory kind '" + MemoryKindName(region.kind) +
+          "' is not supported (host memory" +
+          (region.kind == MemoryKind::kCudaDevice
+               ? std::string("; CUDA memory is refused because MESHPOST_RDMA_GPU=staging: "
+                             "stage it through pinned host memory)")
+               : std::string(", and CUDA memory unless MESHPOST_RDMA_GPU=staging)")));
     }
     return OkStatus();
   }

@@ -20,6 +20,7 @@ namespace meshpost {
 namespace rdma {
 class VerbsApi;  // van/rdma/verbs_api.h
 }  // namespace rdma
+class DeviceBackend;  // tensor/device_backend.h
 
 // Where the van gets its verbs implementation. Empty (production) means libibverbs;
 // tests substitute the in-process fake fabric (tests/van/rdma/fake_verbs.h).
@@ -34,6 +35,10 @@ struct RdmaOptions {
   uint32_t header_slots = 64;    // MESHPOST_RDMA_HEADER_SLOTS: in-flight messages per peer
   uint32_t header_slot_bytes = 4096;  // MESHPOST_RDMA_HEADER_BYTES: max encoded header
   size_t mr_cache_entries = 1024;     // MESHPOST_RDMA_MR_CACHE
+  // MESHPOST_RDMA_GPU: how CUDA memory is registered (auto, dmabuf, peermem, staging;
+  // van/rdma/mr_cache.h), and the device backend for it (null: CudaBackend(); tests: fake).
+  std::string gpu = "auto";
+  DeviceBackend* gpu_backend = nullptr;
   uint32_t send_queue_depth = 1024;   // work requests per QP
   size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
   WaitPolicy wait;                    // completion poller spin/block policy

@@ -162,6 +162,15 @@ class VerbsDevice {
   virtual Result<GidEntry> QueryGid(uint8_t port, int index) = 0;
   virtual Result<std::unique_ptr<VerbsMr>> RegisterMemory(void* addr, size_t length,
                                                           uint32_t access) = 0;
+  // GPUDirect through a dma-buf (ibv_reg_dmabuf_mr): registers `length` bytes starting
+  // `offset` bytes into the dma-buf `fd`, addressed by peers and work requests as `iova`
+  // (the device pointer). The caller keeps ownership of fd (closing it after registration
+  // is fine: the registration holds its own reference). Unimplemented when the verbs
+  // library or the device has no dma-buf support.
+  virtual Result<std::unique_ptr<VerbsMr>> RegisterDmabuf(int fd, uint64_t offset, size_t length,
+                                                          uint64_t iova, uint32_t access) {
+    return UnimplementedError("ibv_reg_dmabuf_mr(" + name() + "): not supported by this device");
+  }
   virtual Result<std::unique_ptr<VerbsCq>> CreateCq(int depth) = 0;
   virtual Result<std::unique_ptr<VerbsQp>> CreateQp(VerbsCq* cq, const QpCaps& caps) = 0;
 };

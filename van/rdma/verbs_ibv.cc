@@ -358,6 +358,27 @@ class IbvDevice : public VerbsDevice {
     return std::unique_ptr<VerbsMr>(new IbvMr(mr, access));
   }
 
+  Result<std::unique_ptr<VerbsMr>> RegisterDmabuf(int fd, uint64_t offset, size_t length,
+                                                  uint64_t iova, uint32_t access) override {
+    int flags = 0;
+    if (access & kAccessLocalWrite) flags |= IBV_ACCESS_LOCAL_WRITE;
+    if (access & kAccessRemoteWrite) flags |= IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_LOCAL_WRITE;
+    ibv_mr* mr = ibv_reg_dmabuf_mr(pd_, offset, length, iova, fd, flags);
+    if (mr == nullptr) {
+      const int err = errno;
+      Status s = Errno("ibv_reg_dmabuf_mr(" + name_ + ", " + std::to_string(length) + " bytes)",
+                       err);
+      // EOPNOTSUPP / EPROTONOSUPPORT: the provider or kernel has no dma-buf MRs.
+      if (err == EOPNOTSUPP || err == EPROTONOSUPPORT || err == ENOSYS) {
+        return UnimplementedError(s.message() + " (the RDMA provider or kernel lacks dma-buf "
+                                  "memory regions: needs Linux >= 5.12 and rdma-core >= 34)");
+      }
+      return s;
+    }
+    // ibv_mr.addr is the iova the peers use.
+    return std::unique_ptr<VerbsMr>(new IbvMr(mr, access));
+  }
+
   Result<std::unique_ptr<VerbsCq>> CreateCq(int depth) override {
     ibv_comp_channel* channel = ibv_create_comp_channel(ctx_);
     if (channel == nullptr) return Errno("ibv_create_comp_channel(" + name_ + ")", errno);
