@@ -186,8 +186,7 @@ bool HugetlbAvailable() {
 Result<std::shared_ptr<SharedBlock>> AllocateShared(size_t bytes) {
   if (bytes == 0 || bytes > kMaxSharedBlockBytes) {
     return InvalidArgumentError("AllocateShared: bytes=" + std::to_string(bytes) +
-                                "; expected 1 <= bytes <= " +
-                                std::to_string(kMaxSharedBlockBytes));
+                                "; expected 1 <= bytes <= " + std::to_string(kMaxSharedBlockBytes));
   }
   static std::atomic<uint32_t> next_id{1};
   const size_t size = (bytes + kSharedBlockAlign - 1) & ~(kSharedBlockAlign - 1);

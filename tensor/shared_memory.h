@@ -56,7 +56,7 @@ Result<TensorView> AllocateSharedTensor(DType dtype, const std::vector<int64_t>&
 struct SharedRef {
   uint32_t block_id = 0;
   int fd = -1;
-  size_t offset = 0;      // of the range's start within the block
+  size_t offset = 0;  // of the range's start within the block
   size_t block_size = 0;
   std::shared_ptr<SharedBlock> block;  // keeps the block alive while the caller holds it
 };

@@ -1,12 +1,11 @@
 #include "tensor/shared_memory.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 #include <cstring>
-
-#include <gtest/gtest.h>
 
 namespace meshpost {
 namespace {
