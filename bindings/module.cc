@@ -23,6 +23,7 @@
 #include "common/clock.h"
 #include "ps/postoffice.h"
 #include "tensor/device_backend.h"
+#include "tensor/shared_memory.h"
 #include "van/registry.h"
 
 namespace py = pybind11;
@@ -429,6 +430,27 @@ class Node {
     return out;
   }
 
+  // Writable views of a pending request's pull slots in the worker's shared memory, None
+  // for a slot that is not (BatchRequest::outputs).
+  py::list Outputs(int64_t handle) {
+    AFTensorServer* s = RequireServer("outputs");
+    const uint64_t h = HandleOf(handle, "outputs");
+    auto r = [&] {
+      py::gil_scoped_release release;
+      return s->Outputs(h);
+    }();
+    if (!r.ok()) RaiseStatus(r.status());
+    py::list out;
+    for (const TensorView& v : *r) {
+      if (v.data == nullptr) {
+        out.append(py::none());
+      } else {
+        out.append(TensorFromView(v, v.owner));
+      }
+    }
+    return out;
+  }
+
   // --- info ---
 
   std::string role() const { return RoleName(Info()->role()); }
@@ -582,6 +604,31 @@ PYBIND11_MODULE(_meshpost, m) {
   m.def("get_nanosecond", [] { return meshpost::GetNanosecond(); },
         "Monotonic nanoseconds on the clock used for trace stamps.");
   // The transport table (van/registry.h): compiled transports, highest priority first.
+  m.def(
+      "alloc_shared",
+      [](int64_t nbytes) {
+        if (nbytes <= 0) {
+          RaiseValueError("alloc_shared: nbytes=" + std::to_string(nbytes) +
+                          "; expected a positive byte count");
+        }
+        auto v = [&] {
+          py::gil_scoped_release release;
+          return AllocateSharedTensor(DType::kUInt8, {nbytes});
+        }();
+        if (!v.ok()) RaiseStatus(v.status());
+        return TensorFromView(*v, v->owner);
+      },
+      py::arg("nbytes"),
+      "A uint8 tensor of nbytes in a fresh shared block (memfd, 2 MiB aligned); freeing the "
+      "tensor frees the block.");
+  m.def(
+      "is_shared",
+      [](py::handle tensor) {
+        TensorView v = ViewFromTensor(tensor, "is_shared: tensor");
+        SharedRef ref;
+        return v.data != nullptr && SharedMemoryRegistry::Get().Find(v.data, v.nbytes(), &ref);
+      },
+      py::arg("tensor"), "Whether the tensor's bytes lie in one shared block.");
   m.def("available_transports", [] { return meshpost::CompiledTransports(); });
   m.def("supported_dtypes", &meshpost::py_bindings::SupportedDTypeNames);
   meshpost::py_bindings::BindCuda(m);
@@ -618,6 +665,7 @@ PYBIND11_MODULE(_meshpost, m) {
       .def("register_recv_buffer", &Node::RegisterRecvBuffer, py::arg("tensor"),
            py::arg("worker_ranks"), py::arg("push_keys"))
       .def("pull_slots", &Node::PullSlots, py::arg("handler"))
+      .def("outputs", &Node::Outputs, py::arg("handler"))
       .def_property_readonly("role", &Node::role)
       .def_property_readonly("rank", &Node::rank)
       .def_property_readonly("port", &Node::port)

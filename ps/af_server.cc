@@ -1,6 +1,7 @@
 #include "ps/af_server.h"
 
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -27,6 +28,7 @@ struct ServerRequest {
   std::vector<RecvSegment> segments;  // owners keep van buffers alive until answered
   std::vector<Device> devices;        // per push segment when some landed in GPU memory
   std::vector<TensorDesc> slots;
+  std::vector<RecvSegment> peer_slots;  // writable views of the worker's slots (or empty)
   uint64_t received = 0;
   uint64_t processed = 0;
   // Trace capture only: OS threads (TraceThreadId) that received, returned and answered it.
@@ -99,6 +101,7 @@ class AFTensorServer::Impl : public DataHandler {
             b.push.push_back(std::move(kt));
           }
           b.pull_slots = SlotsOf(*r);
+          b.outputs = OutputsOf(*r);
           outstanding_.emplace(r->handle, std::move(r));
           out.push_back(std::move(b));
         }
@@ -127,14 +130,21 @@ class AFTensorServer::Impl : public DataHandler {
   Status Respond(uint64_t handle, const std::vector<TensorView>& tensors, const StreamSync& sync) {
     const uint64_t start = GetNanosecond();
     std::shared_ptr<ServerRequest> r;
+    std::vector<TensorView> in_place;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = outstanding_.find(handle);
       if (it == outstanding_.end()) return UnknownHandle("Respond", handle);
       r = it->second;
-      MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors));
+      // No tensors: the answer is already in the worker's slots (BatchRequest::outputs).
+      if (tensors.empty() && !r->slots.empty() && AllSlotsShared(*r)) {
+        in_place = OutputsOf(*r);
+      } else {
+        MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors));
+      }
       outstanding_.erase(it);
     }
+    if (!in_place.empty()) return SendResponseNow(std::move(r), in_place, start);
     DeviceEvent after = nullptr;
     Status prepared = PrepareDevice("Respond", tensors, sync, &after);
     // The request is no longer outstanding: tell the worker instead of leaving it waiting.
@@ -285,6 +295,13 @@ class AFTensorServer::Impl : public DataHandler {
     return SlotsOf(*it->second);
   }
 
+  Result<std::vector<TensorView>> Outputs(uint64_t handle) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = outstanding_.find(handle);
+    if (it == outstanding_.end()) return UnknownHandle("Outputs", handle);
+    return OutputsOf(*it->second);
+  }
+
   int num_workers() const { return num_workers_; }
 
   // --- DataHandler, called on the van's receive thread ---
@@ -331,6 +348,7 @@ class AFTensorServer::Impl : public DataHandler {
     r->push = std::move(msg.meta.data);
     r->slots = std::move(msg.meta.slots);
     r->segments = std::move(msg.segments);
+    r->peer_slots = std::move(msg.peer_slots);
     if (!gpu_recv_.load(std::memory_order_acquire)) return Enqueue(std::move(r));
     // With CUDA receive buffers registered, every request passes through the stager (an
     // empty batch for CPU-only ones) so requests of a worker stay in arrival order.
@@ -440,6 +458,26 @@ class AFTensorServer::Impl : public DataHandler {
     return rank;
   }
 
+  static std::vector<TensorView> OutputsOf(const ServerRequest& r) {
+    std::vector<TensorView> out(r.slots.size());
+    for (size_t j = 0; j < r.slots.size() && j < r.peer_slots.size(); ++j) {
+      if (r.peer_slots[j].data == nullptr) continue;
+      out[j].data = r.peer_slots[j].data;
+      out[j].dtype = r.slots[j].dtype;
+      out[j].shape = r.slots[j].shape;
+      out[j].owner = r.peer_slots[j].owner;
+    }
+    return out;
+  }
+
+  static bool AllSlotsShared(const ServerRequest& r) {
+    if (r.peer_slots.size() != r.slots.size()) return false;
+    for (const RecvSegment& s : r.peer_slots) {
+      if (s.data == nullptr) return false;
+    }
+    return true;
+  }
+
   static std::vector<PullSlot> SlotsOf(const ServerRequest& r) {
     std::vector<PullSlot> slots;
     for (const TensorDesc& d : r.slots) slots.push_back({d.key, d.dtype, d.shape, d.nbytes});
@@ -466,7 +504,11 @@ class AFTensorServer::Impl : public DataHandler {
       return InvalidArgumentError(std::string(fn) + ": " + std::to_string(tensors.size()) +
                                   " tensors for handle " + std::to_string(r.handle) + "; worker " +
                                   std::to_string(r.worker_rank) + " expects " +
-                                  std::to_string(r.slots.size()) + " (its pull slots)");
+                                  std::to_string(r.slots.size()) + " (its pull slots)" +
+                                  (tensors.empty() ? "; no tensors answers with the request's "
+                                                     "outputs only when every pull slot is in "
+                                                     "the worker's shared memory"
+                                                   : ""));
     }
     for (size_t j = 0; j < tensors.size(); ++j) {
       const std::string where = std::string(fn) + ": tensors[" + std::to_string(j) + "]";
@@ -559,7 +601,19 @@ class AFTensorServer::Impl : public DataHandler {
     for (size_t j = 0; j < tensors.size(); ++j) {
       TensorDesc d = r->slots[j];
       out.meta.data.push_back(std::move(d));
-      out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner});
+      const RecvSegment* peer = j < r->peer_slots.size() && r->peer_slots[j].data != nullptr
+                                    ? &r->peer_slots[j]
+                                    : nullptr;
+      if (peer != nullptr) {
+        // The worker's slot is mapped here: write it directly (unless the caller computed
+        // into it) and send its name; the worker's van copies nothing.
+        if (tensors[j].data != peer->data && peer->size != 0) {
+          std::memcpy(peer->data, tensors[j].data, peer->size);
+        }
+        out.segments.push_back({peer->data, peer->size, peer->owner});
+      } else {
+        out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner});
+      }
     }
     out.meta.stamps = {r->received, r->processed, start, GetNanosecond()};
     const std::array<uint64_t, kServerStamps> stamps = out.meta.stamps;
@@ -646,6 +700,9 @@ Status AFTensorServer::RegisterRecvBuffer(const TensorView& tensor,
 }
 Result<std::vector<PullSlot>> AFTensorServer::PullSlots(uint64_t handle) {
   return impl_->PullSlots(handle);
+}
+Result<std::vector<TensorView>> AFTensorServer::Outputs(uint64_t handle) {
+  return impl_->Outputs(handle);
 }
 int AFTensorServer::num_workers() const { return impl_->num_workers(); }
 

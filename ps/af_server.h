@@ -32,6 +32,12 @@ struct BatchRequest {
   // holds it; without holding it they are valid until this request is answered.
   KeyTensorBatch push;
   std::vector<PullSlot> pull_slots;
+  // Per pull slot: a writable view of the worker's slot itself when the worker allocated it
+  // in shared memory (tensor/shared_memory.h) and the transport mapped it (same host);
+  // data == nullptr otherwise. Compute into these and Respond with them (or with nothing):
+  // only the completion travels. Views end at Respond: the worker may reuse the memory
+  // as soon as its handle completes.
+  std::vector<TensorView> outputs;
 };
 
 class AFTensorServer {
@@ -44,7 +50,9 @@ class AFTensorServer {
   // One request per worker in worker-rank order. DeadlineExceeded after timeout_ms
   // (< 0: no limit); Unavailable if a worker died or left while requests are incomplete.
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms);
-  // Sends tensors[j] into pull slot j of the request's worker. Tensors must stay valid
+  // Sends tensors[j] into pull slot j of the request's worker (a slot with an `outputs`
+  // view gets one memcpy into it, none when tensors[j] is that view; an empty `tensors`
+  // answers with the outputs when every slot has one). Tensors must stay valid
   // until the transport is done with them unless their `owner` is set. CUDA tensors are
   // staged through pinned memory; with sync.need_event they are read only after
   // sync.stream's work so far (otherwise the caller guarantees they are ready).
@@ -61,6 +69,8 @@ class AFTensorServer {
                             const std::vector<int64_t>& keys);
   // Pull slots of a pending request (NotFound when unknown or already answered).
   Result<std::vector<PullSlot>> PullSlots(uint64_t handle);
+  // The request's BatchRequest::outputs (NotFound when unknown or already answered).
+  Result<std::vector<TensorView>> Outputs(uint64_t handle);
   int num_workers() const;
 
   class Impl;

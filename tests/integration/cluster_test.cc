@@ -140,6 +140,7 @@ TEST_P(ClusterTest, RespondVecRunningOffsets) { RunAndExpectSuccess(Spec("respon
 TEST_P(ClusterTest, BarriersOverEveryGroupCombination) { RunAndExpectSuccess(Spec("barrier")); }
 TEST_P(ClusterTest, WaitTimesOutThenCompletes) { RunAndExpectSuccess(Spec("timeout")); }
 TEST_P(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) { RunAndExpectSuccess(Spec("badinput")); }
+TEST_P(ClusterTest, SharedMemoryPushesViewsAndOutputs) { RunAndExpectSuccess(Spec("shared", 2, 2)); }
 TEST_P(ClusterTest, IdleNodesWaitWithoutErrors) { RunAndExpectSuccess(Spec("idle")); }
 TEST_P(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
 TEST_P(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }

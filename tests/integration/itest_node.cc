@@ -16,6 +16,7 @@
 
 #include "common/clock.h"
 #include "ps/postoffice.h"
+#include "tensor/shared_memory.h"
 #include "tests/support/die.h"
 
 using namespace meshpost;
@@ -111,6 +112,114 @@ void SumServer(Ctx& c) {
     // Tag the answer with this server's rank so workers can check slot routing.
     for (int i = 0; i < 4 * kSumCols; ++i) sum.as<float>()[i] += 1000.0f * c.rank();
     for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {sum.view}));
+  }
+}
+
+// ---------------- shared: pushes and pull slots in shared memory ----------------
+// Workers allocate push and pull tensors with AllocateSharedTensor. On the same-host van
+// the server sees views of the worker's memory and writable outputs (the worker's pull
+// slots); it answers by computing into them and responding with nothing, with the outputs
+// themselves, or with its own buffer (one memcpy into the slot). Elsewhere (tcp) the
+// outputs are absent and the ordinary path runs. Either way every byte is checked.
+constexpr int kSharedIters = 30;
+constexpr int64_t kSharedRows = 16, kSharedCols = 256;
+
+bool SameHostShared() {
+  const char* t = std::getenv("MESHPOST_ITEST_TRANSPORT");
+  return t != nullptr && std::string(t).rfind("cma", 0) == 0;
+}
+
+float SharedValue(int w, int it, int i) {
+  return static_cast<float>(w * 100000 + it * 1000 + i % 997);
+}
+
+void SharedServer(Ctx& c) {
+  std::vector<BatchRequest> held;  // views kept past the worker freeing its blocks
+  for (int it = 0; it <= kSharedIters; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    for (int w = 0; w < c.W(); ++w) {
+      BatchRequest& req = batch[w];
+      EXPECT_OR_DIE(req.push.size() == 2, "two push tensors");
+      const float* p = static_cast<const float*>(req.push[0].tensor.data);
+      const int32_t* meta = static_cast<const int32_t*>(req.push[1].tensor.data);
+      EXPECT_OR_DIE(meta[0] == w && meta[1] == it, "int32 push names worker and iteration");
+      for (int i = 0; i < kSharedRows * kSharedCols; ++i) {
+        EXPECT_OR_DIE(p[i] == SharedValue(w, it, i), "push byte " + std::to_string(i));
+      }
+      EXPECT_OR_DIE(req.outputs.size() == 1, "one output per pull slot");
+      const bool shared_slot = it < kSharedIters;  // the last round pulls into ordinary memory
+      EXPECT_OR_DIE((req.outputs[0].data != nullptr) == (SameHostShared() && shared_slot),
+                    "outputs present exactly on the same-host van for shared slots");
+      const float tag = 1000.0f * c.rank() + 7.0f;
+      if (req.outputs[0].data != nullptr && it % 3 != 2) {
+        float* out = static_cast<float*>(req.outputs[0].data);
+        for (int i = 0; i < kSharedRows * kSharedCols; ++i) out[i] = p[i] + tag;
+        if (it % 3 == 0) {
+          OK_OR_DIE(c.po->server()->Respond(req.handle, {}));
+        } else {
+          OK_OR_DIE(c.po->server()->Respond(req.handle, {req.outputs[0]}));
+        }
+      } else {
+        Buf ans(DType::kFloat32, {kSharedRows, kSharedCols});
+        for (int i = 0; i < kSharedRows * kSharedCols; ++i) ans.as<float>()[i] = p[i] + tag;
+        OK_OR_DIE(c.po->server()->Respond(req.handle, {ans.view}));
+      }
+      // Responding with nothing where a slot is not shared is refused, not sent.
+      if (req.outputs[0].data == nullptr) {
+        EXPECT_OR_DIE(!c.po->server()->Respond(req.handle, {}).ok(), "answered twice");
+      }
+    }
+    if (it == kSharedIters - 1) held = batch;
+  }
+  // The workers freed the blocks behind `held` (and told us with their last request): the
+  // views still read without faulting.
+  volatile float sink = 0;
+  for (auto& req : held) sink = sink + static_cast<const float*>(req.push[0].tensor.data)[5];
+  (void)sink;
+}
+
+void SharedWorker(Ctx& c) {
+  auto push = ValueOrDie(AllocateSharedTensor(DType::kFloat32, {kSharedRows, kSharedCols}), "push");
+  auto meta = ValueOrDie(AllocateSharedTensor(DType::kInt32, {4}), "meta");
+  std::vector<TensorView> pulls;
+  for (int s = 0; s < c.S(); ++s) {
+    pulls.push_back(
+        ValueOrDie(AllocateSharedTensor(DType::kFloat32, {kSharedRows, kSharedCols}), "pull"));
+  }
+  for (int it = 0; it <= kSharedIters; ++it) {
+    if (it == kSharedIters) {
+      // Free every shared block (the server still holds views of the previous push) and
+      // run the last round from ordinary memory.
+      Buf p2(DType::kFloat32, {kSharedRows, kSharedCols});
+      Buf m2(DType::kInt32, {4});
+      std::memcpy(p2.bytes->data(), push.data, push.nbytes());
+      push = p2.view;
+      meta = m2.view;
+      pulls.clear();
+      for (int s = 0; s < c.S(); ++s)
+        pulls.push_back(Buf(DType::kFloat32, {kSharedRows, kSharedCols}).view);
+    }
+    float* p = static_cast<float*>(push.data);
+    for (int i = 0; i < kSharedRows * kSharedCols; ++i) p[i] = SharedValue(c.rank(), it, i);
+    int32_t* m = static_cast<int32_t*>(meta.data);
+    m[0] = c.rank();
+    m[1] = it;
+    KeyTensorBatch pull;
+    for (int s = 0; s < c.S(); ++s) {
+      std::memset(pulls[s].data, 0, pulls[s].nbytes());
+      pull.push_back({200, pulls[s]});
+    }
+    const uint64_t h =
+        ValueOrDie(c.po->worker()->ZBatchPushPull({{0, push}, {1, meta}}, pull), "ZBatchPushPull");
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (int s = 0; s < c.S(); ++s) {
+      const float* got = static_cast<const float*>(pulls[s].data);
+      for (int i = 0; i < kSharedRows * kSharedCols; ++i) {
+        EXPECT_OR_DIE(got[i] == SharedValue(c.rank(), it, i) + 1000.0f * s + 7.0f,
+                      "pull from server " + std::to_string(s) + " element " + std::to_string(i) +
+                          " in round " + std::to_string(it));
+      }
+    }
   }
 }
 
@@ -673,6 +782,7 @@ int main() {
       {"badinput", {BadInputServer, BadInputWorker, nullptr}},
       {"schedkill", {SchedKillServer, SchedKillWorker, SchedKillScheduler}},
       {"idle", {IdleServer, IdleWorker, nullptr}},
+      {"shared", {SharedServer, SharedWorker, nullptr}},
   };
   bool started = false;
   if (std::string(name) == "clash_sum") {

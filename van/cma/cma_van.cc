@@ -11,6 +11,13 @@
 //   is needed and a hostile sender can at worst make us read its own memory.
 // - The sender keeps segment owners until the receiver acknowledges the copy (an ack frame
 //   on the same socket); acks are cumulative and processed by the sender's receive thread.
+// - Shared blocks (tensor/shared_memory.h): a segment (or a request's pull slot) that lies
+//   in a memfd block this process allocated travels as (block, offset): the block's fd is
+//   passed once per connection (kBlock), the receiver maps it once and reads (or views)
+//   the bytes in place; a freed block is announced (kBlockGone) with the next send. A
+//   response written into a peer's mapped block names the peer's own (block, offset), so
+//   nothing moves but the completion. The receiver maps only what was passed to it and
+//   checks every (block, offset, len) against the mapping (docs/security.md).
 // - One receive thread per van owns the epoll set (listen socket, inbound connections,
 //   the ack side of outbound connections, a wake eventfd). It spins with epoll_wait(0) for
 //   WaitPolicy::spin_ns after the last event, then blocks, so an idle van costs no CPU.
@@ -37,7 +44,9 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <map>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "common/auth.h"
@@ -45,6 +54,7 @@
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/wire.h"
+#include "tensor/shared_memory.h"
 #include "van/codec.h"
 #include "van/delivery.h"
 
@@ -129,7 +139,13 @@ std::string ErrnoText(const char* what, int err) {
 //   kData     : seq u64, nseg u32, Source(meta), nseg x Source, inline bytes to the end
 //   kAck      : seq u64                   (cumulative: releases every send <= seq)
 //   kProof    : an auth frame (common/auth.h) proving the connector knows the token
-// Source: kind u8, staging_id u32, offset_or_addr u64, len u64.
+//   kBlock    : id u32, size u64          (+ the shared block's memfd via SCM_RIGHTS)
+//   kBlockGone: id u32                    (the sender freed that block)
+// Source: kind u8, staging_id u32, offset_or_addr u64, len u64. For kShared the id is the
+// sender's block (passed in a kBlock), for kPeerShared the receiver's own block (which the
+// receiver passed to the sender); the offset is within that block.
+// kData with kFlagSlots: after the sources, nslots u32 and nslots Sources naming, per pull
+// slot of the request, the sender's block range (kShared) or nothing (kInline, len 0).
 // With a cluster token, kHello and kHelloAck carry kFlagAuth and end with an auth frame
 // (hello / challenge); the connection carries nothing but kProof until the proof checks
 // out, and every message on it is then attributed to the node that proved itself. The
@@ -148,13 +164,16 @@ constexpr size_t kMaxStagingBuffers = 4096;      // per inbound connection
 constexpr uint64_t kMaxStagingBytes = 4ull << 30;  // per outbound peer
 constexpr size_t kMinStagingClass = 16;            // 64 KiB
 constexpr size_t kIovBatch = 1024;                 // IOV_MAX
+constexpr size_t kMaxImports = 4096;               // shared blocks per inbound connection
 
 enum FrameType : uint8_t {
-  kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5, kProof = 6
+  kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5, kProof = 6, kBlock = 7,
+  kBlockGone = 8
 };
-enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2 };
+enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2, kShared = 3, kPeerShared = 4 };
 constexpr uint8_t kFlagNeedsAck = 1;
-constexpr uint8_t kFlagAuth = 2;  // kHello / kHelloAck: an auth frame follows
+constexpr uint8_t kFlagAuth = 2;   // kHello / kHelloAck: an auth frame follows
+constexpr uint8_t kFlagSlots = 4;  // kData: a pull-slot table follows the sources
 
 struct Source {
   uint8_t kind = kInline;
@@ -336,6 +355,18 @@ class CmaVan : public Van {
       : options_(options), pool_(std::make_shared<BufferPool>()), drain_(options.wait) {
     std::random_device rd;
     for (auto& b : probe_cookie_) b = static_cast<uint8_t>(rd());
+    // The listener holds the export table weakly: a block may be freed on any thread,
+    // also while this van is being destroyed.
+    std::weak_ptr<ExportState> weak = exports_;
+    free_listener_ = SharedMemoryRegistry::Get().AddFreeListener([weak](uint32_t id) {
+      auto st = weak.lock();
+      if (!st) return;
+      std::lock_guard<std::mutex> lock(st->mu);
+      auto it = st->exported.find(id);
+      if (it == st->exported.end()) return;
+      for (const auto& [conn, pid] : it->second) st->gone[conn].push_back(id);
+      st->exported.erase(it);
+    });
   }
   ~CmaVan() override { Stop(); }
 
@@ -465,6 +496,11 @@ class CmaVan : public Van {
                                       " at " + peer.endpoint);
     }
     auto p = std::make_shared<Peer>();
+    {
+      ucred cred{};
+      socklen_t clen = sizeof(cred);
+      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) p->pid = cred.pid;
+    }
     p->id = peer.id;
     p->endpoint = peer.endpoint;
     p->cma = *cma_ok;
@@ -529,8 +565,26 @@ class CmaVan : public Van {
       return UnavailableError("cma van: node " + std::to_string(peer->id) +
                               " closed its connection");
     }
+    MESHPOST_RETURN_IF_ERROR(AnnounceGone(peer.get()));
     const size_t n = msg.segments.size();
-    const size_t fixed = kDataFixed + kSourceBytes * (n + 1);
+    // A request's pull slots in shared blocks: the receiver gets writable views of them.
+    std::vector<Source>& slot_src = peer->slot_sources;
+    slot_src.clear();
+    bool any_slot = false;
+    if (msg.meta.cmd == Command::kRequest) {
+      slot_src.resize(msg.meta.slots.size());
+      for (size_t j = 0; j < msg.meta.slots.size(); ++j) {
+        const TensorDesc& d = msg.meta.slots[j];
+        if (d.addr == 0 || d.nbytes == 0) continue;
+        auto exported = ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes,
+                                     &slot_src[j]);
+        if (!exported.ok()) return exported.status();
+        any_slot = any_slot || *exported;
+      }
+      if (!any_slot) slot_src.clear();
+    }
+    const size_t fixed =
+        kDataFixed + kSourceBytes * (n + 1) + (any_slot ? 4 + kSourceBytes * slot_src.size() : 0);
     if (fixed > kMaxFrameBytes) {
       return InvalidArgumentError("cma van Send: " + std::to_string(n) +
                                   " segments do not fit one doorbell frame");
@@ -542,8 +596,15 @@ class CmaVan : public Van {
     size_t staged_bytes = 0;
     std::vector<Source>& src = peer->sources;
     src.assign(n + 1, Source{});
-    auto place = [&](Source* s, size_t size, size_t inline_limit) {
+    Status shared_status;
+    auto place = [&](Source* s, const void* data, size_t size, size_t inline_limit) {
       s->len = size;
+      if (data != nullptr && size > 0) {
+        // Memory the peer can map (ours or its own) travels as a name, never as bytes.
+        auto shared = ExportShared(peer.get(), data, size, s);
+        if (!shared.ok() && shared_status.ok()) shared_status = shared.status();
+        if (shared.ok() && *shared) return;
+      }
       if (size <= inline_limit && size <= budget) {
         s->kind = kInline;
         s->offset = inline_bytes;
@@ -557,11 +618,12 @@ class CmaVan : public Van {
         staged_bytes += (size + 63) & ~size_t{63};
       }
     };
-    place(&src[0], header.size(), kMaxFrameBytes);
+    place(&src[0], nullptr, header.size(), kMaxFrameBytes);
     for (size_t i = 0; i < n; ++i) {
-      place(&src[i + 1], msg.segments[i].size,
+      place(&src[i + 1], msg.segments[i].data, msg.segments[i].size,
             msg.segments[i].data == nullptr ? 0 : options_.zero_copy_min);
     }
+    if (!shared_status.ok()) return shared_status;
     StagingBuffer* staging = nullptr;
     if (staged_bytes > 0) {
       auto st = AcquireStaging(peer.get(), staged_bytes);
@@ -569,9 +631,9 @@ class CmaVan : public Van {
       staging = *st;
     }
     std::shared_ptr<std::string> header_owner;
-    const bool needs_ack = src[0].kind != kInline ||
-                           std::any_of(src.begin() + 1, src.end(),
-                                       [](const Source& s) { return s.kind != kInline; });
+    // Shared sources need no ack: the receiver maps the block itself, so our owner may go.
+    auto reads_our_memory = [](const Source& s) { return s.kind == kRemote || s.kind == kStaged; };
+    const bool needs_ack = std::any_of(src.begin(), src.end(), reads_our_memory);
     auto payload_of = [&](size_t k) -> const void* {
       return k == 0 ? static_cast<const void*>(header.data()) : msg.segments[k - 1].data;
     };
@@ -591,11 +653,16 @@ class CmaVan : public Van {
     }
     WireWriter& w = peer->frame;
     w.buffer().clear();
-    PutPreamble(&w, kData, needs_ack ? kFlagNeedsAck : 0);
+    PutPreamble(&w, kData,
+                static_cast<uint8_t>((needs_ack ? kFlagNeedsAck : 0) | (any_slot ? kFlagSlots : 0)));
     const uint64_t seq = ++peer->next_seq;
     w.Put<uint64_t>(seq);
     w.Put<uint32_t>(static_cast<uint32_t>(n));
     for (const Source& s : src) PutSource(&w, s);
+    if (any_slot) {
+      w.Put<uint32_t>(static_cast<uint32_t>(slot_src.size()));
+      for (const Source& s : slot_src) PutSource(&w, s);
+    }
     for (size_t k = 0; k <= n; ++k) {
       if (src[k].kind == kInline && src[k].len) w.PutBytes(payload_of(k), src[k].len);
     }
@@ -659,6 +726,7 @@ class CmaVan : public Van {
       out_conns_.clear();
     }
     for (auto& kv : peers) Retire(kv.second);
+    for (auto& kv : in_conns_) DropImports(kv.second.get());
     in_conns_.clear();
     listen_fd_.Reset();
   }
@@ -685,6 +753,9 @@ class CmaVan : public Van {
     uint64_t next_seq = 0;
     WireWriter frame;
     std::vector<Source> sources;
+    std::vector<Source> slot_sources;
+    pid_t pid = 0;                           // the acceptor's pid (SO_PEERCRED)
+    std::unordered_set<uint32_t> exported;  // our blocks this connection has (send_mu)
     std::mutex pending_mu;  // pending, staging pool (receive thread releases)
     Ring<Pending> pending;
     std::vector<std::unique_ptr<StagingBuffer>> staging_all;
@@ -698,8 +769,10 @@ class CmaVan : public Van {
 
   // Inbound connection: receives data frames, sends acks. Owned by the receive thread.
   struct InConn {
+    uint64_t id = 0;
     UniqueFd fd;
     pid_t pid = 0;
+    std::unordered_set<uint32_t> imports;  // the connector's blocks mapped here
     bool hello = false;
     bool cma = false;
     std::unique_ptr<AcceptorHandshake> handshake;  // until the proof arrives (token set)
@@ -848,6 +921,184 @@ class CmaVan : public Van {
     }
     ::shutdown(p->fd.get(), SHUT_RDWR);
     MarkDead(p.get(), CancelledError("disconnected"));
+    ForgetExports(p.get());
+  }
+
+  // --- shared blocks, send side ---
+
+  // Names [data, data + size) as shared memory towards `peer` when it can map it: a range
+  // of the peer's own block we mapped (kPeerShared) or of one of our blocks (kShared, its
+  // fd passed first if this connection has not seen it). False: ordinary memory.
+  // Requires peer->send_mu.
+  Result<bool> ExportShared(Peer* peer, const void* data, size_t size, Source* s) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(data);
+    {
+      std::lock_guard<std::mutex> lock(imports_mu_);
+      auto it = import_addrs_.upper_bound(a);
+      if (it != import_addrs_.begin()) {
+        --it;
+        const Import& im = imports_.at(it->second);
+        const size_t off = a - it->first;
+        if (off < im.map->size() && size <= im.map->size() - off && im.pid == peer->pid) {
+          s->kind = kPeerShared;
+          s->staging_id = im.block;
+          s->offset = off;
+          s->len = size;
+          return true;
+        }
+      }
+    }
+    SharedRef ref;
+    if (!SharedMemoryRegistry::Get().Find(data, size, &ref)) return false;
+    if (peer->exported.count(ref.block_id) == 0) {
+      WireWriter w;
+      PutPreamble(&w, kBlock, 0);
+      w.Put<uint32_t>(ref.block_id);
+      w.Put<uint64_t>(ref.block_size);
+      Status sent = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), ref.fd,
+                              static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+      if (!sent.ok()) {
+        MarkDead(peer, sent);
+        return sent.Annotate("cma van: passing shared block " + std::to_string(ref.block_id) +
+                             " to node " + std::to_string(peer->id));
+      }
+      peer->exported.insert(ref.block_id);
+      std::lock_guard<std::mutex> lock(exports_->mu);
+      exports_->exported[ref.block_id].emplace_back(peer->conn_id, peer->pid);
+    }
+    s->kind = kShared;
+    s->staging_id = ref.block_id;
+    s->offset = ref.offset;
+    s->len = size;
+    return true;
+  }
+
+  // Tells the peer which of the blocks it mapped we freed since the last send, so it can
+  // unmap them (its views keep theirs until dropped). Requires peer->send_mu.
+  Status AnnounceGone(Peer* peer) {
+    std::vector<uint32_t> gone;
+    {
+      std::lock_guard<std::mutex> lock(exports_->mu);
+      auto it = exports_->gone.find(peer->conn_id);
+      if (it == exports_->gone.end()) return OkStatus();
+      gone.swap(it->second);
+      exports_->gone.erase(it);
+    }
+    for (uint32_t id : gone) {
+      peer->exported.erase(id);
+      WireWriter w;
+      PutPreamble(&w, kBlockGone, 0);
+      w.Put<uint32_t>(id);
+      Status sent = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1,
+                              static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+      if (!sent.ok()) {
+        MarkDead(peer, sent);
+        return sent.Annotate("cma van send to node " + std::to_string(peer->id));
+      }
+    }
+    return OkStatus();
+  }
+
+  void ForgetExports(Peer* peer) {
+    std::lock_guard<std::mutex> send_lock(peer->send_mu);
+    std::lock_guard<std::mutex> lock(exports_->mu);
+    exports_->gone.erase(peer->conn_id);
+    for (uint32_t id : peer->exported) {
+      auto it = exports_->exported.find(id);
+      if (it == exports_->exported.end()) continue;
+      auto& v = it->second;
+      v.erase(std::remove_if(v.begin(), v.end(),
+                             [&](const auto& e) { return e.first == peer->conn_id; }),
+              v.end());
+      if (v.empty()) exports_->exported.erase(it);
+    }
+    peer->exported.clear();
+  }
+
+  // Whether our block `id` was passed to the process `pid` on a live connection.
+  bool ExportedTo(uint32_t id, pid_t pid) {
+    std::lock_guard<std::mutex> lock(exports_->mu);
+    auto it = exports_->exported.find(id);
+    if (it == exports_->exported.end()) return false;
+    for (const auto& e : it->second) {
+      if (e.second == pid) return true;
+    }
+    return false;
+  }
+
+  // --- shared blocks, receive side ---
+
+  void OnBlock(InConn* c, WireReader* r, UniqueFd fd) {
+    uint32_t id = 0;
+    uint64_t size = 0;
+    if (!r->Get(&id) || !r->Get(&size) || !fd.valid()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: malformed shared block from pid {}", c->pid);
+      return;
+    }
+    if (c->imports.size() >= kMaxImports || c->imports.count(id) != 0) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: refused shared block {} from pid {} (duplicate or more "
+                           "than {} blocks)",
+                           id, c->pid, kMaxImports);
+      return;
+    }
+    // Only a memfd sealed against shrinking, at least as large as announced, can be mapped
+    // without a SIGBUS risk when its owner misbehaves.
+    struct stat st {};
+    const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+    if (::fstat(fd.get(), &st) != 0 || seals < 0 || !(seals & F_SEAL_SHRINK) || size == 0 ||
+        size > kMaxSharedBlockBytes || static_cast<uint64_t>(st.st_size) < size) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: refused shared block {} from pid {} (not a sealed memfd of "
+                           "{} bytes)",
+                           id, c->pid, size);
+      return;
+    }
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    if (p == MAP_FAILED) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: mmap shared block: {}", std::strerror(errno));
+      return;
+    }
+    Import im;
+    im.pid = c->pid;
+    im.block = id;
+    im.map = std::make_shared<Mapping>(p, size);
+    c->imports.insert(id);
+    std::lock_guard<std::mutex> lock(imports_mu_);
+    import_addrs_[reinterpret_cast<uintptr_t>(p)] = {c->id, id};
+    imports_[{c->id, id}] = std::move(im);
+  }
+
+  void OnBlockGone(InConn* c, WireReader* r) {
+    uint32_t id = 0;
+    if (!r->Get(&id) || c->imports.erase(id) == 0) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: bad shared block release from pid {}",
+                           c->pid);
+      return;
+    }
+    ForgetImport(c->id, id);
+  }
+
+  // Views handed out keep their mapping (shared_ptr); only the lookup entry goes.
+  void ForgetImport(uint64_t conn, uint32_t id) {
+    std::shared_ptr<Mapping> map;  // unmapped (if last) outside the lock
+    std::lock_guard<std::mutex> lock(imports_mu_);
+    auto it = imports_.find({conn, id});
+    if (it == imports_.end()) return;
+    map = std::move(it->second.map);
+    import_addrs_.erase(reinterpret_cast<uintptr_t>(map->data()));
+    imports_.erase(it);
+  }
+
+  void DropImports(InConn* c) {
+    for (uint32_t id : c->imports) ForgetImport(c->id, id);
+    c->imports.clear();
+  }
+
+  std::shared_ptr<Mapping> FindImport(uint64_t conn, uint32_t id) {
+    std::lock_guard<std::mutex> lock(imports_mu_);
+    auto it = imports_.find({conn, id});
+    return it == imports_.end() ? nullptr : it->second.map;
   }
 
   // --- receive thread ---
@@ -880,6 +1131,7 @@ class CmaVan : public Van {
         } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
           if (!ServeInbound(in->second.get())) {
             ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
+            DropImports(in->second.get());
             in_conns_.erase(in);
           }
         } else {
@@ -911,6 +1163,7 @@ class CmaVan : public Van {
       c->fd = std::move(fd);
       c->pid = cred.pid;
       const uint64_t id = next_conn_id_.fetch_add(1);
+      c->id = id;
       if (!Watch(c->fd.get(), id).ok()) continue;
       in_conns_[id] = std::move(c);
     }
@@ -1034,6 +1287,10 @@ class CmaVan : public Van {
         return false;
       } else if (type == kStaging) {
         OnStaging(c, &r, std::move(passed));
+      } else if (type == kBlock) {
+        OnBlock(c, &r, std::move(passed));
+      } else if (type == kBlockGone) {
+        OnBlockGone(c, &r);
       } else if (type == kData) {
         if (!OnData(c, flags, static_cast<size_t>(n))) return false;
       } else {
@@ -1165,7 +1422,7 @@ class CmaVan : public Van {
   // Validates a source against the frame/connection; returns the local bytes for inline
   // and staged sources (nullptr for remote ones).
   Status CheckSource(InConn* c, const Source& s, size_t inline_begin, size_t frame_size,
-                     const char** local) {
+                     const char** local, std::shared_ptr<void>* keep = nullptr) {
     *local = nullptr;
     switch (s.kind) {
       case kInline:
@@ -1186,6 +1443,30 @@ class CmaVan : public Van {
       case kRemote:
         if (!c->cma) return DataLossError("remote read on a connection without CMA");
         return OkStatus();
+      case kShared: {
+        std::shared_ptr<Mapping> map = FindImport(c->id, s.staging_id);
+        if (!map) return DataLossError("unknown shared block " + std::to_string(s.staging_id));
+        if (s.offset > map->size() || s.len > map->size() - s.offset) {
+          return DataLossError("range outside its shared block");
+        }
+        *local = map->data() + s.offset;
+        if (keep) *keep = std::shared_ptr<void>(map, map->data() + s.offset);
+        return OkStatus();
+      }
+      case kPeerShared: {
+        // Our own block: only one we passed to this very process, and inside it.
+        std::shared_ptr<SharedBlock> block = SharedMemoryRegistry::Get().FindId(s.staging_id);
+        if (!block || !ExportedTo(s.staging_id, c->pid)) {
+          return DataLossError("shared block " + std::to_string(s.staging_id) +
+                               " is not one this node passed to the sender");
+        }
+        if (s.offset > block->size() || s.len > block->size() - s.offset) {
+          return DataLossError("range outside its shared block");
+        }
+        *local = block->data() + s.offset;
+        if (keep) *keep = std::shared_ptr<void>(block, block->data() + s.offset);
+        return OkStatus();
+      }
       default:
         return DataLossError("unknown source kind " + std::to_string(s.kind));
     }
@@ -1222,7 +1503,20 @@ class CmaVan : public Van {
     GetSource(&r, &meta_src);
     sources_.resize(nseg);
     for (auto& s : sources_) GetSource(&r, &s);
-    const size_t inline_begin = kDataFixed + kSourceBytes * (size_t{nseg} + 1);
+    slot_sources_.clear();
+    if (flags & kFlagSlots) {
+      uint32_t nslots = 0;
+      if (!r.Get(&nslots) || nslots > kMaxTensorsPerMessage ||
+          r.remaining() < kSourceBytes * size_t{nslots}) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: dropped a data frame with a malformed slot table from pid {}",
+                             c->pid);
+        return true;
+      }
+      slot_sources_.resize(nslots);
+      for (auto& s : slot_sources_) GetSource(&r, &s);
+    }
+    const size_t inline_begin = frame_size - r.remaining();
     const bool needs_ack = (flags & kFlagNeedsAck) != 0;
     read_local_.clear();
     read_remote_.clear();
@@ -1268,7 +1562,8 @@ class CmaVan : public Van {
     in.segments.reserve(nseg);
     for (size_t i = 0; refused.ok() && i < nseg; ++i) {
       const Source& s = sources_[i];
-      refused = CheckSource(c, s, inline_begin, frame_size, &local);
+      std::shared_ptr<void> keep;
+      refused = CheckSource(c, s, inline_begin, frame_size, &local, &keep);
       if (!refused.ok()) break;
       auto dest = SegmentDestination(receiver_, in.meta, i, s.len);
       if (!dest.ok()) {
@@ -1277,7 +1572,17 @@ class CmaVan : public Van {
       }
       RecvSegment seg;
       seg.size = s.len;
-      if (*dest != nullptr) {
+      if (s.kind == kShared || s.kind == kPeerShared) {
+        // Mapped memory: one memcpy into a chosen destination (none when the peer wrote
+        // our slot in place), or a view of the mapping that keeps it mapped.
+        if (*dest != nullptr) {
+          if (s.len > 0 && *dest != local) std::memcpy(*dest, local, s.len);
+          seg.data = *dest;
+        } else {
+          seg.data = const_cast<char*>(local);
+          seg.owner = std::move(keep);
+        }
+      } else if (*dest != nullptr) {
         seg.data = *dest;
       } else if (s.len > 0) {
         seg.owner = pool_->Get(s.len);
@@ -1288,7 +1593,7 @@ class CmaVan : public Van {
         }
         seg.data = seg.owner.get();
       }
-      if (s.len > 0) {
+      if (s.len > 0 && s.kind != kShared && s.kind != kPeerShared) {
         if (s.kind == kRemote) {
           read_local_.push_back({seg.data, s.len});
           read_remote_.push_back({reinterpret_cast<void*>(s.offset), s.len});
@@ -1299,12 +1604,38 @@ class CmaVan : public Van {
       in.segments.push_back(std::move(seg));
     }
     if (refused.ok()) refused = FlushReads(c->pid);
+    if (refused.ok() && !slot_sources_.empty()) refused = MapSlots(c, &in);
     read_local_.clear();
     read_remote_.clear();
     // Ack before user code runs: the sender may release its buffers right away.
     const bool alive = !needs_ack || SendAck(c, seq);
     Deliver(receiver_, "cma van", std::move(in), refused, log_limit_);
     return alive;
+  }
+
+  // The request's pull slots that lie in the sender's shared blocks, as writable views.
+  Status MapSlots(InConn* c, InMessage* in) {
+    if (in->meta.cmd != Command::kRequest || slot_sources_.size() != in->meta.slots.size()) {
+      return DataLossError("slot table of " + std::to_string(slot_sources_.size()) +
+                           " entries for a " + CommandName(in->meta.cmd) + " with " +
+                           std::to_string(in->meta.slots.size()) + " pull slots");
+    }
+    in->peer_slots.resize(slot_sources_.size());
+    for (size_t j = 0; j < slot_sources_.size(); ++j) {
+      const Source& s = slot_sources_[j];
+      if (s.kind == kInline && s.len == 0) continue;
+      if (s.kind != kShared) return DataLossError("slot table entry of kind " + std::to_string(s.kind));
+      if (s.len != in->meta.slots[j].nbytes) {
+        return DataLossError("slot " + std::to_string(j) + " maps " + std::to_string(s.len) +
+                             " bytes; its descriptor says " +
+                             std::to_string(in->meta.slots[j].nbytes));
+      }
+      const char* local = nullptr;
+      std::shared_ptr<void> keep;
+      MESHPOST_RETURN_IF_ERROR(CheckSource(c, s, 0, 0, &local, &keep));
+      in->peer_slots[j] = RecvSegment{const_cast<char*>(local), s.len, std::move(keep)};
+    }
+    return OkStatus();
   }
 
   bool SendAck(InConn* c, uint64_t seq) {
@@ -1346,11 +1677,31 @@ class CmaVan : public Van {
   std::vector<char> recv_buf_ = std::vector<char>(kMaxFrameBytes + 64);
   std::string meta_buf_;
   std::vector<Source> sources_;
+  std::vector<Source> slot_sources_;
   std::vector<iovec> read_local_;
   std::vector<iovec> read_remote_;
   std::vector<std::shared_ptr<const void>> released_;
   WireWriter ack_frame_;
   LogRateLimiter log_limit_;
+
+  // Our shared blocks passed to peers, and the freed ones to announce per connection.
+  struct ExportState {
+    std::mutex mu;
+    std::unordered_map<uint32_t, std::vector<std::pair<uint64_t, pid_t>>> exported;
+    std::unordered_map<uint64_t, std::vector<uint32_t>> gone;
+  };
+  std::shared_ptr<ExportState> exports_ = std::make_shared<ExportState>();
+  // Peers' blocks mapped here, by (inbound connection, block id) and by address (so a
+  // response written into one is sent as a name). Receive thread writes, senders read.
+  struct Import {
+    pid_t pid = 0;
+    uint32_t block = 0;
+    std::shared_ptr<Mapping> map;
+  };
+  std::mutex imports_mu_;
+  std::map<std::pair<uint64_t, uint32_t>, Import> imports_;
+  std::map<uintptr_t, std::pair<uint64_t, uint32_t>> import_addrs_;
+  std::shared_ptr<void> free_listener_;  // last: unregistered first
 };
 
 }  // namespace
