@@ -5,8 +5,8 @@ Each run starts one meshpost_cluster_bench cluster with MESHPOST_TRACE=alternate
 workers' handle ids alternate between blocks that are captured (MESHPOST_TRACE=all
 behaviour: records to the ring, the writer thread writes them) and blocks that are not,
 every `--block` round trips. Worker 0 reports the median round trip of every block. A
-captured block and the uncaptured block before it form a pair, so slow drifts of a noisy
-machine (other jobs, frequency, page cache) hit both halves of a pair alike; the estimate
+captured block is paired with the mean of the uncaptured blocks on either side, so slow
+drifts of a noisy machine (other jobs, frequency, page cache) hit both sides alike; the estimate
 is the median over all pairs of all runs of (captured median / uncaptured median), with a
 bootstrap 95 % confidence interval over the pairs. The data-path cost of one record is
 measured directly by meshpost_trace_bench.
@@ -73,12 +73,13 @@ def run_once(bin_dir: str, shape: dict, cluster: str, transport: str, block: int
 
 
 def pairs_of(blocks: list, block: int) -> list:
-    """(captured median, uncaptured median) for each captured block and the full
-    uncaptured block just before it."""
+    """(captured median, uncaptured median) for each full captured block between two full
+    uncaptured blocks; the uncaptured side is the mean of those two neighbours, which
+    cancels a drift that is linear over the three blocks (warm-up, a job starting)."""
     out = []
-    for prev, cur in zip(blocks, blocks[1:]):
-        if cur[0] == 1 and prev[0] == 0 and cur[2] == block and prev[2] == block:
-            out.append((cur[1], prev[1]))
+    for prev, cur, nxt in zip(blocks, blocks[1:], blocks[2:]):
+        if (cur[0], prev[0], nxt[0]) == (1, 0, 0) and prev[2] == cur[2] == nxt[2] == block:
+            out.append((cur[1], (prev[1] + nxt[1]) / 2))
     return out
 
 
@@ -146,19 +147,18 @@ def main(argv=None) -> int:
                   f"load {runs[-1]['load_average']:.1f}", flush=True)
         ratios = [a / b for a, b in pairs]
         lo, hi = bootstrap_median_ci(ratios)
-        on = statistics.median(a for a, _ in pairs)
-        off = statistics.median(b for _, b in pairs)
+        run_p50 = statistics.median(x["p50_us"] for x in runs)
         if not pairs:
             raise RuntimeError(f"{s}: no complete captured/uncaptured pair; raise --iters "
                                f"above 2 x the block ({block})")
         result["shapes"][s] = {
             "block": block, "iters_per_run": iters, "pairs": len(pairs), "median_ratio": statistics.median(ratios),
-            "ci95": [lo, hi], "captured_p50_us": on, "uncaptured_p50_us": off,
+            "ci95": [lo, hi], "median_run_p50_us": run_p50,
             "share_of_pairs_slower_when_captured": sum(x > 1 for x in ratios) / len(ratios),
             "runs": runs}
         print(f"{s}: captured / uncaptured round trip, median of {len(pairs)} pairs = "
-              f"{statistics.median(ratios):.4f} (95 % CI {lo:.4f} .. {hi:.4f}); block medians "
-              f"{on:.1f} vs {off:.1f} us", flush=True)
+              f"{statistics.median(ratios):.4f} (95 % CI {lo:.4f} .. {hi:.4f}); round trip p50 "
+              f"{run_p50:.1f} us (median of the runs)", flush=True)
     result["load_average_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:

@@ -4,14 +4,16 @@
 // that cannot reach ui.perfetto.dev. Needs Debian's chromium and puppeteer-core from npm
 // (it drives the installed browser and downloads none):
 //   apt-get install chromium && npm install puppeteer-core
-//   node scripts/trace_screenshot.js trace.json out.png [width height]
+//   node scripts/trace_screenshot.js trace.json out.png [width height [zoom_x zoom_steps]]
+// zoom_x / zoom_steps: zoom in on the time under viewport column zoom_x (the chart starts
+// at x = 242) by that many mouse-wheel steps (each about 1.5x).
 // It uses DevTools internals (module paths, panel and chart methods) of Chromium 156; other
 // versions may need changes.
 const fs = require('fs');
 const puppeteer = require('puppeteer-core');
 
 async function main() {
-  const [file, out, w = '1600', h = '900'] = process.argv.slice(2);
+  const [file, out, w = '1600', h = '900', zoomX = '0', zoomSteps = '0'] = process.argv.slice(2);
   if (!file || !out) throw new Error('usage: node trace_screenshot.js TRACE.json OUT.png [W H]');
   const text = fs.readFileSync(file, 'utf8');
   JSON.parse(text);  // a clear error here beats a blank viewer
@@ -50,6 +52,12 @@ async function main() {
     // A click below the tracks closes the keyboard-shortcuts popover the viewer may show.
     await page.mouse.click(Number(w) / 2, Number(h) - 215);
     await new Promise(r => setTimeout(r, 800));
+    for (let i = 0; i < Number(zoomSteps); ++i) {
+      await page.mouse.move(Number(zoomX), 300);
+      await page.mouse.wheel({deltaY: -400});
+      await new Promise(r => setTimeout(r, 300));
+    }
+    await new Promise(r => setTimeout(r, 500));
     // The tracks only: without the annotations sidebar (242 px) and the details pane.
     const clip = {x: 242, y: 0, width: Number(w) - 242, height: Number(h) - 200};
     fs.writeFileSync(out, await page.screenshot({clip, captureBeyondViewport: false}));
