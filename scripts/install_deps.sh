@@ -11,6 +11,8 @@ packages=(
   pybind11-dev libtorch-dev python3-torch python3-dev python3-venv
   python3-setuptools python3-wheel python3-pip
   python3-pytest python3-numpy python3-matplotlib
+  # fuzzing (scripts/fuzz.sh: clang's libFuzzer) and the format check (scripts/format.sh)
+  clang clang-format
   # multi-host tests (tests/hosts): network namespaces, a local Slurm, manifest checks
   iproute2 slurm-wlm munge python3-yaml
   # soft-RoCE VM stage (scripts/rdma_vm/): QEMU and the guest image build
