@@ -373,6 +373,12 @@ class CmaVan : public Van {
   const char* name() const override { return "cma"; }
   std::string endpoint() const override { return endpoint_; }
 
+  // Shared host memory (tensor/shared_memory.h) is exported to peers as it is sent: the
+  // owner registers nothing, a block in the registry is recognised by address.
+  bool SupportsMemory(MemoryKind kind) const override {
+    return kind == MemoryKind::kHost || kind == MemoryKind::kSharedHost;
+  }
+
   std::string PeerTransport(int peer_id) const override {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer_id);
