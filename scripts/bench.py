@@ -116,28 +116,33 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>][@trace] -> (transport, spin_us or None, trace).
-    @trace runs the cluster with MESHPOST_TRACE=all into a temporary directory (the
-    capture-overhead measurement of docs/profiling.md)."""
+    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared] -> (transport, spin_us or
+    None, trace, shared). @trace runs the cluster with MESHPOST_TRACE=all into a temporary
+    directory (the capture-overhead measurement of docs/profiling.md); @shared allocates the
+    push and pull tensors in shared memory and answers through the outputs (issue 11)."""
     base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    spin, trace = None, False
+    spin, trace, shared = None, False, False
     for mod in mods:
         if mod == "trace":
             trace = True
+        elif mod == "shared":
+            shared = True
         elif mod.startswith("spin") and mod[4:].isdigit():
             spin = int(mod[4:])
         else:
-            raise ValueError(f"{sysname}: expected @spin<microseconds> and/or @trace")
-    return transport, spin, trace
+            raise ValueError(f"{sysname}: expected @spin<microseconds>, @trace, @shared")
+    return transport, spin, trace, shared
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin, trace = parse_cluster_system(sysname)
+    transport, spin, trace, shared = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
+    if shared:
+        cmd += ["--shared", "1"]
     if spin is not None:
         cmd += ["--spin-us", str(spin)]
     env = None
@@ -406,6 +411,9 @@ RATIOS = [
     ("python-meshpost-shared p50 / memcpy p50", "python-meshpost-shared", "memcpy", "p50_us"),
     ("python-fserver p50 / memcpy p50", "python-fserver", "memcpy", "p50_us"),
     ("python-fserver p50 / cluster-cma p50", "python-fserver", "meshpost-cluster-cma", "p50_us"),
+    ("cluster-cma@shared p50 / memcpy p50", "meshpost-cluster-cma@shared", "memcpy", "p50_us"),
+    ("python-meshpost-shared p50 / cluster-cma@shared p50", "python-meshpost-shared",
+     "meshpost-cluster-cma@shared", "p50_us"),
     ("cluster-cma p50 / van cma p50 (ps overhead)", "meshpost-cluster-cma", "meshpost-cma",
      "p50_us"),
     ("gloo p50 / cluster-cma p50", "gloo", "meshpost-cluster-cma", "p50_us"),
