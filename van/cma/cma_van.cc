@@ -585,7 +585,10 @@ class CmaVan : public Van {
         auto exported = ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes,
                                      &slot_src[j]);
         if (!exported.ok()) return exported.status();
-        any_slot = any_slot || *exported;
+        // Only our own blocks become writable views at the peer (a slot inside memory the
+        // peer lent us is left to the ordinary path).
+        if (*exported && slot_src[j].kind != kShared) slot_src[j] = Source{};
+        any_slot = any_slot || slot_src[j].kind == kShared;
       }
       if (!any_slot) slot_src.clear();
     }
