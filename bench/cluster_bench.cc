@@ -6,7 +6,10 @@
 //
 //   meshpost_cluster_bench --workers M --servers N --transport tcp|cma|cma-shm|rdma
 //       --push B --push-extra B --pull B --iters I --warmup W [--spin-us U]
-//       [--recv-buffer 0|1] [--hugepages 0|1]
+//       [--recv-buffer 0|1] [--hugepages 0|1] [--shared 0|1]
+// --shared 1: workers allocate push and pull tensors in shared memory
+// (AllocateSharedTensor); servers answer through BatchRequest::outputs with
+// Respond(handle, {}) (no receive buffers: the push is a view of the worker's memory).
 //
 // Each iteration a worker calls ZBatchPushPull(push, pull) + Wait: push =
 // uint8[B] (AFD: [128, 7168]) + int32[B/4] (AFD: [4]) to every server, pull =
@@ -32,6 +35,7 @@
 #include "tests/support/die.h"
 #include "launch/local_cluster.h"
 #include "ps/postoffice.h"
+#include "tensor/shared_memory.h"
 
 namespace meshpost {
 namespace {
@@ -56,6 +60,7 @@ struct Params {
   int64_t spin_us = -1;     // < 0: the library default (MESHPOST_SPIN_US unset)
   bool recv_buffer = true;  // servers register receive buffers for the push keys
   bool hugepages = true;
+  bool shared = false;  // push / pull tensors in shared memory, answers via outputs
   std::string out_dir;  // where workers write their JSON
 };
 
@@ -89,6 +94,8 @@ Params ParseFlags(int argc, char** argv) {
       p.recv_buffer = v == "1";
     else if (k == "--hugepages")
       p.hugepages = v == "1";
+    else if (k == "--shared")
+      p.shared = v == "1";
     else
       Die("unknown flag " + k);
   }
@@ -120,6 +127,7 @@ Params ParamsFromEnv() {
   p.warmup = std::stoi(Env("MESHPOST_BENCH_WARMUP"));
   p.recv_buffer = Env("MESHPOST_BENCH_RECV_BUFFER") == "1";
   p.hugepages = Env("MESHPOST_BENCH_HUGEPAGES") == "1";
+  p.shared = Env("MESHPOST_BENCH_SHARED") == "1";
   p.out_dir = Env("MESHPOST_BENCH_OUT");
   return p;
 }
@@ -176,7 +184,7 @@ int RunServer(Postoffice& po, const Params& p) {
   AFTensorServer* server = po.server();
   const int M = p.workers;
   std::shared_ptr<char> tokens, extras;
-  if (p.recv_buffer) {
+  if (p.recv_buffer && !p.shared) {
     // One chunk per worker for each push key: pushes land here directly, as an
     // FFN rank that registered its input buffers would run.
     tokens = Alloc(p.push * M, 0, p.hugepages);
@@ -211,7 +219,10 @@ int RunServer(Postoffice& po, const Params& p) {
     auto batch = server->GetBatch(kTimeoutMs);
     if (!batch.ok()) return Fail("GetBatch", batch.status());
     for (const BatchRequest& req : *batch) {
-      Status s = server->Respond(req.handle, response);
+      const bool in_place = !req.outputs.empty() && req.outputs[0].data != nullptr;
+      if (in_place && i == 0) std::memcpy(req.outputs[0].data, out.get(), p.pull);
+      // The worker's slot already holds the answer: only the completion travels.
+      Status s = in_place ? server->Respond(req.handle, {}) : server->Respond(req.handle, response);
       if (!s.ok()) return Fail("Respond", s);
     }
   }
@@ -246,20 +257,33 @@ int RunWorker(Postoffice& po, const Params& p, const TraceOptions& trace) {
   Status b = po.Barrier(kServerGroup | kWorkerGroup, kTimeoutMs);
   if (!b.ok()) return Fail("Barrier(registered)", b);
 
-  auto tokens = Alloc(p.push, po.rank() + 1, p.hugepages);
-  KeyTensorBatch push{{kTokenKey, {tokens.get(), DType::kUInt8, ShapeOf(p.push), {}, nullptr}}};
-  std::shared_ptr<char> extra;
+  // Buffers: 2 MiB aligned heap memory, or shared blocks (--shared). Kept alive here;
+  // the views carry no owner, so the van holds nothing per request.
+  std::vector<std::shared_ptr<const void>> keep;
+  auto buffer = [&](size_t size, int fill, DType dtype, std::vector<int64_t> shape) {
+    if (p.shared) {
+      auto v = AllocateSharedTensor(dtype, shape);
+      if (!v.ok()) Die("AllocateSharedTensor: " + v.status().ToString());
+      std::memset(v->data, fill, size);
+      keep.push_back(v->owner);
+      v->owner = nullptr;
+      return *v;
+    }
+    auto mem = Alloc(size, fill, p.hugepages);
+    keep.push_back(mem);
+    return TensorView{mem.get(), dtype, shape, {}, nullptr};
+  };
+  KeyTensorBatch push{
+      {kTokenKey, buffer(p.push, po.rank() + 1, DType::kUInt8, ShapeOf(p.push))}};
   if (p.push_extra) {
-    extra = Alloc(p.push_extra, 0, p.hugepages);
-    push.push_back(
-        {kExtraKey,
-         {extra.get(), DType::kInt32, {static_cast<int64_t>(p.push_extra / 4)}, {}, nullptr}});
+    push.push_back({kExtraKey, buffer(p.push_extra, 0, DType::kInt32,
+                                      {static_cast<int64_t>(p.push_extra / 4)})});
   }
-  std::vector<std::shared_ptr<char>> outs;
   KeyTensorBatch pull;
+  std::vector<TensorView> outs;
   for (int s = 0; s < S; ++s) {
-    outs.push_back(Alloc(p.pull, 0, p.hugepages));
-    pull.push_back({kPullKey, {outs[s].get(), DType::kBFloat16, ShapeOf(p.pull / 2), {}, nullptr}});
+    outs.push_back(buffer(p.pull, 0, DType::kBFloat16, ShapeOf(p.pull / 2)));
+    pull.push_back({kPullKey, outs[s]});
   }
 
   std::vector<double> rtt;
@@ -279,7 +303,7 @@ int RunWorker(Postoffice& po, const Params& p, const TraceOptions& trace) {
     const uint64_t t1 = GetNanosecond();
     // Outside the timed region: check the data and collect the stamps.
     for (int s = 0; s < S; ++s) {
-      const auto* w16 = reinterpret_cast<const uint16_t*>(outs[s].get());
+      const auto* w16 = reinterpret_cast<const uint16_t*>(outs[s].data);
       if (w16[0] != 0x3f80 + s || w16[p.pull / 2 - 1] != 0x3f80 + s) {
         std::fprintf(stderr, "meshpost_cluster_bench: pull slot of server %d holds wrong data\n",
                      s);
@@ -400,6 +424,7 @@ int Launch(int argc, char** argv) {
       {"MESHPOST_BENCH_WARMUP", std::to_string(p.warmup)},
       {"MESHPOST_BENCH_RECV_BUFFER", p.recv_buffer ? "1" : "0"},
       {"MESHPOST_BENCH_HUGEPAGES", p.hugepages ? "1" : "0"},
+      {"MESHPOST_BENCH_SHARED", p.shared ? "1" : "0"},
       {"MESHPOST_BENCH_OUT", dir},
   };
   if (p.spin_us >= 0) spec.env["MESHPOST_SPIN_US"] = std::to_string(p.spin_us);

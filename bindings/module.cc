@@ -608,15 +608,15 @@ PYBIND11_MODULE(_meshpost, m) {
       "alloc_shared",
       [](int64_t nbytes) {
         if (nbytes <= 0) {
-          RaiseValueError("alloc_shared: nbytes=" + std::to_string(nbytes) +
+          meshpost::py_bindings::RaiseValueError("alloc_shared: nbytes=" + std::to_string(nbytes) +
                           "; expected a positive byte count");
         }
         auto v = [&] {
           py::gil_scoped_release release;
-          return AllocateSharedTensor(DType::kUInt8, {nbytes});
+          return meshpost::AllocateSharedTensor(meshpost::DType::kUInt8, {nbytes});
         }();
-        if (!v.ok()) RaiseStatus(v.status());
-        return TensorFromView(*v, v->owner);
+        if (!v.ok()) meshpost::py_bindings::RaiseStatus(v.status());
+        return meshpost::py_bindings::TensorFromView(*v, v->owner);
       },
       py::arg("nbytes"),
       "A uint8 tensor of nbytes in a fresh shared block (memfd, 2 MiB aligned); freeing the "
@@ -624,9 +624,9 @@ PYBIND11_MODULE(_meshpost, m) {
   m.def(
       "is_shared",
       [](py::handle tensor) {
-        TensorView v = ViewFromTensor(tensor, "is_shared: tensor");
-        SharedRef ref;
-        return v.data != nullptr && SharedMemoryRegistry::Get().Find(v.data, v.nbytes(), &ref);
+        meshpost::TensorView v = meshpost::py_bindings::ViewFromTensor(tensor, "is_shared: tensor");
+        meshpost::SharedRef ref;
+        return v.data != nullptr && meshpost::SharedMemoryRegistry::Get().Find(v.data, v.nbytes(), &ref);
       },
       py::arg("tensor"), "Whether the tensor's bytes lie in one shared block.");
   m.def("available_transports", [] { return meshpost::CompiledTransports(); });

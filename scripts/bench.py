@@ -7,6 +7,9 @@ Runs, interleaved round by round so machine drift hits every system alike:
       Postoffice, AFTensorWorker/Server processes; meshpost_cluster_bench next to --bin)
   memcpy (one-copy bound), zmq (raw ZeroMQ PAIR round trip)       (meshpost_bench)
   gloo (torch.distributed send/recv), tensorpipe (torch.distributed.rpc rpc_sync)
+  python-fserver (StepMesh's fserver_lib API, ordinary torch tensors) and
+  python-meshpost-shared (meshpost.empty tensors, Request.outputs, respond() with nothing),
+      1x1 local clusters of the installed package (bench/python_afd.py, --python)
 for the AFD shape (push uint8[128,7168] + int32[4], pull bf16[128,7168] per server), a 4 KiB
 each-way shape and a size sweep; then M x N clusters for the meshpost systems, in the same
 round. A cluster system may carry a spin setting, e.g. meshpost-cluster-cma@spin20 runs with
@@ -113,28 +116,33 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>][@trace] -> (transport, spin_us or None, trace).
-    @trace runs the cluster with MESHPOST_TRACE=all into a temporary directory (the
-    capture-overhead measurement of docs/profiling.md)."""
+    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared] -> (transport, spin_us or
+    None, trace, shared). @trace runs the cluster with MESHPOST_TRACE=all into a temporary
+    directory (the capture-overhead measurement of docs/profiling.md); @shared allocates the
+    push and pull tensors in shared memory and answers through the outputs (issue 11)."""
     base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    spin, trace = None, False
+    spin, trace, shared = None, False, False
     for mod in mods:
         if mod == "trace":
             trace = True
+        elif mod == "shared":
+            shared = True
         elif mod.startswith("spin") and mod[4:].isdigit():
             spin = int(mod[4:])
         else:
-            raise ValueError(f"{sysname}: expected @spin<microseconds> and/or @trace")
-    return transport, spin, trace
+            raise ValueError(f"{sysname}: expected @spin<microseconds>, @trace, @shared")
+    return transport, spin, trace, shared
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin, trace = parse_cluster_system(sysname)
+    transport, spin, trace, shared = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
+    if shared:
+        cmd += ["--shared", "1"]
     if spin is not None:
         cmd += ["--spin-us", str(spin)]
     env = None
@@ -159,6 +167,18 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
         # e.g. CMA refused here: the run is real but is not the system it is named after.
         raise RuntimeError(f"{sysname}: peers used {sorted(used)}, not {want}")
     return r
+
+
+def run_python(python, sysname, shape, iters, warmup):
+    mode = {"python-fserver": "fserver", "python-meshpost-shared": "shared"}[sysname]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench",
+                          "python_afd.py")
+    r = run_json([python, script, "--mode", mode, "--push", str(shape["push"]),
+                  "--push-extra", str(shape["push_extra"]), "--pull", str(shape["pull"]),
+                  "--iters", str(iters), "--warmup", str(warmup)])
+    if not r:
+        raise RuntimeError(f"{sysname}: no result")
+    return r[0]
 
 
 def run_zmq(binary, shape, iters, warmup):
@@ -273,6 +293,9 @@ def main():
                     help="MxN for the meshpost systems (AFD shape)")
     ap.add_argument("--cluster-shapes", default="afd",
                     help="shapes the MxN (other than 1x1) runs use: afd and/or 4KiB")
+    ap.add_argument("--python", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "python"),
+                    help="interpreter with the meshpost package installed (python-* systems)")
     ap.add_argument("--out", default="bench_results.json")
     ap.add_argument("--plot", default="")
     ap.add_argument("--spin-ns", type=int, default=0,
@@ -305,6 +328,8 @@ def main():
                         r = run_json([args.bin, "memcpy"] + shape_flags(shape, it, args.warmup))[0]
                     elif sysname.startswith("meshpost-cluster-"):
                         r = run_cluster(cluster_bin, sysname, shape, 1, 1, it, args.warmup)
+                    elif sysname.startswith("python-"):
+                        r = run_python(args.python, sysname, shape, it, args.warmup)
                     elif sysname.startswith("meshpost-"):
                         transport = "tcp" if sysname == "meshpost-tcp" else "cma"
                         r = run_meshpost(args.bin, transport, sysname.endswith("shm"), shape, 1, 1,
@@ -382,6 +407,13 @@ def main():
 # (the two runs were interleaved) and the median over rounds is reported.
 RATIOS = [
     ("cluster-cma p50 / memcpy p50", "meshpost-cluster-cma", "memcpy", "p50_us"),
+    # Issue 11: shared tensors + outputs, and StepMesh code with ordinary tensors.
+    ("python-meshpost-shared p50 / memcpy p50", "python-meshpost-shared", "memcpy", "p50_us"),
+    ("python-fserver p50 / memcpy p50", "python-fserver", "memcpy", "p50_us"),
+    ("python-fserver p50 / cluster-cma p50", "python-fserver", "meshpost-cluster-cma", "p50_us"),
+    ("cluster-cma@shared p50 / memcpy p50", "meshpost-cluster-cma@shared", "memcpy", "p50_us"),
+    ("python-meshpost-shared p50 / cluster-cma@shared p50", "python-meshpost-shared",
+     "meshpost-cluster-cma@shared", "p50_us"),
     ("cluster-cma p50 / van cma p50 (ps overhead)", "meshpost-cluster-cma", "meshpost-cma",
      "p50_us"),
     ("gloo p50 / cluster-cma p50", "gloo", "meshpost-cluster-cma", "p50_us"),
@@ -418,7 +450,7 @@ def ratio_table(runs):
                                                "per_round": vals}
         # p99 / p50 of the same run, and per-byte throughput of MxN relative to 1x1.
         for sysname in ("meshpost-cluster-cma", "meshpost-cluster-tcp",
-                        "meshpost-cluster-cma-shm"):
+                        "meshpost-cluster-cma-shm", "python-fserver", "python-meshpost-shared"):
             vals = [r["p99_us"] / r["p50_us"] for r in runs
                     if r["shape"] == shape and r["cluster"] == cl and r["system"] == sysname]
             if vals:

@@ -89,8 +89,9 @@ for stage in "${stages[@]}"; do
         continue
       fi
       configure_and_build build-asan "address,undefined" \
-        common_test tensor_test launch_test van_test van_conformance_test ps_unit_test \
-        trace_recorder_test integration_test meshpost_itest_node rdma_test rdma_cluster_test
+        common_test tensor_test launch_test van_test van_conformance_test cma_shared_test \
+        ps_unit_test trace_recorder_test integration_test meshpost_itest_node rdma_test \
+        rdma_cluster_test
       logs="$root/build-asan/sanitizer-logs"
       export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:strict_string_checks=1:check_initialization_order=1:detect_stack_use_after_return=1:log_path=$logs/asan:suppressions=$supp/asan.supp"
       export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
@@ -104,8 +105,8 @@ for stage in "${stages[@]}"; do
         echo "SKIP tsan: this host cannot build or run -fsanitize=thread (above)"
         continue
       fi
-      configure_and_build build-tsan thread van_test van_conformance_test ps_unit_test \
-        trace_recorder_test
+      configure_and_build build-tsan thread van_test van_conformance_test cma_shared_test \
+        ps_unit_test trace_recorder_test
       logs="$root/build-tsan/sanitizer-logs"
       export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:history_size=4:log_path=$logs/tsan:suppressions=$supp/tsan.supp"
       # The conformance suite's bulk-volume tests (64 MiB messages, hundreds of 1 MiB frames)

@@ -44,7 +44,7 @@ __all__ = [
     "init", "stop", "push_pull", "wait", "get_batch", "respond", "respond_vec",
     "register_recv_buffer", "barrier", "get_all_handlers", "fetch_trace", "fetch_traces",
     "get_nanosecond", "SimpleNotify", "map_pinned_tensor", "write_flag", "wait_flag",
-    "seq_add_one",
+    "seq_add_one", "empty",
 ]
 
 _node: Optional["_meshpost.Node"] = None
@@ -105,6 +105,15 @@ def respond_vec(ret_buffer: torch.Tensor, tensors_vec: Sequence[torch.Tensor],
     # StepMesh orders respond_vec after the current stream (its first response has an event).
     _require().respond_vec(ret_buffer, tensors_vec, handler_vec,
                            _event_stream(True, [ret_buffer]))
+
+
+def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """meshpost extension: a CPU tensor in shared memory (meshpost.empty). Pushed from or
+    pulled into on the same host, it moves without a cross-process copy; elsewhere it is an
+    ordinary tensor. Not in StepMesh: code that wants to stay portable can fall back to
+    torch.empty when fserver_lib has no `empty`."""
+    from meshpost.shared import empty as _empty
+    return _empty(shape, dtype)
 
 
 def register_recv_buffer(tensor: torch.Tensor, worker_ranks: Sequence[int],

@@ -104,3 +104,28 @@ def test_transports_and_clock():
     b = meshpost.get_nanosecond()
     assert isinstance(a, int) and b >= a > 0
     assert "bfloat16" in meshpost.supported_dtypes()
+
+
+def test_empty_is_an_ordinary_tensor_in_shared_memory():
+    import fserver_lib
+    t = meshpost.empty((3, 5), torch.bfloat16)
+    assert t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert meshpost.is_shared(t) and meshpost.is_shared(t[1])
+    t.fill_(2.5)
+    assert float(t.sum()) == 2.5 * 15
+    assert t.data_ptr() % (2 << 20) == 0  # huge-page aligned block start
+    u = fserver_lib.empty(7, torch.int64)
+    assert u.shape == (7,) and meshpost.is_shared(u)
+    z = meshpost.empty((0, 4))
+    assert z.numel() == 0 and z.dtype == torch.float32
+    assert not meshpost.is_shared(torch.zeros(3))
+    del t, u  # frees the blocks
+
+
+def test_empty_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        meshpost.empty((2, -1))
+    with pytest.raises(TypeError, match="dtype"):
+        meshpost.empty((2,), "float32")
+    with pytest.raises(TypeError, match="shape"):
+        meshpost.empty("abc")

@@ -60,3 +60,12 @@ def test_killed_server_fails_worker_wait(cluster):
 
 def test_soak_rss_does_not_grow(cluster):
     cluster.run("soak.py", workers=1, servers=1, timeout=300)
+
+
+def test_shared_tensors_and_outputs_same_host(cluster):
+    cluster.run("shared_tensors.py", workers=2, servers=2)
+
+
+def test_shared_tensors_and_outputs_over_tcp(cluster):
+    # The same program where memory cannot be shared: outputs are fresh tensors, copied.
+    cluster.run("shared_tensors.py", workers=2, servers=2, env={"MESHPOST_TRANSPORT": "tcp"})

@@ -102,6 +102,12 @@ TEST_P(CmaSharedTest, SharedPushArrivesAsAViewOfTheSendersBlock) {
   EXPECT_EQ(static_cast<uint8_t*>(seg.data)[1000], before);
 }
 
+TEST_P(CmaSharedTest, AnswersSharedHostMemoryCapability) {
+  EXPECT_TRUE(a_->SupportsMemory(MemoryKind::kSharedHost));
+  EXPECT_TRUE(a_->SupportsMemory(MemoryKind::kHost));
+  EXPECT_FALSE(a_->SupportsMemory(MemoryKind::kCudaDevice));
+}
+
 TEST_P(CmaSharedTest, SharedPushIntoARegisteredBufferIsOneCopy) {
   auto t = AllocateSharedTensor(DType::kInt32, {1024});
   ASSERT_TRUE(t.ok());

@@ -373,6 +373,12 @@ class CmaVan : public Van {
   const char* name() const override { return "cma"; }
   std::string endpoint() const override { return endpoint_; }
 
+  // Shared host memory (tensor/shared_memory.h) is exported to peers as it is sent: the
+  // owner registers nothing, a block in the registry is recognised by address.
+  bool SupportsMemory(MemoryKind kind) const override {
+    return kind == MemoryKind::kHost || kind == MemoryKind::kSharedHost;
+  }
+
   std::string PeerTransport(int peer_id) const override {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer_id);
@@ -579,7 +585,10 @@ class CmaVan : public Van {
         auto exported = ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes,
                                      &slot_src[j]);
         if (!exported.ok()) return exported.status();
-        any_slot = any_slot || *exported;
+        // Only our own blocks become writable views at the peer (a slot inside memory the
+        // peer lent us is left to the ordinary path).
+        if (*exported && slot_src[j].kind != kShared) slot_src[j] = Source{};
+        any_slot = any_slot || slot_src[j].kind == kShared;
       }
       if (!any_slot) slot_src.clear();
     }

@@ -24,13 +24,14 @@ from .errors import (CancelledError, DataLossError, DeadlineExceededError, Error
                      InvalidTypeError, NotFoundError, ResourceExhaustedError,
                      UnavailableError, UnimplementedError)
 from .node import Handle, Node, Request, Scheduler, Server, Trace, Worker
+from .shared import empty, is_shared
 from ._options import OPTION_VARIABLES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Worker", "Server", "Scheduler", "Node", "Handle", "Request", "Trace",
-    "transports", "supported_dtypes", "get_nanosecond", "OPTION_VARIABLES",
+    "transports", "supported_dtypes", "empty", "is_shared", "get_nanosecond", "OPTION_VARIABLES",
     "Error", "InvalidArgumentError", "InvalidTypeError", "DeadlineExceededError",
     "UnavailableError", "NotFoundError", "FailedPreconditionError",
     "ResourceExhaustedError", "DataLossError", "CancelledError", "InternalError",

@@ -21,6 +21,7 @@ import torch
 
 from . import _meshpost
 from ._options import build_env
+from .errors import InvalidArgumentError
 
 __all__ = ["Node", "Worker", "Server", "Scheduler", "Handle", "Request", "Trace"]
 
@@ -182,21 +183,80 @@ class Worker(Node):
 
 @dataclass
 class Request:
-    """One worker's request in a batch. `tensors` view the received bytes (zero-copy)."""
+    """One worker's request in a batch. `tensors` view the received bytes (zero-copy; on
+    the same host, views of the worker's own memory when it pushed meshpost.empty tensors).
+    """
 
     handle: int
     worker_rank: int
     tensors: List[torch.Tensor]
     keys: List[int]
     _node: Any = field(repr=False, default=None)
+    _outputs: Optional[List[torch.Tensor]] = field(repr=False, default=None)
+    _in_place: Optional[List[bool]] = field(repr=False, default=None)
 
-    def respond(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Answers into the worker's pull slots; sizes/dtypes must match them."""
+    @property
+    def outputs(self) -> List[torch.Tensor]:
+        """One writable tensor per pull slot, to compute the answer into. Where the worker
+        allocated the slot with meshpost.empty and sits on this host, it *is* the worker's
+        slot (mapped here): respond() then sends only the completion. Elsewhere it is a
+        fresh tensor of the slot's shape and dtype, sent by respond() like any tensor.
+        Views of the worker's slots are valid until respond(), which empties them
+        (numel 0)."""
+        if self._outputs is None:
+            views = self._node.outputs(self.handle)
+            slots = self._node.pull_slots(self.handle)
+            outs, in_place = [], []
+            for view, (_key, dtype, shape, _nbytes) in zip(views, slots):
+                in_place.append(view is not None)
+                outs.append(view if view is not None
+                            else torch.empty(shape, dtype=_torch_dtype(dtype)))
+            self._outputs, self._in_place = outs, in_place
+        return self._outputs
+
+    def respond(self, tensors: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Answers into the worker's pull slots; sizes/dtypes must match them. With no
+        tensors, answers with `outputs`. Views of the worker's memory (`outputs`, and
+        `tensors` when pushed from shared memory) end here."""
+        if tensors is None and self._outputs is None:
+            # Outputs never asked for: when every slot is the worker's own (same host), the
+            # core answers in place with no tensors at all (two calls fewer per request).
+            try:
+                self._node.respond([], self.handle)
+                return
+            except InvalidArgumentError:
+                pass  # some slot is ordinary memory: answer with fresh outputs below
+        if tensors is None:
+            tensors = self.outputs
+        if self._outputs is not None and all(self._in_place) and len(tensors) == len(
+                self._outputs) and all(t is o for t, o in zip(tensors, self._outputs)):
+            tensors = []  # already in the worker's slots: send only the completion
         self._node.respond(tensors, self.handle)
+        self._end_views()
+
+    def _end_views(self) -> None:
+        # The worker may reuse its memory once its handle completes: views of it must not
+        # be written (or trusted) after respond, so they become empty tensors.
+        # Only the views of the worker's slots: a fresh output tensor was handed to the
+        # transport like any respond() tensor and must keep its storage.
+        for t, in_place in zip(self._outputs or [], self._in_place or []):
+            if in_place:
+                t.set_()
 
     def pull_slots(self) -> List[tuple]:
         """[(key, dtype name, shape, nbytes)] the worker expects back."""
         return list(self._node.pull_slots(self.handle))
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8,
+           "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+           "bool": torch.bool}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    # float8 slots have no torch dtype here: their bytes travel as uint8 (same size).
+    return _DTYPES.get(name, torch.uint8)
 
 
 class Server(Node):
@@ -209,9 +269,12 @@ class Server(Node):
         return [Request(h, rank, tensors, keys, self._node)
                 for h, rank, tensors, keys in self._node.get_batch(_ms(timeout))]
 
-    def respond(self, request: Union[Request, int], tensors: Sequence[torch.Tensor]) -> None:
-        self._node.respond(tensors, int(request.handle if isinstance(request, Request)
-                                        else request))
+    def respond(self, request: Union[Request, int],
+                tensors: Optional[Sequence[torch.Tensor]] = None) -> None:
+        if isinstance(request, Request):
+            request.respond(tensors)
+        else:
+            self._node.respond([] if tensors is None else tensors, int(request))
 
     def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: Sequence[torch.Tensor],
                     requests: Sequence[Union[Request, int]]) -> None:
