@@ -324,11 +324,12 @@ void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
     // Normally already down (the scheduler replaces only dead or departed nodes and said
     // so first); if this node had not concluded it yet, fail what was pending now.
     PeerGone(now.id, UnavailableError(old.Describe() + " was replaced by " + now.Describe()));
-    if (!IsDataPeer(opts_.role, now.role)) continue;
-    Status c = router_->ReconnectPeer(old, now);
-    if (!c.ok()) {
-      MP_LOG_ERROR(kLog, "cannot connect to {}: {}", now.Describe(), c.ToString());
-      continue;  // it stays down here
+    if (IsDataPeer(opts_.role, now.role)) {
+      Status c = router_->ReconnectPeer(old, now);
+      if (!c.ok()) {
+        MP_LOG_ERROR(kLog, "cannot connect to {}: {}", now.Describe(), c.ToString());
+        continue;  // it stays down here
+      }
     }
     {
       std::lock_guard<std::mutex> lock(mu_);

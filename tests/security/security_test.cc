@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -544,6 +545,33 @@ class ReplaceTest : public SecurityTest {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
 
+  // Starts a process for `role`:`rank` the way a launcher would: while the old holder
+  // still counts as alive (its death is declared after the heartbeat timeout) the rank is
+  // refused, naming it, and the launcher retries. Returns the admitted process, or -1.
+  pid_t StartReplacement(const ClusterSpec& spec, const std::string& role, int rank) {
+    const std::string me = dir_ + "/" + role + ":" + std::to_string(rank);
+    for (int attempt = 0; attempt < 40; ++attempt) {
+      std::remove((me + ".port").c_str());
+      std::remove((me + ".start_error").c_str());
+      const pid_t p = StartExtra(spec, role, rank);
+      // Started (it writes its port once Start returned) or refused (it exits).
+      int status = 0;
+      bool exited = false;
+      const bool settled = Eventually([&] {
+        exited = exited || waitpid(p, &status, WNOHANG) == p;
+        return exited || !ReadAll(me + ".port").empty();
+      });
+      if (!settled) return -1;
+      if (!exited) return p;
+      extra_.erase(std::find(extra_.begin(), extra_.end(), p));
+      const std::string why = ReadAll(me + ".start_error");
+      EXPECT_NE(why.find("which is alive"), std::string::npos) << why;
+      if (why.find("which is alive") == std::string::npos) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return -1;
+  }
+
   bool BothWorkersFailed() {
     return !ReadAll(dir_ + "/worker:0.failed").empty() &&
            !ReadAll(dir_ + "/worker:1.failed").empty();
@@ -603,12 +631,33 @@ TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
       forger.join();
       ASSERT_TRUE(noticed) << "workers never noticed server 1 died";
     }
-    const pid_t replacement = StartExtra(spec, "server", 1);
+    const pid_t replacement = StartReplacement(spec, "server", 1);
+    ASSERT_GT(replacement, 0);
     // Rounds count only checked answers of both servers: these need the replacement.
     ExpectTrafficContinues(50);
     StopReplaceCluster("server:1");
     EXPECT_EQ(WaitExtra(replacement), 0);
   }
+}
+
+// kill -9 of worker 1; a replacement started as a launcher would (retrying while the rank
+// still counts as alive) is admitted, servers drop what the old worker left queued, and
+// both workers' push_pulls return correct data again (worker 0's request that waited for
+// a partner completes with the newcomer's first one).
+TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
+  const ClusterSpec spec = ReplaceSpec("tcp");
+  Start(spec);
+  ExpectTrafficContinues(10);
+  ASSERT_EQ(kill(cluster_.pid("worker:1"), SIGKILL), 0);
+  std::remove((dir_ + "/worker:1.rounds").c_str());
+  const pid_t replacement = StartReplacement(spec, "worker", 1);
+  ASSERT_GT(replacement, 0) << "the replacement worker was never admitted";
+  const int64_t base = Rounds("worker:0");
+  EXPECT_TRUE(Eventually([&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
+      << "rounds after the replacement: worker 0 " << Rounds("worker:0") << " (from " << base
+      << "), worker 1 " << Rounds("worker:1");
+  StopReplaceCluster("worker:1");
+  EXPECT_EQ(WaitExtra(replacement), 0);
 }
 
 // server 1 is paused past the heartbeat timeout and replaced; traffic resumes with the
@@ -622,7 +671,8 @@ TEST_F(ReplaceTest, PausedServerIsReplacedAndToldSoWhenItResumes) {
   ASSERT_EQ(kill(holder, SIGSTOP), 0);
   ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
       << "workers never noticed server 1 stopped answering";
-  const pid_t replacement = StartExtra(spec, "server", 1);
+  const pid_t replacement = StartReplacement(spec, "server", 1);
+  ASSERT_GT(replacement, 0);
   ExpectTrafficContinues(50);
   ASSERT_EQ(kill(holder, SIGCONT), 0);
   const std::string told = dir_ + "/replaced." + std::to_string(holder);
