@@ -362,6 +362,37 @@ int RunBarrier(Postoffice& po, const std::string& dir, const std::string& me) {
   return 0;
 }
 
+// "barrier_replace": a barrier across servers and workers is in progress when server 1
+// dies (worker 0 and server 0 arrived; worker 1 and server 1 wait for "go1"). Each
+// node writes the outcome of barrier 1 to <me>.b1: the arrived ones are released with an
+// error, worker 1 arriving after the death (and after the replacement joined) gets the
+// same error at once instead of waiting for members that moved on. The replacement
+// (MESHPOST_SEC_REPLACEMENT=1) joins at barrier 2, which everyone passes after "go2"
+// (<me>.b2).
+int RunBarrierReplace(Postoffice& po, const std::string& dir, const std::string& me) {
+  constexpr int kMask = kServerGroup | kWorkerGroup;
+  const bool replacement = std::getenv("MESHPOST_SEC_REPLACEMENT") != nullptr;
+  if (po.role() != Role::kScheduler && !replacement) {
+    const bool early = po.rank() == 0;
+    if (early) {
+      WriteFile(dir + "/" + me + ".waiting", "1");
+    } else {
+      while (!Exists(dir + "/go1")) usleep(20000);
+    }
+    Status b = po.Barrier(kMask, 120000);
+    WriteFile(dir + "/" + me + ".b1", b.ok() ? "OK" : b.ToString());
+  }
+  if (po.role() != Role::kScheduler) {
+    while (!Exists(dir + "/go2")) usleep(20000);
+    Status b = po.Barrier(kMask, 60000);
+    WriteFile(dir + "/" + me + ".b2", b.ok() ? "OK" : b.ToString());
+  }
+  while (!Exists(dir + "/stop")) usleep(20000);
+  Status s = po.Stop(60000);
+  if (!s.ok()) Die("Stop: " + s.ToString());
+  return 0;
+}
+
 }  // namespace
 
 int main() {
@@ -383,6 +414,7 @@ int main() {
   const std::string stop = dir + "/stop";
   if (Scenario() == "replace") return RunReplace(**po, dir, me);
   if (Scenario() == "barrier") return RunBarrier(**po, dir, me);
+  if (Scenario() == "barrier_replace") return RunBarrierReplace(**po, dir, me);
   if (Scenario() == "evict") {
     if (opts->role == Role::kServer) EvictServer(**po, dir);
     if (opts->role == Role::kWorker) EvictWorker(**po, dir, me);

@@ -660,6 +660,47 @@ TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
   EXPECT_EQ(WaitExtra(replacement), 0);
 }
 
+// A barrier in progress when its member dies, and a rank replaced meanwhile: nobody hangs.
+// The members that arrived are released with an error, a member arriving later at the
+// same barrier gets that error at once, and the next barrier, with the replacement,
+// completes (security_node.cc, scenario "barrier_replace").
+TEST_F(ReplaceTest, BarrierInProgressWhenARankIsReplacedDoesNotHang) {
+  ClusterSpec spec = ReplaceSpec("tcp");
+  spec.env["MESHPOST_SEC_SCENARIO"] = "barrier_replace";
+  Start(spec);
+  auto has = [&](const std::string& f) { return !ReadAll(dir_ + "/" + f).empty(); };
+  ASSERT_TRUE(Eventually([&] { return has("worker:0.waiting") && has("server:0.waiting"); }));
+  ASSERT_EQ(kill(cluster_.pid("server:1"), SIGKILL), 0);
+  ASSERT_TRUE(Eventually([&] { return has("worker:0.b1") && has("server:0.b1"); }))
+      << "barrier members were not released when server 1 died";
+  ClusterSpec again = spec;
+  again.env["MESHPOST_SEC_REPLACEMENT"] = "1";
+  const pid_t replacement = StartReplacement(again, "server", 1);
+  ASSERT_GT(replacement, 0);
+  {
+    std::ofstream f(dir_ + "/go1");
+    f << "1\n";
+  }
+  ASSERT_TRUE(Eventually([&] { return has("worker:1.b1"); }))
+      << "a member arriving after the death waits for members that moved on";
+  for (const char* n : {"worker:0", "server:0", "worker:1"}) {
+    const std::string b1 = ReadAll(dir_ + "/" + n + ".b1");
+    EXPECT_NE(b1.find("cannot complete"), std::string::npos) << n << ": " << b1;
+  }
+  {
+    std::ofstream f(dir_ + "/go2");
+    f << "1\n";
+  }
+  ASSERT_TRUE(Eventually([&] {
+    return has("worker:0.b2") && has("worker:1.b2") && has("server:0.b2") && has("server:1.b2");
+  })) << "the barrier after the replacement never completed";
+  for (const char* n : {"worker:0", "worker:1", "server:0", "server:1"}) {
+    EXPECT_EQ(ReadAll(dir_ + "/" + n + ".b2"), "OK\n") << n;
+  }
+  StopReplaceCluster("server:1");
+  EXPECT_EQ(WaitExtra(replacement), 0);
+}
+
 // server 1 is paused past the heartbeat timeout and replaced; traffic resumes with the
 // replacement. Resumed, the former holder learns at once that it was replaced: its next
 // GetBatch and every later call (barrier included) say so.
