@@ -343,6 +343,12 @@ void Scheduler::TellFormerHolderLocked(int id, uint64_t incarnation) {
     MP_LOG_DEBUG(kLog, "message for node {} from an unknown incarnation dropped", id);
     return;
   }
+  const NodeInfo& holder = registered_[id];
+  if (holder.host == f->second.info.host && holder.port == f->second.info.port) {
+    // The new holder listens where the former one did (a fixed DMLC_PORT): the former
+    // holder is gone, and this is a message it sent before dying, read only now.
+    return;
+  }
   if (!RateLimitLocked()) return;
   SendToAddressLocked(f->second.info.host, f->second.info.port,
                       ControlMessage(Command::kNodeDown, kSchedulerId, -1)
