@@ -344,7 +344,8 @@ void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
     table_version_.store(version, std::memory_order_release);
     cv_.notify_all();
   }
-  Status s = router_->SendControl(ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
+  Status s = router_->SendControl(
+      ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
   (void)s;
 }
 
@@ -463,7 +464,8 @@ void Membership::HeartbeatLoop() {
       for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
       lock.lock();
     }
-    OutMessage hb = ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq));
+    OutMessage hb =
+        ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq));
     hb.meta.stamps[0] = GetNanosecond();  // echoed by the ack: one clock-offset sample
     Status s = router_->SendControl(std::move(hb));
     (void)s;

@@ -405,8 +405,10 @@ void Scheduler::PublishTableLocked() {
       MP_LOG_ERROR(kLog, "cannot connect to {}: {}", info.Describe(), c.ToString());
       continue;
     }
-    Status s = router_->SendControl(
-        ControlMessage(Command::kNodeTable, kSchedulerId, id).Seq(table_version_).Body(body).Build());
+    Status s = router_->SendControl(ControlMessage(Command::kNodeTable, kSchedulerId, id)
+                                        .Seq(table_version_)
+                                        .Body(body)
+                                        .Build());
     (void)s;
   }
   table_published_ = true;

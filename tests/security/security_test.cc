@@ -656,7 +656,8 @@ TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
   const pid_t replacement = StartReplacement(spec, "worker", 1);
   ASSERT_GT(replacement, 0) << "the replacement worker was never admitted";
   const int64_t base = Rounds("worker:0");
-  EXPECT_TRUE(Eventually([&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
+  EXPECT_TRUE(Eventually(
+      [&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
       << "rounds after the replacement: worker 0 " << Rounds("worker:0") << " (from " << base
       << "), worker 1 " << Rounds("worker:1");
   StopReplaceCluster("worker:1");
