@@ -6,9 +6,9 @@
 
 #include "common/clock.h"
 #include "common/logging.h"
-#include "ps/start_report.h"
 #include "ps/control.h"
 #include "ps/node_context.h"
+#include "ps/start_report.h"
 
 namespace meshpost {
 namespace {
@@ -344,8 +344,8 @@ void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
     table_version_.store(version, std::memory_order_release);
     cv_.notify_all();
   }
-  Status s = router_->SendControl(
-      ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
+  Status s =
+      router_->SendControl(ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
   (void)s;
 }
 
@@ -387,8 +387,9 @@ void Membership::PeerGone(int id, const Status& why, bool orderly) {
 void Membership::Evicted(const std::string& why, bool replaced) {
   const Status evicted =
       replaced ? UnavailableError("this node (" + layout_.Describe(my_id_) +
-                                  ") was replaced: the scheduler gave its rank to a new process "
-                                  "(" + why + "); it can no longer take part in the cluster")
+                                  ") was replaced: the scheduler gave its rank to a new "
+                                  "process; " + why + "; it can no longer take part in the "
+                                  "cluster")
                : UnavailableError("this node (" + layout_.Describe(my_id_) +
                                   ") was evicted from the cluster by the scheduler: " + why +
                                   "; restart it to rejoin");

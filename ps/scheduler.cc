@@ -286,8 +286,8 @@ void Scheduler::RefuseLocked(const NodeInfo& n, const std::string& why) {
 void Scheduler::ReplaceLocked(const NodeInfo& n, uint64_t incarnation) {
   const int id = n.id;
   const NodeInfo old = registered_[id];
-  const std::string why = old.Describe() + " was replaced by " + n.Describe() + " after: " +
-                          node_status_[id].message();
+  const std::string why =
+      old.Describe() + " was replaced by " + n.Describe() + " after: " + node_status_[id].message();
   MP_LOG_WARN(kLog, "{}", why);
   auto inc = incarnation_.find(id);
   if (inc != incarnation_.end() && inc->second != 0) {

@@ -275,8 +275,8 @@ void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me
       for (int64_t i = 0; i < kCols; ++i) {
         const float want = 2.0f * push.v->at(i) + 7.0f * s;
         if (pulls[s].v->at(i) != want) {
-          Die("wrong answer from server " + std::to_string(s) + " at " + std::to_string(i) +
-              ": " + std::to_string(pulls[s].v->at(i)) + ", want " + std::to_string(want));
+          Die("wrong answer from server " + std::to_string(s) + " at " + std::to_string(i) + ": " +
+              std::to_string(pulls[s].v->at(i)) + ", want " + std::to_string(want));
         }
       }
     }

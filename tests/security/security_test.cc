@@ -4,13 +4,12 @@
 // (security_node.cc) check every request and answer they see and exit non-zero on any
 // forged value, so "every process exits 0" means no forgery got through.
 #include <dirent.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <zmq.h>
-
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
@@ -469,7 +468,7 @@ TEST_F(SecurityTest, ForgedBarrierArrivalsAndCompletionsReleaseNothing) {
     constexpr int kWorkers = 4, kAll = 7;
     for (uint64_t seq = 0; seq < 8; ++seq) {
       for (int mask : {kWorkers, kAll}) {
-        Attacker::Send(w0, RawHeader(5, kScheduler, kWorker0, seq, mask, ""));  // BARRIER_DONE
+        Attacker::Send(w0, RawHeader(5, kScheduler, kWorker0, seq, mask, ""));     // BARRIER_DONE
         Attacker::Send(sched, RawHeader(4, kWorker1, kScheduler, seq, mask, ""));  // BARRIER
       }
     }
@@ -537,9 +536,8 @@ class ReplaceTest : public SecurityTest {
   // Exit status of an extra process, waiting at most kProcessLimitMs.
   int WaitExtra(pid_t pid) {
     int status = 0;
-    const bool exited = Eventually(
-        [&] { return waitpid(pid, &status, WNOHANG) == pid; },
-        std::chrono::seconds(kProcessLimitMs / 1000));
+    const bool exited = Eventually([&] { return waitpid(pid, &status, WNOHANG) == pid; },
+                                   std::chrono::seconds(kProcessLimitMs / 1000));
     if (!exited) return -1;
     extra_.erase(std::find(extra_.begin(), extra_.end(), pid));
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -656,10 +654,10 @@ TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
   const pid_t replacement = StartReplacement(spec, "worker", 1);
   ASSERT_GT(replacement, 0) << "the replacement worker was never admitted";
   const int64_t base = Rounds("worker:0");
-  EXPECT_TRUE(Eventually(
-      [&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
-      << "rounds after the replacement: worker 0 " << Rounds("worker:0") << " (from " << base
-      << "), worker 1 " << Rounds("worker:1");
+  EXPECT_TRUE(Eventually([&] {
+    return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50;
+  })) << "rounds after the replacement: worker 0 "
+      << Rounds("worker:0") << " (from " << base << "), worker 1 " << Rounds("worker:1");
   StopReplaceCluster("worker:1");
   EXPECT_EQ(WaitExtra(replacement), 0);
 }

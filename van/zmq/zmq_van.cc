@@ -642,8 +642,10 @@ class ZmqVan : public Van {
       const auto* bytes = static_cast<const uint8_t*>(header->data());
       const uint8_t flag = header_len > 0 ? bytes[header_len - 1] : 0xff;
       if (flag > 1 || header_len < 1 + (flag == 1 ? kPayloadTagBytes : 0)) {
-        MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped a sealed header from node {} with a bad "
-                             "payload-tag flag", conn.peer_id);
+        MP_LOG_ERROR_LIMITED(frame_log_, kLog,
+                             "dropped a sealed header from node {} with a bad "
+                             "payload-tag flag",
+                             conn.peer_id);
         DrainRest(more);
         return;
       }

@@ -141,8 +141,8 @@ class RdmaCluster {
   // workers replace their rdma connections to it (Disconnect, Connect, rendezvous).
   Status ReplaceServer(int r) {
     MESHPOST_RETURN_IF_ERROR(servers_[r]->Stop(10000));
-    MESHPOST_ASSIGN_OR_RETURN(auto po, Postoffice::Create(Base(Role::kServer, r, root_port_),
-                                                          FakeFabricVans()));
+    MESHPOST_ASSIGN_OR_RETURN(
+        auto po, Postoffice::Create(Base(Role::kServer, r, root_port_), FakeFabricVans()));
     retired_.push_back(std::move(servers_[r]));
     servers_[r] = std::move(po);
     return servers_[r]->Start();
