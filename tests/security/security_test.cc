@@ -707,26 +707,32 @@ TEST_F(ReplaceTest, BarrierInProgressWhenARankIsReplacedDoesNotHang) {
 // replacement. Resumed, the former holder learns at once that it was replaced: its next
 // GetBatch and every later call (barrier included) say so.
 TEST_F(ReplaceTest, PausedServerIsReplacedAndToldSoWhenItResumes) {
-  const ClusterSpec spec = ReplaceSpec("tcp");
-  Start(spec);
-  ExpectTrafficContinues(10);
-  const pid_t holder = cluster_.pid("server:1");
-  ASSERT_EQ(kill(holder, SIGSTOP), 0);
-  ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
-      << "workers never noticed server 1 stopped answering";
-  const pid_t replacement = StartReplacement(spec, "server", 1);
-  ASSERT_GT(replacement, 0);
-  ExpectTrafficContinues(50);
-  ASSERT_EQ(kill(holder, SIGCONT), 0);
-  const std::string told = dir_ + "/replaced." + std::to_string(holder);
-  EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
-      << "the resumed server never learned it was replaced";
-  const std::string why = ReadAll(told);
-  EXPECT_NE(why.find("was replaced"), std::string::npos) << why;
-  EXPECT_NE(why.find("pid " + std::to_string(replacement)), std::string::npos) << why;
-  ExpectTrafficContinues(20);  // the resumed former holder disturbs nothing
-  StopReplaceCluster("");
-  EXPECT_EQ(WaitExtra(replacement), 0);
+  for (const std::string transport : {"tcp", "cma"}) {
+    SCOPED_TRACE(transport);
+    cluster_ = LocalCluster();
+    std::string cmd = "rm -f '" + dir_ + "'/*";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    const ClusterSpec spec = ReplaceSpec(transport);
+    Start(spec);
+    ExpectTrafficContinues(10);
+    const pid_t holder = cluster_.pid("server:1");
+    ASSERT_EQ(kill(holder, SIGSTOP), 0);
+    ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
+        << "workers never noticed server 1 stopped answering";
+    const pid_t replacement = StartReplacement(spec, "server", 1);
+    ASSERT_GT(replacement, 0);
+    ExpectTrafficContinues(50);
+    ASSERT_EQ(kill(holder, SIGCONT), 0);
+    const std::string told = dir_ + "/replaced." + std::to_string(holder);
+    EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
+        << "the resumed server never learned it was replaced";
+    const std::string why = ReadAll(told);
+    EXPECT_NE(why.find("was replaced"), std::string::npos) << why;
+    EXPECT_NE(why.find("pid " + std::to_string(replacement)), std::string::npos) << why;
+    ExpectTrafficContinues(20);  // the resumed former holder disturbs nothing
+    StopReplaceCluster("");
+    EXPECT_EQ(WaitExtra(replacement), 0);
+  }
 }
 
 }  // namespace
