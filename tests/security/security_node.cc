@@ -239,7 +239,8 @@ void EvictServer(Postoffice& po, const std::string& dir) {
 // the stop file every live node passes one more all-groups barrier (sequence numbers
 // continue across the replacement) and leaves. A former holder that resumes must learn it
 // was replaced, from its next call and every later one; it writes replaced.<pid>.
-void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me) {
+// Returns false when this process learned it was replaced (and checked it says so).
+bool ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me) {
   AFTensorWorker* w = po.worker();
   const int S = po.options().num_servers;
   int64_t done = 0;
@@ -265,6 +266,15 @@ void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me
       }
       if (st.code() == StatusCode::kDeadlineExceeded && Exists(dir + "/stop")) break;
     }
+    if (!st.ok() && st.message().find("was replaced") != std::string::npos) {
+      auto again = w->ZBatchPushPull({{0, push.view}}, pull);
+      if (again.ok() || again.status().message().find("was replaced") == std::string::npos) {
+        Die("a later push_pull does not report the replacement: " +
+            (again.ok() ? std::string("OK") : again.status().ToString()));
+      }
+      WriteFile(dir + "/replaced." + std::to_string(getpid()), st.message());
+      return false;
+    }
     if (!st.ok()) {
       if (st.message().find("server 1") == std::string::npos) Die("push_pull: " + st.ToString());
       if (!Exists(dir + "/" + me + ".failed")) WriteFile(dir + "/" + me + ".failed", st.message());
@@ -283,6 +293,7 @@ void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me
     if (++done % 10 == 0) WriteFile(dir + "/" + me + ".rounds", std::to_string(done));
   }
   WriteFile(dir + "/" + me + ".done", "1");
+  return true;
 }
 
 // Returns false when this process learned it was replaced (and checked it says so).
@@ -326,7 +337,7 @@ bool ReplaceServer(Postoffice& po, const std::string& dir) {
 int RunReplace(Postoffice& po, const std::string& dir, const std::string& me) {
   bool member = true;
   if (po.role() == Role::kServer) member = ReplaceServer(po, dir);
-  if (po.role() == Role::kWorker) ReplaceWorker(po, dir, me);
+  if (po.role() == Role::kWorker) member = ReplaceWorker(po, dir, me);
   if (po.role() == Role::kScheduler) {
     while (!Exists(dir + "/stop")) usleep(50000);
   }

@@ -662,6 +662,39 @@ TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
   EXPECT_EQ(WaitExtra(replacement), 0);
 }
 
+// worker 1 is paused past the heartbeat timeout and replaced; worker 0's push_pull that
+// waited for a partner completes with the newcomer's. Resumed, the former holder learns it
+// was replaced from its next call; whatever it still sent is not taken for its
+// successor's (the servers keep only the newest authenticated connection of a node).
+TEST_F(ReplaceTest, PausedWorkerIsReplacedAndToldSoWhenItResumes) {
+  const ClusterSpec spec = ReplaceSpec("tcp");
+  Start(spec);
+  ExpectTrafficContinues(10);
+  const pid_t holder = cluster_.pid("worker:1");
+  ASSERT_EQ(kill(holder, SIGSTOP), 0);
+  std::remove((dir_ + "/worker:1.rounds").c_str());
+  const pid_t replacement = StartReplacement(spec, "worker", 1);
+  ASSERT_GT(replacement, 0);
+  int64_t base = Rounds("worker:0");
+  EXPECT_TRUE(Eventually(
+      [&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
+      << "worker 0 " << Rounds("worker:0") << " (from " << base << "), worker 1 "
+      << Rounds("worker:1");
+  ASSERT_EQ(kill(holder, SIGCONT), 0);
+  const std::string told = dir_ + "/replaced." + std::to_string(holder);
+  EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
+      << "the resumed worker never learned it was replaced";
+  EXPECT_NE(ReadAll(told).find("pid " + std::to_string(replacement)), std::string::npos)
+      << ReadAll(told);
+  base = Rounds("worker:0");
+  const int64_t base1 = Rounds("worker:1");
+  EXPECT_TRUE(Eventually(
+      [&] { return Rounds("worker:0") >= base + 20 && Rounds("worker:1") >= base1 + 20; }))
+      << "traffic stalled after the former holder resumed";
+  StopReplaceCluster("");
+  EXPECT_EQ(WaitExtra(replacement), 0);
+}
+
 // A barrier in progress when its member dies, and a rank replaced meanwhile: nobody hangs.
 // The members that arrived are released with an error, a member arriving later at the
 // same barrier gets that error at once, and the next barrier, with the replacement,
