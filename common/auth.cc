@@ -283,6 +283,46 @@ Result<int32_t> AcceptorHandshake::OnProof(const AuthFrame& p) {
   return connector_id_;
 }
 
+static_assert(sizeof(crypto_onetimeauth_state) <= 256, "PayloadTagger state too small");
+
+PayloadTagger::PayloadTagger(const SessionKey& key, uint64_t seq) {
+  // One-time key = HMAC-SHA256(session key, "payload" | seq): never reused (seq is unique
+  // per connection and direction), and unrelated to the header MAC's inputs.
+  crypto_auth_hmacsha256_state st;
+  crypto_auth_hmacsha256_init(&st, key.data(), key.size());
+  static const char kLabel[] = "meshpost payload";
+  crypto_auth_hmacsha256_update(&st, reinterpret_cast<const unsigned char*>(kLabel),
+                                sizeof(kLabel));
+  unsigned char seq_bytes[8];
+  std::memcpy(seq_bytes, &seq, sizeof(seq));
+  crypto_auth_hmacsha256_update(&st, seq_bytes, sizeof(seq_bytes));
+  unsigned char one_time[crypto_auth_hmacsha256_BYTES];
+  crypto_auth_hmacsha256_final(&st, one_time);
+  crypto_onetimeauth_init(reinterpret_cast<crypto_onetimeauth_state*>(state_), one_time);
+  sodium_memzero(one_time, sizeof(one_time));
+}
+
+PayloadTagger::~PayloadTagger() { sodium_memzero(state_, sizeof(state_)); }
+
+void PayloadTagger::Update(const void* data, size_t size) {
+  auto* st = reinterpret_cast<crypto_onetimeauth_state*>(state_);
+  const uint64_t len = size;
+  unsigned char len_bytes[8];
+  std::memcpy(len_bytes, &len, sizeof(len));
+  crypto_onetimeauth_update(st, len_bytes, sizeof(len_bytes));
+  crypto_onetimeauth_update(st, static_cast<const unsigned char*>(data), size);
+}
+
+PayloadTag PayloadTagger::Final() {
+  PayloadTag out;
+  crypto_onetimeauth_final(reinterpret_cast<crypto_onetimeauth_state*>(state_), out.data());
+  return out;
+}
+
+bool PayloadTagEqual(const PayloadTag& a, const PayloadTag& b) {
+  return sodium_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
 void MessageSealer::Seal(std::string* header) {
   const uint64_t seq = next_seq_++;
   const AuthMac mac = HeaderMac(key_, seq, header->data(), header->size());

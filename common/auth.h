@@ -105,11 +105,32 @@ class AcceptorHandshake {
   SessionKey key_{};
 };
 
+// Payload MAC (MESHPOST_AUTH_PAYLOAD): Poly1305 over a message's data frames (each
+// preceded by its length), under a one-time key derived from the connection's session key
+// and the message's sequence number, so no two messages share a key. The 16-byte tag
+// travels in the sealed header (docs/security.md).
+constexpr size_t kPayloadTagBytes = 16;
+using PayloadTag = std::array<uint8_t, kPayloadTagBytes>;
+class PayloadTagger {
+ public:
+  PayloadTagger(const SessionKey& key, uint64_t seq);
+  ~PayloadTagger();
+  void Update(const void* data, size_t size);
+  PayloadTag Final();
+
+ private:
+  alignas(16) unsigned char state_[256];  // crypto_onetimeauth_state
+};
+bool PayloadTagEqual(const PayloadTag& a, const PayloadTag& b);
+
 // Seals outgoing headers of one connection: appends sequence number + MAC.
 class MessageSealer {
  public:
   explicit MessageSealer(const SessionKey& key) : key_(key) {}
   void Seal(std::string* header);
+  // The sequence number the next Seal uses, and the key (for a payload tag).
+  uint64_t next_seq() const { return next_seq_; }
+  const SessionKey& key() const { return key_; }
 
  private:
   SessionKey key_;
@@ -123,6 +144,9 @@ class MessageOpener {
   explicit MessageOpener(const SessionKey& key) : key_(key) {}
   // Returns the length of the header without its trailer.
   Result<size_t> Open(const void* data, size_t size);
+  // The sequence number of the header Open accepted last, and the key (payload tags).
+  uint64_t last_seq() const { return next_seq_ - 1; }
+  const SessionKey& key() const { return key_; }
 
  private:
   SessionKey key_;

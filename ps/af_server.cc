@@ -417,9 +417,8 @@ class AFTensorServer::Impl : public DataHandler {
     const int w = meta.sender - 1 - num_servers_;
     if (w < 0 || w >= num_workers_) return;
     std::lock_guard<std::mutex> lock(mu_);
-    queues_.RemoveIf(w, [&](const std::shared_ptr<ServerRequest>& r) {
-      return r->request_id == meta.id;
-    });
+    queues_.RemoveIf(
+        w, [&](const std::shared_ptr<ServerRequest>& r) { return r->request_id == meta.id; });
     ready_.store(queues_.BatchReady(), std::memory_order_release);
   }
 

@@ -669,7 +669,7 @@ class AFTensorWorker::Impl : public DataHandler {
   std::map<uint64_t, std::shared_ptr<Pending>> pending_;
   std::deque<uint64_t> finished_;
   std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
-  std::atomic<bool> has_cancels_{false};            // cancels_ is not empty
+  std::atomic<bool> has_cancels_{false};           // cancels_ is not empty
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.

@@ -6,9 +6,9 @@
 
 #include "common/clock.h"
 #include "common/logging.h"
-#include "ps/start_report.h"
 #include "ps/control.h"
 #include "ps/node_context.h"
+#include "ps/start_report.h"
 
 namespace meshpost {
 namespace {
@@ -324,11 +324,12 @@ void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
     // Normally already down (the scheduler replaces only dead or departed nodes and said
     // so first); if this node had not concluded it yet, fail what was pending now.
     PeerGone(now.id, UnavailableError(old.Describe() + " was replaced by " + now.Describe()));
-    if (!IsDataPeer(opts_.role, now.role)) continue;
-    Status c = router_->ReconnectPeer(old, now);
-    if (!c.ok()) {
-      MP_LOG_ERROR(kLog, "cannot connect to {}: {}", now.Describe(), c.ToString());
-      continue;  // it stays down here
+    if (IsDataPeer(opts_.role, now.role)) {
+      Status c = router_->ReconnectPeer(old, now);
+      if (!c.ok()) {
+        MP_LOG_ERROR(kLog, "cannot connect to {}: {}", now.Describe(), c.ToString());
+        continue;  // it stays down here
+      }
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -343,7 +344,8 @@ void Membership::OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes) {
     table_version_.store(version, std::memory_order_release);
     cv_.notify_all();
   }
-  Status s = router_->SendControl(ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
+  Status s =
+      router_->SendControl(ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId)));
   (void)s;
 }
 
@@ -385,8 +387,9 @@ void Membership::PeerGone(int id, const Status& why, bool orderly) {
 void Membership::Evicted(const std::string& why, bool replaced) {
   const Status evicted =
       replaced ? UnavailableError("this node (" + layout_.Describe(my_id_) +
-                                  ") was replaced: the scheduler gave its rank to a new process "
-                                  "(" + why + "); it can no longer take part in the cluster")
+                                  ") was replaced: the scheduler gave its rank to a new "
+                                  "process; " + why + "; it can no longer take part in the "
+                                  "cluster")
                : UnavailableError("this node (" + layout_.Describe(my_id_) +
                                   ") was evicted from the cluster by the scheduler: " + why +
                                   "; restart it to rejoin");
@@ -462,7 +465,8 @@ void Membership::HeartbeatLoop() {
       for (auto& [id, why] : overdue) PeerGone(id, UnavailableError(why));
       lock.lock();
     }
-    OutMessage hb = ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq));
+    OutMessage hb =
+        ToScheduler(ControlMessage(Command::kHeartbeat, my_id_, kSchedulerId).Seq(++seq));
     hb.meta.stamps[0] = GetNanosecond();  // echoed by the ack: one clock-offset sample
     Status s = router_->SendControl(std::move(hb));
     (void)s;

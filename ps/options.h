@@ -66,6 +66,8 @@ struct Options {
   // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every
   // connection proves knowledge of it ("" = unauthenticated). See docs/security.md.
   std::string cluster_token;
+  // MESHPOST_AUTH_PAYLOAD: tcp data frames carry a MAC too (needs cluster_token).
+  bool auth_payload = false;
   // Largest frame a peer may send before its connection is closed (MESHPOST_MAX_MESSAGE_BYTES).
   int64_t max_message_bytes = int64_t{1} << 30;
   // GPU tensors are moved through this backend; null means CudaBackend(). Not from the

@@ -217,6 +217,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
   }
 
   void OnPeerFailure(int peer_id, const Status& why) override {
+    // Cancelled: a connection this node closed itself (Disconnect when a rank is taken
+    // over, Stop). Reported later from the van's thread, it must not mark the peer's new
+    // holder down.
+    if (why.code() == StatusCode::kCancelled) return;
     if (membership_) membership_->PeerGone(peer_id, why);
   }
 

@@ -286,8 +286,8 @@ void Scheduler::RefuseLocked(const NodeInfo& n, const std::string& why) {
 void Scheduler::ReplaceLocked(const NodeInfo& n, uint64_t incarnation) {
   const int id = n.id;
   const NodeInfo old = registered_[id];
-  const std::string why = old.Describe() + " was replaced by " + n.Describe() + " after: " +
-                          node_status_[id].message();
+  const std::string why =
+      old.Describe() + " was replaced by " + n.Describe() + " after: " + node_status_[id].message();
   MP_LOG_WARN(kLog, "{}", why);
   auto inc = incarnation_.find(id);
   if (inc != incarnation_.end() && inc->second != 0) {
@@ -341,6 +341,12 @@ void Scheduler::TellFormerHolderLocked(int id, uint64_t incarnation) {
   auto f = former_.find(incarnation);
   if (f == former_.end() || f->second.id != id) {
     MP_LOG_DEBUG(kLog, "message for node {} from an unknown incarnation dropped", id);
+    return;
+  }
+  const NodeInfo& holder = registered_[id];
+  if (holder.host == f->second.info.host && holder.port == f->second.info.port) {
+    // The new holder listens where the former one did (a fixed DMLC_PORT): the former
+    // holder is gone, and this is a message it sent before dying, read only now.
     return;
   }
   if (!RateLimitLocked()) return;
@@ -399,8 +405,10 @@ void Scheduler::PublishTableLocked() {
       MP_LOG_ERROR(kLog, "cannot connect to {}: {}", info.Describe(), c.ToString());
       continue;
     }
-    Status s = router_->SendControl(
-        ControlMessage(Command::kNodeTable, kSchedulerId, id).Seq(table_version_).Body(body).Build());
+    Status s = router_->SendControl(ControlMessage(Command::kNodeTable, kSchedulerId, id)
+                                        .Seq(table_version_)
+                                        .Body(body)
+                                        .Build());
     (void)s;
   }
   table_published_ = true;

@@ -86,14 +86,14 @@ class Scheduler {
     NodeInfo info;
     std::string why;
   };
-  std::map<uint64_t, Former> former_;    // replaced holders by incarnation (bounded)
-  uint64_t table_version_ = 1;           // NODE_TABLE id; bumped by each replacement
+  std::map<uint64_t, Former> former_;      // replaced holders by incarnation (bounded)
+  uint64_t table_version_ = 1;             // NODE_TABLE id; bumped by each replacement
   std::map<int, uint64_t> acked_version_;  // node id → table version its heartbeats report
   // Replacements whose start barrier waits until every live node applied the table that
   // admitted them: id → (mask, node seq, table version).
   std::map<int, std::tuple<int, uint64_t, uint64_t>> replacement_start_;
   std::map<int, std::map<int, int64_t>> seq_offset_;  // id → mask → cluster seq - node seq
-  std::map<int, uint64_t> last_released_;  // mask → highest released cluster seq
+  std::map<int, uint64_t> last_released_;             // mask → highest released cluster seq
   // Barriers released with an error, for members that arrive after the release (bounded).
   std::map<std::pair<int, uint64_t>, Status> failed_barriers_;
   std::vector<NodeInfo> table_;          // published node table (self first)

@@ -21,6 +21,7 @@ VanOptions VanOptionsFor(const Options& o) {
   // "auto" picks the advertised address (ps/), not a device: the rdma van then chooses.
   v.interface = o.interface == "auto" ? std::string() : o.interface;
   v.cluster_token = o.cluster_token;
+  v.auth_payload = o.auth_payload;
   v.max_message_bytes = static_cast<uint64_t>(o.max_message_bytes);
   // MESHPOST_RDMA_* come with the options (keyword arguments included), not the process
   // environment; the lookup owns its copy so it outlives any Options object.

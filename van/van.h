@@ -95,6 +95,9 @@ struct VanOptions {
   // connection proves knowledge of it, and a message's meta.sender is the authenticated
   // peer of the connection it arrived on (a message claiming another sender is dropped).
   std::string cluster_token;  // "" = unauthenticated
+  // With a token: the tcp van also MACs every message's data frames (MESHPOST_AUTH_PAYLOAD)
+  // and refuses a message whose frames do not match, or that arrives without a payload MAC.
+  bool auth_payload = false;
   int self_id = -1;           // this node's id, bound into every handshake
   // Largest frame a peer may send; a larger one closes that connection before anything is
   // allocated for it (MESHPOST_MAX_MESSAGE_BYTES).

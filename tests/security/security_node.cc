@@ -239,7 +239,8 @@ void EvictServer(Postoffice& po, const std::string& dir) {
 // the stop file every live node passes one more all-groups barrier (sequence numbers
 // continue across the replacement) and leaves. A former holder that resumes must learn it
 // was replaced, from its next call and every later one; it writes replaced.<pid>.
-void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me) {
+// Returns false when this process learned it was replaced (and checked it says so).
+bool ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me) {
   AFTensorWorker* w = po.worker();
   const int S = po.options().num_servers;
   int64_t done = 0;
@@ -265,6 +266,15 @@ void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me
       }
       if (st.code() == StatusCode::kDeadlineExceeded && Exists(dir + "/stop")) break;
     }
+    if (!st.ok() && st.message().find("was replaced") != std::string::npos) {
+      auto again = w->ZBatchPushPull({{0, push.view}}, pull);
+      if (again.ok() || again.status().message().find("was replaced") == std::string::npos) {
+        Die("a later push_pull does not report the replacement: " +
+            (again.ok() ? std::string("OK") : again.status().ToString()));
+      }
+      WriteFile(dir + "/replaced." + std::to_string(getpid()), st.message());
+      return false;
+    }
     if (!st.ok()) {
       if (st.message().find("server 1") == std::string::npos) Die("push_pull: " + st.ToString());
       if (!Exists(dir + "/" + me + ".failed")) WriteFile(dir + "/" + me + ".failed", st.message());
@@ -275,14 +285,15 @@ void ReplaceWorker(Postoffice& po, const std::string& dir, const std::string& me
       for (int64_t i = 0; i < kCols; ++i) {
         const float want = 2.0f * push.v->at(i) + 7.0f * s;
         if (pulls[s].v->at(i) != want) {
-          Die("wrong answer from server " + std::to_string(s) + " at " + std::to_string(i) +
-              ": " + std::to_string(pulls[s].v->at(i)) + ", want " + std::to_string(want));
+          Die("wrong answer from server " + std::to_string(s) + " at " + std::to_string(i) + ": " +
+              std::to_string(pulls[s].v->at(i)) + ", want " + std::to_string(want));
         }
       }
     }
     if (++done % 10 == 0) WriteFile(dir + "/" + me + ".rounds", std::to_string(done));
   }
   WriteFile(dir + "/" + me + ".done", "1");
+  return true;
 }
 
 // Returns false when this process learned it was replaced (and checked it says so).
@@ -326,7 +337,7 @@ bool ReplaceServer(Postoffice& po, const std::string& dir) {
 int RunReplace(Postoffice& po, const std::string& dir, const std::string& me) {
   bool member = true;
   if (po.role() == Role::kServer) member = ReplaceServer(po, dir);
-  if (po.role() == Role::kWorker) ReplaceWorker(po, dir, me);
+  if (po.role() == Role::kWorker) member = ReplaceWorker(po, dir, me);
   if (po.role() == Role::kScheduler) {
     while (!Exists(dir + "/stop")) usleep(50000);
   }
@@ -362,6 +373,37 @@ int RunBarrier(Postoffice& po, const std::string& dir, const std::string& me) {
   return 0;
 }
 
+// "barrier_replace": a barrier across servers and workers is in progress when server 1
+// dies (worker 0 and server 0 arrived; worker 1 and server 1 wait for "go1"). Each
+// node writes the outcome of barrier 1 to <me>.b1: the arrived ones are released with an
+// error, worker 1 arriving after the death (and after the replacement joined) gets the
+// same error at once instead of waiting for members that moved on. The replacement
+// (MESHPOST_SEC_REPLACEMENT=1) joins at barrier 2, which everyone passes after "go2"
+// (<me>.b2).
+int RunBarrierReplace(Postoffice& po, const std::string& dir, const std::string& me) {
+  constexpr int kMask = kServerGroup | kWorkerGroup;
+  const bool replacement = std::getenv("MESHPOST_SEC_REPLACEMENT") != nullptr;
+  if (po.role() != Role::kScheduler && !replacement) {
+    const bool early = po.rank() == 0;
+    if (early) {
+      WriteFile(dir + "/" + me + ".waiting", "1");
+    } else {
+      while (!Exists(dir + "/go1")) usleep(20000);
+    }
+    Status b = po.Barrier(kMask, 120000);
+    WriteFile(dir + "/" + me + ".b1", b.ok() ? "OK" : b.ToString());
+  }
+  if (po.role() != Role::kScheduler) {
+    while (!Exists(dir + "/go2")) usleep(20000);
+    Status b = po.Barrier(kMask, 60000);
+    WriteFile(dir + "/" + me + ".b2", b.ok() ? "OK" : b.ToString());
+  }
+  while (!Exists(dir + "/stop")) usleep(20000);
+  Status s = po.Stop(60000);
+  if (!s.ok()) Die("Stop: " + s.ToString());
+  return 0;
+}
+
 }  // namespace
 
 int main() {
@@ -383,6 +425,7 @@ int main() {
   const std::string stop = dir + "/stop";
   if (Scenario() == "replace") return RunReplace(**po, dir, me);
   if (Scenario() == "barrier") return RunBarrier(**po, dir, me);
+  if (Scenario() == "barrier_replace") return RunBarrierReplace(**po, dir, me);
   if (Scenario() == "evict") {
     if (opts->role == Role::kServer) EvictServer(**po, dir);
     if (opts->role == Role::kWorker) EvictWorker(**po, dir, me);

@@ -4,17 +4,17 @@
 // (security_node.cc) check every request and answer they see and exit non-zero on any
 // forged value, so "every process exits 0" means no forgery got through.
 #include <dirent.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <zmq.h>
 
-#include <gtest/gtest.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -468,7 +468,7 @@ TEST_F(SecurityTest, ForgedBarrierArrivalsAndCompletionsReleaseNothing) {
     constexpr int kWorkers = 4, kAll = 7;
     for (uint64_t seq = 0; seq < 8; ++seq) {
       for (int mask : {kWorkers, kAll}) {
-        Attacker::Send(w0, RawHeader(5, kScheduler, kWorker0, seq, mask, ""));  // BARRIER_DONE
+        Attacker::Send(w0, RawHeader(5, kScheduler, kWorker0, seq, mask, ""));     // BARRIER_DONE
         Attacker::Send(sched, RawHeader(4, kWorker1, kScheduler, seq, mask, ""));  // BARRIER
       }
     }
@@ -505,8 +505,8 @@ class ReplaceTest : public SecurityTest {
     SecurityTest::TearDown();
   }
 
-  ClusterSpec ReplaceSpec(const std::string& transport) {
-    ClusterSpec spec = Spec(true);
+  ClusterSpec ReplaceSpec(const std::string& transport, bool with_token = true) {
+    ClusterSpec spec = Spec(with_token);
     spec.env["MESHPOST_SEC_SCENARIO"] = "replace";
     spec.env["MESHPOST_TRANSPORT"] = transport;
     spec.env["MESHPOST_HEARTBEAT_TIMEOUT_MS"] = "1500";
@@ -536,12 +536,38 @@ class ReplaceTest : public SecurityTest {
   // Exit status of an extra process, waiting at most kProcessLimitMs.
   int WaitExtra(pid_t pid) {
     int status = 0;
-    const bool exited = Eventually(
-        [&] { return waitpid(pid, &status, WNOHANG) == pid; },
-        std::chrono::seconds(kProcessLimitMs / 1000));
+    const bool exited = Eventually([&] { return waitpid(pid, &status, WNOHANG) == pid; },
+                                   std::chrono::seconds(kProcessLimitMs / 1000));
     if (!exited) return -1;
     extra_.erase(std::find(extra_.begin(), extra_.end(), pid));
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  // Starts a process for `role`:`rank` the way a launcher would: while the old holder
+  // still counts as alive (its death is declared after the heartbeat timeout) the rank is
+  // refused, naming it, and the launcher retries. Returns the admitted process, or -1.
+  pid_t StartReplacement(const ClusterSpec& spec, const std::string& role, int rank) {
+    const std::string me = dir_ + "/" + role + ":" + std::to_string(rank);
+    for (int attempt = 0; attempt < 40; ++attempt) {
+      std::remove((me + ".port").c_str());
+      std::remove((me + ".start_error").c_str());
+      const pid_t p = StartExtra(spec, role, rank);
+      // Started (it writes its port once Start returned) or refused (it exits).
+      int status = 0;
+      bool exited = false;
+      const bool settled = Eventually([&] {
+        exited = exited || waitpid(p, &status, WNOHANG) == p;
+        return exited || !ReadAll(me + ".port").empty();
+      });
+      if (!settled) return -1;
+      if (!exited) return p;
+      extra_.erase(std::find(extra_.begin(), extra_.end(), p));
+      const std::string why = ReadAll(me + ".start_error");
+      EXPECT_NE(why.find("which is alive"), std::string::npos) << why;
+      if (why.find("which is alive") == std::string::npos) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return -1;
   }
 
   bool BothWorkersFailed() {
@@ -568,12 +594,13 @@ class ReplaceTest : public SecurityTest {
 // to it, and push_pull returns correct data again. A final all-groups barrier (with the
 // replacement) and an orderly stop of everyone follow.
 TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
-  for (const std::string transport : {"tcp", "cma"}) {
-    SCOPED_TRACE(transport);
+  for (const auto& [transport, with_token] :
+       std::vector<std::pair<std::string, bool>>{{"tcp", true}, {"cma", true}, {"tcp", false}}) {
+    SCOPED_TRACE(transport + (with_token ? " with a token" : " without a token"));
     cluster_ = LocalCluster();
     std::string cmd = "rm -f '" + dir_ + "'/*";
     ASSERT_EQ(std::system(cmd.c_str()), 0);
-    const ClusterSpec spec = ReplaceSpec(transport);
+    const ClusterSpec spec = ReplaceSpec(transport, with_token);
     Start(spec);
     ExpectTrafficContinues(10);
     const pid_t holder = cluster_.pid("server:1");
@@ -592,8 +619,10 @@ TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
       Attacker evil;
       void* s = evil.Dial(ports_["scheduler:0"]);
       std::atomic<bool> stop{false};
+      // (Without a token a forged heartbeat is indistinguishable from a real one.)
+      const bool forge = with_token;
       std::thread forger([&] {
-        for (uint64_t seq = 1; !stop.load(); ++seq) {
+        for (uint64_t seq = 1; forge && !stop.load(); ++seq) {
           Attacker::Send(s, RawHeader(6, kServer1, kScheduler, seq, 0, ""));
           std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
@@ -603,7 +632,8 @@ TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
       forger.join();
       ASSERT_TRUE(noticed) << "workers never noticed server 1 died";
     }
-    const pid_t replacement = StartExtra(spec, "server", 1);
+    const pid_t replacement = StartReplacement(spec, "server", 1);
+    ASSERT_GT(replacement, 0);
     // Rounds count only checked answers of both servers: these need the replacement.
     ExpectTrafficContinues(50);
     StopReplaceCluster("server:1");
@@ -611,29 +641,131 @@ TEST_F(ReplaceTest, KilledServerIsReplacedAndPushPullWorksAgain) {
   }
 }
 
+// kill -9 of worker 1; a replacement started as a launcher would (retrying while the rank
+// still counts as alive) is admitted, servers drop what the old worker left queued, and
+// both workers' push_pulls return correct data again (worker 0's request that waited for
+// a partner completes with the newcomer's first one).
+TEST_F(ReplaceTest, KilledWorkerIsReplacedAndBothWorkersPushPullAgain) {
+  const ClusterSpec spec = ReplaceSpec("tcp");
+  Start(spec);
+  ExpectTrafficContinues(10);
+  ASSERT_EQ(kill(cluster_.pid("worker:1"), SIGKILL), 0);
+  std::remove((dir_ + "/worker:1.rounds").c_str());
+  const pid_t replacement = StartReplacement(spec, "worker", 1);
+  ASSERT_GT(replacement, 0) << "the replacement worker was never admitted";
+  const int64_t base = Rounds("worker:0");
+  EXPECT_TRUE(Eventually([&] {
+    return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50;
+  })) << "rounds after the replacement: worker 0 "
+      << Rounds("worker:0") << " (from " << base << "), worker 1 " << Rounds("worker:1");
+  StopReplaceCluster("worker:1");
+  EXPECT_EQ(WaitExtra(replacement), 0);
+}
+
+// worker 1 is paused past the heartbeat timeout and replaced; worker 0's push_pull that
+// waited for a partner completes with the newcomer's. Resumed, the former holder learns it
+// was replaced from its next call; whatever it still sent is not taken for its
+// successor's (the servers keep only the newest authenticated connection of a node).
+TEST_F(ReplaceTest, PausedWorkerIsReplacedAndToldSoWhenItResumes) {
+  const ClusterSpec spec = ReplaceSpec("tcp");
+  Start(spec);
+  ExpectTrafficContinues(10);
+  const pid_t holder = cluster_.pid("worker:1");
+  ASSERT_EQ(kill(holder, SIGSTOP), 0);
+  std::remove((dir_ + "/worker:1.rounds").c_str());
+  const pid_t replacement = StartReplacement(spec, "worker", 1);
+  ASSERT_GT(replacement, 0);
+  int64_t base = Rounds("worker:0");
+  EXPECT_TRUE(Eventually(
+      [&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
+      << "worker 0 " << Rounds("worker:0") << " (from " << base << "), worker 1 "
+      << Rounds("worker:1");
+  ASSERT_EQ(kill(holder, SIGCONT), 0);
+  const std::string told = dir_ + "/replaced." + std::to_string(holder);
+  EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
+      << "the resumed worker never learned it was replaced";
+  EXPECT_NE(ReadAll(told).find("pid " + std::to_string(replacement)), std::string::npos)
+      << ReadAll(told);
+  base = Rounds("worker:0");
+  const int64_t base1 = Rounds("worker:1");
+  EXPECT_TRUE(Eventually(
+      [&] { return Rounds("worker:0") >= base + 20 && Rounds("worker:1") >= base1 + 20; }))
+      << "traffic stalled after the former holder resumed";
+  StopReplaceCluster("");
+  EXPECT_EQ(WaitExtra(replacement), 0);
+}
+
+// A barrier in progress when its member dies, and a rank replaced meanwhile: nobody hangs.
+// The members that arrived are released with an error, a member arriving later at the
+// same barrier gets that error at once, and the next barrier, with the replacement,
+// completes (security_node.cc, scenario "barrier_replace").
+TEST_F(ReplaceTest, BarrierInProgressWhenARankIsReplacedDoesNotHang) {
+  ClusterSpec spec = ReplaceSpec("tcp");
+  spec.env["MESHPOST_SEC_SCENARIO"] = "barrier_replace";
+  Start(spec);
+  auto has = [&](const std::string& f) { return !ReadAll(dir_ + "/" + f).empty(); };
+  ASSERT_TRUE(Eventually([&] { return has("worker:0.waiting") && has("server:0.waiting"); }));
+  ASSERT_EQ(kill(cluster_.pid("server:1"), SIGKILL), 0);
+  ASSERT_TRUE(Eventually([&] { return has("worker:0.b1") && has("server:0.b1"); }))
+      << "barrier members were not released when server 1 died";
+  ClusterSpec again = spec;
+  again.env["MESHPOST_SEC_REPLACEMENT"] = "1";
+  const pid_t replacement = StartReplacement(again, "server", 1);
+  ASSERT_GT(replacement, 0);
+  {
+    std::ofstream f(dir_ + "/go1");
+    f << "1\n";
+  }
+  ASSERT_TRUE(Eventually([&] { return has("worker:1.b1"); }))
+      << "a member arriving after the death waits for members that moved on";
+  for (const char* n : {"worker:0", "server:0", "worker:1"}) {
+    const std::string b1 = ReadAll(dir_ + "/" + n + ".b1");
+    EXPECT_NE(b1.find("cannot complete"), std::string::npos) << n << ": " << b1;
+  }
+  {
+    std::ofstream f(dir_ + "/go2");
+    f << "1\n";
+  }
+  ASSERT_TRUE(Eventually([&] {
+    return has("worker:0.b2") && has("worker:1.b2") && has("server:0.b2") && has("server:1.b2");
+  })) << "the barrier after the replacement never completed";
+  for (const char* n : {"worker:0", "worker:1", "server:0", "server:1"}) {
+    EXPECT_EQ(ReadAll(dir_ + "/" + n + ".b2"), "OK\n") << n;
+  }
+  StopReplaceCluster("server:1");
+  EXPECT_EQ(WaitExtra(replacement), 0);
+}
+
 // server 1 is paused past the heartbeat timeout and replaced; traffic resumes with the
 // replacement. Resumed, the former holder learns at once that it was replaced: its next
 // GetBatch and every later call (barrier included) say so.
 TEST_F(ReplaceTest, PausedServerIsReplacedAndToldSoWhenItResumes) {
-  const ClusterSpec spec = ReplaceSpec("tcp");
-  Start(spec);
-  ExpectTrafficContinues(10);
-  const pid_t holder = cluster_.pid("server:1");
-  ASSERT_EQ(kill(holder, SIGSTOP), 0);
-  ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
-      << "workers never noticed server 1 stopped answering";
-  const pid_t replacement = StartExtra(spec, "server", 1);
-  ExpectTrafficContinues(50);
-  ASSERT_EQ(kill(holder, SIGCONT), 0);
-  const std::string told = dir_ + "/replaced." + std::to_string(holder);
-  EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
-      << "the resumed server never learned it was replaced";
-  const std::string why = ReadAll(told);
-  EXPECT_NE(why.find("was replaced"), std::string::npos) << why;
-  EXPECT_NE(why.find("pid " + std::to_string(replacement)), std::string::npos) << why;
-  ExpectTrafficContinues(20);  // the resumed former holder disturbs nothing
-  StopReplaceCluster("");
-  EXPECT_EQ(WaitExtra(replacement), 0);
+  for (const std::string transport : {"tcp", "cma"}) {
+    SCOPED_TRACE(transport);
+    cluster_ = LocalCluster();
+    std::string cmd = "rm -f '" + dir_ + "'/*";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    const ClusterSpec spec = ReplaceSpec(transport);
+    Start(spec);
+    ExpectTrafficContinues(10);
+    const pid_t holder = cluster_.pid("server:1");
+    ASSERT_EQ(kill(holder, SIGSTOP), 0);
+    ASSERT_TRUE(Eventually([&] { return BothWorkersFailed(); }))
+        << "workers never noticed server 1 stopped answering";
+    const pid_t replacement = StartReplacement(spec, "server", 1);
+    ASSERT_GT(replacement, 0);
+    ExpectTrafficContinues(50);
+    ASSERT_EQ(kill(holder, SIGCONT), 0);
+    const std::string told = dir_ + "/replaced." + std::to_string(holder);
+    EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
+        << "the resumed server never learned it was replaced";
+    const std::string why = ReadAll(told);
+    EXPECT_NE(why.find("was replaced"), std::string::npos) << why;
+    EXPECT_NE(why.find("pid " + std::to_string(replacement)), std::string::npos) << why;
+    ExpectTrafficContinues(20);  // the resumed former holder disturbs nothing
+    StopReplaceCluster("");
+    EXPECT_EQ(WaitExtra(replacement), 0);
+  }
 }
 
 }  // namespace

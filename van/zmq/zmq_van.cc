@@ -316,8 +316,20 @@ class ZmqVan : public Van {
   // Requires peer.mu. Encodes, seals (authenticated clusters) and sends one message.
   Status SendLocked(Peer& peer, OutMessage&& msg) {
     std::string header = EncodeMeta(msg.meta);
-    if (peer.sealer) peer.sealer->Seal(&header);
     const size_t n = msg.segments.size();
+    if (peer.sealer) {
+      // Sealed headers end with a payload-tag flag (1: a Poly1305 tag over the data frames
+      // precedes it, MESHPOST_AUTH_PAYLOAD), all under the header MAC.
+      const bool tagged = options_.auth_payload && n > 0;
+      if (tagged) {
+        PayloadTagger tagger(peer.sealer->key(), peer.sealer->next_seq());
+        for (const SendSegment& seg : msg.segments) tagger.Update(seg.data, seg.size);
+        const PayloadTag tag = tagger.Final();
+        header.append(reinterpret_cast<const char*>(tag.data()), tag.size());
+      }
+      header.push_back(tagged ? 1 : 0);
+      peer.sealer->Seal(&header);
+    }
     int rc = zmq_send(peer.socket, header.data(), header.size(), n > 0 ? ZMQ_SNDMORE : 0);
     if (rc < 0) return UnavailableError(ZmqError("send header"));
     for (size_t i = 0; i < n; ++i) {
@@ -591,6 +603,10 @@ class ZmqVan : public Van {
     bool more = zmq_msg_more(&header->msg);
     size_t header_len = header->size();
     int authenticated_as = -1;
+    bool tagged = false;
+    PayloadTag tag{};
+    SessionKey tag_key{};
+    uint64_t tag_seq = 0;
     const bool auth_frame = LooksLikeAuthFrame(header->data(), header->size());
     if (!options_.cluster_token.empty() || auth_frame) {
       const std::string routing_id(static_cast<const char*>(identity.data()), identity.size());
@@ -623,6 +639,24 @@ class ZmqVan : public Van {
       }
       header_len = *opened;
       authenticated_as = conn.peer_id;
+      const auto* bytes = static_cast<const uint8_t*>(header->data());
+      const uint8_t flag = header_len > 0 ? bytes[header_len - 1] : 0xff;
+      if (flag > 1 || header_len < 1 + (flag == 1 ? kPayloadTagBytes : 0)) {
+        MP_LOG_ERROR_LIMITED(frame_log_, kLog,
+                             "dropped a sealed header from node {} with a bad "
+                             "payload-tag flag",
+                             conn.peer_id);
+        DrainRest(more);
+        return;
+      }
+      header_len -= 1;
+      if (flag == 1) {
+        header_len -= kPayloadTagBytes;
+        std::memcpy(tag.data(), bytes + header_len, kPayloadTagBytes);
+        tagged = true;
+        tag_key = conn.opener->key();
+        tag_seq = conn.opener->last_seq();
+      }
     }
     auto meta = DecodeMeta(header->data(), header_len);
     if (!meta.ok()) {
@@ -647,7 +681,15 @@ class ZmqVan : public Van {
     const size_t expected = in.meta.data.size();
     in.segments.reserve(expected);
     Status refused;
-    size_t index = 0;
+    if (options_.auth_payload && authenticated_as >= 0 && !tagged && more) {
+      refused = FailedPreconditionError(
+          "node " + std::to_string(authenticated_as) +
+          " sent data frames without a payload MAC, which this node requires "
+          "(MESHPOST_AUTH_PAYLOAD must be the same on every node)");
+    }
+    // A tagged payload is checked before any byte of it lands in the receiver's memory:
+    // ZeroMQ delivers a multi-part message whole, so every frame is read first.
+    std::vector<std::shared_ptr<ZmqMsg>> parts;
     while (more) {
       auto part = std::make_shared<ZmqMsg>();
       if (zmq_msg_recv(&part->msg, receiver_socket_, 0) < 0) {
@@ -656,7 +698,20 @@ class ZmqVan : public Van {
         break;
       }
       more = zmq_msg_more(&part->msg);
-      if (!refused.ok()) continue;
+      parts.push_back(std::move(part));
+    }
+    if (tagged && refused.ok()) {
+      PayloadTagger tagger(tag_key, tag_seq);
+      for (auto& part : parts) tagger.Update(part->data(), part->size());
+      if (!PayloadTagEqual(tagger.Final(), tag)) {
+        refused = DataLossError("payload MAC mismatch: the data frames from node " +
+                                std::to_string(authenticated_as) +
+                                " were altered in transit (MESHPOST_AUTH_PAYLOAD)");
+      }
+    }
+    size_t index = 0;
+    for (auto& part : parts) {
+      if (!refused.ok()) break;
       const size_t size = part->size();
       auto dest = SegmentDestination(receiver_, in.meta, index, size);
       if (!dest.ok()) {

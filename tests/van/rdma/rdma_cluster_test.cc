@@ -74,6 +74,7 @@ class RdmaCluster {
       threads[0].join();
       return port.status().Annotate(starts[0].ToString());
     }
+    root_port_ = *port;
     Status created;
     for (int r = 0; r < num_servers && created.ok(); ++r) {
       auto po = Postoffice::Create(Base(Role::kServer, r, *port), FakeFabricVans());
@@ -136,6 +137,17 @@ class RdmaCluster {
     return result;
   }
 
+  // Server `r` leaves (orderly Stop) and a new Postoffice takes its rank (issue 10): the
+  // workers replace their rdma connections to it (Disconnect, Connect, rendezvous).
+  Status ReplaceServer(int r) {
+    MESHPOST_RETURN_IF_ERROR(servers_[r]->Stop(10000));
+    MESHPOST_ASSIGN_OR_RETURN(
+        auto po, Postoffice::Create(Base(Role::kServer, r, root_port_), FakeFabricVans()));
+    retired_.push_back(std::move(servers_[r]));
+    servers_[r] = std::move(po);
+    return servers_[r]->Start();
+  }
+
   Postoffice* server(int r) { return servers_[r].get(); }
   Postoffice* worker(int r) { return workers_[r].get(); }
   FakeFabric& fabric() { return fabric_; }
@@ -181,6 +193,8 @@ class RdmaCluster {
   std::unique_ptr<Postoffice> scheduler_;
   std::vector<std::unique_ptr<Postoffice>> servers_;
   std::vector<std::unique_ptr<Postoffice>> workers_;
+  std::vector<std::unique_ptr<Postoffice>> retired_;  // replaced holders, stopped
+  int root_port_ = 0;
 };
 
 // Server loop for `rounds` batches: checks every push against PushValue and answers each
@@ -290,6 +304,30 @@ TEST(RdmaClusterTest, PushPullRoundTrips) {
     if (!w.wr.with_imm && w.wr.length == kRows * kCols * sizeof(float)) ++payloads;
   }
   EXPECT_EQ(payloads, 10);
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+}
+
+// A server rank taken over by a new process after the old one left: the worker's rdma van
+// gets Disconnect + Connect for it, the rendezvous runs again, and push_pull returns the
+// new server's answers over rdma.
+TEST(RdmaClusterTest, ReplacedServerIsReachedOverRdma) {
+  RdmaCluster c;
+  Status started = c.Start(1, 1);
+  ASSERT_TRUE(started.ok()) << started;
+  {
+    std::thread server([&] { ServeRounds(c.server(0), 3); });
+    PushPullRounds(c.worker(0), 3);
+    server.join();
+  }
+  Status replaced = c.ReplaceServer(0);
+  ASSERT_TRUE(replaced.ok()) << replaced;
+  ExpectAllRdma(c, 1, 1);
+  {
+    std::thread server([&] { ServeRounds(c.server(0), 3); });
+    PushPullRounds(c.worker(0), 3);
+    server.join();
+  }
   Status stopped = c.StopAll();
   EXPECT_TRUE(stopped.ok()) << stopped;
 }
