@@ -60,3 +60,12 @@ def test_killed_server_fails_worker_wait(cluster):
 
 def test_soak_rss_does_not_grow(cluster):
     cluster.run("soak.py", workers=1, servers=1, timeout=300)
+
+
+def test_forever_timeout_waits_instead_of_timing_out_at_once(cluster):
+    cluster.run("forever_timeout.py", workers=1, servers=1)
+
+
+def test_tensor_over_the_frame_cap_is_refused_and_the_pair_keeps_working(cluster):
+    cluster.run("frame_cap.py", workers=1, servers=1,
+                env={"MESHPOST_TRANSPORT": "tcp", "MESHPOST_MAX_MESSAGE_BYTES": "65536"})
