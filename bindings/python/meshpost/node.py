@@ -136,7 +136,13 @@ class Node:
         mask = (_meshpost.SERVER_GROUP if servers else 0) | (
             _meshpost.WORKER_GROUP if workers else 0)
         if self.role == "scheduler":
-            mask |= _meshpost.SCHEDULER_GROUP
+            from .errors import FailedPreconditionError
+
+            # Workers and servers barrier among themselves; a scheduler barrier could
+            # never be joined and would block until they left.
+            raise FailedPreconditionError(
+                "barrier: called on the scheduler, which is not a member of the server or "
+                "worker group; expected only workers and servers to call barrier")
         self._node.barrier(mask, _ms(timeout))
 
     def __repr__(self) -> str:
