@@ -103,6 +103,19 @@ std::vector<int64_t> IntsOf(py::handle seq, const std::string& where) {
   return out;
 }
 
+// Keys are non-negative (the core refuses others): checked here so the message names the
+// Python argument.
+std::vector<int64_t> KeysOf(py::handle seq, const std::string& where) {
+  std::vector<int64_t> keys = IntsOf(seq, where);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i] < 0) {
+      RaiseValueError(where + "[" + std::to_string(i) + "]=" + std::to_string(keys[i]) +
+                      "; expected a key >= 0");
+    }
+  }
+  return keys;
+}
+
 uint64_t HandleOf(int64_t handle, const char* fn) {
   if (handle <= 0) {
     RaiseStatus(NotFoundError(std::string(fn) + ": handler=" + std::to_string(handle) +
@@ -213,9 +226,9 @@ class Node {
                    py::handle pull_keys, std::optional<uint64_t> stream) {
     AFTensorWorker* w = RequireWorker("push_pull");
     std::vector<TensorView> push = TensorsOf(push_tensors, "push_pull: push_tensors");
-    std::vector<int64_t> pkeys = IntsOf(push_keys, "push_pull: push_keys");
+    std::vector<int64_t> pkeys = KeysOf(push_keys, "push_pull: push_keys");
     std::vector<TensorView> pull = TensorsOf(pull_tensors, "push_pull: pull_tensors");
-    std::vector<int64_t> lkeys = IntsOf(pull_keys, "push_pull: pull_keys");
+    std::vector<int64_t> lkeys = KeysOf(pull_keys, "push_pull: pull_keys");
     CheckLengths(push.size(), "push_tensors", pkeys.size(), "push_keys", "push_pull");
     CheckLengths(pull.size(), "pull_tensors", lkeys.size(), "pull_keys", "push_pull");
     KeyTensorBatch push_batch(push.size()), pull_batch(pull.size());
@@ -338,9 +351,12 @@ class Node {
       }
       if (r.status().code() != StatusCode::kDeadlineExceeded) RaiseStatus(r.status());
       if (timeout_ms >= 0 && GetNanosecond() >= deadline) {
-        RaiseStatus(DeadlineExceededError("get_batch: no complete batch within timeout_ms=" +
-                                          std::to_string(timeout_ms) + "; " +
-                                          r.status().message()));
+        // The core's message describes the last slice ("after N ms"); keep what it waits for.
+        const std::string& why = r.status().message();
+        const size_t cut = why.find("; ");
+        RaiseStatus(DeadlineExceededError(
+            "get_batch: no complete batch within timeout_ms=" + std::to_string(timeout_ms) + "; " +
+            (cut == std::string::npos ? why : why.substr(cut + 2))));
       }
       CheckSignals();
     }
@@ -394,7 +410,7 @@ class Node {
     AFTensorServer* s = RequireServer("register_recv_buffer");
     TensorView v = ViewFromTensor(tensor, "register_recv_buffer: tensor");
     std::vector<int64_t> ranks64 = IntsOf(worker_ranks, "register_recv_buffer: worker_ranks");
-    std::vector<int64_t> keys = IntsOf(push_keys, "register_recv_buffer: push_keys");
+    std::vector<int64_t> keys = KeysOf(push_keys, "register_recv_buffer: push_keys");
     std::vector<int> ranks;
     for (size_t i = 0; i < ranks64.size(); ++i) {
       if (ranks64[i] < 0 || ranks64[i] > (1 << 20)) {

@@ -164,7 +164,8 @@ const std::vector<OptionSpec> kTable = {
     {"MESHPOST_MAX_MESSAGE_BYTES", "max_message_bytes", G::kMeshpost, "1073741824 (1 GiB)",
      "≥ 4096",
      "largest frame a peer may send; a larger one closes that connection before anything is "
-     "allocated",
+     "allocated. Over tcp one tensor is one frame: a larger tensor fails its push_pull or "
+     "respond with INVALID_ARGUMENT before it is sent",
      Int64(&Options::max_message_bytes, 4096, INT64_MAX)},
     {"MESHPOST_TRACE", "trace", G::kMeshpost, "off",
      "`off`, `all`, `sample:N` (about one push_pull in N, chosen by a hash of the handle: the same "

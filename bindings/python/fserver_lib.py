@@ -135,7 +135,11 @@ def barrier(include_server: bool, include_worker: bool, instance_barrier: bool =
         raise InvalidArgumentError(
             "barrier: include_server=False and include_worker=False; expected at least one group")
     if node.role == "scheduler":
-        mask |= _meshpost.SCHEDULER_GROUP
+        # Workers and servers barrier among themselves: a scheduler barrier could never be
+        # joined, so it would block until they left (ps-lite refuses it too).
+        raise FailedPreconditionError(
+            "barrier: called on the scheduler, which is not a member of the server or worker "
+            "group; expected only workers and servers to call barrier")
     node.barrier(mask, -1)
 
 

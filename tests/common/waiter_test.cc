@@ -20,6 +20,21 @@ TEST(WaiterTest, TimesOutWhenNeverSatisfied) {
   EXPECT_GE(GetNanosecond(), start + 20'000'000);
 }
 
+// A huge timeout (INT64_MAX is a common "forever") saturates to no deadline; it used to
+// wrap around into the past, so a wait with it timed out at once.
+TEST(DeadlineTest, HugeTimeoutSaturatesInsteadOfWrapping) {
+  const uint64_t now = GetNanosecond();
+  for (int64_t ms : {INT64_MAX, INT64_MAX / 2, int64_t{1} << 62, int64_t{1} << 45}) {
+    const uint64_t deadline = DeadlineFromTimeoutMs(ms);
+    EXPECT_GT(deadline, now + uint64_t{1000} * 1000000000ull) << ms;
+  }
+  EXPECT_EQ(DeadlineFromTimeoutMs(INT64_MAX), UINT64_MAX);
+  EXPECT_EQ(DeadlineFromTimeoutMs(-1), UINT64_MAX);
+  const uint64_t d = DeadlineFromTimeoutMs(1000);
+  EXPECT_GE(d, now + 1000000000ull);
+  EXPECT_LT(d, UINT64_MAX);
+}
+
 // A sleeper (past its spin phase) is woken by Notify from another thread.
 TEST(WaiterTest, NotifyWakesBlockedWaiter) {
   for (bool busy : {false, true}) {

@@ -26,6 +26,42 @@ def test_error_classes_subclass_builtins():
     assert str(meshpost.NotFoundError("handle 3")) == "handle 3"
 
 
+def test_documented_aliases_are_exported():
+    # docs/python.md: DeadlineExceededError "(alias meshpost.TimeoutError)", UnavailableError
+    # "(alias meshpost.ConnectionError)"; `except meshpost.TimeoutError` must not be an
+    # AttributeError.
+    assert meshpost.TimeoutError is meshpost.DeadlineExceededError
+    assert meshpost.ConnectionError is meshpost.UnavailableError
+    assert {"TimeoutError", "ConnectionError"} <= set(meshpost.__all__)
+
+
+def test_timeout_seconds_are_validated_and_inf_means_no_limit():
+    import math
+
+    from meshpost.node import Handle, _ms
+
+    assert _ms(None) == -1 and _ms(math.inf) == -1 and _ms(1e300) == -1
+    assert _ms(0) == 0 and _ms(1.5) == 1500 and _ms(torch.tensor(2.0)) == 2000
+    for bad in (float("nan"), -1, -math.inf):
+        with pytest.raises(meshpost.InvalidArgumentError, match="timeout="):
+            _ms(bad)
+    for bad in ("5", True, [1]):
+        with pytest.raises(meshpost.InvalidTypeError, match="timeout="):
+            _ms(bad)
+    # Through the public API: the check runs before the core is called.
+    class Core:
+        calls = []
+
+        def wait(self, handle, timeout_ms):
+            self.calls.append(timeout_ms)
+
+    core = Core()
+    with pytest.raises(meshpost.InvalidArgumentError, match="timeout=nan"):
+        Handle(core, 1).wait(float("nan"))
+    Handle(core, 1).wait(math.inf)
+    assert core.calls == [-1]
+
+
 def test_missing_environment_names_required_variables(clean_env):
     with pytest.raises(ValueError) as info:
         meshpost.Worker()

@@ -69,3 +69,16 @@ def test_shared_tensors_and_outputs_same_host(cluster):
 def test_shared_tensors_and_outputs_over_tcp(cluster):
     # The same program where memory cannot be shared: outputs are fresh tensors, copied.
     cluster.run("shared_tensors.py", workers=2, servers=2, env={"MESHPOST_TRANSPORT": "tcp"})
+
+
+def test_forever_timeout_waits_instead_of_timing_out_at_once(cluster):
+    cluster.run("forever_timeout.py", workers=1, servers=1)
+
+
+def test_tensor_over_the_frame_cap_is_refused_and_the_pair_keeps_working(cluster):
+    cluster.run("frame_cap.py", workers=1, servers=1,
+                env={"MESHPOST_TRANSPORT": "tcp", "MESHPOST_MAX_MESSAGE_BYTES": "65536"})
+
+
+def test_scheduler_barrier_fails_at_once_and_the_others_complete(cluster):
+    cluster.run("scheduler_barrier.py", workers=1, servers=1, scheduler_runs_script=True)

@@ -232,6 +232,18 @@ class ZmqVan : public Van {
       peer = it->second;
     }
     MESHPOST_RETURN_IF_ERROR(ValidateSend("ZmqVan::Send", msg));
+    // The receiver closes a connection whose frame exceeds its ZMQ_MAXMSGSIZE (Bind), and
+    // every node of a cluster has the same cap: refuse here, naming the cap, instead of
+    // losing the connection and leaving the handle to time out.
+    for (size_t i = 0; i < msg.segments.size(); ++i) {
+      if (options_.max_message_bytes > 0 && msg.segments[i].size > options_.max_message_bytes) {
+        return InvalidArgumentError(
+            "tensor " + std::to_string(i) + " is " + std::to_string(msg.segments[i].size) +
+            " bytes, more than the " + std::to_string(options_.max_message_bytes) +
+            " bytes a tcp frame may hold (max_message_bytes, MESHPOST_MAX_MESSAGE_BYTES); "
+            "expected a smaller tensor or a larger MESHPOST_MAX_MESSAGE_BYTES on every node");
+      }
+    }
     std::lock_guard<std::mutex> lock(peer->mu);
     if (peer->socket == nullptr) return UnavailableError("connection closed");
     switch (peer->state) {

@@ -23,6 +23,7 @@ from .errors import (CancelledError, DataLossError, DeadlineExceededError, Error
                      FailedPreconditionError, InternalError, InvalidArgumentError,
                      InvalidTypeError, NotFoundError, ResourceExhaustedError,
                      UnavailableError, UnimplementedError)
+from .errors import ConnectionError, TimeoutError  # noqa: A004 (documented aliases)
 from .node import Handle, Node, Request, Scheduler, Server, Trace, Worker
 from .shared import empty, is_shared
 from ._options import OPTION_VARIABLES
@@ -35,7 +36,7 @@ __all__ = [
     "Error", "InvalidArgumentError", "InvalidTypeError", "DeadlineExceededError",
     "UnavailableError", "NotFoundError", "FailedPreconditionError",
     "ResourceExhaustedError", "DataLossError", "CancelledError", "InternalError",
-    "UnimplementedError",
+    "UnimplementedError", "TimeoutError", "ConnectionError",
 ]
 
 

@@ -12,6 +12,7 @@ the StepMesh-compatible fserver_lib module keeps StepMesh's milliseconds.
 from __future__ import annotations
 
 import atexit
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -52,13 +53,25 @@ def track(node: "_meshpost.Node") -> "_meshpost.Node":
 
 
 def _ms(timeout: Optional[float]) -> int:
-    """Seconds (None: no limit) -> the core's milliseconds (-1: no limit)."""
+    """Seconds (None or math.inf: no limit) -> the core's milliseconds (-1: no limit)."""
+    from .errors import InvalidArgumentError, InvalidTypeError
+
     if timeout is None:
         return -1
-    if timeout < 0:
-        from .errors import InvalidArgumentError
-
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        bad = isinstance(timeout, (bool, str, bytes))
+        try:
+            if not bad:
+                timeout = float(timeout)  # numpy / torch scalars, Fraction, Decimal
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            raise InvalidTypeError(f"timeout={timeout!r} is a {type(timeout).__name__}; "
+                                   f"expected seconds (int or float) or None")
+    if math.isnan(timeout) or timeout < 0:
         raise InvalidArgumentError(f"timeout={timeout!r}; expected seconds >= 0 or None")
+    if math.isinf(timeout) or timeout * 1000 >= 2**63 - 1:
+        return -1
     return int(round(timeout * 1000))
 
 
@@ -124,7 +137,13 @@ class Node:
         mask = (_meshpost.SERVER_GROUP if servers else 0) | (
             _meshpost.WORKER_GROUP if workers else 0)
         if self.role == "scheduler":
-            mask |= _meshpost.SCHEDULER_GROUP
+            from .errors import FailedPreconditionError
+
+            # Workers and servers barrier among themselves; a scheduler barrier could
+            # never be joined and would block until they left.
+            raise FailedPreconditionError(
+                "barrier: called on the scheduler, which is not a member of the server or "
+                "worker group; expected only workers and servers to call barrier")
         self._node.barrier(mask, _ms(timeout))
 
     def __repr__(self) -> str:

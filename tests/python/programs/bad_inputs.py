@@ -38,6 +38,9 @@ if role() == "worker":
     expect(TypeError, ps.push_pull, [[1, 2]], [0], [out], [1], contains="torch.Tensor")
     expect(TypeError, ps.push_pull, x, [0], [out], [1], contains="list")
     expect(TypeError, ps.push_pull, [x], ["a"], [out], [1], contains="int")
+    # Negative keys: the message names the Python argument and the value.
+    expect(ValueError, ps.push_pull, [x], [-1], [out], [1], contains="push_pull: push_keys[0]=-1")
+    expect(ValueError, ps.push_pull, [x], [0], [out], [-5], contains="push_pull: pull_keys[0]=-5")
     expect(ValueError, ps.wait, 987654321, 1000)  # unknown handler
     expect(ValueError, ps.wait, -1, 1000)
     expect(ValueError, ps.get_all_handlers, 987654321)
@@ -57,6 +60,8 @@ elif role() == "server":
             expect(ValueError, ps.respond, [torch.zeros(4)], h + 1000)
             expect(ValueError, ps.respond_vec, torch.zeros(4), [torch.zeros(4)], [h, h])
             expect(ValueError, ps.register_recv_buffer, torch.zeros(3), [0, 1], [0, 1])
+            expect(ValueError, ps.register_recv_buffer, torch.zeros(4), [0], [-2],
+                   contains="register_recv_buffer: push_keys[0]=-2")
         ps.respond([tensors[0] + 1], h)
     expect(ValueError, ps.respond, [torch.zeros(4)], h, contains="already answered")
     expect(meshpost.FailedPreconditionError, ps.push_pull, [torch.ones(1)], [0], [], [])
