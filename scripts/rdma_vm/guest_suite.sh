@@ -78,23 +78,24 @@ step_bench() {
 
 PYTHON_TESTS=(
   test_cluster.py::test_routing_2x2_and_get_batch_order
-  test_cluster.py::test_three_microbatches_in_flight
   test_cluster.py::test_register_recv_buffer_in_place
   test_cluster.py::test_killed_server_fails_worker_wait
   test_stepmesh_compat.py::test_stepmesh_program_runs_unchanged_1x1_and_2x2
-  test_api.py
 )
 step_python() {
   local t0=$SECONDS rc
-  if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import meshpost' 2>/dev/null; then
+  local pkg=(.venv/lib/python3*/site-packages/meshpost)  # importing it costs a minute here
+  if [[ ! -x .venv/bin/python || ! -d ${pkg[0]} ]]; then
     echo "== [python] FAIL: no usable .venv with meshpost (scripts/test_python.sh builds it on the host)"
     failed+=(python)
     return
   fi
   echo "== [python] pytest with MESHPOST_TRANSPORT=rdma"
-  # Heartbeats arrive seconds late under emulation (conftest reads the override).
+  # Heartbeats arrive seconds late and torch imports take tens of seconds under emulation
+  # (conftest reads both overrides).
   # shellcheck disable=SC2086
   (cd tests/python && MESHPOST_TRANSPORT=rdma MESHPOST_PYTEST_HEARTBEAT_TIMEOUT_MS=15000 \
+     MESHPOST_PYTEST_TIMEOUT_SCALE=4 \
      timeout -k 10 "${PYTHON_TIMEOUT:-900}" ../../.venv/bin/python -m pytest -q -rs -p no:cacheprovider \
      ${MESHPOST_RDMA_VM_PYTEST_ARGS:-${PYTHON_TESTS[*]}})
   rc=$?
