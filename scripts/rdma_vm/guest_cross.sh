@@ -19,7 +19,7 @@ if (($# > 2)); then
   for s in "${SCENARIOS[@]}"; do [[ "$wanted" == *" ${s%%:*} "* ]] && kept+=("$s"); done
   SCENARIOS=("${kept[@]}")
 fi
-MY_IP="$MESHPOST_VM_IP"
+MY_IP="$RDMA_VM_IP"
 failed=()
 
 common_env=(

@@ -52,7 +52,7 @@ if [[ -n "$VM_SHARE" ]]; then
 fi
 ulimit -l unlimited
 ulimit -n 65536
-export MESHPOST_VM_NAME="$VM_NAME" MESHPOST_VM_IP="$VM_IP" MESHPOST_VM_DEV=rxe0
+export RDMA_VM_NAME="$VM_NAME" RDMA_VM_IP="$VM_IP" RDMA_VM_DEV=rxe0  # not MESHPOST_*: meshpost warns about unknown ones
 timeout -k 5 "$VM_JOB_TIMEOUT" bash /mpctl/job.sh >/mpctl/output.log 2>&1 </dev/null
 RC=$?
 say "job exit code $RC at uptime $(cut -d' ' -f1 /proc/uptime) s" >>/mpctl/output.log

@@ -15,8 +15,8 @@
 #   --timeout SEC      bound on the whole run (default 600); CMD gets SEC-30 in the guest
 #   --mem SIZE --smp N guest memory (default 3G) and vCPUs (default 2)
 #   --tag TEXT         prefix for streamed output lines (default none)
-# The guest's eth0 carries rxe0 (RoCE v2); CMD sees MESHPOST_VM_NAME, MESHPOST_VM_IP and
-# MESHPOST_VM_DEV=rxe0, and `ulimit -l unlimited`.
+# The guest's eth0 carries rxe0 (RoCE v2); CMD sees RDMA_VM_NAME, RDMA_VM_IP and
+# RDMA_VM_DEV=rxe0, and `ulimit -l unlimited`.
 # Exit: CMD's code; 124 the guest-side timeout hit; 125 the VM failed (console printed);
 # 77 this host cannot run the VM (reason printed); 130 interrupted; 2 bad usage.
 # Only the qemu and tail processes this script starts are ever signalled (by pid).

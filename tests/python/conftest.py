@@ -25,7 +25,9 @@ FAST_HEARTBEATS = {
     "MESHPOST_HEARTBEAT_TIMEOUT_MS": "1500",
 }
 # Under CPU emulation (the soft-RoCE VM stage, scripts/rdma_vm/) heartbeats arrive seconds
-# late: the stage sets a longer timeout so only a real death counts.
+# late and every process spends tens of seconds importing torch: the stage sets a longer
+# heartbeat timeout, so only a real death counts, and scales the per-cluster time limits.
+TIMEOUT_SCALE = float(os.environ.get("MESHPOST_PYTEST_TIMEOUT_SCALE", "1"))
 if os.environ.get("MESHPOST_PYTEST_HEARTBEAT_TIMEOUT_MS"):
     FAST_HEARTBEATS = {
         "MESHPOST_HEARTBEAT_INTERVAL_MS": "1000",
@@ -57,7 +59,7 @@ class ClusterRunner:
                           scheduler_argv=argv if scheduler_runs_script else None)
         self._clusters.append(cluster)
         cluster.start()
-        results = cluster.wait(timeout=timeout, fail_fast=fail_fast)
+        results = cluster.wait(timeout=timeout * TIMEOUT_SCALE, fail_fast=fail_fast)
         by_name = {r.name: r for r in results}
         if expect_ok:
             assert all(r.ok for r in results), describe(results)

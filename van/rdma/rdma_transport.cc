@@ -364,7 +364,7 @@ Status RdmaTransport::BringUpLocked(Conn* c, const ConnInfo& remote, Actions* ac
   MESHPOST_RETURN_IF_ERROR(c->qp->ToRts(c->psn));
   c->credits = remote.slots;
   c->state = PeerState::kReady;
-  MP_LOG_INFO(kLog, "rdma: connected to {} (remote QP {}, MTU {}, {} header slots)",
+  MP_LOG_DEBUG(kLog, "rdma: connected to {} (remote QP {}, MTU {}, {} header slots)",
               Node(c->peer), remote.qpn, p.mtu_bytes, remote.slots);
   std::vector<int64_t> keys;
   for (const auto& [key, lb] : c->local_buffers) {

@@ -33,7 +33,7 @@ struct RdmaOptions {
   int gid_index = -1;            // MESHPOST_RDMA_GID_INDEX; -1 = auto (RoCE v2 IPv4 GID)
   uint32_t max_inline = 256;     // MESHPOST_RDMA_INLINE: requested; the NIC may grant less
   uint32_t header_slots = 64;    // MESHPOST_RDMA_HEADER_SLOTS: in-flight messages per peer
-  uint32_t header_slot_bytes = 4096;  // MESHPOST_RDMA_HEADER_BYTES: max encoded header
+  uint32_t header_slot_bytes = 4096;  // MESHPOST_RDMA_HEADER_BYTES: larger headers go out of line
   size_t mr_cache_entries = 1024;     // MESHPOST_RDMA_MR_CACHE
   // MESHPOST_RDMA_GPU: how CUDA memory is registered (auto, dmabuf, peermem, staging;
   // van/rdma/mr_cache.h), and the device backend for it (null: CudaBackend(); tests: fake).

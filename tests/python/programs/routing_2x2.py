@@ -13,9 +13,13 @@ if role() == "worker":
     with meshpost.Worker() as w:
         assert w.num_servers == 2 and w.num_workers == 2
         assert set(w.transports()) == {"server 0", "server 1"}
-        # Same host: the same-host van when it is built and nothing is forced.
+        # Same host: the same-host van when it is built and nothing is forced; a forced
+        # transport (tcp, or rdma in the soft-RoCE VM stage) for every pair.
         forced = os.environ.get("MESHPOST_TRANSPORT", "auto")
-        want = "tcp" if forced == "tcp" or "cma" not in meshpost.transports() else "cma"
+        if forced in ("tcp", "rdma"):
+            want = forced
+        else:
+            want = "tcp" if "cma" not in meshpost.transports() else "cma"
         try:  # Yama ptrace_scope >= 1 refuses cross-memory attach between siblings
             with open("/proc/sys/kernel/yama/ptrace_scope") as f:
                 if want == "cma" and f.read().strip() != "0":
