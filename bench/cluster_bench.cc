@@ -32,10 +32,10 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "tests/support/die.h"
 #include "launch/local_cluster.h"
 #include "ps/postoffice.h"
 #include "tensor/shared_memory.h"
+#include "tests/support/die.h"
 
 namespace meshpost {
 namespace {
@@ -51,9 +51,10 @@ constexpr int64_t kTimeoutMs = 60000;
 struct Params {
   int workers = 1;
   int servers = 1;
-  std::string transport = "cma";    // tcp | cma | cma-shm | rdma (forced: start fails without a device)
-  size_t push = 128 * kHidden;      // uint8 bytes
-  size_t push_extra = 16;           // int32 bytes (0: no second tensor)
+  std::string transport =
+      "cma";                    // tcp | cma | cma-shm | rdma (forced: start fails without a device)
+  size_t push = 128 * kHidden;  // uint8 bytes
+  size_t push_extra = 16;       // int32 bytes (0: no second tensor)
   size_t pull = 128 * kHidden * 2;  // bf16 bytes per server
   int iters = 300;
   int warmup = 30;
@@ -273,8 +274,7 @@ int RunWorker(Postoffice& po, const Params& p, const TraceOptions& trace) {
     keep.push_back(mem);
     return TensorView{mem.get(), dtype, shape, {}, nullptr};
   };
-  KeyTensorBatch push{
-      {kTokenKey, buffer(p.push, po.rank() + 1, DType::kUInt8, ShapeOf(p.push))}};
+  KeyTensorBatch push{{kTokenKey, buffer(p.push, po.rank() + 1, DType::kUInt8, ShapeOf(p.push))}};
   if (p.push_extra) {
     push.push_back({kExtraKey, buffer(p.push_extra, 0, DType::kInt32,
                                       {static_cast<int64_t>(p.push_extra / 4)})});

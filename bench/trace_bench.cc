@@ -46,9 +46,10 @@ int main(int argc, char** argv) {
   std::sort(per_call.begin(), per_call.end());
   const uint64_t dropped = (*rec)->dropped();
   rec->reset();
-  std::printf("{\"records\": %ld, \"ns_per_record_p50\": %.1f, \"ns_per_record_p99\": %.1f, "
-              "\"dropped\": %llu}\n",
-              total, per_call[per_call.size() / 2], per_call[per_call.size() * 99 / 100],
-              static_cast<unsigned long long>(dropped));
+  std::printf(
+      "{\"records\": %ld, \"ns_per_record_p50\": %.1f, \"ns_per_record_p99\": %.1f, "
+      "\"dropped\": %llu}\n",
+      total, per_call[per_call.size() / 2], per_call[per_call.size() * 99 / 100],
+      static_cast<unsigned long long>(dropped));
   return 0;
 }

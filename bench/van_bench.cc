@@ -28,8 +28,8 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "tests/support/die.h"
 #include "common/waiter.h"
+#include "tests/support/die.h"
 #include "van/cma/cma_van.h"
 #include "van/van.h"
 #include "van/zmq/zmq_van.h"
@@ -45,14 +45,19 @@ struct Buffer {
   size_t n = 0;
   Buffer() = default;
   Buffer(size_t size, char fill) : n(size) {
-    const size_t cap = std::max<size_t>((size + (2u << 20) - 1) / (2u << 20) * (2u << 20), 2u << 20);
+    const size_t cap =
+        std::max<size_t>((size + (2u << 20) - 1) / (2u << 20) * (2u << 20), 2u << 20);
     p = static_cast<char*>(std::aligned_alloc(2u << 20, cap));
     if (g_hugepages) ::madvise(p, cap, MADV_HUGEPAGE);
     std::memset(p, fill, size);
   }
   ~Buffer() { std::free(p); }
   Buffer(Buffer&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr; }
-  Buffer& operator=(Buffer&& o) noexcept { std::swap(p, o.p); std::swap(n, o.n); return *this; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    std::swap(p, o.p);
+    std::swap(n, o.n);
+    return *this;
+  }
   char* data() { return p; }
   size_t size() const { return n; }
 };
@@ -61,9 +66,9 @@ struct Args {
   std::string role;
   std::string transport = "cma";
   std::string servers;
-  size_t push = 917504;  // uint8[128,7168]
-  size_t push_extra = 0; // int32[4] = 16 (second push tensor)
-  size_t pull = 1835008; // bf16[128,7168]
+  size_t push = 917504;   // uint8[128,7168]
+  size_t push_extra = 0;  // int32[4] = 16 (second push tensor)
+  size_t pull = 1835008;  // bf16[128,7168]
   int iters = 1000;
   int warmup = 100;
   int id = 0;
@@ -77,18 +82,30 @@ Args Parse(int argc, char** argv) {
   if (argc > 1) a.role = argv[1];
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
-    if (k == "--transport") a.transport = v;
-    else if (k == "--servers") a.servers = v;
-    else if (k == "--push") a.push = std::stoull(v);
-    else if (k == "--push-extra") a.push_extra = std::stoull(v);
-    else if (k == "--pull") a.pull = std::stoull(v);
-    else if (k == "--iters") a.iters = std::stoi(v);
-    else if (k == "--warmup") a.warmup = std::stoi(v);
-    else if (k == "--id") a.id = std::stoi(v);
-    else if (k == "--port") a.port = std::stoi(v);
-    else if (k == "--cma-disable") a.cma_disable = v == "1";
-    else if (k == "--spin-ns") a.spin_ns = std::stoll(v);
-    else if (k == "--hugepages") g_hugepages = v == "1";
+    if (k == "--transport")
+      a.transport = v;
+    else if (k == "--servers")
+      a.servers = v;
+    else if (k == "--push")
+      a.push = std::stoull(v);
+    else if (k == "--push-extra")
+      a.push_extra = std::stoull(v);
+    else if (k == "--pull")
+      a.pull = std::stoull(v);
+    else if (k == "--iters")
+      a.iters = std::stoi(v);
+    else if (k == "--warmup")
+      a.warmup = std::stoi(v);
+    else if (k == "--id")
+      a.id = std::stoi(v);
+    else if (k == "--port")
+      a.port = std::stoi(v);
+    else if (k == "--cma-disable")
+      a.cma_disable = v == "1";
+    else if (k == "--spin-ns")
+      a.spin_ns = std::stoll(v);
+    else if (k == "--hugepages")
+      g_hugepages = v == "1";
     else {
       std::fprintf(stderr, "meshpost_bench: unknown flag %s\n", k.c_str());
       std::exit(2);
@@ -108,19 +125,20 @@ std::unique_ptr<Van> MakeVan(const Args& a) {
   Die("unknown transport " + a.transport);
 }
 
-void PrintStats(const std::string& system, const Args& a, std::vector<double> us,
-                double wall_s, size_t bytes_per_iter) {
+void PrintStats(const std::string& system, const Args& a, std::vector<double> us, double wall_s,
+                size_t bytes_per_iter) {
   std::sort(us.begin(), us.end());
   double sum = 0;
   for (double v : us) sum += v;
-  auto pct = [&](double p) { return us[std::min(us.size() - 1, static_cast<size_t>(p * us.size()))]; };
+  auto pct = [&](double p) {
+    return us[std::min(us.size() - 1, static_cast<size_t>(p * us.size()))];
+  };
   std::printf(
       "{\"system\": \"%s\", \"push\": %zu, \"pull\": %zu, \"iters\": %zu, \"p50_us\": %.2f, "
       "\"p99_us\": %.2f, \"mean_us\": %.2f, \"min_us\": %.2f, \"bytes_per_iter\": %zu, "
       "\"throughput_gbps\": %.3f}\n",
       system.c_str(), a.push + a.push_extra, a.pull, us.size(), pct(0.5), pct(0.99),
-      sum / us.size(), us.front(), bytes_per_iter,
-      bytes_per_iter * us.size() / wall_s / 1e9);
+      sum / us.size(), us.front(), bytes_per_iter, bytes_per_iter * us.size() / wall_s / 1e9);
   std::fflush(stdout);
 }
 
@@ -262,8 +280,8 @@ int RunClient(const Args& a) {
     hello.meta.cmd = Command::kRegister;
     hello.meta.sender = me;
     hello.meta.recipient = 100 + static_cast<int>(j);
-    hello.meta.body = van->endpoint() + " " + std::to_string(*port) + " " +
-                      std::to_string(getpid());
+    hello.meta.body =
+        van->endpoint() + " " + std::to_string(*port) + " " + std::to_string(getpid());
     if (!van->Send(std::move(hello)).ok()) Die("hello");
   }
   expected += servers.size();
@@ -312,7 +330,8 @@ int RunClient(const Args& a) {
   }
   const double wall = (GetNanosecond() - wall_start) / 1e9;
   std::string system = "meshpost-" + a.transport;
-  if (a.transport == "cma") system = van->PeerTransport(100) == "cma" ? "meshpost-cma" : "meshpost-cma-shm";
+  if (a.transport == "cma")
+    system = van->PeerTransport(100) == "cma" ? "meshpost-cma" : "meshpost-cma-shm";
   PrintStats(system, a, us, wall, (a.push + a.push_extra + a.pull) * servers.size());
   van->Stop();
   return 0;

@@ -19,8 +19,7 @@ const char* ClassFor(StatusCode code) {
     case StatusCode::kCancelled: return "CancelledError";
     case StatusCode::kUnimplemented: return "UnimplementedError";
     case StatusCode::kInternal:
-    case StatusCode::kOk:
-      break;
+    case StatusCode::kOk: break;
   }
   return "InternalError";
 }

@@ -58,8 +58,7 @@ py::list OptionTableForPython() {
 std::string TypeName(py::handle obj) { return Py_TYPE(obj.ptr())->tp_name; }
 
 // A list/tuple of items; a lone tensor or string is refused (both are sequences).
-std::vector<py::object> ItemsOf(py::handle seq, const std::string& where,
-                                const char* expected) {
+std::vector<py::object> ItemsOf(py::handle seq, const std::string& where, const char* expected) {
   if (IsTensor(seq) || PyUnicode_Check(seq.ptr()) || PyBytes_Check(seq.ptr()) ||
       !PySequence_Check(seq.ptr())) {
     RaiseTypeError(where + " is a " + TypeName(seq) + "; expected a list of " + expected);
@@ -216,8 +215,8 @@ class Node {
 
   void Barrier(int mask, int64_t timeout_ms) {
     Postoffice* po = Require("barrier", true);
-    ThrowIfError(
-        RunInterruptible("barrier", [po, mask, timeout_ms] { return po->Barrier(mask, timeout_ms); }));
+    ThrowIfError(RunInterruptible(
+        "barrier", [po, mask, timeout_ms] { return po->Barrier(mask, timeout_ms); }));
   }
 
   // --- worker ---
@@ -414,8 +413,8 @@ class Node {
     std::vector<int> ranks;
     for (size_t i = 0; i < ranks64.size(); ++i) {
       if (ranks64[i] < 0 || ranks64[i] > (1 << 20)) {
-        RaiseValueError("register_recv_buffer: worker_ranks[" + std::to_string(i) + "]=" +
-                        std::to_string(ranks64[i]) + "; expected a worker rank");
+        RaiseValueError("register_recv_buffer: worker_ranks[" + std::to_string(i) +
+                        "]=" + std::to_string(ranks64[i]) + "; expected a worker rank");
       }
       ranks.push_back(static_cast<int>(ranks64[i]));
     }
@@ -440,8 +439,8 @@ class Node {
     if (!r.ok()) RaiseStatus(r.status());
     py::list out;
     for (const PullSlot& slot : *r) {
-      out.append(py::make_tuple(slot.key, std::string(DTypeName(slot.dtype)), slot.shape,
-                                slot.nbytes));
+      out.append(
+          py::make_tuple(slot.key, std::string(DTypeName(slot.dtype)), slot.shape, slot.nbytes));
     }
     return out;
   }
@@ -571,41 +570,62 @@ class Node {
 // Python side checks tensors). Each raises with the backend's reason when CUDA is unusable.
 void BindCuda(py::module_& m) {
   m.def("built_with_cuda", &BuiltWithCuda);
-  m.def("cuda_status", [] {
-    Status s = CudaBackend()->Available();
-    return py::make_tuple(s.ok(), s.message());
-  }, "(usable, reason): whether this process can move CUDA tensors, and why not.");
-  m.def("cuda_write_flag", [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
-    ThrowIfError(CudaBackend()->WriteFlagAsync(reinterpret_cast<int64_t*>(flag), value,
-                                               reinterpret_cast<const int64_t*>(value_addr),
-                                               static_cast<DeviceStream>(stream)));
-  }, py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
-  m.def("cuda_wait_flag", [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
-    ThrowIfError(CudaBackend()->WaitFlagAsync(reinterpret_cast<const int64_t*>(flag), value,
-                                              reinterpret_cast<const int64_t*>(value_addr),
-                                              static_cast<DeviceStream>(stream)));
-  }, py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
-  m.def("cuda_seq_add_one", [](uint64_t counter, uint64_t stream) {
-    ThrowIfError(CudaBackend()->IncrementAsync(reinterpret_cast<int64_t*>(counter),
-                                               static_cast<DeviceStream>(stream)));
-  }, py::arg("counter"), py::arg("stream"));
-  m.def("host_write_flag", [](uint64_t flag, int64_t value) {
-    if (flag == 0) RaiseStatus(InvalidArgumentError("host_write_flag: flag address is 0"));
-    __atomic_store_n(reinterpret_cast<int64_t*>(flag), value, __ATOMIC_RELEASE);
-  }, py::arg("flag"), py::arg("value"));
-  m.def("host_read_flag", [](uint64_t flag) {
-    if (flag == 0) RaiseStatus(InvalidArgumentError("host_read_flag: flag address is 0"));
-    return __atomic_load_n(reinterpret_cast<const int64_t*>(flag), __ATOMIC_ACQUIRE);
-  }, py::arg("flag"));
-  m.def("map_pinned_tensor", [](py::handle tensor, int64_t device_index) {
-    if (!IsTensor(tensor)) {
-      RaiseStatus(InvalidArgumentError("map_pinned_tensor: tensor is not a torch.Tensor"));
-    }
-    const uint64_t ptr = tensor.attr("data_ptr")().cast<uint64_t>();
-    auto dev = CudaBackend()->HostDevicePointer(reinterpret_cast<void*>(ptr));
-    if (!dev.ok()) RaiseStatus(dev.status().Annotate("map_pinned_tensor"));
-    return MapPinnedTensor(tensor, device_index, *dev);
-  }, py::arg("tensor"), py::arg("device_index"));
+  m.def(
+      "cuda_status",
+      [] {
+        Status s = CudaBackend()->Available();
+        return py::make_tuple(s.ok(), s.message());
+      },
+      "(usable, reason): whether this process can move CUDA tensors, and why not.");
+  m.def(
+      "cuda_write_flag",
+      [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
+        ThrowIfError(CudaBackend()->WriteFlagAsync(reinterpret_cast<int64_t*>(flag), value,
+                                                   reinterpret_cast<const int64_t*>(value_addr),
+                                                   static_cast<DeviceStream>(stream)));
+      },
+      py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
+  m.def(
+      "cuda_wait_flag",
+      [](uint64_t flag, int64_t value, uint64_t value_addr, uint64_t stream) {
+        ThrowIfError(CudaBackend()->WaitFlagAsync(reinterpret_cast<const int64_t*>(flag), value,
+                                                  reinterpret_cast<const int64_t*>(value_addr),
+                                                  static_cast<DeviceStream>(stream)));
+      },
+      py::arg("flag"), py::arg("value"), py::arg("value_addr"), py::arg("stream"));
+  m.def(
+      "cuda_seq_add_one",
+      [](uint64_t counter, uint64_t stream) {
+        ThrowIfError(CudaBackend()->IncrementAsync(reinterpret_cast<int64_t*>(counter),
+                                                   static_cast<DeviceStream>(stream)));
+      },
+      py::arg("counter"), py::arg("stream"));
+  m.def(
+      "host_write_flag",
+      [](uint64_t flag, int64_t value) {
+        if (flag == 0) RaiseStatus(InvalidArgumentError("host_write_flag: flag address is 0"));
+        __atomic_store_n(reinterpret_cast<int64_t*>(flag), value, __ATOMIC_RELEASE);
+      },
+      py::arg("flag"), py::arg("value"));
+  m.def(
+      "host_read_flag",
+      [](uint64_t flag) {
+        if (flag == 0) RaiseStatus(InvalidArgumentError("host_read_flag: flag address is 0"));
+        return __atomic_load_n(reinterpret_cast<const int64_t*>(flag), __ATOMIC_ACQUIRE);
+      },
+      py::arg("flag"));
+  m.def(
+      "map_pinned_tensor",
+      [](py::handle tensor, int64_t device_index) {
+        if (!IsTensor(tensor)) {
+          RaiseStatus(InvalidArgumentError("map_pinned_tensor: tensor is not a torch.Tensor"));
+        }
+        const uint64_t ptr = tensor.attr("data_ptr")().cast<uint64_t>();
+        auto dev = CudaBackend()->HostDevicePointer(reinterpret_cast<void*>(ptr));
+        if (!dev.ok()) RaiseStatus(dev.status().Annotate("map_pinned_tensor"));
+        return MapPinnedTensor(tensor, device_index, *dev);
+      },
+      py::arg("tensor"), py::arg("device_index"));
 }
 
 }  // namespace
@@ -617,15 +637,16 @@ PYBIND11_MODULE(_meshpost, m) {
   m.attr("SCHEDULER_GROUP") = meshpost::kSchedulerGroup;
   m.attr("SERVER_GROUP") = meshpost::kServerGroup;
   m.attr("WORKER_GROUP") = meshpost::kWorkerGroup;
-  m.def("get_nanosecond", [] { return meshpost::GetNanosecond(); },
-        "Monotonic nanoseconds on the clock used for trace stamps.");
+  m.def(
+      "get_nanosecond", [] { return meshpost::GetNanosecond(); },
+      "Monotonic nanoseconds on the clock used for trace stamps.");
   // The transport table (van/registry.h): compiled transports, highest priority first.
   m.def(
       "alloc_shared",
       [](int64_t nbytes) {
         if (nbytes <= 0) {
           meshpost::py_bindings::RaiseValueError("alloc_shared: nbytes=" + std::to_string(nbytes) +
-                          "; expected a positive byte count");
+                                                 "; expected a positive byte count");
         }
         auto v = [&] {
           py::gil_scoped_release release;
@@ -642,7 +663,8 @@ PYBIND11_MODULE(_meshpost, m) {
       [](py::handle tensor) {
         meshpost::TensorView v = meshpost::py_bindings::ViewFromTensor(tensor, "is_shared: tensor");
         meshpost::SharedRef ref;
-        return v.data != nullptr && meshpost::SharedMemoryRegistry::Get().Find(v.data, v.nbytes(), &ref);
+        return v.data != nullptr &&
+               meshpost::SharedMemoryRegistry::Get().Find(v.data, v.nbytes(), &ref);
       },
       py::arg("tensor"), "Whether the tensor's bytes lie in one shared block.");
   m.def("available_transports", [] { return meshpost::CompiledTransports(); });
@@ -650,15 +672,18 @@ PYBIND11_MODULE(_meshpost, m) {
   meshpost::py_bindings::BindCuda(m);
   m.def("option_table", &meshpost::py_bindings::OptionTableForPython,
         "[(variable, keyword, group, default, valid, meaning)] for every launch variable.");
-  m.def("option_table_markdown", [](const std::string& group) {
-    for (auto g : {meshpost::OptionGroup::kLaunch, meshpost::OptionGroup::kMeshpost,
-                   meshpost::OptionGroup::kRdma, meshpost::OptionGroup::kIgnored}) {
-      if (group == meshpost::OptionGroupName(g)) return meshpost::OptionTableMarkdown(g);
-    }
-    meshpost::py_bindings::RaiseValueError("option_table_markdown: group='" + group +
-                                           "'; expected launch, meshpost, rdma or ignored");
-    return std::string();
-  }, py::arg("group"));
+  m.def(
+      "option_table_markdown",
+      [](const std::string& group) {
+        for (auto g : {meshpost::OptionGroup::kLaunch, meshpost::OptionGroup::kMeshpost,
+                       meshpost::OptionGroup::kRdma, meshpost::OptionGroup::kIgnored}) {
+          if (group == meshpost::OptionGroupName(g)) return meshpost::OptionTableMarkdown(g);
+        }
+        meshpost::py_bindings::RaiseValueError("option_table_markdown: group='" + group +
+                                               "'; expected launch, meshpost, rdma or ignored");
+        return std::string();
+      },
+      py::arg("group"));
   py::class_<Node>(m, "Node")
       .def(py::init<const std::map<std::string, std::string>&>(), py::arg("env"))
       .def("start", &Node::Start)

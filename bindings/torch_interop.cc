@@ -20,9 +20,9 @@ struct DTypePair {
 
 // float8 has no torch 1.13 dtype; such payloads come back as uint8 (same element size).
 constexpr DTypePair kDTypes[] = {
-    {at::kFloat, DType::kFloat32}, {at::kHalf, DType::kFloat16},  {at::kBFloat16, DType::kBFloat16},
-    {at::kDouble, DType::kFloat64}, {at::kChar, DType::kInt8},     {at::kByte, DType::kUInt8},
-    {at::kShort, DType::kInt16},   {at::kInt, DType::kInt32},     {at::kLong, DType::kInt64},
+    {at::kFloat, DType::kFloat32},  {at::kHalf, DType::kFloat16}, {at::kBFloat16, DType::kBFloat16},
+    {at::kDouble, DType::kFloat64}, {at::kChar, DType::kInt8},    {at::kByte, DType::kUInt8},
+    {at::kShort, DType::kInt16},    {at::kInt, DType::kInt32},    {at::kLong, DType::kInt64},
     {at::kBool, DType::kBool},
 };
 
@@ -113,8 +113,7 @@ py::object TensorFromView(const TensorView& view, std::shared_ptr<const void> ke
     t = at::empty(shape, options);
   } else {
     t = at::from_blob(
-        view.data, shape, [keep = std::move(keep_alive)](void*) mutable { keep.reset(); },
-        options);
+        view.data, shape, [keep = std::move(keep_alive)](void*) mutable { keep.reset(); }, options);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }

@@ -162,12 +162,8 @@ std::string EncodeAuthFrame(const AuthFrame& f) {
       w.PutBytes(f.nonce.data(), f.nonce.size());
       w.PutBytes(f.mac.data(), f.mac.size());
       break;
-    case AuthFrameType::kProof:
-      w.PutBytes(f.mac.data(), f.mac.size());
-      break;
-    case AuthFrameType::kRefused:
-      w.PutString(f.reason.substr(0, kMaxAuthReasonBytes));
-      break;
+    case AuthFrameType::kProof: w.PutBytes(f.mac.data(), f.mac.size()); break;
+    case AuthFrameType::kRefused: w.PutString(f.reason.substr(0, kMaxAuthReasonBytes)); break;
   }
   return w.Release();
 }
@@ -206,8 +202,7 @@ Result<AuthFrame> DecodeAuthFrame(const void* data, size_t size) {
       f.type = AuthFrameType::kRefused;
       r.GetString(&f.reason, kMaxAuthReasonBytes);
       break;
-    default:
-      return DataLossError("unknown authentication frame type " + std::to_string(type));
+    default: return DataLossError("unknown authentication frame type " + std::to_string(type));
   }
   if (!r.ok()) return r.status();
   if (r.remaining() != 0) {
@@ -277,8 +272,9 @@ Result<int32_t> AcceptorHandshake::OnProof(const AuthFrame& p) {
   if (p.type != AuthFrameType::kProof) return DataLossError("authentication: expected proof");
   if (!hello_seen_) return DataLossError("authentication: proof before hello");
   if (!MacEqual(expected_proof_, p.mac)) {
-    return UnavailableError("authentication: wrong proof (the connecting node does not know "
-                            "this cluster's token)");
+    return UnavailableError(
+        "authentication: wrong proof (the connecting node does not know "
+        "this cluster's token)");
   }
   return connector_id_;
 }
@@ -332,8 +328,8 @@ void MessageSealer::Seal(std::string* header) {
 
 Result<size_t> MessageOpener::Open(const void* data, size_t size) {
   if (size < kAuthTrailerBytes) {
-    return DataLossError("sealed header has " + std::to_string(size) + " bytes; expected at least " +
-                         std::to_string(kAuthTrailerBytes));
+    return DataLossError("sealed header has " + std::to_string(size) +
+                         " bytes; expected at least " + std::to_string(kAuthTrailerBytes));
   }
   const size_t len = size - kAuthTrailerBytes;
   const auto* bytes = static_cast<const uint8_t*>(data);

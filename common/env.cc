@@ -1,10 +1,10 @@
 #include "common/env.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-
-#include <unistd.h>
 
 namespace meshpost {
 
@@ -43,8 +43,8 @@ Result<bool> ParseBool(const std::string& name, const std::string& value) {
       value == "on") {
     return true;
   }
-  if (value == "0" || value == "false" || value == "False" || value == "FALSE" ||
-      value == "no" || value == "off" || value.empty()) {
+  if (value == "0" || value == "false" || value == "False" || value == "FALSE" || value == "no" ||
+      value == "off" || value.empty()) {
     return false;
   }
   return InvalidArgumentError(name + "='" + value + "' is not a boolean; expected 0/1/true/false");

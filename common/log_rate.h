@@ -50,15 +50,15 @@ class LogRateLimiter {
 }  // namespace meshpost
 
 // Logs an error through `limiter`, appending "(N similar lines suppressed)" when needed.
-#define MP_LOG_ERROR_LIMITED(limiter, layer, fmt_str, ...)                               \
-  do {                                                                                   \
-    uint64_t mp_suppressed_ = 0;                                                         \
-    if ((limiter).Allow(&mp_suppressed_)) {                                              \
-      if (mp_suppressed_ == 0) {                                                         \
-        ::meshpost::Log(layer).error(fmt_str, __VA_ARGS__);                              \
-      } else {                                                                           \
+#define MP_LOG_ERROR_LIMITED(limiter, layer, fmt_str, ...)                                  \
+  do {                                                                                      \
+    uint64_t mp_suppressed_ = 0;                                                            \
+    if ((limiter).Allow(&mp_suppressed_)) {                                                 \
+      if (mp_suppressed_ == 0) {                                                            \
+        ::meshpost::Log(layer).error(fmt_str, __VA_ARGS__);                                 \
+      } else {                                                                              \
         ::meshpost::Log(layer).error(fmt_str " ({} similar lines suppressed)", __VA_ARGS__, \
-                                     mp_suppressed_);                                    \
-      }                                                                                  \
-    }                                                                                    \
+                                     mp_suppressed_);                                       \
+      }                                                                                     \
+    }                                                                                       \
   } while (0)

@@ -40,12 +40,12 @@ void ConfigureLogging(const std::string& role_tag, LogLevel level);
 }  // namespace meshpost
 
 // `layer` must be the same at every execution of one call site (a literal or constant).
-#define MP_LOG_AT_(layer, level, ...)                                           \
-  do {                                                                          \
-    if (::meshpost::log_internal::Enabled(level)) {                             \
-      static ::spdlog::logger& mp_log_logger_ = ::meshpost::Log(layer);         \
-      mp_log_logger_.log(level, __VA_ARGS__);                                   \
-    }                                                                           \
+#define MP_LOG_AT_(layer, level, ...)                                   \
+  do {                                                                  \
+    if (::meshpost::log_internal::Enabled(level)) {                     \
+      static ::spdlog::logger& mp_log_logger_ = ::meshpost::Log(layer); \
+      mp_log_logger_.log(level, __VA_ARGS__);                           \
+    }                                                                   \
   } while (0)
 
 #define MP_LOG_INFO(layer, ...) MP_LOG_AT_(layer, ::spdlog::level::info, __VA_ARGS__)

@@ -3,10 +3,10 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
-#include <netdb.h>
-#include <sys/socket.h>
 #include <net/if.h>
+#include <netdb.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -86,7 +86,8 @@ std::string LocalAddresses() {
 }  // namespace
 
 Result<std::string> ResolveIPv4(const std::string& host, const std::string& what) {
-  if (host.empty()) return InvalidArgumentError(what + " is empty; expected a host name or IPv4 address");
+  if (host.empty())
+    return InvalidArgumentError(what + " is empty; expected a host name or IPv4 address");
   in_addr numeric{};
   if (inet_pton(AF_INET, host.c_str(), &numeric) == 1) return host;
   addrinfo hints{};
@@ -128,7 +129,8 @@ Status CheckWritableFd(int fd, const std::string& what) {
   if (flags < 0) {
     return InvalidArgumentError(what + "=" + std::to_string(fd) +
                                 " is not an open file descriptor in this process (" +
-                                std::strerror(errno) + "); expected the write end of a pipe "
+                                std::strerror(errno) +
+                                "); expected the write end of a pipe "
                                 "inherited from the launcher");
   }
   if ((flags & O_ACCMODE) == O_RDONLY) {

@@ -14,7 +14,7 @@ namespace meshpost {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT
     if (status_.ok()) {
       status_ = InternalError("Result constructed from an OK status without a value");
@@ -24,21 +24,44 @@ class [[nodiscard]] Result {
   bool ok() const { return value_.has_value(); }
   const Status& status() const { return status_; }
 
-  T& value() & { CheckOk(); return *value_; }
-  const T& value() const& { CheckOk(); return *value_; }
-  T&& value() && { CheckOk(); return std::move(*value_); }
-  T* operator->() { CheckOk(); return &*value_; }
-  const T* operator->() const { CheckOk(); return &*value_; }
-  T& operator*() & { CheckOk(); return *value_; }
-  const T& operator*() const& { CheckOk(); return *value_; }
-  T&& operator*() && { CheckOk(); return std::move(*value_); }
+  T& value() & {
+    CheckOk();
+    return *value_;
+  }
+  const T& value() const& {
+    CheckOk();
+    return *value_;
+  }
+  T&& value() && {
+    CheckOk();
+    return std::move(*value_);
+  }
+  T* operator->() {
+    CheckOk();
+    return &*value_;
+  }
+  const T* operator->() const {
+    CheckOk();
+    return &*value_;
+  }
+  T& operator*() & {
+    CheckOk();
+    return *value_;
+  }
+  const T& operator*() const& {
+    CheckOk();
+    return *value_;
+  }
+  T&& operator*() && {
+    CheckOk();
+    return std::move(*value_);
+  }
 
  private:
   void CheckOk() const {
     if (!value_) {
       // Our own broken invariant: the caller did not check ok().
-      std::fprintf(stderr, "meshpost: value() on error Result: %s\n",
-                   status_.ToString().c_str());
+      std::fprintf(stderr, "meshpost: value() on error Result: %s\n", status_.ToString().c_str());
       std::abort();
     }
   }

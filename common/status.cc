@@ -29,8 +29,6 @@ Status Status::Annotate(const std::string& context) const {
   return Status(code_, context + ": " + message_);
 }
 
-std::ostream& operator<<(std::ostream& os, const Status& s) {
-  return os << s.ToString();
-}
+std::ostream& operator<<(std::ostream& os, const Status& s) { return os << s.ToString(); }
 
 }  // namespace meshpost

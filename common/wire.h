@@ -38,8 +38,7 @@ class WireWriter {
 
 class WireReader {
  public:
-  WireReader(const void* data, size_t size)
-      : p_(static_cast<const char*>(data)), end_(p_ + size) {}
+  WireReader(const void* data, size_t size) : p_(static_cast<const char*>(data)), end_(p_ + size) {}
 
   template <typename T>
   bool Get(T* out) {
@@ -80,8 +79,8 @@ class WireReader {
   bool Need(size_t n, const char* what) {
     if (!status_.ok()) return false;
     if (static_cast<size_t>(end_ - p_) < n) {
-      return Fail(std::string("truncated frame: needed ") + std::to_string(n) +
-                  " bytes for " + what + ", " + std::to_string(end_ - p_) + " left");
+      return Fail(std::string("truncated frame: needed ") + std::to_string(n) + " bytes for " +
+                  what + ", " + std::to_string(end_ - p_) + " left");
     }
     return true;
   }

@@ -99,8 +99,7 @@ int RunWorker(Postoffice& po) {
   if (!b.ok()) return Fail("Barrier", b);
   if (po.rank() == 0) {
     std::printf("\nmeshpost demo: %d workers x %d servers over %s, %d iterations\n",
-                po.options().num_workers, S, po.Transports().begin()->second.c_str(),
-                Iterations());
+                po.options().num_workers, S, po.Transports().begin()->second.c_str(), Iterations());
     std::printf("push uint8[%lld, %lld] to every server, pull bf16[%lld, %lld] from each\n\n",
                 (long long)kRows, (long long)kCols, (long long)kRows, (long long)kCols);
     std::printf("%-34s %10s %10s %10s\n", "worker 0 (microseconds)", "p50", "p99", "mean");

@@ -1,8 +1,8 @@
 // Writes the seed corpus in fuzz/corpus/ from the real encoders, so seeds start valid
 // and the fuzzers mutate from there. Run by hand when a format changes:
 //   clang++ -std=c++17 -I. fuzz/seed_gen.cc common/*.cc tensor/*.cc van/codec.cc \
-//     van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs $(pkg-config --cflags --libs libsodium) -lspdlog -lfmt \
-//     -o /tmp/seed_gen && /tmp/seed_gen fuzz/corpus
+//     van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs $(pkg-config --cflags --libs libsodium)
+//     -lspdlog -lfmt \ -o /tmp/seed_gen && /tmp/seed_gen fuzz/corpus
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -89,7 +89,8 @@ int main(int argc, char** argv) {
   Write("rdma_wire", "advertise", "\x01" + rdma::EncodeAdvertise({{1, 0x1000, 5, 4096}}));
   Write("rdma_wire", "need_buffer", "\x01" + rdma::EncodeNeedBuffer(3, 1 << 20));
   Write("rdma_wire", "refuse", "\x01" + rdma::EncodeRefuse(3, "too big"));
-  Write("rdma_wire", "header", std::string(1, '\0') + rdma::EncodeHeaderFrame(EncodeMeta(req), {9}));
+  Write("rdma_wire", "header",
+        std::string(1, '\0') + rdma::EncodeHeaderFrame(EncodeMeta(req), {9}));
   // cma_frames: mode byte (bit0 = send a valid hello first, bit2 = authenticated van)
   {
     // A data frame with the meta inline: seq, nseg=0, Source(meta: inline at 0), meta.
@@ -106,14 +107,16 @@ int main(int argc, char** argv) {
     WireWriter s;
     s.Put<uint32_t>(1);
     s.Put<uint64_t>(4096);
-    Write("cma_frames", "staging_without_fd", std::string(1, '\1') + CmaPreamble(3, 0) + s.Release());
+    Write("cma_frames", "staging_without_fd",
+          std::string(1, '\1') + CmaPreamble(3, 0) + s.Release());
     WireWriter h;
     h.Put<uint32_t>(1);
     h.Put<uint64_t>(0);
     h.Put<uint32_t>(16);
     h.PutBytes(std::string(16, 'c').data(), 16);
     h.Put<uint8_t>(0);
-    Write("cma_frames", "auth_hello", std::string(1, '\4') + CmaPreamble(1, 2) + h.Release() + hello);
+    Write("cma_frames", "auth_hello",
+          std::string(1, '\4') + CmaPreamble(1, 2) + h.Release() + hello);
     Write("cma_frames", "no_hello", std::string(1, '\0') + data);
   }
   std::printf("seeds written under %s\n", g_root.c_str());

@@ -1,7 +1,5 @@
 #include "launch/local_cluster.h"
 
-#include "common/auth.h"
-
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -15,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/auth.h"
 #include "common/clock.h"
 
 extern char** environ;
@@ -28,7 +27,8 @@ int PidFd(pid_t pid) { return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
 
 std::string ProcessExit::Describe() const {
   if (!exited) return name + " (pid " + std::to_string(pid) + ") did not finish in time";
-  if (signal) return name + " (pid " + std::to_string(pid) + ") killed by signal " + std::to_string(signal);
+  if (signal)
+    return name + " (pid " + std::to_string(pid) + ") killed by signal " + std::to_string(signal);
   return name + " (pid " + std::to_string(pid) + ") exited with " + std::to_string(exit_code);
 }
 
@@ -77,14 +77,17 @@ Result<int> ReadReportedPort(int fd, int64_t timeout_ms) {
                                    " within " + std::to_string(timeout_ms) + " ms");
     }
     pollfd p{fd, POLLIN, 0};
-    const int rc = poll(&p, 1, static_cast<int>(std::min<uint64_t>((deadline - now) / 1000000 + 1, 1000)));
-    if (rc < 0 && errno != EINTR) return UnavailableError(std::string("poll: ") + std::strerror(errno));
+    const int rc =
+        poll(&p, 1, static_cast<int>(std::min<uint64_t>((deadline - now) / 1000000 + 1, 1000)));
+    if (rc < 0 && errno != EINTR)
+      return UnavailableError(std::string("poll: ") + std::strerror(errno));
     if (rc <= 0) continue;
     char buf[32];
     const ssize_t n = read(fd, buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      return UnavailableError("the port pipe closed before a port was written (got '" + line + "')");
+      return UnavailableError("the port pipe closed before a port was written (got '" + line +
+                              "')");
     }
     line.append(buf, static_cast<size_t>(n));
     if (line.size() > 16) return UnavailableError("port pipe carries junk: '" + line + "'");

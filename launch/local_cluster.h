@@ -34,9 +34,9 @@ struct ClusterSpec {
 struct ProcessExit {
   std::string name;  // "worker:1"
   pid_t pid = 0;
-  bool exited = false;   // false: still running when the wait timed out (then killed)
-  int exit_code = -1;    // when exited normally
-  int signal = 0;        // when killed by a signal
+  bool exited = false;  // false: still running when the wait timed out (then killed)
+  int exit_code = -1;   // when exited normally
+  int signal = 0;       // when killed by a signal
   bool ok() const { return exited && signal == 0 && exit_code == 0; }
   std::string Describe() const;
 };

@@ -11,8 +11,8 @@
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "ps/request_queues.h"
-#include "tensor/device_staging.h"
 #include "ps/trace_recorder.h"
+#include "tensor/device_staging.h"
 
 namespace meshpost {
 namespace {
@@ -58,10 +58,11 @@ class AFTensorServer::Impl : public DataHandler {
         worker_down_(num_workers_),
         handle_base_(static_cast<uint64_t>(ctx->options().Rank()) << kHandleRankShift),
         next_handle_(handle_base_ + 1),
-        recorder_(StartNodeTraceRecorder(
-            ctx->options(), 2, ctx->clock_sync(), [ctx, n = num_servers_](int w) {
-              return TraceTransportFromName(ctx->PeerTransport(WorkerNodeId(n, w)));
-            })),
+        recorder_(StartNodeTraceRecorder(ctx->options(), 2, ctx->clock_sync(),
+                                         [ctx, n = num_servers_](int w) {
+                                           return TraceTransportFromName(
+                                               ctx->PeerTransport(WorkerNodeId(n, w)));
+                                         })),
         stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<std::vector<BatchRequest>> GetBatch(int64_t timeout_ms) {
@@ -111,7 +112,8 @@ class AFTensorServer::Impl : public DataHandler {
         if (!worker_down_[w].ok() && !queues_.HasPending(w)) {
           return UnavailableError("GetBatch: worker " + std::to_string(w) +
                                   " is down and has no pending request, so no batch can "
-                                  "complete: " + worker_down_[w].message());
+                                  "complete: " +
+                                  worker_down_[w].message());
         }
       }
       if (!woke && GetNanosecond() >= deadline) {
@@ -164,7 +166,8 @@ class AFTensorServer::Impl : public DataHandler {
                                   std::to_string(tensors_vec.size()) + " tensors but handles has " +
                                   std::to_string(handles.size()) + "; expected equal lengths");
     }
-    MESHPOST_RETURN_IF_ERROR(ValidateTensor(ret_buffer, std::string(fn) + ": ret_buffer", backend_));
+    MESHPOST_RETURN_IF_ERROR(
+        ValidateTensor(ret_buffer, std::string(fn) + ": ret_buffer", backend_));
     if (ret_buffer.shape.empty()) {
       return InvalidArgumentError(std::string(fn) + ": ret_buffer is a scalar (" +
                                   ret_buffer.Describe() + "); expected at least one dimension");
@@ -179,8 +182,9 @@ class AFTensorServer::Impl : public DataHandler {
     }
     MESHPOST_ASSIGN_OR_RETURN(std::vector<RowSlice> slices,
                               RunningOffsetSlices(rows, ret_buffer.shape[0]));
-    const size_t row_bytes =
-        ret_buffer.shape[0] == 0 ? 0 : ret_buffer.nbytes() / static_cast<size_t>(ret_buffer.shape[0]);
+    const size_t row_bytes = ret_buffer.shape[0] == 0
+                                 ? 0
+                                 : ret_buffer.nbytes() / static_cast<size_t>(ret_buffer.shape[0]);
     std::vector<TensorView> views(handles.size());
     for (size_t i = 0; i < handles.size(); ++i) {
       TensorView& v = views[i];
@@ -202,9 +206,9 @@ class AFTensorServer::Impl : public DataHandler {
         }
         auto it = outstanding_.find(handles[i]);
         if (it == outstanding_.end()) return UnknownHandle(fn, handles[i]);
-        MESHPOST_RETURN_IF_ERROR(CheckResponse(
-            (std::string(fn) + " handles[" + std::to_string(i) + "]").c_str(), *it->second,
-            {views[i]}));
+        MESHPOST_RETURN_IF_ERROR(
+            CheckResponse((std::string(fn) + " handles[" + std::to_string(i) + "]").c_str(),
+                          *it->second, {views[i]}));
         requests.push_back(it->second);
       }
       for (uint64_t h : handles) outstanding_.erase(h);
@@ -249,9 +253,9 @@ class AFTensorServer::Impl : public DataHandler {
     }
     for (size_t i = 0; i < n; ++i) {
       if (worker_ranks[i] < 0 || worker_ranks[i] >= num_workers_) {
-        return InvalidArgumentError(fn + ": worker_ranks[" + std::to_string(i) + "]=" +
-                                    std::to_string(worker_ranks[i]) + "; expected 0 <= rank < " +
-                                    std::to_string(num_workers_));
+        return InvalidArgumentError(fn + ": worker_ranks[" + std::to_string(i) +
+                                    "]=" + std::to_string(worker_ranks[i]) +
+                                    "; expected 0 <= rank < " + std::to_string(num_workers_));
       }
       MESHPOST_RETURN_IF_ERROR(ValidateKey(keys[i], fn + ": keys[" + std::to_string(i) + "]"));
       for (size_t j = 0; j < i; ++j) {
@@ -352,8 +356,7 @@ class AFTensorServer::Impl : public DataHandler {
     if (!gpu_recv_.load(std::memory_order_acquire)) return Enqueue(std::move(r));
     // With CUDA receive buffers registered, every request passes through the stager (an
     // empty batch for CPU-only ones) so requests of a worker stay in arrival order.
-    std::map<size_t, LandingBuffers::Landing> landed =
-        landing_.Take(msg.meta.sender, msg.meta.id);
+    std::map<size_t, LandingBuffers::Landing> landed = landing_.Take(msg.meta.sender, msg.meta.id);
     std::vector<DeviceStager::Copy> copies;
     std::vector<PinnedBuffer> pinned;
     for (auto& [i, l] : landed) {
@@ -498,7 +501,7 @@ class AFTensorServer::Impl : public DataHandler {
 
   // Requires mu_.
   Status CheckResponse(const char* fn, const ServerRequest& r,
-                              const std::vector<TensorView>& tensors) {
+                       const std::vector<TensorView>& tensors) {
     if (tensors.size() != r.slots.size()) {
       return InvalidArgumentError(std::string(fn) + ": " + std::to_string(tensors.size()) +
                                   " tensors for handle " + std::to_string(r.handle) + "; worker " +
@@ -517,12 +520,11 @@ class AFTensorServer::Impl : public DataHandler {
         TensorView want;
         want.dtype = slot.dtype;
         want.shape = slot.shape;
-        return InvalidArgumentError(where + " is " + tensors[j].Describe() + " (" +
-                                    std::to_string(tensors[j].nbytes()) + " bytes); worker " +
-                                    std::to_string(r.worker_rank) + "'s pull slot " +
-                                    std::to_string(j) + " (key " + std::to_string(slot.key) +
-                                    ") expects " + want.Describe() + " (" +
-                                    std::to_string(slot.nbytes) + " bytes)");
+        return InvalidArgumentError(
+            where + " is " + tensors[j].Describe() + " (" + std::to_string(tensors[j].nbytes()) +
+            " bytes); worker " + std::to_string(r.worker_rank) + "'s pull slot " +
+            std::to_string(j) + " (key " + std::to_string(slot.key) + ") expects " +
+            want.Describe() + " (" + std::to_string(slot.nbytes) + " bytes)");
       }
     }
     return OkStatus();
@@ -557,13 +559,14 @@ class AFTensorServer::Impl : public DataHandler {
                       uint64_t start, DeviceEvent after = nullptr) {
     if (recorder_) r->respond_tid = TraceThreadId();
     if (!AnyOnDevice(tensors)) return SendResponseNow(std::move(r), tensors, start);
-    MESHPOST_ASSIGN_OR_RETURN(DeviceStager* stager, Stager());
+    MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
     std::vector<TensorView> staged = tensors;
     std::vector<DeviceStager::Copy> copies;
     for (TensorView& t : staged) {
       if (t.device.type == DeviceType::kCPU || t.nbytes() == 0) continue;
       auto buf = stager->Acquire(t.nbytes());
-      if (!buf.ok()) return buf.status().Annotate("response for handle " + std::to_string(r->handle));
+      if (!buf.ok())
+        return buf.status().Annotate("response for handle " + std::to_string(r->handle));
       copies.push_back({buf->data, t.data, t.nbytes()});
       t.data = buf->data;
       t.device = Device{};
@@ -667,8 +670,8 @@ class AFTensorServer::Impl : public DataHandler {
   uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;
   std::map<std::pair<int, int64_t>, RecvChunk> recv_buffers_;
-  std::atomic<bool> gpu_recv_{false};  // a CUDA receive buffer was registered
-  LandingBuffers landing_;             // pinned landings of pushes bound for CUDA chunks
+  std::atomic<bool> gpu_recv_{false};        // a CUDA receive buffer was registered
+  LandingBuffers landing_;                   // pinned landings of pushes bound for CUDA chunks
   std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.

@@ -25,7 +25,7 @@ struct PullSlot {
 };
 
 struct BatchRequest {
-  uint64_t handle = 0;   // server-side handle for Respond; never reused
+  uint64_t handle = 0;  // server-side handle for Respond; never reused
   int worker_rank = 0;
   // Views of the received bytes. Each view's `owner` (set when the bytes sit in a van
   // buffer, null for a registered receive buffer) keeps them valid for as long as the caller

@@ -10,9 +10,9 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "ps/node_context.h"
+#include "ps/trace_recorder.h"
 #include "tensor/device_staging.h"
 #include "van/codec.h"
-#include "ps/trace_recorder.h"
 
 namespace meshpost {
 namespace {
@@ -36,8 +36,8 @@ struct Pending {
   std::vector<PinnedBuffer> staging;
   PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
   int64_t* stream_flag_device = nullptr;
-  int last_server = 0;             // whose answer arrived last: the batch's critical path
-  Status status;                   // written before `done` is released
+  int last_server = 0;  // whose answer arrived last: the batch's critical path
+  Status status;        // written before `done` is released
   std::atomic<bool> done{false};
   // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
   bool traced = false;
@@ -57,9 +57,9 @@ class AFTensorWorker::Impl : public DataHandler {
         num_servers_(ctx->options().num_servers),
         backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
         waiter_(ctx->wait_policy()),
-        recorder_(StartNodeTraceRecorder(ctx->options(), 1, ctx->clock_sync(), [ctx](int s) {
-          return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s)));
-        })),
+        recorder_(StartNodeTraceRecorder(
+            ctx->options(), 1, ctx->clock_sync(),
+            [ctx](int s) { return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s))); })),
         stager_(backend_, StagerOptions::Chunked(ctx->options().gpu_staging_chunk)) {}
 
   Result<uint64_t> ZBatchPushPull(const KeyTensorBatch& push, const KeyTensorBatch& pull,
@@ -67,7 +67,8 @@ class AFTensorWorker::Impl : public DataHandler {
     const uint64_t start = GetNanosecond();
     const char* fn = "ZBatchPushPull";
     if (push.empty() && pull.empty()) {
-      return InvalidArgumentError(std::string(fn) + ": push and pull are both empty; expected "
+      return InvalidArgumentError(std::string(fn) +
+                                  ": push and pull are both empty; expected "
                                   "at least one tensor");
     }
     if (pull.size() % num_servers_ != 0) {
@@ -76,12 +77,11 @@ class AFTensorWorker::Impl : public DataHandler {
           " tensors, not divisible by the " + std::to_string(num_servers_) +
           " servers; expected num_servers * slots_per_server tensors, server-major");
     }
-    if (push.size() > kMaxTensorsPerMessage ||
-        pull.size() / num_servers_ > kMaxTensorsPerMessage) {
-      return InvalidArgumentError(std::string(fn) + ": push has " + std::to_string(push.size()) +
-                                  " tensors and pull " + std::to_string(pull.size() / num_servers_) +
-                                  " per server; expected at most " +
-                                  std::to_string(kMaxTensorsPerMessage) + " each way");
+    if (push.size() > kMaxTensorsPerMessage || pull.size() / num_servers_ > kMaxTensorsPerMessage) {
+      return InvalidArgumentError(
+          std::string(fn) + ": push has " + std::to_string(push.size()) + " tensors and pull " +
+          std::to_string(pull.size() / num_servers_) + " per server; expected at most " +
+          std::to_string(kMaxTensorsPerMessage) + " each way");
     }
     for (size_t i = 0; i < push.size(); ++i) {
       const std::string where = std::string(fn) + ": push[" + std::to_string(i) + "]";
@@ -114,7 +114,8 @@ class AFTensorWorker::Impl : public DataHandler {
       for (size_t i = 0; i < pull.size(); ++i) {
         if (pull[i].tensor.device.type == DeviceType::kCPU) continue;
         auto buf = stager->Acquire(pull[i].tensor.nbytes());
-        if (!buf.ok()) return buf.status().Annotate(std::string(fn) + ": pull[" + std::to_string(i) + "]");
+        if (!buf.ok())
+          return buf.status().Annotate(std::string(fn) + ": pull[" + std::to_string(i) + "]");
         p->staging[i] = std::move(buf).value();
       }
     }
@@ -176,8 +177,8 @@ class AFTensorWorker::Impl : public DataHandler {
         after = *ev;
       }
       // `push` (with its owners) rides along: the caller's tensors stay alive until read.
-      Status queued = stager->Submit(
-          copies, after, [this, p, push, segments, start](const Status& copied) {
+      Status queued =
+          stager->Submit(copies, after, [this, p, push, segments, start](const Status& copied) {
             if (!copied.ok()) {
               Fail(p, copied.Annotate("ZBatchPushPull: staging the push tensors"));
               return;
@@ -273,9 +274,9 @@ class AFTensorWorker::Impl : public DataHandler {
     auto p = Find(handle, "Wait");
     if (!p.ok()) return p.status();
     Pending* pending = p->get();
-    const bool done = waiter_.WaitUntil(
-        [pending] { return pending->done.load(std::memory_order_acquire); },
-        DeadlineFromTimeoutMs(timeout_ms));
+    const bool done =
+        waiter_.WaitUntil([pending] { return pending->done.load(std::memory_order_acquire); },
+                          DeadlineFromTimeoutMs(timeout_ms));
     if (done && pending->traced && !pending->wake_recorded.exchange(true)) {
       TraceRecord r;
       r.kind = TraceRecordKind::kWake;
@@ -338,7 +339,7 @@ class AFTensorWorker::Impl : public DataHandler {
       return DataLossError(std::string("worker got unexpected ") + CommandName(meta.cmd));
     }
     std::lock_guard<std::mutex> lock(mu_);
-    MESHPOST_ASSIGN_OR_RETURN(Pending* p, LookupForResponse(meta));
+    MESHPOST_ASSIGN_OR_RETURN(Pending * p, LookupForResponse(meta));
     const int s = ServerOf(meta.id);
     if (index == 0 && p->traces[s].response_received == 0) {
       p->traces[s].response_received = GetNanosecond();
@@ -410,7 +411,8 @@ class AFTensorWorker::Impl : public DataHandler {
         for (int j = 0; j < P && !p->staging.empty(); ++j) {
           const size_t i = s * P + j;
           if (p->staging[i].data == nullptr) continue;
-          copies.push_back({p->pull[i].tensor.data, p->staging[i].data, p->pull[i].tensor.nbytes()});
+          copies.push_back(
+              {p->pull[i].tensor.data, p->staging[i].data, p->pull[i].tensor.nbytes()});
         }
         if (copies.empty()) {
           t.response_processed = GetNanosecond();
@@ -471,8 +473,8 @@ class AFTensorWorker::Impl : public DataHandler {
       std::lock_guard<std::mutex> lock(mu_);
       auto found = LookupForResponse(meta);
       if (!found.ok()) return;
-      done = FailLocked((*found)->handle, why.Annotate("response from server " +
-                                                       std::to_string(ServerOf(meta.id))));
+      done = FailLocked((*found)->handle,
+                        why.Annotate("response from server " + std::to_string(ServerOf(meta.id))));
     }
     if (done) waiter_.Notify();
     SendCancels();
@@ -670,7 +672,7 @@ class AFTensorWorker::Impl : public DataHandler {
   std::deque<uint64_t> finished_;
   std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
   std::atomic<bool> has_cancels_{false};           // cancels_ is not empty
-  std::unique_ptr<TraceRecorder> recorder_;  // null unless MESHPOST_TRACE is on
+  std::unique_ptr<TraceRecorder> recorder_;        // null unless MESHPOST_TRACE is on
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.
   LazyStager stager_;
@@ -696,9 +698,7 @@ Result<bool> AFTensorWorker::Done(uint64_t handle) { return impl_->Done(handle);
 Result<std::vector<uint64_t>> AFTensorWorker::GetAllHandlers(uint64_t handle) {
   return impl_->GetAllHandlers(handle);
 }
-Result<std::vector<Trace>> AFTensorWorker::FetchTrace(uint64_t id) {
-  return impl_->FetchTrace(id);
-}
+Result<std::vector<Trace>> AFTensorWorker::FetchTrace(uint64_t id) { return impl_->FetchTrace(id); }
 Result<Trace> AFTensorWorker::FetchRequestTrace(uint64_t id) {
   return impl_->FetchRequestTrace(id);
 }

@@ -29,8 +29,8 @@ class ClusterLayout {
   int num_workers() const { return num_workers_; }
   int num_nodes() const { return 1 + num_servers_ + num_workers_; }
   bool Contains(int id) const { return id >= 0 && id < num_nodes(); }
-  Role RoleOf(int id) const;            // id must be Contains()
-  std::string Describe(int id) const;   // "scheduler", "server 1", "worker 0"
+  Role RoleOf(int id) const;           // id must be Contains()
+  std::string Describe(int id) const;  // "scheduler", "server 1", "worker 0"
 
  private:
   int num_servers_;

@@ -39,7 +39,8 @@ ControlMessage& ControlMessage::Reason(NodeDownReason reason) {
 Status OutcomeOf(const Meta& meta, const std::string& context) {
   if (meta.status_code == 0) return OkStatus();
   StatusCode code = StatusCode::kInternal;
-  if (meta.status_code > 0 && meta.status_code <= static_cast<int32_t>(StatusCode::kUnimplemented)) {
+  if (meta.status_code > 0 &&
+      meta.status_code <= static_cast<int32_t>(StatusCode::kUnimplemented)) {
     code = static_cast<StatusCode>(meta.status_code);
   }
   return Status(code, context + meta.body);

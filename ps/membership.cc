@@ -83,8 +83,8 @@ Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
         "Start: no node table from the scheduler at " + opts_.root_uri + ":" +
         std::to_string(opts_.root_port) + " after " + std::to_string(opts_.start_timeout_ms) +
         " ms; is the scheduler running and are all DMLC_NUM_WORKER=" +
-        std::to_string(opts_.num_workers) + " workers and DMLC_NUM_SERVER=" +
-        std::to_string(opts_.num_servers) + " servers started?");
+        std::to_string(opts_.num_workers) +
+        " workers and DMLC_NUM_SERVER=" + std::to_string(opts_.num_servers) + " servers started?");
   }
   if (!join_error_.ok()) return join_error_;
   if (!table_ready_) {
@@ -167,8 +167,9 @@ void Membership::Leave(int64_t timeout_ms) {
   if (!sent.ok()) return;
   const int64_t wait_ms = timeout_ms < 0 ? opts_.heartbeat_timeout_ms : timeout_ms;
   std::unique_lock<std::mutex> lock(mu_);
-  if (!WaitLocked(lock, [this] { return leave_acked_ || !peer_status_[kSchedulerId].ok(); },
-                  DeadlineFromTimeoutMs(wait_ms))) {
+  if (!WaitLocked(
+          lock, [this] { return leave_acked_ || !peer_status_[kSchedulerId].ok(); },
+          DeadlineFromTimeoutMs(wait_ms))) {
     MP_LOG_WARN(kLog, "scheduler did not acknowledge leaving within {} ms", wait_ms);
   }
 }
@@ -188,12 +189,11 @@ void Membership::OnControl(const Meta& m) {
     case Command::kRegisterReply: {
       // A reply only ever refuses; a zero code from a confused scheduler is still a refusal.
       Status refusal = OutcomeOf(m, "scheduler refused this node: ");
-      join_error_ = refusal.ok() ? InternalError("scheduler refused this node: " + m.body) : refusal;
+      join_error_ =
+          refusal.ok() ? InternalError("scheduler refused this node: " + m.body) : refusal;
       break;
     }
-    case Command::kBarrierDone:
-      barrier_outcome_[{m.arg, m.id}] = OutcomeOf(m);
-      break;
+    case Command::kBarrierDone: barrier_outcome_[{m.arg, m.id}] = OutcomeOf(m); break;
     case Command::kHeartbeatAck: {
       const uint64_t now = GetNanosecond();
       last_ack_ns_ = now;
@@ -213,9 +213,7 @@ void Membership::OnControl(const Meta& m) {
       }
       break;
     }
-    case Command::kLeaveAck:
-      leave_acked_ = true;
-      break;
+    case Command::kLeaveAck: leave_acked_ = true; break;
     case Command::kNodeDown:
       if (m.arg <= 0 || m.arg >= layout_.num_nodes()) break;
       if (m.arg == my_id_) {
@@ -239,8 +237,7 @@ void Membership::OnControl(const Meta& m) {
         leaving_[m.arg] = {GetNanosecond(), m.body};
       }
       break;
-    default:
-      MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
+    default: MP_LOG_ERROR(kLog, "unexpected {} from the scheduler", CommandName(m.cmd));
   }
   cv_.notify_all();
 }
@@ -260,11 +257,12 @@ void Membership::OnNodeTable(const Meta& m) {
       workers += n.role == Role::kWorker;
     }
     std::lock_guard<std::mutex> lock(mu_);
-    join_error_ = InvalidArgumentError(
-        "the scheduler's cluster has " + std::to_string(servers) + " servers and " +
-        std::to_string(workers) + " workers, but this node was started with DMLC_NUM_SERVER=" +
-        std::to_string(opts_.num_servers) + " and DMLC_NUM_WORKER=" +
-        std::to_string(opts_.num_workers) + "; every process must be given the same values");
+    join_error_ = InvalidArgumentError("the scheduler's cluster has " + std::to_string(servers) +
+                                       " servers and " + std::to_string(workers) +
+                                       " workers, but this node was started with DMLC_NUM_SERVER=" +
+                                       std::to_string(opts_.num_servers) +
+                                       " and DMLC_NUM_WORKER=" + std::to_string(opts_.num_workers) +
+                                       "; every process must be given the same values");
     cv_.notify_all();
     return;
   }
@@ -388,7 +386,9 @@ void Membership::Evicted(const std::string& why, bool replaced) {
   const Status evicted =
       replaced ? UnavailableError("this node (" + layout_.Describe(my_id_) +
                                   ") was replaced: the scheduler gave its rank to a new "
-                                  "process; " + why + "; it can no longer take part in the "
+                                  "process; " +
+                                  why +
+                                  "; it can no longer take part in the "
                                   "cluster")
                : UnavailableError("this node (" + layout_.Describe(my_id_) +
                                   ") was evicted from the cluster by the scheduler: " + why +
@@ -472,10 +472,10 @@ void Membership::HeartbeatLoop() {
     (void)s;
     if (peer_status_[kSchedulerId].ok() && now - last_ack_ns_ > timeout_ns) {
       scheduler_silent_ = true;
-      peer_status_[kSchedulerId] = UnavailableError(
-          "scheduler at " + opts_.root_uri + ":" + std::to_string(opts_.root_port) +
-          " has not answered heartbeats for " + std::to_string((now - last_ack_ns_) / 1000000) +
-          " ms");
+      peer_status_[kSchedulerId] =
+          UnavailableError("scheduler at " + opts_.root_uri + ":" +
+                           std::to_string(opts_.root_port) + " has not answered heartbeats for " +
+                           std::to_string((now - last_ack_ns_) / 1000000) + " ms");
       MP_LOG_ERROR(kLog, "{}", peer_status_[kSchedulerId].message());
       cv_.notify_all();
     }

@@ -86,16 +86,16 @@ class Membership {
   std::condition_variable cv_;
   std::vector<NodeInfo> table_;
   bool table_ready_ = false;
-  Status join_error_;                    // refusal or a bad node table
-  std::vector<Status> peer_status_;      // per node id: OK while alive, else why not
-  std::map<int, std::pair<uint64_t, std::string>> leaving_;  // id → (notice time ns, why)
-  std::map<int, uint64_t> barrier_seq_;  // per mask
+  Status join_error_;                // refusal or a bad node table
+  std::vector<Status> peer_status_;  // per node id: OK while alive, else why not
+  std::map<int, std::pair<uint64_t, std::string>> leaving_;     // id → (notice time ns, why)
+  std::map<int, uint64_t> barrier_seq_;                         // per mask
   std::map<std::pair<int, uint64_t>, Status> barrier_outcome_;  // (mask, seq) → released
   bool leave_acked_ = false;
-  uint64_t last_ack_ns_ = 0;             // last HEARTBEAT_ACK from the scheduler
+  uint64_t last_ack_ns_ = 0;  // last HEARTBEAT_ACK from the scheduler
   // The scheduler is marked down only for silence: its next ack clears the mark.
   bool scheduler_silent_ = false;
-  Status evicted_;                       // set once the scheduler said we were evicted
+  Status evicted_;  // set once the scheduler said we were evicted
   bool heartbeats_running_ = false;
   std::thread heartbeat_thread_;
 };

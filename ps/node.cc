@@ -5,8 +5,9 @@
 namespace meshpost {
 
 std::string NodeInfo::Describe() const {
-  return std::string(RoleName(role)) + (role == Role::kScheduler ? "" : " " + std::to_string(rank)) +
-         " (node " + std::to_string(id) + " at " + host + ":" + std::to_string(port) + ", pid " +
+  return std::string(RoleName(role)) +
+         (role == Role::kScheduler ? "" : " " + std::to_string(rank)) + " (node " +
+         std::to_string(id) + " at " + host + ":" + std::to_string(port) + ", pid " +
          std::to_string(pid) + ")";
 }
 

@@ -5,8 +5,8 @@
 #include <climits>
 #include <thread>
 
-#include "van/registry.h"
 #include "common/auth.h"
+#include "van/registry.h"
 
 namespace meshpost {
 
@@ -44,13 +44,11 @@ OptionRead Str(std::string Options::*field, bool required = false) {
 const std::vector<OptionSpec> kTable = {
     {"DMLC_ROLE", "", G::kLaunch, "required", "`scheduler`, `server`, `worker`",
      "this process's role"},
-    {"DMLC_PS_ROOT_URI", "root_uri", G::kLaunch, "required", "host name or IP",
-     "scheduler host",
+    {"DMLC_PS_ROOT_URI", "root_uri", G::kLaunch, "required", "host name or IP", "scheduler host",
      Str(&Options::root_uri, kRequiredVar)},
     {"DMLC_PS_ROOT_PORT", "root_port", G::kLaunch, "required",
      "1–65535; `0` only for the scheduler (picks a free port, see `MESHPOST_PORT_FD`)",
-     "scheduler port",
-     Int(&Options::root_port, 0, 65535, kRequiredVar)},
+     "scheduler port", Int(&Options::root_port, 0, 65535, kRequiredVar)},
     {"DMLC_NUM_WORKER", "num_workers", G::kLaunch, "required", "1–4096",
      "number of workers (attention ranks) in the cluster",
      Int(&Options::num_workers, 1, 4096, kRequiredVar)},
@@ -75,16 +73,13 @@ const std::vector<OptionSpec> kTable = {
     {"DMLC_NODE_HOST", "node_host", G::kLaunch,
      "from `DMLC_INTERFACE`, else `127.0.0.1` when the root URI is loopback, else the first "
      "non-loopback IPv4",
-     "host/IP", "address advertised to peers",
-     Str(&Options::node_host)},
+     "host/IP", "address advertised to peers", Str(&Options::node_host)},
     {"DMLC_INTERFACE", "interface", G::kLaunch, "unset",
      "an interface name (`eth0`; unknown names list the interfaces that exist) or `auto` "
      "(first up non-loopback IPv4 interface; loopback when the root URI is loopback)",
-     "network interface whose IPv4 address is advertised",
-     Str(&Options::interface)},
+     "network interface whose IPv4 address is advertised", Str(&Options::interface)},
     {"DMLC_PORT", "port", G::kLaunch, "0 (OS-assigned)", "0–65535",
-     "fixed port for this worker/server",
-     Int(&Options::port, 0, 65535)},
+     "fixed port for this worker/server", Int(&Options::port, 0, 65535)},
     {"DMLC_ENABLE_RDMA", "enable_rdma", G::kLaunch, "unset (no RDMA)",
      "`zmq`/`0`/`false`: no RDMA (same-host transport between co-located processes, tcp "
      "between hosts); `ibverbs`/`1`/`true`: RDMA between hosts (co-located pairs keep the "
@@ -112,36 +107,32 @@ const std::vector<OptionSpec> kTable = {
      "`auto` (per pair: same host > rdma (when `DMLC_ENABLE_RDMA` asks for it) > tcp)",
      "`auto`, `cma`, `rdma`, `tcp`; forcing one that cannot run (not built, no device, peer "
      "on another host) fails `Start` saying why",
-     "data transport between workers and servers, forced for every pair",
-     Str(&Options::transport)},
+     "data transport between workers and servers, forced for every pair", Str(&Options::transport)},
     {"MESHPOST_LOG_LEVEL", "log_level", G::kMeshpost, "from `PS_VERBOSE` (info)",
      "`trace`, `debug`, `info`, `warn`, `error`, `off`", "log level"},
     {"MESHPOST_CMA_DISABLE", "cma_disable", G::kMeshpost, "0", "boolean",
      "same-host transport: skip cross-memory attach and copy through shared memory (the "
      "automatic fallback where CMA is refused)",
      Bool(&Options::cma_disable)},
-    {"MESHPOST_HEARTBEAT_INTERVAL_MS", "heartbeat_interval_ms", G::kMeshpost, "1000",
-     "10–600000", "heartbeat period",
-     Int(&Options::heartbeat_interval_ms, 10, 600000)},
+    {"MESHPOST_HEARTBEAT_INTERVAL_MS", "heartbeat_interval_ms", G::kMeshpost, "1000", "10–600000",
+     "heartbeat period", Int(&Options::heartbeat_interval_ms, 10, 600000)},
     {"MESHPOST_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", G::kMeshpost, "6000",
      "≥ 2 × interval", "silence after which a node is declared dead",
      Int(&Options::heartbeat_timeout_ms, 50, 3600000)},
     {"MESHPOST_SPIN_US", "spin_us", G::kMeshpost,
      "50 on machines with ≥ 4 cores, 0 below (spinning there steals the core the answer "
      "needs)",
-     "0–10000000", "spin before blocking in every wait",
-     Int64(&Options::spin_us, 0, 10000000)},
+     "0–10000000", "spin before blocking in every wait", Int64(&Options::spin_us, 0, 10000000)},
     {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
-     "never block (dedicated cores)",
-     Bool(&Options::busy_poll)},
+     "never block (dedicated cores)", Bool(&Options::busy_poll)},
     {"MESHPOST_START_TIMEOUT_MS", "start_timeout_ms", G::kMeshpost, "120000", "≥ 100",
      "limit for rendezvous in `Start()`; who is missing is logged every 5 s",
      Int(&Options::start_timeout_ms, 100, INT_MAX)},
     {"MESHPOST_MAX_INFLIGHT", "max_inflight", G::kMeshpost, "1024", "1–1048576",
-     "pending requests per worker",
-     Int(&Options::max_inflight, 1, 1 << 20)},
+     "pending requests per worker", Int(&Options::max_inflight, 1, 1 << 20)},
     {"MESHPOST_GPU_STAGING_CHUNK", "gpu_staging_chunk", G::kMeshpost, "4194304 (4 MiB)",
-     "65536–1073741824", "bytes per pinned staging chunk for CUDA tensors: device↔pinned "
+     "65536–1073741824",
+     "bytes per pinned staging chunk for CUDA tensors: device↔pinned "
      "copies are split into chunks of this size, each completing on its own (docs/gpu.md)",
      Int64(&Options::gpu_staging_chunk, 65536, int64_t{1} << 30)},
     {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
@@ -184,8 +175,7 @@ const std::vector<OptionSpec> kTable = {
 
     {"MESHPOST_RDMA_DEVICE", "rdma_device", G::kRdma, "the first device with an active port",
      "a device name (`mlx5_0`), optionally `:port`", "RDMA device"},
-    {"MESHPOST_RDMA_PORT", "rdma_port", G::kRdma, "the first active port", "1–255",
-     "device port"},
+    {"MESHPOST_RDMA_PORT", "rdma_port", G::kRdma, "the first active port", "1–255", "device port"},
     {"MESHPOST_RDMA_GID_INDEX", "rdma_gid_index", G::kRdma,
      "-1 (RoCE v2 GID of `DMLC_INTERFACE`'s address, else the first usable)", "-1–1023",
      "GID table index"},
@@ -203,36 +193,54 @@ const std::vector<OptionSpec> kTable = {
      "works, `staging` = refuse CUDA regions, GPU tensors go through pinned host memory "
      "(docs/gpu.md)"},
 
-    {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "", "meshpost opens one queue pair per peer; "
-     "balancing QPs over bonded (LAG) ports is not implemented", "QP balance over bonded NICs"},
-    {"STEPMESH_DROP_RATE", "", G::kIgnored, "", "a fault-injection knob of StepMesh's tests; "
-     "meshpost's tests kill and freeze peers instead", "drop a share of messages (testing)"},
+    {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "",
+     "meshpost opens one queue pair per peer; "
+     "balancing QPs over bonded (LAG) ports is not implemented",
+     "QP balance over bonded NICs"},
+    {"STEPMESH_DROP_RATE", "", G::kIgnored, "",
+     "a fault-injection knob of StepMesh's tests; "
+     "meshpost's tests kill and freeze peers instead",
+     "drop a share of messages (testing)"},
     {"PS_DROP_MSG", "", G::kIgnored, "", "as `STEPMESH_DROP_RATE` (ps-lite's name)",
      "drop a share of messages (testing)"},
-    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "", "a GPU-kernel synchronisation mode; meshpost "
+    {"STEPMESH_MEM_SYNC", "", G::kIgnored, "",
+     "a GPU-kernel synchronisation mode; meshpost "
      "orders GPU work with `need_event` and fserver_lib's flag kernels (docs/gpu.md)",
      "sync GPU kernels through host memory"},
     {"STEPMESH_BACKEND", "", G::kIgnored, "", "the tensor's device chooses the backend",
      "CPU or GPU backend"},
-    {"STEPMESH_BAKCEND", "", G::kIgnored, "", "StepMesh's spelling in its docs; as "
-     "`STEPMESH_BACKEND`", "CPU or GPU backend"},
-    {"STEPMESH_CPU_CORES_PER_SOCKET", "", G::kIgnored, "", "meshpost pins from "
+    {"STEPMESH_BAKCEND", "", G::kIgnored, "",
+     "StepMesh's spelling in its docs; as "
+     "`STEPMESH_BACKEND`",
+     "CPU or GPU backend"},
+    {"STEPMESH_CPU_CORES_PER_SOCKET", "", G::kIgnored, "",
+     "meshpost pins from "
      "`STEPMESH_CPU_START_OFFSET` only; NUMA placement is left to `numactl`/`taskset`",
      "cores per socket for pinning"},
     {"STEPMESH_CPU_CORES_PER_GPU", "", G::kIgnored, "", "as `STEPMESH_CPU_CORES_PER_SOCKET`",
      "cores per GPU for pinning"},
-    {"DMLC_LOCAL", "", G::kIgnored, "", "same-host peers are detected (host identity) and use "
-     "the same-host transport without it", "run on one machine"},
-    {"DMLC_NUM_PORTS", "", G::kIgnored, "", "one port per node; meshpost's rdma van uses one "
-     "device port", "ports per node"},
-    {"PS_RESEND", "", G::kIgnored, "", "meshpost does not resend: transports are reliable and a "
-     "dead peer fails the pending handles", "resend unacknowledged messages"},
+    {"DMLC_LOCAL", "", G::kIgnored, "",
+     "same-host peers are detected (host identity) and use "
+     "the same-host transport without it",
+     "run on one machine"},
+    {"DMLC_NUM_PORTS", "", G::kIgnored, "",
+     "one port per node; meshpost's rdma van uses one "
+     "device port",
+     "ports per node"},
+    {"PS_RESEND", "", G::kIgnored, "",
+     "meshpost does not resend: transports are reliable and a "
+     "dead peer fails the pending handles",
+     "resend unacknowledged messages"},
     {"PS_RESEND_TIMEOUT", "", G::kIgnored, "", "as `PS_RESEND`", "resend timeout"},
-    {"ENABLE_PROFILING", "", G::kIgnored, "", "use `fetch_trace` / `fetch_traces` (per-request "
-     "stamps) instead", "van profiling to a file"},
+    {"ENABLE_PROFILING", "", G::kIgnored, "",
+     "use `fetch_trace` / `fetch_traces` (per-request "
+     "stamps) instead",
+     "van profiling to a file"},
     {"PROFILE_PATH", "", G::kIgnored, "", "as `ENABLE_PROFILING`", "van profiling file"},
-    {"BYTEPS_ENABLE_MIXED_MODE", "", G::kIgnored, "", "ranks come from the launch variables, "
-     "not from host ordering", "BytePS rank ordering"},
+    {"BYTEPS_ENABLE_MIXED_MODE", "", G::kIgnored, "",
+     "ranks come from the launch variables, "
+     "not from host ordering",
+     "BytePS rank ordering"},
     {"BYTEPS_ORDERED_HOSTS", "", G::kIgnored, "", "as `BYTEPS_ENABLE_MIXED_MODE`",
      "BytePS rank ordering"},
 };
@@ -252,13 +260,13 @@ Status ReadRow(const EnvLookup& env, const OptionSpec& spec, Options* o) {
   if (v == nullptr) return r.required ? Missing(spec.variable) : OkStatus();
   if (auto f = std::get_if<int Options::*>(&r.field)) {
     MESHPOST_ASSIGN_OR_RETURN(int64_t n, ParseInt(spec.variable, v, r.min, r.max));
-    o->**f = static_cast<int>(n);
+    o->** f = static_cast<int>(n);
   } else if (auto f64 = std::get_if<int64_t Options::*>(&r.field)) {
     MESHPOST_ASSIGN_OR_RETURN(o->**f64, ParseInt(spec.variable, v, r.min, r.max));
   } else if (auto b = std::get_if<bool Options::*>(&r.field)) {
     MESHPOST_ASSIGN_OR_RETURN(o->**b, ParseBool(spec.variable, v));
   } else if (auto str = std::get_if<std::string Options::*>(&r.field)) {
-    o->**str = v;
+    o->** str = v;
   }
   return OkStatus();
 }
@@ -307,8 +315,7 @@ Status ReadVanType(const EnvLookup& env, bool* enable_rdma, std::string* setting
     return InvalidArgumentError(std::string(name) + "='" + v + "' selects StepMesh's " + value +
                                 " van, which meshpost does not have; " + kVanValues);
   }
-  return InvalidArgumentError(std::string(name) + "='" + v + "' is not a van type; " +
-                              kVanValues);
+  return InvalidArgumentError(std::string(name) + "='" + v + "' is not a van type; " + kVanValues);
 }
 
 size_t EditDistance(const std::string& a, const std::string& b) {
@@ -334,9 +341,9 @@ const OptionSpec* Known(const std::string& name) {
 // Variables of meshpost's own tools (tests, benchmarks, demo, build and CI scripts), which
 // share the MESHPOST_ prefix but are not options of a node.
 bool IsToolVariable(const std::string& name) {
-  for (const char* prefix : {"MESHPOST_ITEST_", "MESHPOST_BENCH_", "MESHPOST_DEMO_",
-                             "MESHPOST_BUILD_", "MESHPOST_PYTEST_", "MESHPOST_TEST_",
-                             "MESHPOST_DEPS", "MESHPOST_CI_"}) {
+  for (const char* prefix :
+       {"MESHPOST_ITEST_", "MESHPOST_BENCH_", "MESHPOST_DEMO_", "MESHPOST_BUILD_",
+        "MESHPOST_PYTEST_", "MESHPOST_TEST_", "MESHPOST_DEPS", "MESHPOST_CI_"}) {
     if (name.rfind(prefix, 0) == 0) return true;
   }
   return false;
@@ -348,8 +355,7 @@ void NoteNames(const EnvLookup& env, const std::vector<std::string>& names, Opti
     if (spec != nullptr) {
       if (spec->group == G::kIgnored) {
         const char* v = env(name.c_str());
-        o->ignored.push_back(name + "=" + (v ? v : "") + " accepted and ignored: " +
-                             spec->valid);
+        o->ignored.push_back(name + "=" + (v ? v : "") + " accepted and ignored: " + spec->valid);
       }
       continue;
     }
@@ -397,8 +403,9 @@ std::string OptionTableMarkdown(OptionGroup group) {
   if (group == G::kIgnored) {
     out += "| variable | StepMesh meaning | why meshpost ignores it |\n|---|---|---|\n";
   } else {
-    out += "| variable | Python keyword | meaning | default | valid values |\n"
-           "|---|---|---|---|---|\n";
+    out +=
+        "| variable | Python keyword | meaning | default | valid values |\n"
+        "|---|---|---|---|---|\n";
   }
   for (const OptionSpec& o : kTable) {
     if (o.group != group) continue;
@@ -453,8 +460,7 @@ Result<Options> OptionsFromEnv(const EnvLookup& env, const std::vector<std::stri
 
 Status Options::Validate() const {
   auto bad = [](const std::string& field, const std::string& value, const std::string& want) {
-    return InvalidArgumentError("option " + field + "=" + value + " is invalid; expected " +
-                                want);
+    return InvalidArgumentError("option " + field + "=" + value + " is invalid; expected " + want);
   };
   if (root_uri.empty()) return bad("root_uri (DMLC_PS_ROOT_URI)", "''", "a host name or IP");
   if (root_port < 0 || root_port > 65535) {
@@ -464,9 +470,12 @@ Status Options::Validate() const {
     return bad("root_port (DMLC_PS_ROOT_PORT)", "0",
                "the scheduler's port (only the scheduler may use 0 to pick a free port)");
   }
-  if (num_workers < 1) return bad("num_workers (DMLC_NUM_WORKER)", std::to_string(num_workers), ">= 1");
-  if (num_servers < 1) return bad("num_servers (DMLC_NUM_SERVER)", std::to_string(num_servers), ">= 1");
-  if (group_size < 1) return bad("group_size (DMLC_GROUP_SIZE)", std::to_string(group_size), ">= 1");
+  if (num_workers < 1)
+    return bad("num_workers (DMLC_NUM_WORKER)", std::to_string(num_workers), ">= 1");
+  if (num_servers < 1)
+    return bad("num_servers (DMLC_NUM_SERVER)", std::to_string(num_servers), ">= 1");
+  if (group_size < 1)
+    return bad("group_size (DMLC_GROUP_SIZE)", std::to_string(group_size), ">= 1");
   if (gpu < 0) return bad("gpu (STEPMESH_GPU)", std::to_string(gpu), ">= 0");
   if (instance < 0) return bad("instance (DMLC_INSTANCE_ID)", std::to_string(instance), ">= 0");
   if (node_rank < 0) return bad("node_rank (DMLC_NODE_RANK)", std::to_string(node_rank), ">= 0");
@@ -478,16 +487,18 @@ Status Options::Validate() const {
       // StepMesh counts DMLC_NUM_* per node group (DMLC_NUM_WORKER x DMLC_GROUP_SIZE
       // instances); meshpost counts ranks. Say so where that is the likely mix-up.
       if (group_size > 1 && Rank() >= 0 && Rank() < count * group_size) {
-        want += "; meshpost's DMLC_NUM_WORKER/DMLC_NUM_SERVER count ranks, not StepMesh's "
-                "node groups: set " + std::string(var) + "=" +
-                std::to_string(count * group_size) + " for " + std::to_string(count) +
-                " node(s) of DMLC_GROUP_SIZE=" + std::to_string(group_size);
+        want +=
+            "; meshpost's DMLC_NUM_WORKER/DMLC_NUM_SERVER count ranks, not StepMesh's "
+            "node groups: set " +
+            std::string(var) + "=" + std::to_string(count * group_size) + " for " +
+            std::to_string(count) + " node(s) of DMLC_GROUP_SIZE=" + std::to_string(group_size);
       }
-      return bad(std::string(RoleName(role)) +
-                     " rank (DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU + DMLC_RANK_OFFSET = " +
-                     std::to_string(node_rank) + " * " + std::to_string(group_size) + " + " +
-                     std::to_string(gpu) + " + " + std::to_string(rank_offset) + ")",
-                 std::to_string(Rank()), want);
+      return bad(
+          std::string(RoleName(role)) +
+              " rank (DMLC_NODE_RANK * DMLC_GROUP_SIZE + STEPMESH_GPU + DMLC_RANK_OFFSET = " +
+              std::to_string(node_rank) + " * " + std::to_string(group_size) + " + " +
+              std::to_string(gpu) + " + " + std::to_string(rank_offset) + ")",
+          std::to_string(Rank()), want);
     }
   }
   if (port < 0 || port > 65535) return bad("port (DMLC_PORT)", std::to_string(port), "0..65535");
@@ -513,7 +524,8 @@ Status Options::Validate() const {
                ">= 2 * heartbeat_interval_ms = " + std::to_string(2 * heartbeat_interval_ms));
   }
   if (spin_us < 0) return bad("spin_us (MESHPOST_SPIN_US)", std::to_string(spin_us), ">= 0");
-  if (start_timeout_ms < 100) return bad("start_timeout_ms", std::to_string(start_timeout_ms), ">= 100");
+  if (start_timeout_ms < 100)
+    return bad("start_timeout_ms", std::to_string(start_timeout_ms), ">= 100");
   if (max_inflight < 1) return bad("max_inflight", std::to_string(max_inflight), ">= 1");
   MESHPOST_RETURN_IF_ERROR(ValidateClusterToken(cluster_token, "option cluster_token"));
   if (auth_payload && cluster_token.empty()) {

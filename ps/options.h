@@ -30,39 +30,39 @@ const char* RoleName(Role role);
 int64_t DefaultSpinUs();
 
 struct Options {
-  Role role = Role::kWorker;           // DMLC_ROLE
-  std::string root_uri = "127.0.0.1";  // DMLC_PS_ROOT_URI
-  int root_port = 0;                   // DMLC_PS_ROOT_PORT (0: scheduler picks, see port_fd)
-  int num_workers = 1;                 // DMLC_NUM_WORKER
-  int num_servers = 1;                 // DMLC_NUM_SERVER
-  int group_size = 1;                  // DMLC_GROUP_SIZE
-  int node_rank = 0;                   // DMLC_NODE_RANK
-  int gpu = 0;                         // STEPMESH_GPU: device index, part of the rank
-  int instance = 0;                    // DMLC_INSTANCE_ID (default: STEPMESH_GPU)
-  int rank_offset = 0;                 // DMLC_RANK_OFFSET
-  std::string node_host;               // DMLC_NODE_HOST (default: from interface / root)
-  std::string interface;               // DMLC_INTERFACE ("auto": see docs/configuration.md)
-  int port = 0;                        // DMLC_PORT (0: OS-assigned)
-  int verbose = 0;                     // PS_VERBOSE: 0 info, 1 debug, >= 2 trace
+  Role role = Role::kWorker;              // DMLC_ROLE
+  std::string root_uri = "127.0.0.1";     // DMLC_PS_ROOT_URI
+  int root_port = 0;                      // DMLC_PS_ROOT_PORT (0: scheduler picks, see port_fd)
+  int num_workers = 1;                    // DMLC_NUM_WORKER
+  int num_servers = 1;                    // DMLC_NUM_SERVER
+  int group_size = 1;                     // DMLC_GROUP_SIZE
+  int node_rank = 0;                      // DMLC_NODE_RANK
+  int gpu = 0;                            // STEPMESH_GPU: device index, part of the rank
+  int instance = 0;                       // DMLC_INSTANCE_ID (default: STEPMESH_GPU)
+  int rank_offset = 0;                    // DMLC_RANK_OFFSET
+  std::string node_host;                  // DMLC_NODE_HOST (default: from interface / root)
+  std::string interface;                  // DMLC_INTERFACE ("auto": see docs/configuration.md)
+  int port = 0;                           // DMLC_PORT (0: OS-assigned)
+  int verbose = 0;                        // PS_VERBOSE: 0 info, 1 debug, >= 2 trace
   LogLevel log_level = LogLevel::kUnset;  // MESHPOST_LOG_LEVEL (wins over PS_VERBOSE)
   // DMLC_ENABLE_RDMA (or DMLC_PS_VAN_TYPE): pairs on different hosts must use RDMA;
   // co-located pairs keep the same-host transport.
   bool enable_rdma = false;
-  std::string enable_rdma_setting;     // e.g. "DMLC_ENABLE_RDMA=ibverbs", for messages
-  std::string transport = "auto";      // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
+  std::string enable_rdma_setting;  // e.g. "DMLC_ENABLE_RDMA=ibverbs", for messages
+  std::string transport = "auto";   // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
   // The transport every data pair must use ("" = choose per pair).
   std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }
-  bool cma_disable = false;            // MESHPOST_CMA_DISABLE: same-host van copies via shm
-  bool bind_cpu_core = false;          // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
-  int cpu_start_offset = 0;            // STEPMESH_CPU_START_OFFSET: first core to pin to
-  int heartbeat_interval_ms = 1000;    // MESHPOST_HEARTBEAT_INTERVAL_MS
-  int heartbeat_timeout_ms = 6000;     // MESHPOST_HEARTBEAT_TIMEOUT_MS
-  int64_t spin_us = DefaultSpinUs();    // MESHPOST_SPIN_US: spin before blocking
-  bool busy_poll = false;              // MESHPOST_BUSY_POLL: never block
-  int start_timeout_ms = 120000;       // MESHPOST_START_TIMEOUT_MS: rendezvous limit
-  int max_inflight = 1024;             // MESHPOST_MAX_INFLIGHT: pending requests per worker
+  bool cma_disable = false;           // MESHPOST_CMA_DISABLE: same-host van copies via shm
+  bool bind_cpu_core = false;         // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
+  int cpu_start_offset = 0;           // STEPMESH_CPU_START_OFFSET: first core to pin to
+  int heartbeat_interval_ms = 1000;   // MESHPOST_HEARTBEAT_INTERVAL_MS
+  int heartbeat_timeout_ms = 6000;    // MESHPOST_HEARTBEAT_TIMEOUT_MS
+  int64_t spin_us = DefaultSpinUs();  // MESHPOST_SPIN_US: spin before blocking
+  bool busy_poll = false;             // MESHPOST_BUSY_POLL: never block
+  int start_timeout_ms = 120000;      // MESHPOST_START_TIMEOUT_MS: rendezvous limit
+  int max_inflight = 1024;            // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int64_t gpu_staging_chunk = int64_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK (bytes)
-  int port_fd = -1;                    // MESHPOST_PORT_FD: scheduler writes its port here
+  int port_fd = -1;                              // MESHPOST_PORT_FD: scheduler writes its port here
   // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every
   // connection proves knowledge of it ("" = unauthenticated). See docs/security.md.
   std::string cluster_token;
@@ -123,9 +123,9 @@ struct OptionSpec {
   const char* keyword;  // Python keyword argument ("" when there is none)
   OptionGroup group;
   const char* default_value;
-  const char* valid;    // accepted values; for kIgnored rows: why it is ignored
+  const char* valid;  // accepted values; for kIgnored rows: why it is ignored
   const char* meaning;
-  OptionRead read;      // empty: read by hand in OptionsFromEnv (see OptionRead)
+  OptionRead read;  // empty: read by hand in OptionsFromEnv (see OptionRead)
 };
 
 const std::vector<OptionSpec>& OptionTable();

@@ -157,7 +157,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       MP_LOG_INFO(kLog, "started: {} workers, {} servers; transports: {}", opts_.num_workers,
                   opts_.num_servers, TransportSummary(transports));
       if (opts_.enable_rdma && opts_.ForcedTransport().empty() && !router_.AnyRemotePeer()) {
-        const std::string via = transports.empty() ? std::string("cma") : transports.begin()->second;
+        const std::string via =
+            transports.empty() ? std::string("cma") : transports.begin()->second;
         MP_LOG_INFO(kLog, "{}", RdmaNotNeededNote(opts_, via));
       }
     }
@@ -255,11 +256,8 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
         }
         router_.OnRendezvous(m.sender, m.body);
         return;
-      case Command::kPeerLeave:
-        membership_->OnPeerLeave(m);
-        return;
-      default:
-        membership_->OnControl(m);
+      case Command::kPeerLeave: membership_->OnPeerLeave(m); return;
+      default: membership_->OnControl(m);
     }
   }
 
@@ -288,9 +286,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
           CheckWritableFd(opts_.port_fd, "MESHPOST_PORT_FD").Annotate("Start"));
     }
     if (!is_scheduler) {
-      MESHPOST_RETURN_IF_ERROR(ResolveIPv4(opts_.root_uri, "DMLC_PS_ROOT_URI").status().Annotate("Start"));
+      MESHPOST_RETURN_IF_ERROR(
+          ResolveIPv4(opts_.root_uri, "DMLC_PS_ROOT_URI").status().Annotate("Start"));
     }
-    const std::string what = !opts_.node_host.empty() ? "DMLC_NODE_HOST"
+    const std::string what = !opts_.node_host.empty()   ? "DMLC_NODE_HOST"
                              : !opts_.interface.empty() ? "DMLC_INTERFACE"
                              : is_scheduler ? "DMLC_PS_ROOT_URI (the scheduler listens on it)"
                                             : "the advertised address";

@@ -37,9 +37,9 @@ class Postoffice {
   Status Barrier(int group_mask, int64_t timeout_ms = -1);
 
   Role role() const;
-  int rank() const;      // worker/server rank; 0 for the scheduler
+  int rank() const;  // worker/server rank; 0 for the scheduler
   int node_id() const;
-  int port() const;      // the port this process listens on
+  int port() const;  // the port this process listens on
   const Options& options() const;
   AFTensorWorker* worker();  // nullptr unless role is worker
   AFTensorServer* server();  // nullptr unless role is server

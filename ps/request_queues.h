@@ -88,10 +88,10 @@ inline Result<std::vector<RowSlice>> RunningOffsetSlices(const std::vector<int64
                                   std::to_string(rows[i]) + " rows; expected >= 0");
     }
     if (off + rows[i] > total_rows) {
-      return InvalidArgumentError(
-          "RespondVec: tensors_vec[0.." + std::to_string(i) + "] need " +
-          std::to_string(off + rows[i]) + " rows but ret_buffer has " +
-          std::to_string(total_rows) + "; expected sum of row counts <= ret_buffer.shape[0]");
+      return InvalidArgumentError("RespondVec: tensors_vec[0.." + std::to_string(i) + "] need " +
+                                  std::to_string(off + rows[i]) + " rows but ret_buffer has " +
+                                  std::to_string(total_rows) +
+                                  "; expected sum of row counts <= ret_buffer.shape[0]");
     }
     out.push_back({off, rows[i]});
     off += rows[i];

@@ -48,10 +48,13 @@ Status Scheduler::AwaitNodes(uint64_t deadline) {
   for (;;) {
     const uint64_t report_at =
         std::min(deadline, GetNanosecond() + uint64_t{kStartProgressIntervalMs} * 1000000);
-    if (WaitLocked(lock, [this] { return table_published_; }, report_at)) return OkStatus();
+    if (WaitLocked(
+            lock, [this] { return table_published_; }, report_at))
+      return OkStatus();
     if (GetNanosecond() >= deadline) break;
-    MP_LOG_INFO(kLog, "{}", WaitingFor(missing(), static_cast<int>(registered_.size()),
-                                       layout_.num_nodes() - 1));
+    MP_LOG_INFO(
+        kLog, "{}",
+        WaitingFor(missing(), static_cast<int>(registered_.size()), layout_.num_nodes() - 1));
   }
   std::string names;
   for (const std::string& m : missing()) names += (names.empty() ? "" : ", ") + m;
@@ -67,8 +70,8 @@ Status Scheduler::Barrier(int mask, int64_t timeout_ms) {
   if (failed != failed_barriers_.end()) return failed->second;  // released before we came
   barrier_arrivals_[key].insert(kSchedulerId);
   CheckBarriersLocked();
-  WaitLocked(lock, [&] { return barrier_outcome_.count(key) > 0; },
-             DeadlineFromTimeoutMs(timeout_ms));
+  WaitLocked(
+      lock, [&] { return barrier_outcome_.count(key) > 0; }, DeadlineFromTimeoutMs(timeout_ms));
   auto it = barrier_outcome_.find(key);
   if (it == barrier_outcome_.end()) {
     return DeadlineExceededError("Barrier(" + GroupNames(mask) + ", seq " + std::to_string(seq) +
@@ -81,8 +84,8 @@ Status Scheduler::Barrier(int mask, int64_t timeout_ms) {
 
 Status Scheduler::AwaitAllGone(int64_t timeout_ms) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (WaitLocked(lock, [this] { return AllNodesGoneLocked(); },
-                 DeadlineFromTimeoutMs(timeout_ms))) {
+  if (WaitLocked(
+          lock, [this] { return AllNodesGoneLocked(); }, DeadlineFromTimeoutMs(timeout_ms))) {
     return OkStatus();
   }
   return DeadlineExceededError("Stop: nodes still running after " + std::to_string(timeout_ms) +
@@ -188,8 +191,7 @@ void Scheduler::OnControl(const Meta& m) {
                        NodeDownReason::kLeft);
       }
       break;
-    default:
-      MP_LOG_ERROR(kLog, "unexpected {} at the scheduler", CommandName(m.cmd));
+    default: MP_LOG_ERROR(kLog, "unexpected {} at the scheduler", CommandName(m.cmd));
   }
   cv_.notify_all();
 }
@@ -416,8 +418,7 @@ void Scheduler::PublishTableLocked() {
   cv_.notify_all();
 }
 
-void Scheduler::ReplyLocked(int id, Command cmd, int32_t arg, uint64_t seq,
-                            const Status& outcome) {
+void Scheduler::ReplyLocked(int id, Command cmd, int32_t arg, uint64_t seq, const Status& outcome) {
   Status s = router_->SendControl(
       ControlMessage(cmd, kSchedulerId, id).Arg(arg).Seq(seq).Outcome(outcome).Build());
   if (!s.ok()) MP_LOG_DEBUG(kLog, "reply to {} failed: {}", layout_.Describe(id), s.ToString());

@@ -77,7 +77,7 @@ class Scheduler {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   NodeInfo self_;
-  std::map<int, NodeInfo> registered_;   // admitted nodes by id
+  std::map<int, NodeInfo> registered_;  // admitted nodes by id
   // Per node id: a random number the holder's process chose (stamps[2] of everything it
   // sends the scheduler), which tells a replaced holder's messages from the new one's.
   std::map<int, uint64_t> incarnation_;
@@ -96,15 +96,15 @@ class Scheduler {
   std::map<int, uint64_t> last_released_;             // mask → highest released cluster seq
   // Barriers released with an error, for members that arrive after the release (bounded).
   std::map<std::pair<int, uint64_t>, Status> failed_barriers_;
-  std::vector<NodeInfo> table_;          // published node table (self first)
+  std::vector<NodeInfo> table_;  // published node table (self first)
   bool table_published_ = false;
-  std::vector<Status> node_status_;      // per node id: OK while alive, else why not
-  std::map<int, uint64_t> last_seen_;    // node id → last heartbeat (ns)
-  std::set<int> left_;                   // nodes that said LEAVE
+  std::vector<Status> node_status_;    // per node id: OK while alive, else why not
+  std::map<int, uint64_t> last_seen_;  // node id → last heartbeat (ns)
+  std::set<int> left_;                 // nodes that said LEAVE
   std::map<std::pair<int, uint64_t>, std::set<int>> barrier_arrivals_;  // (mask, seq) → ids
-  std::map<int, uint64_t> barrier_seq_;  // own arrivals per mask
-  std::map<std::pair<int, uint64_t>, Status> barrier_outcome_;  // own released barriers
-  int next_temp_id_ = 0;                 // addresses for refused nodes
+  std::map<int, uint64_t> barrier_seq_;                                 // own arrivals per mask
+  std::map<std::pair<int, uint64_t>, Status> barrier_outcome_;          // own released barriers
+  int next_temp_id_ = 0;  // addresses for refused nodes
   // Refusals answered in the current second: a flood of bad REGISTERs (each naming an
   // address we would have to dial) costs a bounded number of connections.
   uint64_t refusal_window_ns_ = 0;

@@ -70,8 +70,7 @@ Status ReadTraceOptions(const EnvLookup& env, TraceOptions* out) {
 
 Status ValidateTraceOptions(const TraceOptions& t) {
   auto bad = [](const std::string& field, const std::string& value, const std::string& want) {
-    return InvalidArgumentError("option " + field + "=" + value + " is invalid; expected " +
-                                want);
+    return InvalidArgumentError("option " + field + "=" + value + " is invalid; expected " + want);
   };
   if ((t.mode == TraceOptions::Mode::kSample || t.mode == TraceOptions::Mode::kAlternate) &&
       t.sample_every < 1) {
@@ -83,8 +82,8 @@ Status ValidateTraceOptions(const TraceOptions& t) {
                    TraceModeName(t.mode));
   }
   if (t.max_file_bytes < (1ull << 20)) {
-    return bad("trace_file_mb (MESHPOST_TRACE_FILE_MB)",
-               std::to_string(t.max_file_bytes >> 20), ">= 1");
+    return bad("trace_file_mb (MESHPOST_TRACE_FILE_MB)", std::to_string(t.max_file_bytes >> 20),
+               ">= 1");
   }
   if (t.max_files < 1) {
     return bad("trace_max_files (MESHPOST_TRACE_MAX_FILES)", std::to_string(t.max_files), ">= 1");

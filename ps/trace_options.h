@@ -13,12 +13,12 @@ namespace meshpost {
 
 struct TraceOptions {
   enum class Mode : uint8_t { kOff = 0, kSample = 1, kAll = 2, kAlternate = 3 };
-  Mode mode = Mode::kOff;                  // MESHPOST_TRACE: off | sample:N | all | alternate:N
-  uint32_t sample_every = 1;               // N of sample:N / alternate:N (1 for all)
-  std::string dir;                         // MESHPOST_TRACE_DIR (required unless off)
-  uint64_t max_file_bytes = 64ull << 20;   // MESHPOST_TRACE_FILE_MB: rotate above this
-  int max_files = 8;                       // MESHPOST_TRACE_MAX_FILES: newest kept per node
-  uint32_t ring_records = 1u << 16;        // MESHPOST_TRACE_RING: records buffered in memory
+  Mode mode = Mode::kOff;                 // MESHPOST_TRACE: off | sample:N | all | alternate:N
+  uint32_t sample_every = 1;              // N of sample:N / alternate:N (1 for all)
+  std::string dir;                        // MESHPOST_TRACE_DIR (required unless off)
+  uint64_t max_file_bytes = 64ull << 20;  // MESHPOST_TRACE_FILE_MB: rotate above this
+  int max_files = 8;                      // MESHPOST_TRACE_MAX_FILES: newest kept per node
+  uint32_t ring_records = 1u << 16;       // MESHPOST_TRACE_RING: records buffered in memory
 
   bool enabled() const { return mode != Mode::kOff; }
   // True when the request with this (worker-side) handle is captured. Workers and servers

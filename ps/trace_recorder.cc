@@ -50,8 +50,8 @@ Status MakeDirs(const std::string& dir) {
     partial = dir.substr(0, pos);
     if (partial.empty()) continue;
     if (mkdir(partial.c_str(), 0777) != 0 && errno != EEXIST) {
-      return InvalidArgumentError(Errno("MESHPOST_TRACE_DIR='" + dir + "': cannot create '" +
-                                        partial + "'"));
+      return InvalidArgumentError(
+          Errno("MESHPOST_TRACE_DIR='" + dir + "': cannot create '" + partial + "'"));
     }
   }
   struct stat st;
@@ -170,7 +170,8 @@ TraceRecorder::~TraceRecorder() {
   if (fd_ >= 0) close(fd_);
   fd_ = -1;
   if (dropped() > 0) {
-    MP_LOG_WARN(kLog, "trace: {} records dropped because the ring ({} records) was full; "
+    MP_LOG_WARN(kLog,
+                "trace: {} records dropped because the ring ({} records) was full; "
                 "raise MESHPOST_TRACE_RING or sample (MESHPOST_TRACE=sample:N)",
                 dropped(), ring_.capacity());
   }
@@ -242,8 +243,10 @@ void TraceRecorder::AppendRecord(const TraceRecord& in) {
       (r.kind == TraceRecordKind::kWorkerRequest || r.kind == TraceRecordKind::kServerRequest)) {
     const size_t peer = static_cast<size_t>(r.peer);
     if (peer < 65536) {
-      if (transport_cache_.size() <= peer) transport_cache_.resize(peer + 1, TraceTransport::kUnknown);
-      if (transport_cache_[peer] == TraceTransport::kUnknown) transport_cache_[peer] = transport_of_(r.peer);
+      if (transport_cache_.size() <= peer)
+        transport_cache_.resize(peer + 1, TraceTransport::kUnknown);
+      if (transport_cache_[peer] == TraceTransport::kUnknown)
+        transport_cache_[peer] = transport_of_(r.peer);
       r.transport = transport_cache_[peer];
     }
   }

@@ -51,7 +51,7 @@ struct TraceRecord {
   uint16_t num_keys = 0;  // keys pushed; the first kTraceRecordKeys are kept in keys
   int32_t peer = -1;      // server rank (worker records) or worker rank (server records)
   uint64_t request_id = 0;
-  uint64_t handle = 0;    // the recording side's handle
+  uint64_t handle = 0;  // the recording side's handle
   uint64_t push_bytes = 0;
   uint64_t pull_bytes = 0;
   int64_t keys[kTraceRecordKeys] = {0, 0, 0};
@@ -122,10 +122,10 @@ class TraceRecorder {
  private:
   TraceRecorder(const TraceOptions& options, const TraceFileInfo& info, const ClockSync* clock,
                 std::function<TraceTransport(int)> transport_of);
-  Status OpenNext();            // writer thread (or Create)
+  Status OpenNext();  // writer thread (or Create)
   Status WriteBytes(const char* data, size_t n);
   void WriterLoop();
-  bool DrainOnce();             // true when records were taken from the ring
+  bool DrainOnce();  // true when records were taken from the ring
   bool Rotate();
   void AppendRecord(const TraceRecord& r);
   void AppendClockIfChanged();

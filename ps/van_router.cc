@@ -242,7 +242,8 @@ void VanRouter::DeliverRendezvous(int sender, const std::string& body) {
     return;
   }
   Status s = van->OnRendezvousBlob(sender, blob->second);
-  if (!s.ok()) MP_LOG_ERROR(kLog, "{} rendezvous from node {}: {}", blob->first, sender, s.ToString());
+  if (!s.ok())
+    MP_LOG_ERROR(kLog, "{} rendezvous from node {}: {}", blob->first, sender, s.ToString());
 }
 
 void VanRouter::RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) {
@@ -265,7 +266,8 @@ void VanRouter::RegisterRecvBufferWith(const std::vector<Van*>& vans, const Earl
   region.size = b.size;
   for (Van* van : vans) {
     Status s = van->RegisterRecvBuffer(b.peer_id, b.key, region);
-    if (!s.ok()) MP_LOG_WARN(kLog, "{}: receive buffer not registered: {}", van->name(), s.ToString());
+    if (!s.ok())
+      MP_LOG_WARN(kLog, "{}: receive buffer not registered: {}", van->name(), s.ToString());
   }
 }
 

@@ -37,8 +37,8 @@ class VanRouter {
   // forced one when a transport is forced). Returns the (name, endpoint) pairs to
   // advertise in the node table. A forced van that cannot run is an error; others are
   // skipped with a log line.
-  Result<std::vector<std::pair<std::string, std::string>>> StartDataVans(
-      const std::string& host, VanReceiver* receiver);
+  Result<std::vector<std::pair<std::string, std::string>>> StartDataVans(const std::string& host,
+                                                                         VanReceiver* receiver);
 
   // tcp connection to a node that is not a data peer (the scheduler; a refused node).
   Status ConnectControl(int id, const std::string& host, int port);
@@ -91,7 +91,7 @@ class VanRouter {
   const int num_nodes_;
   const VanFactory factory_;
   VanOptions van_options_;
-  std::unique_ptr<Van> control_;  // tcp
+  std::unique_ptr<Van> control_;                                         // tcp
   std::vector<std::pair<std::string, std::unique_ptr<Van>>> data_vans_;  // priority order
   // Per node id: the data van (nullptr = tcp) and its name. Written on the tcp receive
   // thread when a node table arrives (at start, and when a peer is replaced); senders
@@ -109,12 +109,12 @@ class VanRouter {
   std::atomic<int> remote_peers_{0};
 
   mutable std::mutex mu_;
-  bool data_vans_started_ = false;                 // guarded by mu_
-  std::vector<EarlyBuffer> early_buffers_;         // guarded by mu_
+  bool data_vans_started_ = false;          // guarded by mu_
+  std::vector<EarlyBuffer> early_buffers_;  // guarded by mu_
   // Every receive buffer registered, by (peer, key), to register again with a replaced
   // peer's new connections; guarded by mu_.
   std::map<std::pair<int, int64_t>, EarlyBuffer> recv_buffers_;
-  bool peers_connected_ = false;                   // guarded by mu_
+  bool peers_connected_ = false;                               // guarded by mu_
   std::vector<std::pair<int, std::string>> early_rendezvous_;  // guarded by mu_
 };
 

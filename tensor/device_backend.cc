@@ -18,7 +18,8 @@ Status DeviceBackend::SyncEvent(DeviceEvent event, int64_t timeout_ms) {
     MESHPOST_ASSIGN_OR_RETURN(bool done, EventDone(event));
     if (done) return OkStatus();
     if (GetNanosecond() >= deadline) {
-      return DeadlineExceededError(std::string(name()) + " backend: device event not complete after " +
+      return DeadlineExceededError(std::string(name()) +
+                                   " backend: device event not complete after " +
                                    std::to_string(timeout_ms) + " ms");
     }
     if (sleep_us == 0) {

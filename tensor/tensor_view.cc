@@ -22,9 +22,8 @@ std::string TensorView::Describe() const {
 
 Result<int64_t> CheckedNumel(const std::vector<int64_t>& shape) {
   if (shape.size() > kMaxTensorDims) {
-    return InvalidArgumentError("tensor has " + std::to_string(shape.size()) +
-                                " dims; at most " + std::to_string(kMaxTensorDims) +
-                                " are supported");
+    return InvalidArgumentError("tensor has " + std::to_string(shape.size()) + " dims; at most " +
+                                std::to_string(kMaxTensorDims) + " are supported");
   }
   int64_t n = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
@@ -51,9 +50,9 @@ Status ValidateTensor(const TensorView& t, const std::string& where, DeviceBacke
     }
     Status usable = backend->Available();
     if (!usable.ok()) {
-      return Status(usable.code(), where + ": tensor is on " + t.device.ToString() +
-                                       " but GPU tensors cannot be moved in this process: " +
-                                       usable.message());
+      return Status(usable.code(),
+                    where + ": tensor is on " + t.device.ToString() +
+                        " but GPU tensors cannot be moved in this process: " + usable.message());
     }
     if (t.device.index < 0 || t.device.index >= backend->device_count()) {
       return InvalidArgumentError(where + ": tensor is on " + t.device.ToString() + "; only " +

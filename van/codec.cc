@@ -3,8 +3,8 @@
 #include <cstdio>
 #include <cstring>
 
-#include "tensor/tensor_view.h"
 #include "common/wire.h"
+#include "tensor/tensor_view.h"
 #include "van/van.h"
 
 namespace meshpost {
@@ -18,9 +18,9 @@ const char* MemoryKindName(MemoryKind kind) {
   return "unknown";
 }
 
-
 bool IsValidCommand(int v) {
-  return (v >= static_cast<int>(Command::kRegister) && v <= static_cast<int>(Command::kVanRendezvous)) ||
+  return (v >= static_cast<int>(Command::kRegister) &&
+          v <= static_cast<int>(Command::kVanRendezvous)) ||
          v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse) ||
          v == static_cast<int>(Command::kCancel);
 }
@@ -83,8 +83,8 @@ bool GetDescs(WireReader& r, std::vector<TensorDesc>* out, const char* what) {
                     std::to_string(dtype));
     }
     if (ndim > kMaxTensorDims) {
-      return r.Fail(std::string(what) + "[" + std::to_string(i) + "] has " +
-                    std::to_string(ndim) + " dims; limit " + std::to_string(kMaxTensorDims));
+      return r.Fail(std::string(what) + "[" + std::to_string(i) + "] has " + std::to_string(ndim) +
+                    " dims; limit " + std::to_string(kMaxTensorDims));
     }
     d.dtype = static_cast<DType>(dtype);
     d.shape.resize(ndim);
@@ -94,8 +94,7 @@ bool GetDescs(WireReader& r, std::vector<TensorDesc>* out, const char* what) {
     if (!r.Get(&d.nbytes) || !r.Get(&d.addr)) return false;
     auto numel = CheckedNumel(d.shape);
     if (!numel.ok()) {
-      return r.Fail(std::string(what) + "[" + std::to_string(i) + "]: " +
-                    numel.status().message());
+      return r.Fail(std::string(what) + "[" + std::to_string(i) + "]: " + numel.status().message());
     }
     if (static_cast<uint64_t>(*numel) > kMaxTensorBytes ||
         static_cast<uint64_t>(*numel) * DTypeSize(d.dtype) != d.nbytes) {

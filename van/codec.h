@@ -13,7 +13,7 @@ namespace meshpost {
 
 constexpr uint32_t kWireMagic = 0x5453504D;  // "MPST" little-endian
 constexpr uint16_t kWireVersion = 1;
-constexpr size_t kWirePreambleBytes = 12;     // magic(4) version(2) flags(2) length(4)
+constexpr size_t kWirePreambleBytes = 12;  // magic(4) version(2) flags(2) length(4)
 constexpr size_t kMaxTensorsPerMessage = 4096;
 constexpr size_t kMaxBodyBytes = 16u << 20;
 constexpr uint64_t kMaxTensorBytes = 1ull << 40;

@@ -43,9 +43,8 @@ Result<void*> SegmentDestination(VanReceiver* receiver, const Meta& meta, size_t
                          std::to_string(meta.data.size()) + " its header describes");
   }
   if (size != meta.data[index].nbytes) {
-    return DataLossError("data segment " + std::to_string(index) + " has " +
-                         std::to_string(size) + " bytes; descriptor says " +
-                         std::to_string(meta.data[index].nbytes));
+    return DataLossError("data segment " + std::to_string(index) + " has " + std::to_string(size) +
+                         " bytes; descriptor says " + std::to_string(meta.data[index].nbytes));
   }
   return receiver->Destination(meta, index);
 }

@@ -16,21 +16,21 @@
 namespace meshpost {
 
 enum class Command : uint8_t {
-  kRegister = 1,       // node → scheduler: who I am and where I listen
-  kRegisterReply = 2,  // scheduler → node: refused (status_code != 0, body says why)
-  kNodeTable = 3,      // scheduler → all: every node's address
-  kBarrier = 4,        // node → scheduler: arrived at barrier (arg = group mask, id = seq)
-  kBarrierDone = 5,    // scheduler → members: barrier released
-  kHeartbeat = 6,      // node → scheduler
-  kHeartbeatAck = 7,   // scheduler → node
-  kLeave = 8,          // node → scheduler: stopping
-  kLeaveAck = 9,       // scheduler → node: may close now
-  kNodeDown = 10,      // scheduler → all: node `arg` is gone; id = NodeDownReason
-  kPeerLeave = 11,     // node → its data peers, after its last data message: stopping
+  kRegister = 1,        // node → scheduler: who I am and where I listen
+  kRegisterReply = 2,   // scheduler → node: refused (status_code != 0, body says why)
+  kNodeTable = 3,       // scheduler → all: every node's address
+  kBarrier = 4,         // node → scheduler: arrived at barrier (arg = group mask, id = seq)
+  kBarrierDone = 5,     // scheduler → members: barrier released
+  kHeartbeat = 6,       // node → scheduler
+  kHeartbeatAck = 7,    // scheduler → node
+  kLeave = 8,           // node → scheduler: stopping
+  kLeaveAck = 9,        // scheduler → node: may close now
+  kNodeDown = 10,       // scheduler → all: node `arg` is gone; id = NodeDownReason
+  kPeerLeave = 11,      // node → its data peers, after its last data message: stopping
   kVanRendezvous = 12,  // data peer → data peer over tcp: a van's rendezvous blob in body
-  kRequest = 20,       // worker → server: pushes in data, pull slots in slots
-  kResponse = 21,      // server → worker: pull-slot payloads in data
-  kCancel = 22,        // worker → server: withdraw request `id` (its handle failed elsewhere)
+  kRequest = 20,        // worker → server: pushes in data, pull slots in slots
+  kResponse = 21,       // server → worker: pull-slot payloads in data
+  kCancel = 22,         // worker → server: withdraw request `id` (its handle failed elsewhere)
 };
 bool IsValidCommand(int value);
 const char* CommandName(Command cmd);
@@ -50,12 +50,12 @@ constexpr int kServerStamps = 4;
 
 struct Meta {
   Command cmd = Command::kHeartbeat;
-  int32_t sender = -1;     // node id
-  int32_t recipient = -1;  // node id
-  uint64_t id = 0;         // request id / barrier sequence / heartbeat sequence / reason
-  int32_t arg = 0;         // barrier group mask, node id of a down node, ...
-  int32_t status_code = 0; // non-zero: the operation failed; body holds the message
-  std::string body;        // control payload (encoded node table, ...) or error text
+  int32_t sender = -1;            // node id
+  int32_t recipient = -1;         // node id
+  uint64_t id = 0;                // request id / barrier sequence / heartbeat sequence / reason
+  int32_t arg = 0;                // barrier group mask, node id of a down node, ...
+  int32_t status_code = 0;        // non-zero: the operation failed; body holds the message
+  std::string body;               // control payload (encoded node table, ...) or error text
   std::vector<TensorDesc> data;   // one per data segment, in order
   std::vector<TensorDesc> slots;  // kRequest: the worker's pull slots for this server
   std::array<uint64_t, kServerStamps> stamps{};

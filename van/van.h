@@ -10,8 +10,8 @@
 #include <memory>
 #include <string>
 
-#include "common/env.h"
 #include "common/affinity.h"
+#include "common/env.h"
 #include "common/result.h"
 #include "common/waiter.h"
 #include "van/message.h"
@@ -21,10 +21,10 @@ namespace meshpost {
 // What the owner knows about a peer (from the node table) when it asks a van to reach it.
 struct PeerAddress {
   int id = -1;
-  std::string host;      // TCP host (zmq van)
-  int port = 0;          // TCP port (zmq van)
-  std::string endpoint;  // the peer van's endpoint() string (non-TCP vans)
-  int pid = 0;           // peer process id (same-host vans)
+  std::string host;           // TCP host (zmq van)
+  int port = 0;               // TCP port (zmq van)
+  std::string endpoint;       // the peer van's endpoint() string (non-TCP vans)
+  int pid = 0;                // peer process id (same-host vans)
   std::string host_identity;  // the peer's HostIdentity() (same-host detection); "" unknown
 };
 
@@ -77,8 +77,8 @@ struct MemoryRegion {
 };
 
 struct VanOptions {
-  WaitPolicy wait;           // receive-thread spin/block policy
-  int io_threads = 1;        // ZeroMQ I/O threads
+  WaitPolicy wait;              // receive-thread spin/block policy
+  int io_threads = 1;           // ZeroMQ I/O threads
   size_t zero_copy_min = 4096;  // smaller segments are copied into the frame
   // Same-host (cma) van: never use cross-memory attach, always the shared-memory copy
   // path (the automatic fallback where CMA is refused; set to test it).
@@ -98,7 +98,7 @@ struct VanOptions {
   // With a token: the tcp van also MACs every message's data frames (MESHPOST_AUTH_PAYLOAD)
   // and refuses a message whose frames do not match, or that arrives without a payload MAC.
   bool auth_payload = false;
-  int self_id = -1;           // this node's id, bound into every handshake
+  int self_id = -1;  // this node's id, bound into every handshake
   // Largest frame a peer may send; a larger one closes that connection before anything is
   // allocated for it (MESHPOST_MAX_MESSAGE_BYTES).
   uint64_t max_message_bytes = 1ull << 30;

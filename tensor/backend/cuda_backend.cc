@@ -32,17 +32,40 @@ constexpr int kMaxDevices = 64;
 
 // Driver entry points; names are the ABI symbols (cuda.h maps the API names to _v2).
 struct Driver {
-#define MP_CU(fn) decltype(&::fn) fn = nullptr;
-  MP_CU(cuInit) MP_CU(cuGetErrorName) MP_CU(cuGetErrorString) MP_CU(cuDeviceGetCount)
-  MP_CU(cuDeviceGet) MP_CU(cuDevicePrimaryCtxRetain) MP_CU(cuCtxSetCurrent)
-  MP_CU(cuCtxGetCurrent) MP_CU(cuStreamCreate) MP_CU(cuStreamDestroy) MP_CU(cuStreamGetCtx)
-  MP_CU(cuEventCreate) MP_CU(cuEventDestroy) MP_CU(cuEventRecord) MP_CU(cuStreamWaitEvent)
-  MP_CU(cuEventQuery) MP_CU(cuMemcpyAsync) MP_CU(cuMemHostAlloc) MP_CU(cuMemFreeHost)
-  MP_CU(cuMemAlloc) MP_CU(cuMemFree) MP_CU(cuMemHostRegister) MP_CU(cuMemHostUnregister)
-  MP_CU(cuMemHostGetDevicePointer) MP_CU(cuIpcGetMemHandle) MP_CU(cuIpcOpenMemHandle)
-  MP_CU(cuIpcCloseMemHandle) MP_CU(cuMemGetAddressRange) MP_CU(cuPointerGetAttribute)
-  MP_CU(cuModuleLoadData) MP_CU(cuModuleGetFunction) MP_CU(cuLaunchKernel)
-  MP_CU(cuCtxGetDevice)
+#define MP_CU(fn) decltype(&::fn) fn = nullptr
+  MP_CU(cuInit);
+  MP_CU(cuGetErrorName);
+  MP_CU(cuGetErrorString);
+  MP_CU(cuDeviceGetCount);
+  MP_CU(cuDeviceGet);
+  MP_CU(cuDevicePrimaryCtxRetain);
+  MP_CU(cuCtxSetCurrent);
+  MP_CU(cuCtxGetCurrent);
+  MP_CU(cuStreamCreate);
+  MP_CU(cuStreamDestroy);
+  MP_CU(cuStreamGetCtx);
+  MP_CU(cuEventCreate);
+  MP_CU(cuEventDestroy);
+  MP_CU(cuEventRecord);
+  MP_CU(cuStreamWaitEvent);
+  MP_CU(cuEventQuery);
+  MP_CU(cuMemcpyAsync);
+  MP_CU(cuMemHostAlloc);
+  MP_CU(cuMemFreeHost);
+  MP_CU(cuMemAlloc);
+  MP_CU(cuMemFree);
+  MP_CU(cuMemHostRegister);
+  MP_CU(cuMemHostUnregister);
+  MP_CU(cuMemHostGetDevicePointer);
+  MP_CU(cuIpcGetMemHandle);
+  MP_CU(cuIpcOpenMemHandle);
+  MP_CU(cuIpcCloseMemHandle);
+  MP_CU(cuMemGetAddressRange);
+  MP_CU(cuPointerGetAttribute);
+  MP_CU(cuModuleLoadData);
+  MP_CU(cuModuleGetFunction);
+  MP_CU(cuLaunchKernel);
+  MP_CU(cuCtxGetDevice);
 #undef MP_CU
   // Optional (CUDA >= 11.7 drivers): dma-buf export for GPUDirect RDMA.
   decltype(&::cuMemGetHandleForAddressRange) cuMemGetHandleForAddressRange = nullptr;
@@ -121,9 +144,9 @@ class CudaDriverBackend final : public DeviceBackend {
     if (n == 0) return OkStatus();
     MESHPOST_RETURN_IF_ERROR(UseStream(stream, "CopyAsync"));
     // Unified addressing: the driver infers the direction from the pointers.
-    return Check("cuMemcpyAsync", d_.cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst),
-                                                   reinterpret_cast<CUdeviceptr>(src), n,
-                                                   Cu(stream)));
+    return Check("cuMemcpyAsync",
+                 d_.cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst),
+                                  reinterpret_cast<CUdeviceptr>(src), n, Cu(stream)));
   }
 
   Status WriteFlagAsync(int64_t* flag, int64_t value, const int64_t* value_addr,
@@ -148,8 +171,8 @@ class CudaDriverBackend final : public DeviceBackend {
     MESHPOST_RETURN_IF_ERROR(UseDevice(0, "AllocPinned"));
     void* p = nullptr;
     // Portable: usable from every context; devicemap: kernels may read it (flags).
-    CUresult r = d_.cuMemHostAlloc(&p, n ? n : 1,
-                                   CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+    CUresult r =
+        d_.cuMemHostAlloc(&p, n ? n : 1, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
     if (r != CUDA_SUCCESS) return Error("cuMemHostAlloc(" + std::to_string(n) + " bytes)", r);
     return p;
   }
@@ -172,9 +195,9 @@ class CudaDriverBackend final : public DeviceBackend {
 
   Status RegisterHost(void* ptr, size_t n) override {
     MESHPOST_RETURN_IF_ERROR(UseDevice(0, "RegisterHost"));
-    return Check("cuMemHostRegister",
-                 d_.cuMemHostRegister(ptr, n, CU_MEMHOSTREGISTER_PORTABLE |
-                                                  CU_MEMHOSTREGISTER_DEVICEMAP));
+    return Check(
+        "cuMemHostRegister",
+        d_.cuMemHostRegister(ptr, n, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP));
   }
 
   Status UnregisterHost(void* ptr) override {
@@ -201,8 +224,10 @@ class CudaDriverBackend final : public DeviceBackend {
     CUipcMemHandle h;
     r = d_.cuIpcGetMemHandle(&h, base);
     if (r != CUDA_SUCCESS) {
-      return Error("cuIpcGetMemHandle (memory from cudaMallocAsync pools or cuMemCreate is "
-                   "not exportable this way)", r);
+      return Error(
+          "cuIpcGetMemHandle (memory from cudaMallocAsync pools or cuMemCreate is "
+          "not exportable this way)",
+          r);
     }
     IpcExport ex;
     static_assert(sizeof(h) <= sizeof(ex.bytes), "CUipcMemHandle grew");
@@ -226,15 +251,17 @@ class CudaDriverBackend final : public DeviceBackend {
   Status CloseIpc(void* base) override {
     MESHPOST_ASSIGN_OR_RETURN(int device, UseDeviceOf(base));
     (void)device;
-    return Check("cuIpcCloseMemHandle", d_.cuIpcCloseMemHandle(reinterpret_cast<CUdeviceptr>(base)));
+    return Check("cuIpcCloseMemHandle",
+                 d_.cuIpcCloseMemHandle(reinterpret_cast<CUdeviceptr>(base)));
   }
 
   Result<Dmabuf> DmabufFd(void* ptr, size_t n) override {
     MESHPOST_ASSIGN_OR_RETURN(int device, UseDeviceOf(ptr));
     (void)device;
     if (d_.cuMemGetHandleForAddressRange == nullptr) {
-      return UnimplementedError("DmabufFd: the loaded CUDA driver has no "
-                                "cuMemGetHandleForAddressRange (needs driver >= 515)");
+      return UnimplementedError(
+          "DmabufFd: the loaded CUDA driver has no "
+          "cuMemGetHandleForAddressRange (needs driver >= 515)");
     }
     // The driver exports whole host pages of the allocation.
     const uintptr_t page = 4096, a = reinterpret_cast<uintptr_t>(ptr);
@@ -243,8 +270,10 @@ class CudaDriverBackend final : public DeviceBackend {
     CUresult r = d_.cuMemGetHandleForAddressRange(&fd, begin, end - begin,
                                                   CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0);
     if (r != CUDA_SUCCESS) {
-      return Error("cuMemGetHandleForAddressRange(DMA_BUF_FD) (needs the open GPU kernel "
-                   "module or a dma-buf capable driver)", r);
+      return Error(
+          "cuMemGetHandleForAddressRange(DMA_BUF_FD) (needs the open GPU kernel "
+          "module or a dma-buf capable driver)",
+          r);
     }
     return Dmabuf{fd, a - begin, end - begin};
   }
@@ -321,8 +350,9 @@ class CudaDriverBackend final : public DeviceBackend {
     if (d_.cuGetErrorString) d_.cuGetErrorString(r, &text);
     std::string msg = call + " failed: " + (name ? name : std::to_string(static_cast<int>(r))) +
                       (text ? std::string(" (") + text + ")" : "");
-    if (r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_STUB_LIBRARY || r == CUDA_ERROR_SYSTEM_DRIVER_MISMATCH ||
-        r == CUDA_ERROR_NOT_INITIALIZED || r == CUDA_ERROR_DEINITIALIZED) {
+    if (r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_STUB_LIBRARY ||
+        r == CUDA_ERROR_SYSTEM_DRIVER_MISMATCH || r == CUDA_ERROR_NOT_INITIALIZED ||
+        r == CUDA_ERROR_DEINITIALIZED) {
       return UnavailableError(msg);
     }
     if (r == CUDA_ERROR_OUT_OF_MEMORY) return ResourceExhaustedError(msg);
@@ -373,7 +403,8 @@ class CudaDriverBackend final : public DeviceBackend {
     }
     CUcontext ctx = nullptr;
     CUresult r = d_.cuStreamGetCtx(Cu(stream), &ctx);
-    if (r != CUDA_SUCCESS) return Error(std::string(fn) + ": cuStreamGetCtx (not a CUDA stream?)", r);
+    if (r != CUDA_SUCCESS)
+      return Error(std::string(fn) + ": cuStreamGetCtx (not a CUDA stream?)", r);
     return Check("cuCtxSetCurrent", d_.cuCtxSetCurrent(ctx));
   }
 
@@ -410,8 +441,8 @@ class CudaDriverBackend final : public DeviceBackend {
     return f;
   }
 
-  Status Launch(const char* kernel, DeviceStream stream, int64_t* flag,
-                const int64_t* value_addr, int64_t value) {
+  Status Launch(const char* kernel, DeviceStream stream, int64_t* flag, const int64_t* value_addr,
+                int64_t value) {
     if (flag == nullptr) return InvalidArgumentError(std::string(kernel) + ": null flag address");
     MESHPOST_RETURN_IF_ERROR(UseStream(stream, kernel));
     MESHPOST_ASSIGN_OR_RETURN(CUfunction f, Function(kernel));

@@ -1,7 +1,6 @@
 // The CUDA backend on a real device (built with MESHPOST_WITH_CUDA; every test skips with
 // the backend's reason where no driver or GPU is usable). Run by scripts/gpu_check.sh.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <cstring>
@@ -90,7 +89,9 @@ TEST_F(CudaDeviceTest, StagerCopiesAfterTheCallersEvent) {
   auto buf = (*stager)->Acquire(n);
   ASSERT_TRUE(buf.ok());
   std::promise<Status> done;
-  ASSERT_TRUE((*stager)->Submit({{buf->data, dev, n}}, *ev, [&](const Status& s) { done.set_value(s); }).ok());
+  ASSERT_TRUE((*stager)
+                  ->Submit({{buf->data, dev, n}}, *ev, [&](const Status& s) { done.set_value(s); })
+                  .ok());
   ASSERT_TRUE(done.get_future().get().ok());
   EXPECT_EQ(static_cast<uint8_t*>(buf->data)[n - 1], 0x5A);
   be_->FreeDevice(dev);

@@ -1,12 +1,11 @@
 // Multi-process integration tests: each test launches a real scheduler + servers + workers
 // (separate processes, DMLC_* variables, OS-assigned ports) running one scenario of
 // itest_node.cc, which asserts its data and exits non-zero on any mismatch.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -139,8 +138,12 @@ TEST_P(ClusterTest, RegisteredReceiveBufferLandsInPlace) { RunAndExpectSuccess(S
 TEST_P(ClusterTest, RespondVecRunningOffsets) { RunAndExpectSuccess(Spec("respondvec", 3, 2)); }
 TEST_P(ClusterTest, BarriersOverEveryGroupCombination) { RunAndExpectSuccess(Spec("barrier")); }
 TEST_P(ClusterTest, WaitTimesOutThenCompletes) { RunAndExpectSuccess(Spec("timeout")); }
-TEST_P(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) { RunAndExpectSuccess(Spec("badinput")); }
-TEST_P(ClusterTest, SharedMemoryPushesViewsAndOutputs) { RunAndExpectSuccess(Spec("shared", 2, 2)); }
+TEST_P(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) {
+  RunAndExpectSuccess(Spec("badinput"));
+}
+TEST_P(ClusterTest, SharedMemoryPushesViewsAndOutputs) {
+  RunAndExpectSuccess(Spec("shared", 2, 2));
+}
 TEST_P(ClusterTest, IdleNodesWaitWithoutErrors) { RunAndExpectSuccess(Spec("idle")); }
 TEST_P(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
 TEST_P(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }

@@ -25,15 +25,15 @@ namespace {
 
 using meshpost::support::Die;
 
-#define EXPECT_OR_DIE(cond, msg)                                                       \
-  do {                                                                                 \
-    if (!(cond)) Die(std::string(__FILE__ ":") + std::to_string(__LINE__) + " " + #cond + \
-                     " -- " + (msg));                                                  \
+#define EXPECT_OR_DIE(cond, msg)                                                                \
+  do {                                                                                          \
+    if (!(cond))                                                                                \
+      Die(std::string(__FILE__ ":") + std::to_string(__LINE__) + " " + #cond + " -- " + (msg)); \
   } while (0)
-#define OK_OR_DIE(expr)                                      \
-  do {                                                       \
-    ::meshpost::Status _s = (expr);                          \
-    EXPECT_OR_DIE(_s.ok(), #expr " -> " + _s.ToString());    \
+#define OK_OR_DIE(expr)                                   \
+  do {                                                    \
+    ::meshpost::Status _s = (expr);                       \
+    EXPECT_OR_DIE(_s.ok(), #expr " -> " + _s.ToString()); \
   } while (0)
 
 template <typename T>
@@ -53,9 +53,13 @@ struct Buf {
     view = TensorView{bytes->data(), dtype, shape, {}, bytes};
   }
   template <typename T>
-  T* as() { return reinterpret_cast<T*>(bytes->data()); }
+  T* as() {
+    return reinterpret_cast<T*>(bytes->data());
+  }
   template <typename T>
-  int64_t count() const { return static_cast<int64_t>(bytes->size() / sizeof(T)); }
+  int64_t count() const {
+    return static_cast<int64_t>(bytes->size() / sizeof(T));
+  }
 };
 
 TensorView ViewOf(const TensorView& t, DType dtype, std::vector<int64_t> shape) {
@@ -224,7 +228,8 @@ void SharedWorker(Ctx& c) {
 }
 
 void SumWorker(Ctx& c) {
-  const std::string want = std::getenv("MESHPOST_ITEST_TRANSPORT") ? std::getenv("MESHPOST_ITEST_TRANSPORT") : "tcp";
+  const std::string want =
+      std::getenv("MESHPOST_ITEST_TRANSPORT") ? std::getenv("MESHPOST_ITEST_TRANSPORT") : "tcp";
   // A cluster split across hosts (scripts/rdma_vm/) expects a transport per peer:
   // MESHPOST_ITEST_PEER_TRANSPORTS="server 0=cma;server 1=rdma" overrides `want`.
   std::map<std::string, std::string> want_for;
@@ -264,7 +269,8 @@ void SumWorker(Ctx& c) {
         for (int w = 0; w < c.W(); ++w) expect += w + 1 + it + i % 3;
         EXPECT_OR_DIE(pulls[s].as<float>()[i] == expect,
                       "server " + std::to_string(s) + " elem " + std::to_string(i) + " = " +
-                          std::to_string(pulls[s].as<float>()[i]) + ", want " + std::to_string(expect));
+                          std::to_string(pulls[s].as<float>()[i]) + ", want " +
+                          std::to_string(expect));
       }
     }
     // StepMesh's contract: one id per push tensor and per pull slot position, h first,
@@ -280,7 +286,8 @@ void SumWorker(Ctx& c) {
     auto traces = ValueOrDie(c.po->worker()->FetchTrace(h), "FetchTrace");
     EXPECT_OR_DIE(static_cast<int>(traces.size()) == c.S(), "one trace per server");
     for (const Trace& t : traces) {
-      EXPECT_OR_DIE(t.request_start > 0 && t.request_start <= t.request_posted, "worker send stamps");
+      EXPECT_OR_DIE(t.request_start > 0 && t.request_start <= t.request_posted,
+                    "worker send stamps");
       EXPECT_OR_DIE(t.request_posted <= t.response_received, "posted before received");
       EXPECT_OR_DIE(t.response_received <= t.response_processed, "received before processed");
       EXPECT_OR_DIE(t.request_received > 0 && t.request_received <= t.request_processed &&
@@ -315,7 +322,8 @@ void MicroWorker(Ctx& c) {
     pulls.reserve(3 * c.S());
     for (int mb = 0; mb < 3; ++mb) {
       pushes.emplace_back(DType::kInt32, std::vector<int64_t>{8});
-      for (int i = 0; i < 8; ++i) pushes.back().as<int32_t>()[i] = 100 * mb + 10 * c.rank() + i + round;
+      for (int i = 0; i < 8; ++i)
+        pushes.back().as<int32_t>()[i] = 100 * mb + 10 * c.rank() + i + round;
       KeyTensorBatch pull;
       for (int s = 0; s < c.S(); ++s) {
         pulls.emplace_back(DType::kInt32, std::vector<int64_t>{8});
@@ -347,10 +355,11 @@ void DTypeServer(Ctx& c) {
       const TensorView& t = req.push[0].tensor;
       EXPECT_OR_DIE(req.push[0].key == 5, "reused key");
       EXPECT_OR_DIE(t.dtype == kDTypes[it % 3], "dtype round trip");
-      EXPECT_OR_DIE(t.shape == std::vector<int64_t>({RowsFor(it), 32}), "rows change per iteration");
+      EXPECT_OR_DIE(t.shape == std::vector<int64_t>({RowsFor(it), 32}),
+                    "rows change per iteration");
       // Echo the push back; bytes and dtype match the pull slot.
-      auto copy = std::make_shared<std::vector<char>>(static_cast<const char*>(t.data),
-                                                      static_cast<const char*>(t.data) + t.nbytes());
+      auto copy = std::make_shared<std::vector<char>>(
+          static_cast<const char*>(t.data), static_cast<const char*>(t.data) + t.nbytes());
       TensorView v{copy->data(), t.dtype, t.shape, {}, copy};
       OK_OR_DIE(c.po->server()->Respond(req.handle, {v}));
     }
@@ -361,14 +370,16 @@ void DTypeWorker(Ctx& c) {
   for (int it = 0; it < 24; ++it) {
     const DType dt = kDTypes[it % 3];
     Buf push(dt, {RowsFor(it), 32});
-    for (size_t i = 0; i < push.bytes->size(); ++i) (*push.bytes)[i] = static_cast<char>(i * 7 + it + c.rank());
+    for (size_t i = 0; i < push.bytes->size(); ++i)
+      (*push.bytes)[i] = static_cast<char>(i * 7 + it + c.rank());
     Pulls pl = MakePulls(c, 6, dt, {RowsFor(it), 32});
     std::vector<Buf>& pulls = pl.bufs;
     KeyTensorBatch& pull = pl.batch;
     uint64_t h = ValueOrDie(c.po->worker()->ZBatchPushPull({{5, push.view}}, pull), "push_pull");
     OK_OR_DIE(c.po->worker()->Wait(h, 30000));
     for (int s = 0; s < c.S(); ++s) {
-      EXPECT_OR_DIE(*pulls[s].bytes == *push.bytes, "echoed bytes equal for " + std::string(DTypeName(dt)));
+      EXPECT_OR_DIE(*pulls[s].bytes == *push.bytes,
+                    "echoed bytes equal for " + std::string(DTypeName(dt)));
     }
   }
 }
@@ -391,8 +402,9 @@ void RecvBufServer(Ctx& c) {
       const char* expect_at = reg.bytes->data() + req.worker_rank * 16 * 8 * sizeof(float);
       EXPECT_OR_DIE(req.push[0].tensor.data == expect_at, "push viewed in its registered chunk");
       const float* chunk = reinterpret_cast<const float*>(expect_at);
-      EXPECT_OR_DIE(chunk[0] == req.worker_rank * 100 + it && chunk[16 * 8 - 1] == req.worker_rank * 100 + it,
-                    "registered chunk holds the pushed data");
+      EXPECT_OR_DIE(
+          chunk[0] == req.worker_rank * 100 + it && chunk[16 * 8 - 1] == req.worker_rank * 100 + it,
+          "registered chunk holds the pushed data");
       Buf out(DType::kFloat32, {1});
       out.as<float>()[0] = chunk[5] + 0.5f;
       OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
@@ -429,7 +441,8 @@ void RespondVecServer(Ctx& c) {
     for (auto& req : batch) {
       EXPECT_OR_DIE(req.push[0].tensor.shape[0] == VecRows(req.worker_rank), "rows per worker");
       for (int64_t r = 0; r < VecRows(req.worker_rank); ++r, ++row) {
-        for (int k = 0; k < 4; ++k) ret.as<int32_t>()[row * 4 + k] = req.worker_rank * 1000 + r * 10 + k + it;
+        for (int k = 0; k < 4; ++k)
+          ret.as<int32_t>()[row * 4 + k] = req.worker_rank * 1000 + r * 10 + k + it;
       }
       tensors.push_back(req.push[0].tensor);
       handles.push_back(req.handle);
@@ -529,7 +542,8 @@ void KillWorker(Ctx& c) {
   Status w = c.po->worker()->Wait(h, 60000);
   EXPECT_OR_DIE(w.code() == StatusCode::kUnavailable, w.ToString());
   const std::string dead = "server " + std::to_string(c.S() - 1);
-  EXPECT_OR_DIE(w.message().find(dead) != std::string::npos, "error names the dead server: " + w.ToString());
+  EXPECT_OR_DIE(w.message().find(dead) != std::string::npos,
+                "error names the dead server: " + w.ToString());
   auto again = c.po->worker()->ZBatchPushPull({{1, push.view}}, pull);
   EXPECT_OR_DIE(again.status().code() == StatusCode::kUnavailable, "new requests fail fast");
 }
@@ -585,9 +599,10 @@ void KillWritesWorker(Ctx& c) {
   }
 }
 
-// ---------------- schedkill: the scheduler dies; data keeps flowing, barriers fail ----------------
-// The scheduler dies only once every node has passed Start (proved by their arrival at a
-// second barrier); the release of that barrier may die with it, so nodes accept either.
+// ---------------- schedkill: the scheduler dies; data keeps flowing, barriers fail
+// ---------------- The scheduler dies only once every node has passed Start (proved by their
+// arrival at a second barrier); the release of that barrier may die with it, so nodes accept
+// either.
 void SchedKillScheduler(Ctx& c) {
   OK_OR_DIE(c.po->Barrier(kAllGroups, 30000));
   raise(SIGKILL);
@@ -607,8 +622,9 @@ void SchedKillServer(Ctx& c) {
   out.as<int32_t>()[1] = 5;
   for (auto& req : batch) OK_OR_DIE(c.po->server()->Respond(req.handle, {out.view}));
   Status b = c.po->Barrier(kServerGroup | kWorkerGroup, 30000);
-  EXPECT_OR_DIE(b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
-                b.ToString());
+  EXPECT_OR_DIE(
+      b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
+      b.ToString());
 }
 
 void SchedKillWorker(Ctx& c) {
@@ -621,8 +637,9 @@ void SchedKillWorker(Ctx& c) {
   OK_OR_DIE(c.po->worker()->Wait(h, 30000));
   for (auto& p : pulls) EXPECT_OR_DIE(p.as<int32_t>()[1] == 5, "data flows without the scheduler");
   Status b = c.po->Barrier(kServerGroup | kWorkerGroup, 30000);
-  EXPECT_OR_DIE(b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
-                b.ToString());
+  EXPECT_OR_DIE(
+      b.code() == StatusCode::kUnavailable && b.message().find("scheduler") != std::string::npos,
+      b.ToString());
 }
 
 // ---------------- idle: every role waits ~3 s with nothing to do ----------------
@@ -636,8 +653,8 @@ double CpuSeconds() {
 }
 
 void ReportCpu(Ctx& c, double cpu, uint64_t wall_ns) {
-  std::fprintf(stderr, "IDLE_CPU %s %d: %.3f s CPU over %.3f s idle wait\n",
-               RoleName(c.o.role), c.rank(), cpu, wall_ns / 1e9);
+  std::fprintf(stderr, "IDLE_CPU %s %d: %.3f s CPU over %.3f s idle wait\n", RoleName(c.o.role),
+               c.rank(), cpu, wall_ns / 1e9);
 }
 
 void IdleServer(Ctx& c) {
@@ -674,8 +691,9 @@ void BadInputServer(Ctx& c) {
   for (auto& req : batch) {
     Buf wrong_dtype(DType::kInt32, {4});
     s = server->Respond(req.handle, {wrong_dtype.view});
-    EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument && s.message().find("int32") != std::string::npos,
-                  "dtype mismatch: " + s.ToString());
+    EXPECT_OR_DIE(
+        s.code() == StatusCode::kInvalidArgument && s.message().find("int32") != std::string::npos,
+        "dtype mismatch: " + s.ToString());
     Buf wrong_size(DType::kFloat32, {5});
     s = server->Respond(req.handle, {wrong_size.view});
     EXPECT_OR_DIE(s.code() == StatusCode::kInvalidArgument, "size mismatch: " + s.ToString());
@@ -725,7 +743,8 @@ void BadInputWorker(Ctx& c) {
   EXPECT_OR_DIE(t.status().code() == StatusCode::kNotFound, t.status().ToString());
   uint64_t h = ValueOrDie(worker->ZBatchPushPull({{1, push.view}}, pull), "push_pull");
   OK_OR_DIE(worker->Wait(h, 30000));
-  for (int s = 0; s < c.S(); ++s) EXPECT_OR_DIE(pulls[s].as<float>()[3] == 7.0f + s, "answer after errors");
+  for (int s = 0; s < c.S(); ++s)
+    EXPECT_OR_DIE(pulls[s].as<float>()[3] == 7.0f + s, "answer after errors");
 }
 
 // ---------------- forced: a transport that cannot run here is a clear error ----------------

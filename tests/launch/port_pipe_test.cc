@@ -1,7 +1,6 @@
 // The port-pipe protocol reader (the scheduler side is Postoffice::Start with port_fd).
-#include <unistd.h>
-
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <string>
 

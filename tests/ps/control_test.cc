@@ -1,8 +1,9 @@
 // Control messages: the builder fills what each command carries, readers treat the
 // command-specific fields as untrusted.
+#include "ps/control.h"
+
 #include <gtest/gtest.h>
 
-#include "ps/control.h"
 #include "van/codec.h"
 
 namespace meshpost {
@@ -42,9 +43,11 @@ TEST(ControlTest, OutOfRangeStatusCodeBecomesInternal) {
 }
 
 TEST(ControlTest, NodeDownReasonRoundTripsAndDefaultsToDied) {
-  OutMessage left = ControlMessage(Command::kNodeDown, 0, 2).Arg(1).Reason(NodeDownReason::kLeft).Build();
+  OutMessage left =
+      ControlMessage(Command::kNodeDown, 0, 2).Arg(1).Reason(NodeDownReason::kLeft).Build();
   EXPECT_EQ(NodeDownReasonOf(left.meta), NodeDownReason::kLeft);
-  OutMessage died = ControlMessage(Command::kNodeDown, 0, 2).Arg(1).Reason(NodeDownReason::kDied).Build();
+  OutMessage died =
+      ControlMessage(Command::kNodeDown, 0, 2).Arg(1).Reason(NodeDownReason::kDied).Build();
   EXPECT_EQ(NodeDownReasonOf(died.meta), NodeDownReason::kDied);
   Meta junk;
   junk.id = 77;

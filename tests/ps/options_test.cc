@@ -4,8 +4,8 @@
 
 #include <fstream>
 #include <map>
-#include <set>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <variant>
 
@@ -83,18 +83,18 @@ TEST(OptionsTest, MalformedValuesNameVariableAndValue) {
     const char* value;
     const char* expect;
   };
-  for (const Case& c : {Case{"DMLC_ROLE", "boss", "scheduler, server or worker"},
-                        Case{"DMLC_PS_ROOT_PORT", "90a", "'90a'"},
-                        Case{"DMLC_PS_ROOT_PORT", "70000", "out of range"},
-                        Case{"DMLC_NUM_WORKER", "0", "out of range"},
-                        Case{"DMLC_NUM_SERVER", "-1", "out of range"},
-                        Case{"PS_VERBOSE", "-1", "PS_VERBOSE"},
-                        Case{"DMLC_ENABLE_RDMA", "perhaps", "not a van type"},
-                        Case{"MESHPOST_LOG_LEVEL", "chatty", "trace, debug, info, warn"},
-                        Case{"STEPMESH_CPU_START_OFFSET", "ten", "STEPMESH_CPU_START_OFFSET"},
-                        Case{"STEPMESH_BIND_CPU_CORE", "maybe", "boolean"},
-                        Case{"DMLC_RANK_OFFSET", "x", "DMLC_RANK_OFFSET"},
-                        Case{"MESHPOST_TRANSPORT", "carrier-pigeon", "transport"}}) {
+  for (const Case& c :
+       {Case{"DMLC_ROLE", "boss", "scheduler, server or worker"},
+        Case{"DMLC_PS_ROOT_PORT", "90a", "'90a'"},
+        Case{"DMLC_PS_ROOT_PORT", "70000", "out of range"},
+        Case{"DMLC_NUM_WORKER", "0", "out of range"}, Case{"DMLC_NUM_SERVER", "-1", "out of range"},
+        Case{"PS_VERBOSE", "-1", "PS_VERBOSE"},
+        Case{"DMLC_ENABLE_RDMA", "perhaps", "not a van type"},
+        Case{"MESHPOST_LOG_LEVEL", "chatty", "trace, debug, info, warn"},
+        Case{"STEPMESH_CPU_START_OFFSET", "ten", "STEPMESH_CPU_START_OFFSET"},
+        Case{"STEPMESH_BIND_CPU_CORE", "maybe", "boolean"},
+        Case{"DMLC_RANK_OFFSET", "x", "DMLC_RANK_OFFSET"},
+        Case{"MESHPOST_TRANSPORT", "carrier-pigeon", "transport"}}) {
     FakeEnv env;
     env.vars[c.name] = c.value;
     auto o = OptionsFromEnv(env.fn());
@@ -172,12 +172,11 @@ TEST(OptionsTest, EnableRdmaTakesStepMeshsValues) {
     const char* van_type;     // DMLC_PS_VAN_TYPE, nullptr: unset
     bool want;
   };
-  for (const Case& c : {Case{nullptr, nullptr, false}, Case{"zmq", nullptr, false},
-                        Case{"0", nullptr, false}, Case{"ibverbs", nullptr, true},
-                        Case{"IBVERBS", nullptr, true}, Case{"1", nullptr, true},
-                        Case{"true", nullptr, true}, Case{"false", nullptr, false},
-                        Case{nullptr, "ibverbs", true}, Case{nullptr, "zmq", false},
-                        Case{"zmq", "ibverbs", false}, Case{"ibverbs", "zmq", true}}) {
+  for (const Case& c :
+       {Case{nullptr, nullptr, false}, Case{"zmq", nullptr, false}, Case{"0", nullptr, false},
+        Case{"ibverbs", nullptr, true}, Case{"IBVERBS", nullptr, true}, Case{"1", nullptr, true},
+        Case{"true", nullptr, true}, Case{"false", nullptr, false}, Case{nullptr, "ibverbs", true},
+        Case{nullptr, "zmq", false}, Case{"zmq", "ibverbs", false}, Case{"ibverbs", "zmq", true}}) {
     FakeEnv env;
     if (c.enable_rdma) env.vars["DMLC_ENABLE_RDMA"] = c.enable_rdma;
     if (c.van_type) env.vars["DMLC_PS_VAN_TYPE"] = c.van_type;
@@ -247,12 +246,12 @@ TEST(OptionsTest, LogLevelFromPsVerboseOrMeshpostLogLevel) {
     const char* level;
     LogLevel want;
   };
-  for (const Case& c : {Case{nullptr, nullptr, LogLevel::kInfo}, Case{"0", nullptr, LogLevel::kInfo},
-                        Case{"1", nullptr, LogLevel::kDebug}, Case{"2", nullptr, LogLevel::kTrace},
-                        Case{"4", nullptr, LogLevel::kTrace}, Case{nullptr, "warn", LogLevel::kWarn},
-                        Case{nullptr, "WARNING", LogLevel::kWarn},
-                        Case{nullptr, "error", LogLevel::kError},
-                        Case{"2", "error", LogLevel::kError}, Case{nullptr, "off", LogLevel::kOff}}) {
+  for (const Case& c :
+       {Case{nullptr, nullptr, LogLevel::kInfo}, Case{"0", nullptr, LogLevel::kInfo},
+        Case{"1", nullptr, LogLevel::kDebug}, Case{"2", nullptr, LogLevel::kTrace},
+        Case{"4", nullptr, LogLevel::kTrace}, Case{nullptr, "warn", LogLevel::kWarn},
+        Case{nullptr, "WARNING", LogLevel::kWarn}, Case{nullptr, "error", LogLevel::kError},
+        Case{"2", "error", LogLevel::kError}, Case{nullptr, "off", LogLevel::kOff}}) {
     FakeEnv env;
     if (c.verbose) env.vars["PS_VERBOSE"] = c.verbose;
     if (c.level) env.vars["MESHPOST_LOG_LEVEL"] = c.level;
@@ -274,8 +273,7 @@ TEST(OptionsTest, UnknownMeshpostVariableWarnsNamingTheClosest) {
   ASSERT_EQ(o->warnings.size(), 2u);
   std::string all = o->warnings[0] + "\n" + o->warnings[1];
   EXPECT_TRUE(Contains(all, "MESHPOST_SPIN_USS ignored; did you mean MESHPOST_SPIN_US?")) << all;
-  EXPECT_TRUE(Contains(all, "MESHPOST_TRANSPROT ignored; did you mean MESHPOST_TRANSPORT?"))
-      << all;
+  EXPECT_TRUE(Contains(all, "MESHPOST_TRANSPROT ignored; did you mean MESHPOST_TRANSPORT?")) << all;
   EXPECT_EQ(ClosestKnownVariable("MESHPOST_RDMA_DEVCE"), "MESHPOST_RDMA_DEVICE");
 }
 
@@ -395,8 +393,8 @@ TEST(OptionTableTest, ConfigurationDocHoldsTheGeneratedTables) {
   ASSERT_TRUE(in.good()) << "cannot read docs/configuration.md";
   std::stringstream doc;
   doc << in.rdbuf();
-  for (OptionGroup g : {OptionGroup::kLaunch, OptionGroup::kMeshpost, OptionGroup::kRdma,
-                        OptionGroup::kIgnored}) {
+  for (OptionGroup g :
+       {OptionGroup::kLaunch, OptionGroup::kMeshpost, OptionGroup::kRdma, OptionGroup::kIgnored}) {
     const std::string name = OptionGroupName(g);
     const std::string block = "<!-- options:" + name + " -->\n" + OptionTableMarkdown(g) +
                               "<!-- /options:" + name + " -->";

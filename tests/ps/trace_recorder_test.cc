@@ -206,9 +206,8 @@ TEST(TraceOptionsTest, ParsesModes) {
 
 TEST(TraceOptionsTest, FromEnvRequiresADirectory) {
   std::map<std::string, std::string> vars = {
-      {"DMLC_ROLE", "worker"},     {"DMLC_PS_ROOT_URI", "127.0.0.1"},
-      {"DMLC_PS_ROOT_PORT", "9000"}, {"DMLC_NUM_WORKER", "1"},
-      {"DMLC_NUM_SERVER", "1"},    {"MESHPOST_TRACE", "all"}};
+      {"DMLC_ROLE", "worker"},  {"DMLC_PS_ROOT_URI", "127.0.0.1"}, {"DMLC_PS_ROOT_PORT", "9000"},
+      {"DMLC_NUM_WORKER", "1"}, {"DMLC_NUM_SERVER", "1"},          {"MESHPOST_TRACE", "all"}};
   auto env = [&vars](const char* name) -> const char* {
     auto it = vars.find(name);
     return it == vars.end() ? nullptr : it->second.c_str();
@@ -345,8 +344,7 @@ TEST(TraceRecorderTest, UnwritableDirectoryIsAnError) {
   TraceOptions o = AllTo("/proc/self/meshpost-cannot-exist");
   auto rec = TraceRecorder::Create(o, TraceFileInfo{1, 0, 1, 1}, nullptr, {});
   ASSERT_FALSE(rec.ok());
-  EXPECT_NE(rec.status().message().find("MESHPOST_TRACE_DIR"), std::string::npos)
-      << rec.status();
+  EXPECT_NE(rec.status().message().find("MESHPOST_TRACE_DIR"), std::string::npos) << rec.status();
 }
 
 TEST(ClockSyncTest, KeepsTheTightestRoundTrip) {
@@ -354,7 +352,7 @@ TEST(ClockSyncTest, KeepsTheTightestRoundTrip) {
   EXPECT_EQ(c.Get().samples, 0u);
   EXPECT_FALSE(c.AddSample(100, 50, 90)) << "t3 before t0 is not a sample";
   // Local clock is 1'000'000 ahead of the scheduler's.
-  ASSERT_TRUE(c.AddSample(1000000 + 0, 500, 1000000 + 1000));  // rtt 1000, error 500
+  ASSERT_TRUE(c.AddSample(1000000 + 0, 500, 1000000 + 1000));      // rtt 1000, error 500
   ASSERT_TRUE(c.AddSample(1000000 + 2000, 2060, 1000000 + 2100));  // rtt 100 -> 50 err
   ASSERT_TRUE(c.AddSample(1000000 + 5000, 5500, 1000000 + 6000));  // rtt 1000
   ClockOffset o = c.Get();

@@ -108,8 +108,8 @@ void RunServer(Postoffice& po, const std::string& dir) {
       const uint64_t foreign = (*batch)[0].handle & ((uint64_t{1} << 40) - 1);
       Status r = s->Respond(foreign, {sum.view});
       if (r.ok() || r.code() != StatusCode::kNotFound) {
-        Die("server 1 accepted handle " + std::to_string(foreign) + " of server 0: " +
-            r.ToString());
+        Die("server 1 accepted handle " + std::to_string(foreign) +
+            " of server 0: " + r.ToString());
       }
       checked_foreign_handle = true;
     }
@@ -190,7 +190,8 @@ void EvictWorker(Postoffice& po, const std::string& dir, const std::string& me) 
     auto h = w->ZBatchPushPull({{0, push.view}}, pull);
     Status st = h.ok() ? w->Wait(*h, 60000) : h.status();
     if (!st.ok()) {
-      if (st.message().find("server 1") == std::string::npos) Die("unexpected failure: " + st.ToString());
+      if (st.message().find("server 1") == std::string::npos)
+        Die("unexpected failure: " + st.ToString());
       break;
     }
     if (it % 10 == 0) WriteFile(dir + "/" + me + ".rounds", std::to_string(it));

@@ -65,7 +65,8 @@ std::string RawHeader(uint8_t cmd, int32_t sender, int32_t recipient, uint64_t i
   for (const auto* list : {&data, &slots}) {
     b.Put<uint32_t>(static_cast<uint32_t>(list->size()));
     for (const RawDesc& d : *list) {
-      b.Put<int64_t>(d.key).Put<uint8_t>(d.dtype).Put<uint8_t>(static_cast<uint8_t>(d.shape.size()));
+      b.Put<int64_t>(d.key).Put<uint8_t>(d.dtype).Put<uint8_t>(
+          static_cast<uint8_t>(d.shape.size()));
       for (int64_t dim : d.shape) b.Put<int64_t>(dim);
       b.Put<uint64_t>(d.nbytes).Put<uint64_t>(0);
     }
@@ -251,8 +252,8 @@ class SecurityTest : public ::testing::Test {
     const int64_t base = std::max(Rounds("worker:0"), Rounds("worker:1"));
     EXPECT_TRUE(Eventually([&] {
       return Rounds("worker:0") >= base + more && Rounds("worker:1") >= base + more;
-    })) << "traffic stalled after the attack (rounds " << Rounds("worker:0") << ", "
-        << Rounds("worker:1") << ")";
+    })) << "traffic stalled after the attack (rounds "
+        << Rounds("worker:0") << ", " << Rounds("worker:1") << ")";
   }
 
   void StopAndExpectCleanExits() {
@@ -298,9 +299,9 @@ TEST_F(SecurityTest, ForgedControlAndDataMessagesChangeNothing) {
     // Responses for the next handles, claiming to come from each server.
     for (uint64_t h = 0; h < 400; ++h) {
       for (int srv : {kServer0, kServer1}) {
-        Attacker::Send(s, RawHeader(21, srv, me, (h << 12) | static_cast<uint64_t>(srv - 1), 0, "",
-                                    {push}),
-                       {floats});
+        Attacker::Send(
+            s, RawHeader(21, srv, me, (h << 12) | static_cast<uint64_t>(srv - 1), 0, "", {push}),
+            {floats});
       }
     }
     // Evictions, from the scheduler and from the peers themselves.
@@ -321,8 +322,8 @@ TEST_F(SecurityTest, ForgedControlAndDataMessagesChangeNothing) {
   {
     void* s = evil.Dial(ports_["scheduler:0"]);
     for (int id : {kServer0, kServer1, kWorker0, kWorker1}) {
-      Attacker::Send(s, RawHeader(8, id, kScheduler, 0, 0, ""));         // LEAVE
-      Attacker::Send(s, RawHeader(4, id, kScheduler, 1000, 7, ""));      // BARRIER
+      Attacker::Send(s, RawHeader(8, id, kScheduler, 0, 0, ""));     // LEAVE
+      Attacker::Send(s, RawHeader(4, id, kScheduler, 1000, 7, ""));  // BARRIER
     }
   }
   // Forged evictions, tables, requests and responses act on arrival; 200 further checked
@@ -354,8 +355,8 @@ TEST_F(SecurityTest, RefusedRegistrationsLeaveNothingBehind) {
     }
     ExpectTrafficContinues(30);
     // Refusal replies may linger briefly; afterwards the scheduler is back to where it was.
-    EXPECT_TRUE(Eventually([&] { return FdCount(sched) <= fds_before + 8; },
-                           std::chrono::seconds(60)))
+    EXPECT_TRUE(
+        Eventually([&] { return FdCount(sched) <= fds_before + 8; }, std::chrono::seconds(60)))
         << "scheduler fds grew from " << fds_before << " to " << FdCount(sched);
     if (with_token) {
       EXPECT_FALSE(evil.TrapGotTraffic()) << "an unauthenticated REGISTER was answered";
@@ -399,15 +400,15 @@ TEST_F(SecurityTest, ANodeWithAnotherTokenFailsStartAtOnceSayingSo) {
   }
   const std::string error = ReadAll(dir_ + "/worker:1.start_error");
   EXPECT_NE(error.find("does not know this cluster's token"), std::string::npos) << error;
-  EXPECT_EQ(error.find("after 20000 ms"), std::string::npos) << "failed only at the timeout: " << error;
+  EXPECT_EQ(error.find("after 20000 ms"), std::string::npos)
+      << "failed only at the timeout: " << error;
 }
 
 TEST_F(SecurityTest, NodesListenOnlyOnTheAdvertisedAddress) {
   Start(Spec(false));
   for (const auto& [name, port] : ports_) {
-    EXPECT_EQ(ListenAddressHex(port), "0100007F") << name << " listens on "
-                                                  << ListenAddressHex(port)
-                                                  << " (00000000 = every interface)";
+    EXPECT_EQ(ListenAddressHex(port), "0100007F")
+        << name << " listens on " << ListenAddressHex(port) << " (00000000 = every interface)";
   }
   StopAndExpectCleanExits();
 }
@@ -676,10 +677,10 @@ TEST_F(ReplaceTest, PausedWorkerIsReplacedAndToldSoWhenItResumes) {
   const pid_t replacement = StartReplacement(spec, "worker", 1);
   ASSERT_GT(replacement, 0);
   int64_t base = Rounds("worker:0");
-  EXPECT_TRUE(Eventually(
-      [&] { return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50; }))
-      << "worker 0 " << Rounds("worker:0") << " (from " << base << "), worker 1 "
-      << Rounds("worker:1");
+  EXPECT_TRUE(Eventually([&] {
+    return Rounds("worker:0") >= base + 50 && Rounds("worker:1") >= 50;
+  })) << "worker 0 "
+      << Rounds("worker:0") << " (from " << base << "), worker 1 " << Rounds("worker:1");
   ASSERT_EQ(kill(holder, SIGCONT), 0);
   const std::string told = dir_ + "/replaced." + std::to_string(holder);
   EXPECT_TRUE(Eventually([&] { return !ReadAll(told).empty(); }))
@@ -688,9 +689,9 @@ TEST_F(ReplaceTest, PausedWorkerIsReplacedAndToldSoWhenItResumes) {
       << ReadAll(told);
   base = Rounds("worker:0");
   const int64_t base1 = Rounds("worker:1");
-  EXPECT_TRUE(Eventually(
-      [&] { return Rounds("worker:0") >= base + 20 && Rounds("worker:1") >= base1 + 20; }))
-      << "traffic stalled after the former holder resumed";
+  EXPECT_TRUE(Eventually([&] {
+    return Rounds("worker:0") >= base + 20 && Rounds("worker:1") >= base1 + 20;
+  })) << "traffic stalled after the former holder resumed";
   StopReplaceCluster("");
   EXPECT_EQ(WaitExtra(replacement), 0);
 }

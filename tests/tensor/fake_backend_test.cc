@@ -3,14 +3,13 @@
 // written before the data, a pinned buffer reused while its copy is in flight).
 #include "tensor/backend/fake_backend.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <vector>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 namespace meshpost {
 namespace {
@@ -61,7 +60,7 @@ class FakeBackendTest : public ::testing::Test {
   static constexpr size_t kBytes = 1 << 16;
   FakeBackend be_;
   DeviceStream producer_ = 0, consumer_ = 0;
-  DeviceStream reader_ = 0;    // StartFlaggedTransfer
+  DeviceStream reader_ = 0;  // StartFlaggedTransfer
   int64_t* flag_ = nullptr;  // StartFlaggedTransfer
   uint8_t* dev_ = nullptr;
   uint8_t* pinned_ = nullptr;

@@ -1,9 +1,9 @@
 // The transport table: one list, tcp last, creation by name with statuses that say why.
+#include "van/registry.h"
+
 #include <gtest/gtest.h>
 
 #include <set>
-
-#include "van/registry.h"
 
 namespace meshpost {
 namespace {

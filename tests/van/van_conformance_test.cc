@@ -540,8 +540,7 @@ INSTANTIATE_TEST_SUITE_P(
     AllVans, VanConformanceTest,
     ::testing::Values(VanFactory{"tcp", [](VanWorld*) { return CreateZmqVan(TestOptions()); }},
                       VanFactory{"cma", [](VanWorld*) { return CreateCmaVan(TestOptions()); }},
-                      VanFactory{"cma_shm",
-                                 [](VanWorld*) { return CreateCmaVan(CmaShmOptions()); }}
+                      VanFactory{"cma_shm", [](VanWorld*) { return CreateCmaVan(CmaShmOptions()); }}
 #ifdef MESHPOST_CONFORMANCE_RDMA
                       ,
                       VanFactory{"rdma_fake_fabric", &CreateFakeFabricRdmaVan}
@@ -754,8 +753,8 @@ class RdmaDeviceTest : public ::testing::Test {
     const auto* p = static_cast<const uint8_t*>(got[0].segments[0].data);
     size_t wrong = 0;
     for (size_t i = 0; i < n; ++i) wrong += p[i] != fill;
-    EXPECT_EQ(wrong, 0u) << "message " << id << ": " << wrong << " of " << n
-                         << " bytes are not 0x" << std::hex << int{fill};
+    EXPECT_EQ(wrong, 0u) << "message " << id << ": " << wrong << " of " << n << " bytes are not 0x"
+                         << std::hex << int{fill};
   }
   // Maps `n` bytes filled with `fill`, at `at` when given (MAP_FIXED: same address).
   static void* Map(size_t n, uint8_t fill, void* at = nullptr) {
@@ -782,7 +781,7 @@ TEST_F(RdmaDeviceTest, MemoryFreedAndRemappedAtTheSameAddressIsNotSentThroughASt
     std::shared_ptr<const void> owner = released.Track(keep);
     SendAndExpect(1, addr, kBytes, owner, 0x11);
   }
-  ASSERT_TRUE(released.WaitFor(1));  // the van let go: the owner (and its MR) are dead
+  ASSERT_TRUE(released.WaitFor(1));          // the van let go: the owner (and its MR) are dead
   ASSERT_EQ(Map(kBytes, 0x22, addr), addr);  // new pages, same address
   SendAndExpect(2, addr, kBytes, released.Track(keep), 0x22);
 

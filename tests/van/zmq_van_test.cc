@@ -1,5 +1,7 @@
 // ZeroMQ van in one process: two vans on loopback exchanging messages, with the
 // receiver choosing destinations and refusing payloads.
+#include "van/zmq/zmq_van.h"
+
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -8,7 +10,6 @@
 #include "tests/support/recording_receiver.h"
 #include "van/codec.h"
 #include "van/van.h"
-#include "van/zmq/zmq_van.h"
 
 namespace meshpost {
 namespace {
@@ -94,7 +95,8 @@ TEST(ZmqVanTest, FrameSizeMismatchIsDropped) {
   Pair p;
   std::vector<char> dest(64);
   p.rb.destinations[1] = dest.data();
-  const std::string endpoint = "tcp://127.0.0.1:" + p.b->endpoint().substr(p.b->endpoint().rfind(':') + 1);
+  const std::string endpoint =
+      "tcp://127.0.0.1:" + p.b->endpoint().substr(p.b->endpoint().rfind(':') + 1);
   support::RawZmqPeer raw(endpoint);  // frames ZmqVan::Send would refuse
   ASSERT_TRUE(raw.connected());
   std::vector<char> payload(32, 5);

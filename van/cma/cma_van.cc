@@ -41,10 +41,10 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
-#include <map>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -160,14 +160,20 @@ constexpr size_t kDataFixed = kFramePreamble + 8 + 4;
 constexpr size_t kMaxFrameBytes = 128 << 10;  // < the default unix socket send buffer
 constexpr size_t kMaxMetaBytes = kMaxBodyBytes + (1u << 20);
 constexpr size_t kCookieBytes = 16;
-constexpr size_t kMaxStagingBuffers = 4096;      // per inbound connection
+constexpr size_t kMaxStagingBuffers = 4096;        // per inbound connection
 constexpr uint64_t kMaxStagingBytes = 4ull << 30;  // per outbound peer
 constexpr size_t kMinStagingClass = 16;            // 64 KiB
 constexpr size_t kIovBatch = 1024;                 // IOV_MAX
 constexpr size_t kMaxImports = 4096;               // shared blocks per inbound connection
 
 enum FrameType : uint8_t {
-  kHello = 1, kHelloAck = 2, kStaging = 3, kData = 4, kAck = 5, kProof = 6, kBlock = 7,
+  kHello = 1,
+  kHelloAck = 2,
+  kStaging = 3,
+  kData = 4,
+  kAck = 5,
+  kProof = 6,
+  kBlock = 7,
   kBlockGone = 8
 };
 enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2, kShared = 3, kPeerShared = 4 };
@@ -446,8 +452,7 @@ class CmaVan : public Van {
     {
       std::lock_guard<std::mutex> lock(peers_mu_);
       auto it = peers_.find(peer.id);
-      if (it != peers_.end() && it->second->endpoint == peer.endpoint &&
-          !it->second->dead.load()) {
+      if (it != peers_.end() && it->second->endpoint == peer.endpoint && !it->second->dead.load()) {
         return OkStatus();
       }
     }
@@ -468,9 +473,9 @@ class CmaVan : public Van {
       rc = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), len);
     } while (rc != 0 && errno == EINTR);
     if (rc != 0) {
-      return UnavailableError(
-          ErrnoText(("cma van connect to node " + std::to_string(peer.id) + " at " +
-                     peer.endpoint).c_str(), errno));
+      return UnavailableError(ErrnoText(
+          ("cma van connect to node " + std::to_string(peer.id) + " at " + peer.endpoint).c_str(),
+          errno));
     }
     ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK);
     // Handshake: the receiver proves it can read our memory (CMA) by reading a cookie.
@@ -582,8 +587,8 @@ class CmaVan : public Van {
       for (size_t j = 0; j < msg.meta.slots.size(); ++j) {
         const TensorDesc& d = msg.meta.slots[j];
         if (d.addr == 0 || d.nbytes == 0) continue;
-        auto exported = ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes,
-                                     &slot_src[j]);
+        auto exported =
+            ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes, &slot_src[j]);
         if (!exported.ok()) return exported.status();
         // Only our own blocks become writable views at the peer (a slot inside memory the
         // peer lent us is left to the ordinary path).
@@ -662,8 +667,9 @@ class CmaVan : public Van {
     }
     WireWriter& w = peer->frame;
     w.buffer().clear();
-    PutPreamble(&w, kData,
-                static_cast<uint8_t>((needs_ack ? kFlagNeedsAck : 0) | (any_slot ? kFlagSlots : 0)));
+    PutPreamble(
+        &w, kData,
+        static_cast<uint8_t>((needs_ack ? kFlagNeedsAck : 0) | (any_slot ? kFlagSlots : 0)));
     const uint64_t seq = ++peer->next_seq;
     w.Put<uint64_t>(seq);
     w.Put<uint32_t>(static_cast<uint32_t>(n));
@@ -763,9 +769,9 @@ class CmaVan : public Van {
     WireWriter frame;
     std::vector<Source> sources;
     std::vector<Source> slot_sources;
-    pid_t pid = 0;                           // the acceptor's pid (SO_PEERCRED)
+    pid_t pid = 0;                          // the acceptor's pid (SO_PEERCRED)
     std::unordered_set<uint32_t> exported;  // our blocks this connection has (send_mu)
-    std::mutex pending_mu;  // pending, staging pool (receive thread releases)
+    std::mutex pending_mu;                  // pending, staging pool (receive thread releases)
     Ring<Pending> pending;
     std::vector<std::unique_ptr<StagingBuffer>> staging_all;
     std::array<std::vector<StagingBuffer*>, 64> staging_free;
@@ -860,8 +866,7 @@ class CmaVan : public Van {
           "the peer runs without a cluster token, this node with one (MESHPOST_CLUSTER_TOKEN "
           "must be set on every node or none)");
     }
-    MESHPOST_ASSIGN_OR_RETURN(AuthFrame frame,
-                              DecodeAuthFrame(challenge.data(), challenge.size()));
+    MESHPOST_ASSIGN_OR_RETURN(AuthFrame frame, DecodeAuthFrame(challenge.data(), challenge.size()));
     MESHPOST_ASSIGN_OR_RETURN(std::string proof, handshake->OnChallenge(frame, false));
     WireWriter w;
     PutPreamble(&w, kProof, 0);
@@ -882,8 +887,7 @@ class CmaVan : public Van {
       if (peer->staging_bytes + (uint64_t{1} << cls) > kMaxStagingBytes) {
         return ResourceExhaustedError(
             "cma van: shared-memory staging towards node " + std::to_string(peer->id) +
-            " exceeds " + std::to_string(kMaxStagingBytes >> 20) +
-            " MiB of unacknowledged sends");
+            " exceeds " + std::to_string(kMaxStagingBytes >> 20) + " MiB of unacknowledged sends");
       }
     }
     auto created = CreateStaging(static_cast<uint32_t>(peer->staging_all.size() + 1), cls);
@@ -1065,7 +1069,8 @@ class CmaVan : public Van {
     }
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
     if (p == MAP_FAILED) {
-      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: mmap shared block: {}", std::strerror(errno));
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: mmap shared block: {}",
+                           std::strerror(errno));
       return;
     }
     Import im;
@@ -1116,8 +1121,8 @@ class CmaVan : public Van {
     std::array<epoll_event, 64> events;
     uint64_t last_activity = GetNanosecond();
     while (running_.load(std::memory_order_relaxed)) {
-      const bool spin = options_.wait.busy_poll ||
-                        GetNanosecond() - last_activity < static_cast<uint64_t>(options_.wait.spin_ns);
+      const bool spin = options_.wait.busy_poll || GetNanosecond() - last_activity <
+                                                       static_cast<uint64_t>(options_.wait.spin_ns);
       int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()),
                            spin ? 0 : -1);
       if (n < 0) {
@@ -1241,7 +1246,8 @@ class CmaVan : public Van {
       uint64_t seq = 0;
       if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
           magic != kFrameMagic || version != kFrameVersion || type != kAck || !r.Get(&seq)) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed ack frame from node {}", peer->id);
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: dropped a malformed ack frame from node {}", peer->id);
         continue;
       }
       {
@@ -1273,7 +1279,8 @@ class CmaVan : public Van {
       uint8_t type = 0, flags = 0;
       if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
           magic != kFrameMagic || version != kFrameVersion) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
         continue;
       }
       if (type == kHello) {
@@ -1339,8 +1346,7 @@ class CmaVan : public Van {
     uint64_t probe_addr = 0;
     uint8_t cookie[kCookieBytes];
     uint8_t want_cma = 0;
-    if (!r->Get(&pid) || !r->Get(&probe_addr) || !r->Get(&probe_len) ||
-        probe_len != kCookieBytes) {
+    if (!r->Get(&pid) || !r->Get(&probe_addr) || !r->Get(&probe_len) || probe_len != kCookieBytes) {
       MP_LOG_ERROR(kLog, "cma van: malformed handshake from pid {}", c->pid);
       return false;
     }
@@ -1360,9 +1366,9 @@ class CmaVan : public Van {
       std::string bytes(r->remaining(), '\0');
       for (auto& b : bytes) r->Get(reinterpret_cast<uint8_t*>(&b));
       auto hello = DecodeAuthFrame(bytes.data(), bytes.size());
-      c->handshake =
-          std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
-      auto answer = hello.ok() ? c->handshake->OnHello(*hello) : Result<std::string>(hello.status());
+      c->handshake = std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
+      auto answer =
+          hello.ok() ? c->handshake->OnHello(*hello) : Result<std::string>(hello.status());
       if (!answer.ok()) {
         MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused pid {}: {}", c->pid,
                              answer.status().message());
@@ -1416,8 +1422,10 @@ class CmaVan : public Van {
     const int seals = ::fcntl(fd.get(), F_GET_SEALS);
     if (::fstat(fd.get(), &st) != 0 || seals < 0 || !(seals & F_SEAL_SHRINK) ||
         static_cast<uint64_t>(st.st_size) < size || size == 0 || size > kMaxStagingBytes) {
-      MP_LOG_ERROR(kLog, "cma van: refused staging buffer {} from pid {} (not a sealed memfd "
-                   "of {} bytes)", id, c->pid, size);
+      MP_LOG_ERROR(kLog,
+                   "cma van: refused staging buffer {} from pid {} (not a sealed memfd "
+                   "of {} bytes)",
+                   id, c->pid, size);
       return;
     }
     void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
@@ -1476,8 +1484,7 @@ class CmaVan : public Van {
         if (keep) *keep = std::shared_ptr<void>(block, block->data() + s.offset);
         return OkStatus();
       }
-      default:
-        return DataLossError("unknown source kind " + std::to_string(s.kind));
+      default: return DataLossError("unknown source kind " + std::to_string(s.kind));
     }
   }
 
@@ -1505,7 +1512,8 @@ class CmaVan : public Van {
     uint32_t nseg = 0;
     if (!r.Get(&seq) || !r.Get(&nseg) || nseg > kMaxTensorsPerMessage ||
         kDataFixed + kSourceBytes * (size_t{nseg} + 1) > frame_size) {
-      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed data frame from pid {}", c->pid);
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed data frame from pid {}",
+                           c->pid);
       return true;  // no trustworthy seq to ack; the sender learns at disconnect
     }
     Source meta_src;
@@ -1517,9 +1525,9 @@ class CmaVan : public Van {
       uint32_t nslots = 0;
       if (!r.Get(&nslots) || nslots > kMaxTensorsPerMessage ||
           r.remaining() < kSourceBytes * size_t{nslots}) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
-                             "cma van: dropped a data frame with a malformed slot table from pid {}",
-                             c->pid);
+        MP_LOG_ERROR_LIMITED(
+            log_limit_, kLog,
+            "cma van: dropped a data frame with a malformed slot table from pid {}", c->pid);
         return true;
       }
       slot_sources_.resize(nslots);
@@ -1544,8 +1552,8 @@ class CmaVan : public Van {
     }
     Result<Meta> meta = st.ok() ? DecodeMeta(meta_bytes, meta_src.len) : Result<Meta>(st);
     if (!meta.ok()) {
-      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped malformed frame from pid {}: {}", c->pid,
-                   meta.status().ToString());
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped malformed frame from pid {}: {}",
+                           c->pid, meta.status().ToString());
       return !needs_ack || SendAck(c, seq);
     }
     if (c->peer_id >= 0 && meta->sender != c->peer_id) {
@@ -1564,9 +1572,9 @@ class CmaVan : public Van {
     // 2. Every data segment into the destination the receiver chooses.
     Status refused;
     if (in.meta.data.size() != nseg) {
-      refused = DataLossError("frame carries " + std::to_string(nseg) +
-                              " segments; its header describes " +
-                              std::to_string(in.meta.data.size()));
+      refused =
+          DataLossError("frame carries " + std::to_string(nseg) +
+                        " segments; its header describes " + std::to_string(in.meta.data.size()));
     }
     in.segments.reserve(nseg);
     for (size_t i = 0; refused.ok() && i < nseg; ++i) {
@@ -1633,7 +1641,8 @@ class CmaVan : public Van {
     for (size_t j = 0; j < slot_sources_.size(); ++j) {
       const Source& s = slot_sources_[j];
       if (s.kind == kInline && s.len == 0) continue;
-      if (s.kind != kShared) return DataLossError("slot table entry of kind " + std::to_string(s.kind));
+      if (s.kind != kShared)
+        return DataLossError("slot table entry of kind " + std::to_string(s.kind));
       if (s.len != in->meta.slots[j].nbytes) {
         return DataLossError("slot " + std::to_string(j) + " maps " + std::to_string(s.len) +
                              " bytes; its descriptor says " +

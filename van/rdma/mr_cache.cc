@@ -20,14 +20,10 @@ std::string HexAddr(const void* p) {
 
 const char* GpuRegistrationName(GpuRegistration mode) {
   switch (mode) {
-    case GpuRegistration::kAuto:
-      return "auto";
-    case GpuRegistration::kDmabuf:
-      return "dmabuf";
-    case GpuRegistration::kPeerMem:
-      return "peermem";
-    case GpuRegistration::kStaging:
-      return "staging";
+    case GpuRegistration::kAuto: return "auto";
+    case GpuRegistration::kDmabuf: return "dmabuf";
+    case GpuRegistration::kPeerMem: return "peermem";
+    case GpuRegistration::kStaging: return "staging";
   }
   return "?";
 }
@@ -47,7 +43,8 @@ Result<std::unique_ptr<VerbsMr>> RegisterGpuMemory(VerbsDevice* device, DeviceBa
   const std::string what = "GPUDirect registration of " + std::to_string(len) + " bytes at " +
                            HexAddr(addr) + " on " + device->name();
   if (mode == GpuRegistration::kStaging) {
-    return FailedPreconditionError(what + ": MESHPOST_RDMA_GPU=staging disables GPUDirect; "
+    return FailedPreconditionError(what +
+                                   ": MESHPOST_RDMA_GPU=staging disables GPUDirect; "
                                    "stage CUDA memory through pinned host memory instead");
   }
   if (backend == nullptr) backend = CudaBackend();
@@ -65,8 +62,8 @@ Result<std::unique_ptr<VerbsMr>> RegisterGpuMemory(VerbsDevice* device, DeviceBa
   if (mode == GpuRegistration::kAuto || mode == GpuRegistration::kDmabuf) {
     auto buf = backend->DmabufFd(addr, len);
     if (buf.ok()) {
-      auto mr = device->RegisterDmabuf(buf->fd, buf->offset, len,
-                                       reinterpret_cast<uint64_t>(addr), access);
+      auto mr = device->RegisterDmabuf(buf->fd, buf->offset, len, reinterpret_cast<uint64_t>(addr),
+                                       access);
       close(buf->fd);  // the registration holds its own reference
       if (mr.ok()) return mr;
       tried = "ibv_reg_dmabuf_mr: " + mr.status().message();
@@ -96,9 +93,9 @@ Result<std::shared_ptr<VerbsMr>> MrCache::Get(const void* addr, size_t len, uint
                                               const std::weak_ptr<const void>& owner,
                                               bool cuda_device) {
   if (addr == nullptr || len == 0) {
-    return InvalidArgumentError("MrCache::Get: cannot register addr=" +
-                                std::to_string(reinterpret_cast<uintptr_t>(addr)) +
-                                " len=" + std::to_string(len) + "; expected a non-empty range");
+    return InvalidArgumentError(
+        "MrCache::Get: cannot register addr=" + std::to_string(reinterpret_cast<uintptr_t>(addr)) +
+        " len=" + std::to_string(len) + "; expected a non-empty range");
   }
   const uint64_t start = reinterpret_cast<uint64_t>(addr);
   const uint64_t end = start + len;
@@ -126,7 +123,7 @@ Result<std::shared_ptr<VerbsMr>> MrCache::Get(const void* addr, size_t len, uint
     while (entries_.size() >= max_entries_) EvictLru();
   }
   auto mr = cuda_device ? RegisterGpuMemory(device_, gpu_backend_, const_cast<void*>(addr), len,
-                                             access, gpu_mode_)
+                                            access, gpu_mode_)
                         : device_->RegisterMemory(const_cast<void*>(addr), len, access);
   if (!mr.ok()) return mr.status();
   Entry e;
@@ -162,8 +159,7 @@ Status MrCache::Deregister(const void* addr) {
   const uint64_t start = reinterpret_cast<uint64_t>(addr);
   auto it = entries_.find(start);
   if (it == entries_.end()) {
-    return NotFoundError("MrCache::Deregister: no registration starts at " +
-                         std::to_string(start));
+    return NotFoundError("MrCache::Deregister: no registration starts at " + std::to_string(start));
   }
   entries_.erase(it);
   ++stats_.invalidated;

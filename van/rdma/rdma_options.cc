@@ -22,8 +22,8 @@ Result<RdmaOptions> RdmaOptionsFromEnv(const EnvLookup& env) {
   if (const char* v = env("DMLC_INTERFACE")) o.interface = v;
   // "mlx5_0:2" selects port 2, the form ibv_devinfo users often paste.
   if (auto colon = o.device.find(':'); colon != std::string::npos) {
-    MESHPOST_ASSIGN_OR_RETURN(int64_t port, ParseInt("MESHPOST_RDMA_DEVICE port",
-                                                     o.device.substr(colon + 1), 1, 255));
+    MESHPOST_ASSIGN_OR_RETURN(
+        int64_t port, ParseInt("MESHPOST_RDMA_DEVICE port", o.device.substr(colon + 1), 1, 255));
     o.port = static_cast<int>(port);
     o.device.resize(colon);
   }
@@ -34,8 +34,8 @@ Result<RdmaOptions> RdmaOptionsFromEnv(const EnvLookup& env) {
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_RDMA_INLINE", 0, 4096, &inl));
   MESHPOST_RETURN_IF_ERROR(
       ReadInt(env, "MESHPOST_RDMA_HEADER_SLOTS", 1, rdma::kMaxHeaderSlots, &slots));
-  MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_RDMA_HEADER_BYTES", rdma::kMinSlotBytes,
-                                   rdma::kMaxSlotBytes, &bytes));
+  MESHPOST_RETURN_IF_ERROR(
+      ReadInt(env, "MESHPOST_RDMA_HEADER_BYTES", rdma::kMinSlotBytes, rdma::kMaxSlotBytes, &bytes));
   MESHPOST_RETURN_IF_ERROR(ReadInt(env, "MESHPOST_RDMA_MR_CACHE", 1, 1 << 20, &cache));
   o.port = static_cast<int>(port);
   o.gid_index = static_cast<int>(gid);

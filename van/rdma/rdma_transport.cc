@@ -87,7 +87,8 @@ Result<std::string> SelectDevice(VerbsApi* api, const RdmaOptions& options) {
   if (!options.interface.empty()) {
     auto dev = api->DeviceForInterface(options.interface);
     if (dev.ok() && std::find(names.begin(), names.end(), *dev) != names.end()) return *dev;
-    MP_LOG_WARN(kLog, "DMLC_INTERFACE={} does not map to an RDMA device ({}); using {} (set "
+    MP_LOG_WARN(kLog,
+                "DMLC_INTERFACE={} does not map to an RDMA device ({}); using {} (set "
                 "MESHPOST_RDMA_DEVICE to choose; found: {})",
                 options.interface, dev.ok() ? *dev : dev.status().message(), names[0], all);
   }
@@ -97,8 +98,8 @@ Result<std::string> SelectDevice(VerbsApi* api, const RdmaOptions& options) {
 Result<LocalPort> SelectPort(VerbsDevice* device, const RdmaOptions& options) {
   MESHPOST_ASSIGN_OR_RETURN(DeviceAttr attr, device->QueryDevice());
   if (options.port < 1 || options.port > attr.phys_port_cnt) {
-    return InvalidArgumentError("MESHPOST_RDMA_PORT=" + std::to_string(options.port) +
-                                ": device " + device->name() + " has ports 1.." +
+    return InvalidArgumentError("MESHPOST_RDMA_PORT=" + std::to_string(options.port) + ": device " +
+                                device->name() + " has ports 1.." +
                                 std::to_string(attr.phys_port_cnt));
   }
   LocalPort lp;
@@ -107,8 +108,10 @@ Result<LocalPort> SelectPort(VerbsDevice* device, const RdmaOptions& options) {
   MESHPOST_ASSIGN_OR_RETURN(PortAttr pa, device->QueryPort(lp.port));
   if (!pa.active) {
     return UnavailableError("RDMA device " + lp.device + " port " + std::to_string(lp.port) +
-                            " is " + pa.state + ", not ACTIVE (check the cable/switch and "
-                            "`ibv_devinfo -d " + lp.device + "`)");
+                            " is " + pa.state +
+                            ", not ACTIVE (check the cable/switch and "
+                            "`ibv_devinfo -d " +
+                            lp.device + "`)");
   }
   lp.lid = pa.lid;
   lp.link_layer = pa.link_layer;
@@ -116,8 +119,8 @@ Result<LocalPort> SelectPort(VerbsDevice* device, const RdmaOptions& options) {
   if (options.gid_index >= 0) {
     if (options.gid_index >= pa.gid_tbl_len) {
       return InvalidArgumentError("MESHPOST_RDMA_GID_INDEX=" + std::to_string(options.gid_index) +
-                                  ": " + lp.device + " port " + std::to_string(lp.port) +
-                                  " has " + std::to_string(pa.gid_tbl_len) + " GIDs");
+                                  ": " + lp.device + " port " + std::to_string(lp.port) + " has " +
+                                  std::to_string(pa.gid_tbl_len) + " GIDs");
     }
     MESHPOST_ASSIGN_OR_RETURN(GidEntry e, device->QueryGid(lp.port, options.gid_index));
     if (GidIsZero(e.gid)) {
@@ -154,7 +157,8 @@ Result<LocalPort> SelectPort(VerbsDevice* device, const RdmaOptions& options) {
   }
   if (best < 0) {
     return NotFoundError("no usable GID on " + lp.device + " port " + std::to_string(lp.port) +
-                         " (all " + std::to_string(n) + " entries empty); is an IP address "
+                         " (all " + std::to_string(n) +
+                         " entries empty); is an IP address "
                          "configured on the RoCE interface? set MESHPOST_RDMA_GID_INDEX");
   }
   lp.gid_index = best;
@@ -170,7 +174,7 @@ struct RdmaTransport::Conn {
   bool have_remote = false;
   ConnInfo remote;
   uint32_t max_inline = 0;
-  uint32_t slots = 0;       // our header ring
+  uint32_t slots = 0;  // our header ring
   uint32_t slot_bytes = 0;
   std::shared_ptr<char> recv_ring;
   std::shared_ptr<VerbsMr> recv_ring_mr;
@@ -184,9 +188,9 @@ struct RdmaTransport::Conn {
   // back while any is held (credits return in order, and a credit frees the buffers of
   // every header before it for the sender to write again).
   uint32_t held = 0;
-  bool credits_urgent = false;     // the sender may be waiting on them: return unbatched
-  uint64_t headers_posted = 0;     // headers we wrote to the peer
-  uint64_t headers_credited = 0;   // of those, how many slots the peer handed back
+  bool credits_urgent = false;    // the sender may be waiting on them: return unbatched
+  uint64_t headers_posted = 0;    // headers we wrote to the peer
+  uint64_t headers_credited = 0;  // of those, how many slots the peer handed back
   uint32_t sq_used = 0;
   std::map<int64_t, RemoteBuffer> remote_buffers;  // where we may write on the peer
   std::map<int64_t, LocalBuffer> local_buffers;    // where the peer may write into us
@@ -197,25 +201,24 @@ struct RdmaTransport::Conn {
   std::map<std::pair<uint64_t, int64_t>, RemoteBuffer> request_slots;
   std::deque<std::pair<uint64_t, int64_t>> request_slot_order;  // bounds request_slots
   std::deque<Pending> pending;
-  std::set<int64_t> awaiting;       // keys with a NeedBuffer outstanding
-  std::set<uint64_t> handles;       // posted, not yet completed
+  std::set<int64_t> awaiting;  // keys with a NeedBuffer outstanding
+  std::set<uint64_t> handles;  // posted, not yet completed
   Status dead_reason;
-  std::unique_ptr<VerbsQp> qp;      // last: destroyed before the rings it targets
+  std::unique_ptr<VerbsQp> qp;  // last: destroyed before the rings it targets
 };
 
 Result<std::unique_ptr<RdmaTransport>> RdmaTransport::Create(std::unique_ptr<VerbsApi> api,
                                                              const RdmaOptions& options,
                                                              RdmaControlSend control_send) {
   if (options.header_slots == 0 || options.header_slots > kMaxHeaderSlots) {
-    return InvalidArgumentError("MESHPOST_RDMA_HEADER_SLOTS=" +
-                                std::to_string(options.header_slots) + ": expected 1.." +
-                                std::to_string(kMaxHeaderSlots));
+    return InvalidArgumentError(
+        "MESHPOST_RDMA_HEADER_SLOTS=" + std::to_string(options.header_slots) + ": expected 1.." +
+        std::to_string(kMaxHeaderSlots));
   }
   if (options.header_slot_bytes < kMinSlotBytes || options.header_slot_bytes > kMaxSlotBytes) {
-    return InvalidArgumentError("MESHPOST_RDMA_HEADER_BYTES=" +
-                                std::to_string(options.header_slot_bytes) + ": expected " +
-                                std::to_string(kMinSlotBytes) + ".." +
-                                std::to_string(kMaxSlotBytes));
+    return InvalidArgumentError(
+        "MESHPOST_RDMA_HEADER_BYTES=" + std::to_string(options.header_slot_bytes) + ": expected " +
+        std::to_string(kMinSlotBytes) + ".." + std::to_string(kMaxSlotBytes));
   }
   if (options.send_queue_depth < 4) {
     return InvalidArgumentError("RdmaOptions::send_queue_depth=" +
@@ -229,9 +232,9 @@ Result<std::unique_ptr<RdmaTransport>> RdmaTransport::Create(std::unique_ptr<Ver
   MESHPOST_ASSIGN_OR_RETURN(DeviceAttr attr, t->device_->QueryDevice());
   const int depth = std::max(256, std::min(attr.max_cqe > 0 ? attr.max_cqe : 65536, 65536));
   MESHPOST_ASSIGN_OR_RETURN(t->cq_, t->device_->CreateCq(depth));
-  MP_LOG_INFO(kLog, "rdma: device {} port {} ({}), GID index {} {}, LID {}, MTU {}",
-              local.device, local.port, LinkLayerName(local.link_layer), local.gid_index,
-              GidToString(local.gid), local.lid, local.mtu_bytes);
+  MP_LOG_INFO(kLog, "rdma: device {} port {} ({}), GID index {} {}, LID {}, MTU {}", local.device,
+              local.port, LinkLayerName(local.link_layer), local.gid_index, GidToString(local.gid),
+              local.lid, local.mtu_bytes);
   return t;
 }
 
@@ -301,9 +304,9 @@ Result<RdmaTransport::Conn*> RdmaTransport::CreateConnLocked(int peer, Actions* 
     return ResourceExhaustedError("cannot allocate " + std::to_string(ring_bytes) +
                                   "-byte RDMA header rings for " + Node(peer));
   }
-  MESHPOST_ASSIGN_OR_RETURN(
-      auto rmr, device_->RegisterMemory(c->recv_ring.get(), ring_bytes,
-                                        kAccessLocalWrite | kAccessRemoteWrite));
+  MESHPOST_ASSIGN_OR_RETURN(auto rmr,
+                            device_->RegisterMemory(c->recv_ring.get(), ring_bytes,
+                                                    kAccessLocalWrite | kAccessRemoteWrite));
   c->recv_ring_mr = std::move(rmr);
   MESHPOST_ASSIGN_OR_RETURN(auto smr, device_->RegisterMemory(c->send_ring.get(), ring_bytes, 0));
   c->send_ring_mr = std::move(smr);
@@ -364,8 +367,8 @@ Status RdmaTransport::BringUpLocked(Conn* c, const ConnInfo& remote, Actions* ac
   MESHPOST_RETURN_IF_ERROR(c->qp->ToRts(c->psn));
   c->credits = remote.slots;
   c->state = PeerState::kReady;
-  MP_LOG_DEBUG(kLog, "rdma: connected to {} (remote QP {}, MTU {}, {} header slots)",
-              Node(c->peer), remote.qpn, p.mtu_bytes, remote.slots);
+  MP_LOG_DEBUG(kLog, "rdma: connected to {} (remote QP {}, MTU {}, {} header slots)", Node(c->peer),
+               remote.qpn, p.mtu_bytes, remote.slots);
   std::vector<int64_t> keys;
   for (const auto& [key, lb] : c->local_buffers) {
     if (!lb.pull_slot) keys.push_back(key);
@@ -559,9 +562,9 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
         }
         const int64_t key = blob->key;
         if (key == kHeaderBodyKey && blob->nbytes > kMaxIndirectFrameBytes) {
-          acts.blobs.emplace_back(peer, EncodeRefuse(key, "header of " +
-                                                              std::to_string(blob->nbytes) +
-                                                              " bytes exceeds the limit"));
+          acts.blobs.emplace_back(peer,
+                                  EncodeRefuse(key, "header of " + std::to_string(blob->nbytes) +
+                                                        " bytes exceeds the limit"));
           break;
         }
         auto it = c->local_buffers.find(key);
@@ -605,9 +608,8 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
       case BlobType::kRefuse: {
         if (c == nullptr) break;
         c->awaiting.erase(blob->key);
-        const Status why = FailedPreconditionError(
-            Node(peer) + " refused a destination for key " + std::to_string(blob->key) + ": " +
-            blob->reason);
+        const Status why = FailedPreconditionError(Node(peer) + " refused a destination for key " +
+                                                   std::to_string(blob->key) + ": " + blob->reason);
         for (auto it = c->pending.begin(); it != c->pending.end();) {
           bool uses = false;
           for (const auto& d : it->msg.meta.data) uses |= d.key == blob->key;
@@ -630,10 +632,9 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
 Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size,
                                          bool cuda_device) {
   if (addr == nullptr || size == 0) {
-    return InvalidArgumentError("RdmaVan::RegisterRecvBuffer: addr=" +
-                                std::to_string(reinterpret_cast<uintptr_t>(addr)) +
-                                " size=" + std::to_string(size) +
-                                "; expected a non-null, non-empty buffer");
+    return InvalidArgumentError(
+        "RdmaVan::RegisterRecvBuffer: addr=" + std::to_string(reinterpret_cast<uintptr_t>(addr)) +
+        " size=" + std::to_string(size) + "; expected a non-null, non-empty buffer");
   }
   if (key == kHeaderBodyKey) {
     return InvalidArgumentError("RdmaVan::RegisterRecvBuffer: key " + std::to_string(key) +
@@ -783,12 +784,12 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
   if (c->credits == 0) return PostResult::kBlocked;
   if (c->sq_used + writes + 1 > options_.send_queue_depth) {
     if (writes + 1 > options_.send_queue_depth) {
-      CompleteLocked(p->handle,
-                     InvalidArgumentError("RdmaVan::Send: message needs " +
-                                          std::to_string(writes + 1) +
-                                          " work requests; the send queue holds " +
-                                          std::to_string(options_.send_queue_depth)),
-                     acts);
+      CompleteLocked(
+          p->handle,
+          InvalidArgumentError("RdmaVan::Send: message needs " + std::to_string(writes + 1) +
+                               " work requests; the send queue holds " +
+                               std::to_string(options_.send_queue_depth)),
+          acts);
       return PostResult::kFailed;
     }
     return PostResult::kBlocked;
@@ -805,9 +806,9 @@ RdmaTransport::PostResult RdmaTransport::TryPostLocked(Conn* c, Pending* p, Acti
     auto mr = mr_cache_.Get(reinterpret_cast<void*>(slot.addr), slot.nbytes,
                             kAccessLocalWrite | kAccessRemoteWrite);
     if (!mr.ok()) {
-      CompleteLocked(p->handle, mr.status().Annotate("registering pull slot for key " +
-                                                     std::to_string(slot.key)),
-                     acts);
+      CompleteLocked(
+          p->handle,
+          mr.status().Annotate("registering pull slot for key " + std::to_string(slot.key)), acts);
       return PostResult::kFailed;
     }
     LocalBuffer lb;
@@ -1008,15 +1009,17 @@ void RdmaTransport::HandleCompletionLocked(const Completion& wc, Actions* acts) 
   Conn* c = FindConn(info.peer);
   if (c == nullptr || c->gen != info.conn_gen || c->state == PeerState::kDead) return;
   if (wc.status != kWcSuccess) {
-    const Status why = UnavailableError(
-        std::string(WrKindWhat(static_cast<int>(info.kind))) +
-        (info.kind == WrKind::kRecv ? " from " : " to ") + Node(c->peer) + " failed: " +
-        WcStatusString(wc.status) + " (wc status " + std::to_string(wc.status) +
-        ", vendor error 0x" + [&] {
-          char b[16];
-          std::snprintf(b, sizeof(b), "%x", wc.vendor_err);
-          return std::string(b);
-        }() + "); connection marked dead");
+    const Status why =
+        UnavailableError(std::string(WrKindWhat(static_cast<int>(info.kind))) +
+                         (info.kind == WrKind::kRecv ? " from " : " to ") + Node(c->peer) +
+                         " failed: " + WcStatusString(wc.status) + " (wc status " +
+                         std::to_string(wc.status) + ", vendor error 0x" +
+                         [&] {
+                           char b[16];
+                           std::snprintf(b, sizeof(b), "%x", wc.vendor_err);
+                           return std::string(b);
+                         }() +
+                         "); connection marked dead");
     if (info.handle != 0) CompleteLocked(info.handle, why, acts);
     KillLocked(c, why, acts);
     return;
@@ -1032,24 +1035,23 @@ void RdmaTransport::HandleCompletionLocked(const Completion& wc, Actions* acts) 
       c->sq_used -= std::min(c->sq_used, info.covers);
       PumpLocked(c, acts);
       break;
-    case WrKind::kData:
-      break;  // unsignaled; only reported on error
+    case WrKind::kData: break;  // unsignaled; only reported on error
     case WrKind::kRecv: {
       if (Status s = PostRecvLocked(c); !s.ok()) {
         KillLocked(c, s.Annotate("re-posting a receive for " + Node(c->peer)), acts);
         return;
       }
       if (!wc.has_imm || wc.opcode != WcOpcode::kRecvWithImm) {
-        KillLocked(c, DataLossError(Node(c->peer) + " sent a message without an immediate"),
-                   acts);
+        KillLocked(c, DataLossError(Node(c->peer) + " sent a message without an immediate"), acts);
         return;
       }
       if (ImmKindOf(wc.imm) == ImmKind::kCredit) {
         const uint64_t credits = uint64_t{c->credits} + ImmValue(wc.imm);
         if (credits > c->remote.slots) {
-          KillLocked(c, DataLossError(Node(c->peer) + " returned more header credits (" +
-                                      std::to_string(credits) + ") than its " +
-                                      std::to_string(c->remote.slots) + " slots"),
+          KillLocked(c,
+                     DataLossError(Node(c->peer) + " returned more header credits (" +
+                                   std::to_string(credits) + ") than its " +
+                                   std::to_string(c->remote.slots) + " slots"),
                      acts);
           return;
         }
@@ -1059,9 +1061,9 @@ void RdmaTransport::HandleCompletionLocked(const Completion& wc, Actions* acts) 
       } else if (ImmKindOf(wc.imm) == ImmKind::kHeader) {
         HandleHeaderLocked(c, ImmValue(wc.imm), acts);
       } else {
-        KillLocked(c, DataLossError(Node(c->peer) + " sent unknown immediate " +
-                                    std::to_string(wc.imm)),
-                   acts);
+        KillLocked(
+            c, DataLossError(Node(c->peer) + " sent unknown immediate " + std::to_string(wc.imm)),
+            acts);
       }
       break;
     }
@@ -1071,8 +1073,9 @@ void RdmaTransport::HandleCompletionLocked(const Completion& wc, Actions* acts) 
 void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
   if (slot != c->expected_slot) {
     // RC delivers in order, so this is a broken or hostile peer; the ring is out of step.
-    KillLocked(c, DataLossError(Node(c->peer) + " wrote header slot " + std::to_string(slot) +
-                                "; expected " + std::to_string(c->expected_slot)),
+    KillLocked(c,
+               DataLossError(Node(c->peer) + " wrote header slot " + std::to_string(slot) +
+                             "; expected " + std::to_string(c->expected_slot)),
                acts);
     return;
   }
@@ -1101,8 +1104,8 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
       frame = ind.status();
     } else if (body == nullptr || !body->pool) {
       frame = DataLossError("rdma indirect header: " + std::to_string(ind->len) + " bytes at " +
-                            std::to_string(ind->addr) + " outside the header buffer advertised to " +
-                            Node(c->peer));
+                            std::to_string(ind->addr) +
+                            " outside the header buffer advertised to " + Node(c->peer));
     } else {
       frame = DecodeHeaderFrame(reinterpret_cast<const void*>(ind->addr), ind->len);
       used_van_buffer = true;
@@ -1153,10 +1156,10 @@ void RdmaTransport::HandleHeaderLocked(Conn* c, uint32_t slot, Actions* acts) {
       if (lb == nullptr) {
         ReturnCreditsLocked(c, true, acts);
         acts->dropped.emplace_back(
-            meta, DataLossError("data segment " + std::to_string(i) + " (key " +
-                                std::to_string(d.key) + ", " + std::to_string(d.nbytes) +
-                                " bytes at " + std::to_string(d.addr) +
-                                ") lies outside every buffer advertised to " + Node(c->peer)));
+            meta,
+            DataLossError("data segment " + std::to_string(i) + " (key " + std::to_string(d.key) +
+                          ", " + std::to_string(d.nbytes) + " bytes at " + std::to_string(d.addr) +
+                          ") lies outside every buffer advertised to " + Node(c->peer)));
         return;
       }
       seg.data = reinterpret_cast<void*>(d.addr);
@@ -1241,8 +1244,8 @@ void RdmaTransport::Run(Actions* acts) {
     acts->notify |= more.notify;
   }
   for (auto& [meta, why] : acts->dropped) {
-    MP_LOG_ERROR_LIMITED(refused_log_, kLog, "rdma: dropped {} from {}: {}",
-                         CommandName(meta.cmd), Node(meta.sender), why.ToString());
+    MP_LOG_ERROR_LIMITED(refused_log_, kLog, "rdma: dropped {} from {}: {}", CommandName(meta.cmd),
+                         Node(meta.sender), why.ToString());
     if (receiver != nullptr) receiver->OnDropped(meta, why);
   }
   for (auto& [peer, why] : acts->failures) {

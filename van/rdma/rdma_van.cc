@@ -4,6 +4,8 @@
 // noticed; busy_poll never blocks. The transport may detect a dead connection on any
 // thread that drives it (a failed post inside Send); the van queues such failures and the
 // poller reports them, so VanReceiver::OnPeerFailure never runs inside a caller's Send.
+#include "van/rdma/rdma_van.h"
+
 #include <atomic>
 #include <mutex>
 #include <thread>
@@ -13,7 +15,6 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "van/rdma/rdma_transport.h"
-#include "van/rdma/rdma_van.h"
 
 namespace meshpost {
 namespace {
@@ -32,8 +33,8 @@ class RdmaVanImpl : public RdmaVan {
         [this](int peer, std::string blob) -> Status {
           VanReceiver* r = receiver_.load(std::memory_order_acquire);
           if (r == nullptr) {
-            return FailedPreconditionError("RdmaVan: rendezvous with node " +
-                                           std::to_string(peer) + " before Start");
+            return FailedPreconditionError("RdmaVan: rendezvous with node " + std::to_string(peer) +
+                                           " before Start");
           }
           return r->SendRendezvous(name(), peer, std::move(blob));
         });
@@ -45,8 +46,8 @@ class RdmaVanImpl : public RdmaVan {
       failures_pending_.store(true, std::memory_order_release);
     });
     const auto& l = transport_->local();
-    endpoint_ = "rdma://" + l.device + ":" + std::to_string(l.port) + "/gid/" +
-                std::to_string(l.gid_index);
+    endpoint_ =
+        "rdma://" + l.device + ":" + std::to_string(l.port) + "/gid/" + std::to_string(l.gid_index);
     return 0;
   }
 

@@ -27,24 +27,24 @@ class DeviceBackend;  // tensor/device_backend.h
 using RdmaVerbsFactory = std::function<std::unique_ptr<rdma::VerbsApi>()>;
 
 struct RdmaOptions {
-  std::string device;            // MESHPOST_RDMA_DEVICE ("mlx5_0"); "" = auto
-  std::string interface;         // DMLC_INTERFACE: pick the RDMA device behind this netdev
-  int port = 1;                  // MESHPOST_RDMA_PORT
-  int gid_index = -1;            // MESHPOST_RDMA_GID_INDEX; -1 = auto (RoCE v2 IPv4 GID)
-  uint32_t max_inline = 256;     // MESHPOST_RDMA_INLINE: requested; the NIC may grant less
-  uint32_t header_slots = 64;    // MESHPOST_RDMA_HEADER_SLOTS: in-flight messages per peer
+  std::string device;                 // MESHPOST_RDMA_DEVICE ("mlx5_0"); "" = auto
+  std::string interface;              // DMLC_INTERFACE: pick the RDMA device behind this netdev
+  int port = 1;                       // MESHPOST_RDMA_PORT
+  int gid_index = -1;                 // MESHPOST_RDMA_GID_INDEX; -1 = auto (RoCE v2 IPv4 GID)
+  uint32_t max_inline = 256;          // MESHPOST_RDMA_INLINE: requested; the NIC may grant less
+  uint32_t header_slots = 64;         // MESHPOST_RDMA_HEADER_SLOTS: in-flight messages per peer
   uint32_t header_slot_bytes = 4096;  // MESHPOST_RDMA_HEADER_BYTES: larger headers go out of line
   size_t mr_cache_entries = 1024;     // MESHPOST_RDMA_MR_CACHE
   // MESHPOST_RDMA_GPU: how CUDA memory is registered (auto, dmabuf, peermem, staging;
   // van/rdma/mr_cache.h), and the device backend for it (null: CudaBackend(); tests: fake).
   std::string gpu = "auto";
   DeviceBackend* gpu_backend = nullptr;
-  uint32_t send_queue_depth = 1024;   // work requests per QP
-  size_t max_pending = 4096;          // queued sends per peer (waiting for credits/buffers)
-  WaitPolicy wait;                    // completion poller spin/block policy
-  int64_t stop_drain_ms = 5'000;      // VanOptions::stop_drain_ms
+  uint32_t send_queue_depth = 1024;    // work requests per QP
+  size_t max_pending = 4096;           // queued sends per peer (waiting for credits/buffers)
+  WaitPolicy wait;                     // completion poller spin/block policy
+  int64_t stop_drain_ms = 5'000;       // VanOptions::stop_drain_ms
   std::shared_ptr<CorePinner> pinner;  // VanOptions::pinner
-  RdmaVerbsFactory verbs;             // tests only; empty = libibverbs
+  RdmaVerbsFactory verbs;              // tests only; empty = libibverbs
 };
 
 // Reads the variables above; a malformed value is an InvalidArgument naming it.
@@ -52,9 +52,9 @@ Result<RdmaOptions> RdmaOptionsFromEnv(const EnvLookup& env);
 
 struct RdmaGidInfo {
   int index = 0;
-  std::string gid;      // textual IPv6 form
-  std::string type;     // "RoCE v2", "IB/RoCE v1"
-  std::string netdev;   // for RoCE
+  std::string gid;     // textual IPv6 form
+  std::string type;    // "RoCE v2", "IB/RoCE v1"
+  std::string netdev;  // for RoCE
 };
 
 struct RdmaPortInfo {

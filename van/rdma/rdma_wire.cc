@@ -160,8 +160,7 @@ Result<Blob> DecodeBlob(const void* data, size_t size) {
       r.GetString(&b.reason, 1024);
       if (!r.ok()) return Bad("refuse: " + r.status().message());
       break;
-    default:
-      return Bad("unknown type " + std::to_string(type));
+    default: return Bad("unknown type " + std::to_string(type));
   }
   if (r.remaining() != 0) return Bad(std::to_string(r.remaining()) + " trailing bytes");
   return b;

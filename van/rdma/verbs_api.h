@@ -41,7 +41,7 @@ struct Completion {
   int status = kWcSuccess;
   WcOpcode opcode = WcOpcode::kOther;  // meaningful only when status == kWcSuccess
   bool has_imm = false;
-  uint32_t imm = 0;                    // host byte order
+  uint32_t imm = 0;  // host byte order
   uint32_t byte_len = 0;
   uint32_t vendor_err = 0;
 };
@@ -60,7 +60,7 @@ struct DeviceAttr {
 
 struct PortAttr {
   bool active = false;
-  std::string state;            // "ACTIVE", "DOWN", ...
+  std::string state;  // "ACTIVE", "DOWN", ...
   uint16_t lid = 0;
   uint32_t active_mtu_bytes = 0;  // 256..4096
   LinkLayer link_layer = LinkLayer::kUnknown;
@@ -121,10 +121,10 @@ struct QpPeer {
   uint32_t psn = 0;
   uint16_t lid = 0;
   Gid gid{};
-  bool use_grh = false;        // RoCE, or IB across subnets
-  uint32_t mtu_bytes = 1024;   // path MTU (min of both ports)
-  uint8_t port = 1;            // local port
-  int sgid_index = 0;          // local GID index
+  bool use_grh = false;       // RoCE, or IB across subnets
+  uint32_t mtu_bytes = 1024;  // path MTU (min of both ports)
+  uint8_t port = 1;           // local port
+  int sgid_index = 0;         // local GID index
 };
 
 struct WriteRequest {

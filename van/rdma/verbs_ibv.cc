@@ -3,10 +3,10 @@
 // names the call and the device.
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <infiniband/verbs.h>
 #include <net/if.h>
 #include <poll.h>
-#include <fcntl.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -210,10 +210,10 @@ class IbvQp : public VerbsQp {
       attr.ah_attr.grh.hop_limit = 64;
       attr.ah_attr.grh.traffic_class = 0;
     }
-    const int rc = ibv_modify_qp(qp_, &attr,
-                                 IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
-                                     IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC |
-                                     IBV_QP_MIN_RNR_TIMER);
+    const int rc =
+        ibv_modify_qp(qp_, &attr,
+                      IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                          IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER);
     if (rc != 0) return Errno("ibv_modify_qp(RTR)", rc);
     return OkStatus();
   }
@@ -221,7 +221,7 @@ class IbvQp : public VerbsQp {
   Status ToRts(uint32_t psn) override {
     ibv_qp_attr attr{};
     attr.qp_state = IBV_QPS_RTS;
-    attr.timeout = 14;   // 4.096 us * 2^14 ~ 67 ms per retry
+    attr.timeout = 14;  // 4.096 us * 2^14 ~ 67 ms per retry
     attr.retry_cnt = 7;
     attr.rnr_retry = 7;  // infinite RNR retry: receives are re-posted by the poller
     attr.sq_psn = psn;
@@ -366,11 +366,12 @@ class IbvDevice : public VerbsDevice {
     ibv_mr* mr = ibv_reg_dmabuf_mr(pd_, offset, length, iova, fd, flags);
     if (mr == nullptr) {
       const int err = errno;
-      Status s = Errno("ibv_reg_dmabuf_mr(" + name_ + ", " + std::to_string(length) + " bytes)",
-                       err);
+      Status s =
+          Errno("ibv_reg_dmabuf_mr(" + name_ + ", " + std::to_string(length) + " bytes)", err);
       // EOPNOTSUPP / EPROTONOSUPPORT: the provider or kernel has no dma-buf MRs.
       if (err == EOPNOTSUPP || err == EPROTONOSUPPORT || err == ENOSYS) {
-        return UnimplementedError(s.message() + " (the RDMA provider or kernel lacks dma-buf "
+        return UnimplementedError(s.message() +
+                                  " (the RDMA provider or kernel lacks dma-buf "
                                   "memory regions: needs Linux >= 5.12 and rdma-core >= 34)");
       }
       return s;

@@ -10,6 +10,8 @@
 // every message on it to the node that authenticated it. The connector's side of the
 // handshake (reading the challenge on its DEALER) runs on the receive thread; Send() queues
 // messages for a connection until it is authenticated, so no caller ever blocks on it.
+#include "van/zmq/zmq_van.h"
+
 #include <zmq.h>
 
 #include <algorithm>
@@ -28,7 +30,6 @@
 #include "common/logging.h"
 #include "van/codec.h"
 #include "van/delivery.h"
-#include "van/zmq/zmq_van.h"
 
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
@@ -117,9 +118,8 @@ class ZmqVan : public Van {
                                  ? static_cast<int64_t>(options_.max_message_bytes)
                                  : -1;
     zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_size, sizeof(max_size));
-    const std::string endpoint =
-        "tcp://" + (host.empty() ? std::string("*") : host) + ":" +
-        (port == 0 ? std::string("*") : std::to_string(port));
+    const std::string endpoint = "tcp://" + (host.empty() ? std::string("*") : host) + ":" +
+                                 (port == 0 ? std::string("*") : std::to_string(port));
     if (zmq_bind(s, endpoint.c_str()) != 0) {
       Status st = UnavailableError(ZmqError(("bind " + endpoint).c_str()));
       zmq_close(s);
@@ -145,7 +145,8 @@ class ZmqVan : public Van {
     if (running_.load()) return FailedPreconditionError("van already started");
     // Wakes the receive thread out of a blocking poll when a new outgoing connection
     // starts its handshake (its DEALER must be polled from then on).
-    const std::string wake = "inproc://meshpost-wake-" + std::to_string(reinterpret_cast<uintptr_t>(this));
+    const std::string wake =
+        "inproc://meshpost-wake-" + std::to_string(reinterpret_cast<uintptr_t>(this));
     wake_rx_ = zmq_socket(ctx_, ZMQ_PAIR);
     wake_tx_ = zmq_socket(ctx_, ZMQ_PAIR);
     if (wake_rx_ == nullptr || wake_tx_ == nullptr || zmq_bind(wake_rx_, wake.c_str()) != 0 ||
@@ -247,8 +248,7 @@ class ZmqVan : public Van {
     std::lock_guard<std::mutex> lock(peer->mu);
     if (peer->socket == nullptr) return UnavailableError("connection closed");
     switch (peer->state) {
-      case PeerState::kFailed:
-        return peer->failure;
+      case PeerState::kFailed: return peer->failure;
       case PeerState::kAuthenticating:
         if (peer->queued.size() >= kMaxQueuedWhileAuthenticating) {
           return ResourceExhaustedError("node " + std::to_string(peer->id) + ": " +
@@ -257,8 +257,7 @@ class ZmqVan : public Van {
         }
         peer->queued.push_back(std::move(msg));
         return OkStatus();
-      case PeerState::kReady:
-        break;
+      case PeerState::kReady: break;
     }
     return SendLocked(*peer, std::move(msg));
   }
@@ -420,7 +419,8 @@ class ZmqVan : public Van {
   // gave) is dropped after connect_timeout_ms instead of being retried forever.
   void ExpireOrphans(std::vector<std::shared_ptr<Peer>>* pending) {
     const uint64_t now = GetNanosecond();
-    const uint64_t limit = static_cast<uint64_t>(std::max<int64_t>(1, options_.connect_timeout_ms)) * 1000000ull;
+    const uint64_t limit =
+        static_cast<uint64_t>(std::max<int64_t>(1, options_.connect_timeout_ms)) * 1000000ull;
     std::vector<std::shared_ptr<Peer>> expired;
     for (auto& p : *pending) {
       std::lock_guard<std::mutex> lock(p->mu);
@@ -492,8 +492,8 @@ class ZmqVan : public Van {
             }
           }
         } else {
-          st = proof.status().Annotate("node " + std::to_string(peer->id) + " at " +
-                                       peer->host + ":" + std::to_string(peer->port));
+          st = proof.status().Annotate("node " + std::to_string(peer->id) + " at " + peer->host +
+                                       ":" + std::to_string(peer->port));
         }
       }
       if (!st.ok()) {
@@ -564,7 +564,8 @@ class ZmqVan : public Van {
       return;
     }
     if (decoded->type == AuthFrameType::kHello && !conn.handshake) {
-      conn.handshake = std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
+      conn.handshake =
+          std::make_unique<AcceptorHandshake>(options_.cluster_token, options_.self_id);
       auto challenge = conn.handshake->OnHello(*decoded);
       if (challenge.ok()) SendOnRouter(identity, *challenge);
       return;
@@ -758,7 +759,7 @@ class ZmqVan : public Van {
   std::thread recv_thread_;
   std::mutex peers_mu_;
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
-  std::mutex auth_mu_;  // guards authenticating_ and wake_tx_
+  std::mutex auth_mu_;       // guards authenticating_ and wake_tx_
   void* wake_tx_ = nullptr;  // written by Connect (under auth_mu_)
   void* wake_rx_ = nullptr;  // receive thread only
   std::vector<std::shared_ptr<Peer>> authenticating_;

@@ -29,7 +29,7 @@ struct FakeDeviceSpec {
   uint32_t mtu = 4096;
   bool port_active = true;
   int ports = 1;
-  uint32_t max_inline = 220;  // what a QP is granted at most
+  uint32_t max_inline = 220;   // what a QP is granted at most
   std::vector<GidEntry> gids;  // index = position
 };
 

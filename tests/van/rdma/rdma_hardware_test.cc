@@ -26,8 +26,7 @@ TEST(RdmaAvailabilityTest, CheckMatchesProbe) {
   Status s = CheckRdmaAvailable();
   if (devices->empty()) {
     EXPECT_EQ(s.code(), StatusCode::kUnavailable);
-    EXPECT_EQ(s.message().rfind("no RDMA device: ibv_get_device_list found 0 devices", 0), 0u)
-        << s;
+    EXPECT_EQ(s.message().rfind("no RDMA device: ibv_get_device_list found 0 devices", 0), 0u) << s;
   } else {
     for (const auto& d : *devices) EXPECT_FALSE(d.name.empty());
   }
@@ -78,7 +77,8 @@ TEST(RdmaHardwareTest, LoopbackPushAndPullOnARealDevice) {
     }
   };
   ASSERT_TRUE((*a)->Connect(2).ok());
-  settle([&] { return (*a)->state(2) == PeerState::kReady && (*b)->state(1) == PeerState::kReady; });
+  settle(
+      [&] { return (*a)->state(2) == PeerState::kReady && (*b)->state(1) == PeerState::kReady; });
   ASSERT_EQ((*a)->state(2), PeerState::kReady) << (*a)->dead_reason(2);
   std::vector<uint8_t> pull(1 << 16, 0);
   auto payload = testing::Bytes(1 << 20, 3);

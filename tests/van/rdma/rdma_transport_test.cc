@@ -35,8 +35,7 @@ class RdmaTransportTest : public ::testing::Test {
     ASSERT_EQ(w_->t->state(kServer), PeerState::kReady);
     ASSERT_EQ(s_->t->state(kWorker), PeerState::kReady);
   }
-  uint64_t Push(int64_t key, const std::shared_ptr<std::vector<uint8_t>>& bytes,
-                uint64_t id = 1) {
+  uint64_t Push(int64_t key, const std::shared_ptr<std::vector<uint8_t>>& bytes, uint64_t id = 1) {
     auto h = w_->t->Send(MakePush(kWorker, kServer, key, bytes, id), false);
     EXPECT_TRUE(h.ok()) << h.status();
     return h.ok() ? *h : 0;
@@ -214,7 +213,7 @@ TEST_F(RdmaTransportTest, OversizedPushReRendezvousesInsteadOfOverrunning) {
   cluster_.fabric.clear_writes();
   auto big = Bytes(5000, 9);
   auto h2 = Push(3, big, 2);
-  EXPECT_EQ(w_->t->pending_sends(kServer), 1u);  // waits for the new buffer
+  EXPECT_EQ(w_->t->pending_sends(kServer), 1u);   // waits for the new buffer
   EXPECT_TRUE(cluster_.fabric.writes().empty());  // nothing was written into the old one
   cluster_.Settle();
   ASSERT_TRUE(w_->t->Wait(h2, 0).ok());
@@ -302,8 +301,7 @@ TEST_F(RdmaTransportTest, ResponsesToRequestsInFlightWithOnePullKeyLandInTheirOw
   ASSERT_EQ(w_->recv.messages.size(), 3u);  // none dropped as outside the advertised slots
   for (uint64_t id = 1; id <= 3; ++id) {
     EXPECT_EQ(w_->recv.messages[id - 1].meta.id, id);
-    EXPECT_EQ(pulls[id - 1], *Bytes(128, static_cast<uint8_t>(10 * id)))
-        << "request " << id;
+    EXPECT_EQ(pulls[id - 1], *Bytes(128, static_cast<uint8_t>(10 * id))) << "request " << id;
   }
 }
 
@@ -560,8 +558,7 @@ TEST_F(RdmaTransportTest, PayloadRegistrationIsCachedAcrossSends) {
 
 // --- error paths ------------------------------------------------------------------------
 
-class CompletionErrorTest : public RdmaTransportTest,
-                            public ::testing::WithParamInterface<int> {};
+class CompletionErrorTest : public RdmaTransportTest, public ::testing::WithParamInterface<int> {};
 
 TEST_P(CompletionErrorTest, FailsHandlesNamesPeerAndMarksConnectionDead) {
   const int status = GetParam();
@@ -655,8 +652,7 @@ TEST_F(RdmaTransportTest, SendValidationHappensOnTheCallersThread) {
   EXPECT_TRUE(Contains(r.status().message(), "nbytes"));
   OutMessage missing = MakePush(kWorker, kServer, 1, Bytes(10, 1));
   missing.segments.clear();
-  EXPECT_EQ(w_->t->Send(std::move(missing), false).status().code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(w_->t->Send(std::move(missing), false).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(w_->t->Wait(12345, 0).code(), StatusCode::kNotFound);
 }
 

@@ -95,7 +95,11 @@ TEST(RdmaWireTest, MalformedHelloIsRejectedWithReason) {
   ExpectDataLoss(with([](ConnInfo& m) { m.psn = 1u << 24; }), "PSN");
   ExpectDataLoss(with([](ConnInfo& m) { m.mtu_bytes = 1500; }), "MTU");
   ExpectDataLoss(with([](ConnInfo& m) { m.link_layer = static_cast<LinkLayer>(9); }), "link");
-  ExpectDataLoss(with([](ConnInfo& m) { m.lid = 0; m.gid = {}; }), "neither a LID nor a GID");
+  ExpectDataLoss(with([](ConnInfo& m) {
+                   m.lid = 0;
+                   m.gid = {};
+                 }),
+                 "neither a LID nor a GID");
   ExpectDataLoss(with([](ConnInfo& m) { m.ring_addr = 0; }), "ring address");
   ExpectDataLoss(with([](ConnInfo& m) { m.slot_bytes = 8; }), "slot size");
   ExpectDataLoss(with([](ConnInfo& m) { m.slots = 0; }), "slot count");
@@ -169,8 +173,7 @@ TEST(RdmaWireTest, HeaderFrameRoundTripAndValidation) {
   EXPECT_EQ(DecodeHeaderFrame(wrong.data(), wrong.size()).status().code(), StatusCode::kDataLoss);
   // An empty (never written) slot.
   std::string zeros(256, '\0');
-  EXPECT_EQ(DecodeHeaderFrame(zeros.data(), zeros.size()).status().code(),
-            StatusCode::kDataLoss);
+  EXPECT_EQ(DecodeHeaderFrame(zeros.data(), zeros.size()).status().code(), StatusCode::kDataLoss);
   // Corrupted meta inside a well-formed frame.
   std::string bad_meta = frame;
   bad_meta[12] ^= 0x5a;

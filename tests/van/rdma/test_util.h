@@ -33,11 +33,10 @@ inline GidEntry Ipv4Gid(uint8_t last, GidType type, const std::string& netdev = 
 inline FakeDeviceSpec RoceSpec(const std::string& name = "mlx5_0", uint8_t ip = 1) {
   FakeDeviceSpec s;
   s.name = name;
-  s.gids = {MakeGid({0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, ip}, GidType::kIbRoceV1,
-                    "eth0"),
-            MakeGid({0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, ip}, GidType::kRoceV2,
-                    "eth0"),
-            Ipv4Gid(ip, GidType::kIbRoceV1), Ipv4Gid(ip, GidType::kRoceV2)};
+  s.gids = {
+      MakeGid({0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, ip}, GidType::kIbRoceV1, "eth0"),
+      MakeGid({0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, ip}, GidType::kRoceV2, "eth0"),
+      Ipv4Gid(ip, GidType::kIbRoceV1), Ipv4Gid(ip, GidType::kRoceV2)};
   return s;
 }
 
@@ -64,12 +63,12 @@ class FakeCluster {
     const int host = fabric.AddHost({spec});
     auto node = std::make_unique<TestNode>();
     node->id = id;
-    auto t = RdmaTransport::Create(fabric.Api(host), options,
-                                   [this, id](int peer, std::string blob) {
-                                     wire.push_back({id, peer, std::move(blob)});
-                                     sent.push_back(wire.back());
-                                     return OkStatus();
-                                   });
+    auto t =
+        RdmaTransport::Create(fabric.Api(host), options, [this, id](int peer, std::string blob) {
+          wire.push_back({id, peer, std::move(blob)});
+          sent.push_back(wire.back());
+          return OkStatus();
+        });
     if (!t.ok()) {
       create_status = t.status();
       return nullptr;
