@@ -1,6 +1,8 @@
 #include "van/delivery.h"
 
+#include <cstdint>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "common/logging.h"
@@ -55,6 +57,13 @@ RecvSegment LandSegment(void* dest, void* data, size_t size, std::shared_ptr<voi
   if (dest != nullptr) {
     if (size != 0 && dest != data) std::memcpy(dest, data, size);
     seg.data = dest;
+  } else if (size != 0 && reinterpret_cast<uintptr_t>(data) % kVanBufferAlign != 0) {
+    constexpr std::align_val_t kAlign{kVanBufferAlign};
+    std::shared_ptr<void> copy(::operator new(size, kAlign),
+                               [](void* p) { ::operator delete(p, kAlign); });
+    std::memcpy(copy.get(), data, size);
+    seg.data = copy.get();
+    seg.owner = std::move(copy);
   } else {
     seg.data = data;
     seg.owner = std::move(owner);

@@ -24,7 +24,11 @@ Result<void*> SegmentDestination(VanReceiver* receiver, const Meta& meta, size_t
                                  size_t size);
 
 // Bytes the van already holds at `data` (kept alive by `owner`): copied into `dest` when
-// the receiver chose one (and it is not where they already are), kept otherwise.
+// the receiver chose one (and it is not where they already are), kept otherwise. A kept
+// buffer becomes the owner's tensor, so it must suit every element type: one that is not
+// kVanBufferAlign-aligned (ZeroMQ slices small frames out of one receive batch at any
+// offset) is copied into an aligned buffer first.
+constexpr size_t kVanBufferAlign = 8;
 RecvSegment LandSegment(void* dest, void* data, size_t size, std::shared_ptr<void> owner);
 
 // Hands a complete message to the receiver, or, when `refused` is not OK, logs why (naming

@@ -53,6 +53,11 @@ class RecordingReceiver : public VanReceiver {
     std::lock_guard<std::mutex> lock(mu_);
     rendezvous_ = std::move(fn);
   }
+  // Segments of `key` land at `where` (else in a van buffer); safe while traffic flows.
+  void land(int64_t key, void* where) {
+    std::lock_guard<std::mutex> lock(mu_);
+    destinations[key] = where;
+  }
   std::map<int64_t, void*> destinations;  // key → where its segments land (else van buffer)
   std::atomic<bool> refuse{false};        // every Destination fails (may flip mid-test)
 

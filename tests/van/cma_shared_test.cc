@@ -113,7 +113,7 @@ TEST_P(CmaSharedTest, SharedPushIntoARegisteredBufferIsOneCopy) {
   ASSERT_TRUE(t.ok());
   for (int i = 0; i < 1024; ++i) static_cast<int32_t*>(t->data)[i] = i * 3;
   std::vector<int32_t> dest(1024, -1);
-  rb_.destinations[5] = dest.data();
+  rb_.land(5, dest.data());
   OutMessage m;
   m.meta.cmd = Command::kRequest;
   m.meta.sender = kIdA;
@@ -153,7 +153,7 @@ TEST_P(CmaSharedTest, PullSlotsArriveWritableAndAResponseInPlaceMovesNoBytes) {
   std::memset(view.data, 0x5A, view.size);
   EXPECT_EQ(static_cast<uint8_t*>(slot->data)[12345], 0x5A);
   // b answers with the view itself: a receives the segment in place.
-  ra_.destinations[1] = slot->data;
+  ra_.land(1, slot->data);
   OutMessage resp;
   resp.meta.cmd = Command::kResponse;
   resp.meta.sender = kIdB;
