@@ -80,5 +80,12 @@ def test_tensor_over_the_frame_cap_is_refused_and_the_pair_keeps_working(cluster
                 env={"MESHPOST_TRANSPORT": "tcp", "MESHPOST_MAX_MESSAGE_BYTES": "65536"})
 
 
+def test_a_connection_the_receiver_closed_authenticates_again(cluster):
+    # Only the server has the small cap, so the worker sends the frame and the server
+    # closes the (authenticated) connection under it.
+    cluster.run("receiver_cap.py", workers=1, servers=1, env={"MESHPOST_TRANSPORT": "tcp"},
+                env_for={"server:0": {"MESHPOST_MAX_MESSAGE_BYTES": "65536"}})
+
+
 def test_scheduler_barrier_fails_at_once_and_the_others_complete(cluster):
     cluster.run("scheduler_barrier.py", workers=1, servers=1, scheduler_runs_script=True)

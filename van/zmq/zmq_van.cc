@@ -10,6 +10,16 @@
 // every message on it to the node that authenticated it. The connector's side of the
 // handshake (reading the challenge on its DEALER) runs on the receive thread; Send() queues
 // messages for a connection until it is authenticated, so no caller ever blocks on it.
+//
+// A connection can be lost after it authenticated (the acceptor closes it on a frame above
+// its MESHPOST_MAX_MESSAGE_BYTES, a peer restarts its socket, the network drops it).
+// ZeroMQ would reconnect the DEALER by itself, but that new connection carries no
+// handshake, so the acceptor would drop everything on it. So with a token every DEALER has
+// a socket monitor, read by a monitor thread; on a disconnect the receive thread replaces
+// the DEALER with a new one that runs the handshake again (fresh nonces on both sides, so a
+// fresh session key and sequence numbers from 1: nothing of the old session can be
+// replayed into the new one). Sends queue meanwhile; if the new connection does not
+// authenticate within connect_timeout_ms the peer fails with UNAVAILABLE naming it.
 #include "van/zmq/zmq_van.h"
 
 #include <zmq.h>
@@ -98,6 +108,7 @@ class ZmqVan : public Van {
   }
   ~ZmqVan() override {
     Stop();
+    CloseMonitors();
     zmq_ctx_term(ctx_);
   }
 
@@ -159,6 +170,9 @@ class ZmqVan : public Van {
       PinCurrentThread(options_.pinner, "tcp receive");
       ReceiveLoop();
     });
+    if (!options_.cluster_token.empty()) {
+      monitor_thread_ = std::thread([this] { MonitorLoop(); });
+    }
     return OkStatus();
   }
 
@@ -166,38 +180,28 @@ class ZmqVan : public Van {
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_.find(peer.id);
     if (it != peers_.end()) {
-      if (it->second->host == peer.host && it->second->port == peer.port) return OkStatus();
+      bool failed;
+      {
+        std::lock_guard<std::mutex> plock(it->second->mu);
+        failed = it->second->state == PeerState::kFailed;
+      }
+      // A failed connection (e.g. lost and not re-authenticated in time) is replaced when
+      // the node is connected again.
+      if (!failed && it->second->host == peer.host && it->second->port == peer.port) {
+        return OkStatus();
+      }
       peers_.erase(it);
     }
     auto p = std::make_shared<Peer>();
     p->id = peer.id;
     p->host = peer.host;
     p->port = peer.port;
-    p->socket = zmq_socket(ctx_, ZMQ_DEALER);
-    if (p->socket == nullptr) return InternalError(ZmqError("zmq_socket(DEALER)"));
-    int zero = 0;
-    zmq_setsockopt(p->socket, ZMQ_LINGER, &zero, sizeof(zero));
-    zmq_setsockopt(p->socket, ZMQ_SNDHWM, &zero, sizeof(zero));
-    const std::string endpoint = "tcp://" + peer.host + ":" + std::to_string(peer.port);
-    if (zmq_connect(p->socket, endpoint.c_str()) != 0) {
-      return UnavailableError(ZmqError(("connect " + endpoint).c_str()));
-    }
-    if (!options_.cluster_token.empty()) {
-      p->state = PeerState::kAuthenticating;
-      p->handshake =
-          std::make_unique<ConnectorHandshake>(options_.cluster_token, options_.self_id, peer.id);
-      const std::string hello = p->handshake->Hello();
-      // ZeroMQ queues the hello until the TCP connection is up; the receive thread reads
-      // the challenge from this socket (nobody else touches it while authenticating).
-      if (zmq_send(p->socket, hello.data(), hello.size(), 0) < 0) {
-        return UnavailableError(ZmqError(("send hello to " + endpoint).c_str()));
-      }
-      std::lock_guard<std::mutex> alock(auth_mu_);
-      authenticating_.push_back(p);
-      if (wake_tx_ != nullptr) zmq_send(wake_tx_, "", 0, ZMQ_DONTWAIT);
+    {
+      std::lock_guard<std::mutex> plock(p->mu);
+      MESHPOST_RETURN_IF_ERROR(OpenDealerLocked(p));
     }
     peers_[peer.id] = std::move(p);
-    MP_LOG_DEBUG(kLog, "connected to node {} at {}", peer.id, endpoint);
+    MP_LOG_DEBUG(kLog, "connected to node {} at {}:{}", peer.id, peer.host, peer.port);
     return OkStatus();
   }
 
@@ -272,6 +276,7 @@ class ZmqVan : public Van {
     if (running_.exchange(false)) {
       if (recv_thread_.joinable()) recv_thread_.join();
     }
+    if (monitor_thread_.joinable()) monitor_thread_.join();
     {
       std::lock_guard<std::mutex> lock(auth_mu_);
       authenticating_.clear();
@@ -309,6 +314,12 @@ class ZmqVan : public Van {
     std::deque<OutMessage> queued;  // sent before the connection authenticated
     Status failure;                 // kFailed: why
     uint64_t orphaned_at_ns = 0;    // set by Disconnect; the handshake then has a deadline
+    // Set when a lost connection is replaced: the new handshake must end by then.
+    uint64_t reauth_deadline_ns = 0;
+    // Incarnation of `socket` (each replacement adds one); a monitor event of an older
+    // socket is ignored.
+    std::atomic<uint64_t> generation{0};
+    std::atomic<bool> lost{false};  // the monitor saw `socket` disconnect
     ~Peer() {
       if (socket) zmq_close(socket);
     }
@@ -323,6 +334,173 @@ class ZmqVan : public Van {
     bool refused = false;  // failed the handshake or a MAC check: everything is dropped
     uint64_t order = 0;    // creation order, to evict the oldest unauthenticated one
   };
+
+  // Requires peer->mu. Opens a new DEALER to the peer (closing the previous one, if any)
+  // and, with a token, attaches a socket monitor and starts the handshake: the receive
+  // thread reads the challenge, Send() queues until then.
+  Status OpenDealerLocked(const std::shared_ptr<Peer>& p) {
+    const std::string endpoint = "tcp://" + p->host + ":" + std::to_string(p->port);
+    if (p->socket != nullptr) {
+      zmq_close(p->socket);  // LINGER 0: what it still held belonged to the lost session
+      p->socket = nullptr;
+    }
+    const uint64_t gen = p->generation.fetch_add(1) + 1;
+    p->lost = false;
+    p->socket = zmq_socket(ctx_, ZMQ_DEALER);
+    if (p->socket == nullptr) return InternalError(ZmqError("zmq_socket(DEALER)"));
+    int zero = 0;
+    zmq_setsockopt(p->socket, ZMQ_LINGER, &zero, sizeof(zero));
+    zmq_setsockopt(p->socket, ZMQ_SNDHWM, &zero, sizeof(zero));
+    if (options_.cluster_token.empty()) {
+      if (zmq_connect(p->socket, endpoint.c_str()) != 0) {
+        return UnavailableError(ZmqError(("connect " + endpoint).c_str()));
+      }
+      return OkStatus();
+    }
+    // The monitor is attached before connecting, so no disconnect of this socket is missed.
+    const std::string monitor = "inproc://meshpost-mon-" +
+                                std::to_string(reinterpret_cast<uintptr_t>(this)) + "-" +
+                                std::to_string(next_monitor_++);
+    if (zmq_socket_monitor(p->socket, monitor.c_str(), ZMQ_EVENT_DISCONNECTED) != 0) {
+      return InternalError(ZmqError("zmq_socket_monitor"));
+    }
+    {
+      std::lock_guard<std::mutex> mlock(monitor_mu_);
+      new_monitors_.push_back({p, gen, monitor});
+    }
+    if (zmq_connect(p->socket, endpoint.c_str()) != 0) {
+      return UnavailableError(ZmqError(("connect " + endpoint).c_str()));
+    }
+    p->state = PeerState::kAuthenticating;
+    p->sealer.reset();
+    p->handshake =
+        std::make_unique<ConnectorHandshake>(options_.cluster_token, options_.self_id, p->id);
+    const std::string hello = p->handshake->Hello();
+    // ZeroMQ queues the hello until the TCP connection is up; the receive thread reads
+    // the challenge from this socket (nobody else touches it while authenticating).
+    if (zmq_send(p->socket, hello.data(), hello.size(), 0) < 0) {
+      return UnavailableError(ZmqError(("send hello to " + endpoint).c_str()));
+    }
+    std::lock_guard<std::mutex> alock(auth_mu_);
+    if (std::find(authenticating_.begin(), authenticating_.end(), p) == authenticating_.end()) {
+      authenticating_.push_back(p);
+    }
+    if (wake_tx_ != nullptr) zmq_send(wake_tx_, "", 0, ZMQ_DONTWAIT);
+    return OkStatus();
+  }
+
+  // Monitor thread: reads the DEALER monitors and flags lost connections for the receive
+  // thread (which alone replaces a DEALER it may be polling).
+  void MonitorLoop() {
+    while (running_.load()) {
+      {
+        std::lock_guard<std::mutex> mlock(monitor_mu_);
+        for (NewMonitor& n : new_monitors_) {
+          void* s = zmq_socket(ctx_, ZMQ_PAIR);
+          if (s == nullptr || zmq_connect(s, n.endpoint.c_str()) != 0) {
+            MP_LOG_ERROR(kLog, "{}", ZmqError("monitor socket"));
+            if (s != nullptr) zmq_close(s);
+            continue;
+          }
+          monitors_.push_back({n.peer, n.generation, s});
+        }
+        new_monitors_.clear();
+      }
+      // Forget monitors of replaced or dropped DEALERs.
+      for (size_t i = 0; i < monitors_.size();) {
+        auto p = monitors_[i].peer.lock();
+        if (p == nullptr || p->generation.load() != monitors_[i].generation) {
+          zmq_close(monitors_[i].socket);
+          monitors_[i] = monitors_.back();
+          monitors_.pop_back();
+        } else {
+          ++i;
+        }
+      }
+      std::vector<zmq_pollitem_t> items;
+      for (const Monitor& m : monitors_) items.push_back({m.socket, 0, ZMQ_POLLIN, 0});
+      if (items.empty()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        continue;
+      }
+      int rc = zmq_poll(items.data(), static_cast<int>(items.size()), 20);
+      if (rc <= 0) continue;
+      bool flagged = false;
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (!(items[i].revents & ZMQ_POLLIN)) continue;
+        for (;;) {
+          ZmqMsg event;
+          if (zmq_msg_recv(&event.msg, monitors_[i].socket, ZMQ_DONTWAIT) < 0) break;
+          uint16_t id = 0;
+          if (event.size() >= sizeof(id)) std::memcpy(&id, event.data(), sizeof(id));
+          while (zmq_msg_more(&event.msg)) {
+            ZmqMsg rest;
+            if (zmq_msg_recv(&rest.msg, monitors_[i].socket, ZMQ_DONTWAIT) < 0) break;
+            if (!zmq_msg_more(&rest.msg)) break;
+          }
+          if (id != ZMQ_EVENT_DISCONNECTED) continue;
+          auto p = monitors_[i].peer.lock();
+          if (p != nullptr && p->generation.load() == monitors_[i].generation) {
+            p->lost = true;
+            flagged = true;
+          }
+        }
+      }
+      if (flagged) {
+        reconnects_pending_.store(true);
+        std::lock_guard<std::mutex> alock(auth_mu_);
+        if (wake_tx_ != nullptr) zmq_send(wake_tx_, "", 0, ZMQ_DONTWAIT);
+      }
+    }
+    CloseMonitors();
+  }
+
+  void CloseMonitors() {
+    for (Monitor& m : monitors_) zmq_close(m.socket);
+    monitors_.clear();
+  }
+
+  // Receive thread: replaces every DEALER whose connection was lost with a new one that
+  // authenticates again before data flows.
+  void ReplaceLostConnections() {
+    std::vector<std::shared_ptr<Peer>> lost;
+    {
+      std::lock_guard<std::mutex> lock(peers_mu_);
+      for (auto& [id, p] : peers_) {
+        if (p->lost.load()) lost.push_back(p);
+      }
+    }
+    for (auto& p : lost) {
+      Status failed;
+      {
+        std::lock_guard<std::mutex> lock(p->mu);
+        if (!p->lost.load() || p->orphaned_at_ns != 0 || p->state == PeerState::kFailed) continue;
+        MP_LOG_INFO(kLog,
+                    "connection to node {} at {}:{} was closed by the peer (a frame over its "
+                    "MESHPOST_MAX_MESSAGE_BYTES, or a restart); authenticating a new one",
+                    p->id, p->host, p->port);
+        failed = OpenDealerLocked(p);
+        // The bound runs from the first loss: a peer that keeps closing new connections
+        // does not extend it.
+        if (p->reauth_deadline_ns == 0) {
+          p->reauth_deadline_ns =
+              DeadlineFromTimeoutMs(std::max<int64_t>(1, options_.connect_timeout_ms));
+        }
+        if (!failed.ok()) {
+          failed = UnavailableError("node " + std::to_string(p->id) + " at " + p->host + ":" +
+                                    std::to_string(p->port) +
+                                    ": cannot replace the lost connection: " + failed.message());
+          p->state = PeerState::kFailed;
+          p->failure = failed;
+          p->queued.clear();
+        }
+      }
+      if (!failed.ok()) {
+        MP_LOG_ERROR(kLog, "{}", failed.message());
+        receiver_->OnPeerFailure(p->id, failed);
+      }
+    }
+  }
 
   // Requires peer.mu. Encodes, seals (authenticated clusters) and sends one message.
   Status SendLocked(Peer& peer, OutMessage&& msg) {
@@ -376,6 +554,10 @@ class ZmqVan : public Van {
     const uint64_t spin_end = GetNanosecond() + options_.wait.spin_ns;
     for (;;) {
       if (!running_.load(std::memory_order_relaxed)) return false;
+      if (reconnects_pending_.load(std::memory_order_relaxed) &&
+          reconnects_pending_.exchange(false)) {
+        ReplaceLostConnections();
+      }
       auto pending = Authenticating();
       ExpireOrphans(&pending);
       if (!pending.empty()) {
@@ -422,15 +604,29 @@ class ZmqVan : public Van {
     const uint64_t limit =
         static_cast<uint64_t>(std::max<int64_t>(1, options_.connect_timeout_ms)) * 1000000ull;
     std::vector<std::shared_ptr<Peer>> expired;
+    std::vector<std::pair<int, Status>> failures;
     for (auto& p : *pending) {
       std::lock_guard<std::mutex> lock(p->mu);
+      if (p->state != PeerState::kAuthenticating) continue;
       if (p->orphaned_at_ns != 0 && now - p->orphaned_at_ns > limit) {
         p->state = PeerState::kFailed;
         p->failure = UnavailableError("disconnected before the connection authenticated");
         p->queued.clear();
         expired.push_back(p);
+      } else if (p->orphaned_at_ns == 0 && p->reauth_deadline_ns != 0 &&
+                 now > p->reauth_deadline_ns) {
+        p->state = PeerState::kFailed;
+        p->failure = UnavailableError(
+            "node " + std::to_string(p->id) + " at " + p->host + ":" + std::to_string(p->port) +
+            " closed the connection and a new one did not authenticate within " +
+            std::to_string(options_.connect_timeout_ms) + " ms (connect_timeout_ms)");
+        p->queued.clear();
+        MP_LOG_ERROR(kLog, "{}", p->failure.message());
+        failures.emplace_back(p->id, p->failure);
+        expired.push_back(p);
       }
     }
+    for (auto& [id, why] : failures) receiver_->OnPeerFailure(id, why);
     if (expired.empty()) return;
     std::lock_guard<std::mutex> alock(auth_mu_);
     for (auto& p : expired) {
@@ -484,6 +680,7 @@ class ZmqVan : public Van {
             peer->sealer = std::make_unique<MessageSealer>(peer->handshake->session_key());
             peer->handshake.reset();
             peer->state = PeerState::kReady;
+            peer->reauth_deadline_ns = 0;
             MP_LOG_DEBUG(kLog, "connection to node {} authenticated", peer->id);
             while (!peer->queued.empty()) {
               Status s = SendLocked(*peer, std::move(peer->queued.front()));
@@ -757,6 +954,24 @@ class ZmqVan : public Van {
   std::atomic<bool> running_{false};
   std::atomic<int64_t> inflight_{0};  // zero-copy frames ZeroMQ has not released yet
   std::thread recv_thread_;
+  // Socket monitors of the DEALERs (clusters with a token): new ones are handed to the
+  // monitor thread under monitor_mu_; monitors_ belongs to the monitor thread.
+  struct NewMonitor {
+    std::weak_ptr<Peer> peer;
+    uint64_t generation;
+    std::string endpoint;
+  };
+  struct Monitor {
+    std::weak_ptr<Peer> peer;
+    uint64_t generation;
+    void* socket;
+  };
+  std::thread monitor_thread_;
+  std::mutex monitor_mu_;
+  std::vector<NewMonitor> new_monitors_;
+  std::vector<Monitor> monitors_;
+  std::atomic<uint64_t> next_monitor_{0};
+  std::atomic<bool> reconnects_pending_{false};
   std::mutex peers_mu_;
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
   std::mutex auth_mu_;       // guards authenticating_ and wake_tx_
