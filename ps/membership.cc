@@ -356,8 +356,13 @@ void Membership::OnPeerLeave(const Meta& m) {
   PeerGone(m.sender, UnavailableError(m.body), /*orderly=*/true);
 }
 
-void Membership::PeerGone(int id, const Status& why, bool orderly) {
+void Membership::PeerGone(int id, const Status& reported, bool orderly) {
   if (!layout_.Contains(id)) return;
+  // A van names a peer by its node id and address; Barrier, Start and Stop report the
+  // scheduler's status as it is, so say whose connection it was.
+  const Status why = (id == kSchedulerId && reported.message().rfind("scheduler", 0) != 0)
+                         ? reported.Annotate("the scheduler is unreachable")
+                         : reported;
   {
     std::lock_guard<std::mutex> lock(mu_);
     // A peer the scheduler announced as leaving whose connection closes is leaving.

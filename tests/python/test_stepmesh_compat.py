@@ -34,7 +34,7 @@ def meshpost_log_lines(output):
 
 
 def test_stepmesh_program_runs_unchanged_1x1_and_2x2(cluster):
-    counts = {}
+    lines = {}
     for workers, servers in ((1, 1), (2, 2)):
         results = cluster.run("stepmesh_compat.py", workers=workers, servers=servers,
                               env=STEPMESH_ENV, scheduler_runs_script=True, timeout=240)
@@ -45,17 +45,20 @@ def test_stepmesh_program_runs_unchanged_1x1_and_2x2(cluster):
             assert any("iterations x 3 stages checked" in line
                        for line in results[f"worker:{w}"].output)
         # "waiting for ..." progress lines depend on how fast the machine starts processes.
-        counts[(workers, servers)] = {
-            name: len([line for line in meshpost_log_lines(r.output) if "waiting for" not in line])
+        lines[(workers, servers)] = {
+            name: [line for line in meshpost_log_lines(r.output) if "waiting for" not in line]
             for name, r in results.items()}
     # At INFO a start/stop prints O(1) lines per process, not one per peer: a worker or
     # server of the 2x2 cluster prints no more than one of the 1x1 cluster; the scheduler
     # may name each node once as it registers.
-    small, big = counts[(1, 1)], counts[(2, 2)]
-    for name, n in big.items():
+    small, big = lines[(1, 1)], lines[(2, 2)]
+    for name, printed in big.items():
         role = name.split(":")[0]
-        limit = small["scheduler"] + 3 if role == "scheduler" else small[f"{role}:0"]
-        assert n <= limit, counts
+        ref = "scheduler" if role == "scheduler" else f"{role}:0"
+        limit = len(small[ref]) + (3 if role == "scheduler" else 0)
+        assert len(printed) <= limit, (
+            f"{name} of the 2x2 cluster printed {len(printed)} lines, {ref} of the 1x1 cluster "
+            f"{len(small[ref])}:\n" + "\n".join(printed) + "\n-- 1x1:\n" + "\n".join(small[ref]))
 
 
 def test_unsupported_stepmesh_vans_are_refused_listing_the_supported_ones(clean_env):
