@@ -475,10 +475,14 @@ class ZmqVan : public Van {
       {
         std::lock_guard<std::mutex> lock(p->mu);
         if (!p->lost.load() || p->orphaned_at_ns != 0 || p->state == PeerState::kFailed) continue;
-        MP_LOG_INFO(kLog,
-                    "connection to node {} at {}:{} was closed by the peer (a frame over its "
-                    "MESHPOST_MAX_MESSAGE_BYTES, or a restart); authenticating a new one",
-                    p->id, p->host, p->port);
+        // Debug: every peer that stops before this node closes its connection this way. A
+        // new connection that authenticates is logged (INFO); one that does not fails the
+        // peer, which the receiver reports.
+        MP_LOG_DEBUG(kLog,
+                     "connection to node {} at {}:{} was closed by the peer (a frame over its "
+                     "MESHPOST_MAX_MESSAGE_BYTES, a restart, or it stopped); authenticating a "
+                     "new one",
+                     p->id, p->host, p->port);
         failed = OpenDealerLocked(p);
         // The bound runs from the first loss: a peer that keeps closing new connections
         // does not extend it.
@@ -621,7 +625,8 @@ class ZmqVan : public Van {
             " closed the connection and a new one did not authenticate within " +
             std::to_string(options_.connect_timeout_ms) + " ms (connect_timeout_ms)");
         p->queued.clear();
-        MP_LOG_ERROR(kLog, "{}", p->failure.message());
+        // The receiver reports it (a peer that already left in order is not news).
+        MP_LOG_DEBUG(kLog, "{}", p->failure.message());
         failures.emplace_back(p->id, p->failure);
         expired.push_back(p);
       }
@@ -680,8 +685,15 @@ class ZmqVan : public Van {
             peer->sealer = std::make_unique<MessageSealer>(peer->handshake->session_key());
             peer->handshake.reset();
             peer->state = PeerState::kReady;
+            if (peer->reauth_deadline_ns != 0) {
+              MP_LOG_INFO(kLog,
+                          "connection to node {} at {}:{} was closed by the peer; a new one "
+                          "authenticated",
+                          peer->id, peer->host, peer->port);
+            } else {
+              MP_LOG_DEBUG(kLog, "connection to node {} authenticated", peer->id);
+            }
             peer->reauth_deadline_ns = 0;
-            MP_LOG_DEBUG(kLog, "connection to node {} authenticated", peer->id);
             while (!peer->queued.empty()) {
               Status s = SendLocked(*peer, std::move(peer->queued.front()));
               peer->queued.pop_front();
