@@ -42,6 +42,19 @@ OutMessage Membership::ToScheduler(ControlMessage c) const {
   return msg;
 }
 
+namespace {
+// A van names a peer by its node id and address ("node 0 at 10.0.0.1:9000 ..."); Start,
+// Barrier and Stop report the scheduler's failures as they are, so say whose it was.
+Status NamingTheScheduler(const Status& s) {
+  if (s.ok() || s.message().find("scheduler") != std::string::npos) return s;
+  return s.Annotate("the scheduler is unreachable");
+}
+}  // namespace
+
+Status Membership::SendToScheduler(ControlMessage c) {
+  return NamingTheScheduler(router_->SendControl(ToScheduler(std::move(c))));
+}
+
 template <typename Pred>
 bool Membership::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64_t deadline) {
   while (!pred()) {
@@ -55,8 +68,8 @@ bool Membership::WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint6
 Status Membership::Join(const NodeInfo& self, uint64_t deadline) {
   self_ = self;
   MESHPOST_RETURN_IF_ERROR(router_->ConnectControl(kSchedulerId, opts_.root_uri, opts_.root_port));
-  MESHPOST_RETURN_IF_ERROR(router_->SendControl(ToScheduler(
-      ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_})))));
+  MESHPOST_RETURN_IF_ERROR(SendToScheduler(
+      ControlMessage(Command::kRegister, my_id_, kSchedulerId).Body(EncodeNodes({self_}))));
   std::unique_lock<std::mutex> lock(mu_);
   // The scheduler knows (and logs) who is missing; a node can say whom it waits on, so a
   // wrong DMLC_PS_ROOT_URI / DMLC_PS_ROOT_PORT shows before the start timeout. The
@@ -122,8 +135,9 @@ Status Membership::Barrier(int mask, int64_t timeout_ms) {
     std::lock_guard<std::mutex> lock(mu_);
     seq = ++barrier_seq_[mask];
   }
-  MESHPOST_RETURN_IF_ERROR(router_->SendControl(
-      ToScheduler(ControlMessage(Command::kBarrier, my_id_, kSchedulerId).Arg(mask).Seq(seq))));
+  MESHPOST_RETURN_IF_ERROR(
+      SendToScheduler(ControlMessage(Command::kBarrier, my_id_, kSchedulerId).Arg(mask).Seq(seq))
+          .Annotate("Barrier(" + GroupNames(mask) + ")"));
   std::unique_lock<std::mutex> lock(mu_);
   const auto key = std::make_pair(mask, seq);
   const bool done = WaitLocked(
@@ -358,11 +372,7 @@ void Membership::OnPeerLeave(const Meta& m) {
 
 void Membership::PeerGone(int id, const Status& reported, bool orderly) {
   if (!layout_.Contains(id)) return;
-  // A van names a peer by its node id and address; Barrier, Start and Stop report the
-  // scheduler's status as it is, so say whose connection it was.
-  const Status why = (id == kSchedulerId && reported.message().rfind("scheduler", 0) != 0)
-                         ? reported.Annotate("the scheduler is unreachable")
-                         : reported;
+  const Status why = id == kSchedulerId ? NamingTheScheduler(reported) : reported;
   {
     std::lock_guard<std::mutex> lock(mu_);
     // A peer the scheduler announced as leaving whose connection closes is leaving.

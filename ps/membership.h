@@ -65,6 +65,8 @@ class Membership {
   void OnTableUpdate(uint64_t version, std::vector<NodeInfo> nodes);
   // Stamps what this node sends the scheduler with its incarnation and table version.
   OutMessage ToScheduler(ControlMessage c) const;
+  // Sends to the scheduler; a failure's message names the scheduler.
+  Status SendToScheduler(ControlMessage c);
   template <typename Pred>
   bool WaitLocked(std::unique_lock<std::mutex>& lock, Pred pred, uint64_t deadline);
   void HeartbeatLoop();
