@@ -11,6 +11,7 @@
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "ps/request_queues.h"
+#include "ps/server_request.h"
 #include "ps/trace_recorder.h"
 #include "tensor/device_staging.h"
 
@@ -18,24 +19,6 @@ namespace meshpost {
 namespace {
 
 constexpr const char* kLog = "ps";
-
-struct ServerRequest {
-  uint64_t handle = 0;
-  int worker_rank = 0;
-  int worker_node = 0;
-  uint64_t request_id = 0;
-  std::vector<TensorDesc> push;
-  std::vector<RecvSegment> segments;  // owners keep van buffers alive until answered
-  std::vector<Device> devices;        // per push segment when some landed in GPU memory
-  std::vector<TensorDesc> slots;
-  std::vector<RecvSegment> peer_slots;  // writable views of the worker's slots (or empty)
-  uint64_t received = 0;
-  uint64_t processed = 0;
-  // Trace capture only: OS threads (TraceThreadId) that received, returned and answered it.
-  uint32_t received_tid = 0;
-  uint32_t processed_tid = 0;
-  uint32_t respond_tid = 0;
-};
 
 struct RecvChunk {
   char* data = nullptr;
@@ -87,22 +70,7 @@ class AFTensorServer::Impl : public DataHandler {
         for (auto& r : batch) {
           r->processed = now;
           r->processed_tid = tid;
-          BatchRequest b;
-          b.handle = r->handle;
-          b.worker_rank = r->worker_rank;
-          for (size_t i = 0; i < r->push.size(); ++i) {
-            KeyTensor kt;
-            kt.key = r->push[i].key;
-            kt.tensor.data = r->segments[i].data;
-            kt.tensor.dtype = r->push[i].dtype;
-            kt.tensor.shape = r->push[i].shape;
-            // Van-owned bytes outlive the request for as long as a caller holds the view.
-            kt.tensor.owner = r->segments[i].owner;
-            if (!r->devices.empty()) kt.tensor.device = r->devices[i];
-            b.push.push_back(std::move(kt));
-          }
-          b.pull_slots = SlotsOf(*r);
-          b.outputs = OutputsOf(*r);
+          BatchRequest b = BatchRequestOf(*r);
           outstanding_.emplace(r->handle, std::move(r));
           out.push_back(std::move(b));
         }
@@ -142,7 +110,7 @@ class AFTensorServer::Impl : public DataHandler {
       if (tensors.empty() && !r->slots.empty() && AllSlotsShared(*r)) {
         in_place = OutputsOf(*r);
       } else {
-        MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors));
+        MESHPOST_RETURN_IF_ERROR(CheckResponse("Respond", *r, tensors, backend_));
       }
       outstanding_.erase(it);
     }
@@ -208,7 +176,7 @@ class AFTensorServer::Impl : public DataHandler {
         if (it == outstanding_.end()) return UnknownHandle(fn, handles[i]);
         MESHPOST_RETURN_IF_ERROR(
             CheckResponse((std::string(fn) + " handles[" + std::to_string(i) + "]").c_str(),
-                          *it->second, {views[i]}));
+                          *it->second, {views[i]}, backend_));
         requests.push_back(it->second);
       }
       for (uint64_t h : handles) outstanding_.erase(h);
@@ -460,32 +428,6 @@ class AFTensorServer::Impl : public DataHandler {
     return rank;
   }
 
-  static std::vector<TensorView> OutputsOf(const ServerRequest& r) {
-    std::vector<TensorView> out(r.slots.size());
-    for (size_t j = 0; j < r.slots.size() && j < r.peer_slots.size(); ++j) {
-      if (r.peer_slots[j].data == nullptr) continue;
-      out[j].data = r.peer_slots[j].data;
-      out[j].dtype = r.slots[j].dtype;
-      out[j].shape = r.slots[j].shape;
-      out[j].owner = r.peer_slots[j].owner;
-    }
-    return out;
-  }
-
-  static bool AllSlotsShared(const ServerRequest& r) {
-    if (r.peer_slots.size() != r.slots.size()) return false;
-    for (const RecvSegment& s : r.peer_slots) {
-      if (s.data == nullptr) return false;
-    }
-    return true;
-  }
-
-  static std::vector<PullSlot> SlotsOf(const ServerRequest& r) {
-    std::vector<PullSlot> slots;
-    for (const TensorDesc& d : r.slots) slots.push_back({d.key, d.dtype, d.shape, d.nbytes});
-    return slots;
-  }
-
   Status UnknownHandle(const char* fn, uint64_t handle) const {
     const uint64_t owner = handle >> kHandleRankShift;
     if (owner != handle_base_ >> kHandleRankShift) {
@@ -497,44 +439,6 @@ class AFTensorServer::Impl : public DataHandler {
                          (handle > handle_base_ && handle < next_handle_
                               ? " was already answered (or is not yet returned by GetBatch)"
                               : " was never returned by GetBatch"));
-  }
-
-  // Requires mu_.
-  Status CheckResponse(const char* fn, const ServerRequest& r,
-                       const std::vector<TensorView>& tensors) {
-    if (tensors.size() != r.slots.size()) {
-      return InvalidArgumentError(std::string(fn) + ": " + std::to_string(tensors.size()) +
-                                  " tensors for handle " + std::to_string(r.handle) + "; worker " +
-                                  std::to_string(r.worker_rank) + " expects " +
-                                  std::to_string(r.slots.size()) + " (its pull slots)" +
-                                  (tensors.empty() ? "; no tensors answers with the request's "
-                                                     "outputs only when every pull slot is in "
-                                                     "the worker's shared memory"
-                                                   : ""));
-    }
-    for (size_t j = 0; j < tensors.size(); ++j) {
-      const std::string where = std::string(fn) + ": tensors[" + std::to_string(j) + "]";
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(tensors[j], where, backend_));
-      const TensorDesc& slot = r.slots[j];
-      if (tensors[j].dtype != slot.dtype || tensors[j].nbytes() != slot.nbytes) {
-        TensorView want;
-        want.dtype = slot.dtype;
-        want.shape = slot.shape;
-        return InvalidArgumentError(
-            where + " is " + tensors[j].Describe() + " (" + std::to_string(tensors[j].nbytes()) +
-            " bytes); worker " + std::to_string(r.worker_rank) + "'s pull slot " +
-            std::to_string(j) + " (key " + std::to_string(slot.key) + ") expects " +
-            want.Describe() + " (" + std::to_string(slot.nbytes) + " bytes)");
-      }
-    }
-    return OkStatus();
-  }
-
-  static bool AnyOnDevice(const std::vector<TensorView>& tensors) {
-    for (const TensorView& t : tensors) {
-      if (t.device.type != DeviceType::kCPU) return true;
-    }
-    return false;
   }
 
   Result<DeviceStager*> Stager() { return stager_.Get(); }
@@ -625,31 +529,9 @@ class AFTensorServer::Impl : public DataHandler {
                         std::to_string(r->worker_rank));
     }
     if (recorder_ && recorder_->Sampled(HandleOf(r->request_id))) {
-      Record(*r, tensors, stamps, TraceThreadId());
+      recorder_->Record(ServerTraceRecord(*r, tensors, stamps, TraceThreadId()));
     }
     return OkStatus();
-  }
-
-  void Record(const ServerRequest& req, const std::vector<TensorView>& tensors,
-              const std::array<uint64_t, kServerStamps>& stamps, uint32_t posted_tid) {
-    TraceRecord r;
-    r.kind = TraceRecordKind::kServerRequest;
-    r.peer = req.worker_rank;
-    r.request_id = req.request_id;
-    r.handle = req.handle;
-    r.num_keys = static_cast<uint16_t>(req.push.size());
-    for (size_t i = 0; i < req.push.size(); ++i) {
-      r.push_bytes += req.push[i].nbytes;
-      if (i < static_cast<size_t>(kTraceRecordKeys)) r.keys[i] = req.push[i].key;
-    }
-    for (const TensorView& t : tensors) r.pull_bytes += t.nbytes();
-    // Same positions as in ps/trace.h, so both ends' records index alike.
-    for (int k = 0; k < kServerStamps; ++k) r.stamps[2 + k] = stamps[k];
-    r.tids[2] = req.received_tid;
-    r.tids[3] = req.processed_tid;
-    r.tids[4] = req.respond_tid;
-    r.tids[5] = posted_tid;
-    recorder_->Record(r);
   }
 
   NodeContext* ctx_;

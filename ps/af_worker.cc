@@ -11,6 +11,7 @@
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "ps/trace_recorder.h"
+#include "ps/worker_request.h"
 #include "tensor/device_staging.h"
 #include "van/codec.h"
 
@@ -21,32 +22,6 @@ constexpr const char* kLog = "ps";
 // Completed handles stay queryable (Wait / FetchTrace / GetAllHandlers) until this many
 // newer handles completed; bounds memory in long runs.
 constexpr size_t kFinishedKeep = 4096;
-
-struct Pending {
-  uint64_t handle = 0;
-  uint64_t num_ids = 1;  // StepMesh ids [handle, handle + num_ids) name this batch
-  int num_servers = 0;
-  int slots_per_server = 0;
-  KeyTensorBatch pull;  // holds owners: pull tensors stay alive until completion
-  std::vector<Trace> traces;
-  std::vector<uint8_t> answered;  // response arrived (its staging copy may still run)
-  std::vector<uint8_t> sent;      // request handed to the transport
-  int remaining = 0;
-  // GPU pull slots: the response lands in staging[i] and is copied to pull[i] after.
-  std::vector<PinnedBuffer> staging;
-  PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
-  int64_t* stream_flag_device = nullptr;
-  int last_server = 0;  // whose answer arrived last: the batch's critical path
-  Status status;        // written before `done` is released
-  std::atomic<bool> done{false};
-  // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
-  bool traced = false;
-  uint32_t caller_tid = 0;  // thread that called ZBatchPushPull (traced handles only)
-  std::atomic<bool> wake_recorded{false};
-  uint64_t push_bytes = 0;
-  uint16_t num_keys = 0;
-  int64_t keys[kTraceRecordKeys] = {0, 0, 0};
-};
 
 }  // namespace
 
@@ -66,33 +41,7 @@ class AFTensorWorker::Impl : public DataHandler {
                                   const StreamSync& sync) {
     const uint64_t start = GetNanosecond();
     const char* fn = "ZBatchPushPull";
-    if (push.empty() && pull.empty()) {
-      return InvalidArgumentError(std::string(fn) +
-                                  ": push and pull are both empty; expected "
-                                  "at least one tensor");
-    }
-    if (pull.size() % num_servers_ != 0) {
-      return InvalidArgumentError(
-          std::string(fn) + ": pull has " + std::to_string(pull.size()) +
-          " tensors, not divisible by the " + std::to_string(num_servers_) +
-          " servers; expected num_servers * slots_per_server tensors, server-major");
-    }
-    if (push.size() > kMaxTensorsPerMessage || pull.size() / num_servers_ > kMaxTensorsPerMessage) {
-      return InvalidArgumentError(
-          std::string(fn) + ": push has " + std::to_string(push.size()) + " tensors and pull " +
-          std::to_string(pull.size() / num_servers_) + " per server; expected at most " +
-          std::to_string(kMaxTensorsPerMessage) + " each way");
-    }
-    for (size_t i = 0; i < push.size(); ++i) {
-      const std::string where = std::string(fn) + ": push[" + std::to_string(i) + "]";
-      MESHPOST_RETURN_IF_ERROR(ValidateKey(push[i].key, where));
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(push[i].tensor, where, backend_));
-    }
-    for (size_t i = 0; i < pull.size(); ++i) {
-      const std::string where = std::string(fn) + ": pull[" + std::to_string(i) + "]";
-      MESHPOST_RETURN_IF_ERROR(ValidateKey(pull[i].key, where));
-      MESHPOST_RETURN_IF_ERROR(ValidateTensor(pull[i].tensor, where, backend_));
-    }
+    MESHPOST_RETURN_IF_ERROR(ValidatePushPull(fn, push, pull, num_servers_, backend_));
     for (int s = 0; s < num_servers_; ++s) {
       Status peer = ctx_->PeerStatus(ServerNodeId(s));
       if (!peer.ok()) return peer.Annotate(std::string(fn) + ": server " + std::to_string(s));
@@ -101,11 +50,11 @@ class AFTensorWorker::Impl : public DataHandler {
     const bool device_push = AnyOnDevice(push), device_pull = AnyOnDevice(pull);
     DeviceStager* stager = nullptr;
     if (device_push || device_pull || sync.need_event) {
-      auto st = Stager();
+      auto st = stager_.Get();
       if (!st.ok()) return st.status().Annotate(fn);
       stager = *st;
     }
-    auto p = std::make_shared<Pending>();
+    auto p = std::make_shared<PendingBatch>();
     p->num_servers = num_servers_;
     p->slots_per_server = static_cast<int>(pull.size()) / num_servers_;
     p->pull = pull;
@@ -192,13 +141,13 @@ class AFTensorWorker::Impl : public DataHandler {
 
   // Sends the request to every server; segments[i] carries push[i]'s bytes (the tensor
   // itself, or its pinned staging copy).
-  void SendRequests(const std::shared_ptr<Pending>& p, const KeyTensorBatch& push,
+  void SendRequests(const std::shared_ptr<PendingBatch>& p, const KeyTensorBatch& push,
                     const std::vector<SendSegment>& segments, uint64_t start) {
     const char* fn = "ZBatchPushPull";
     std::vector<TensorDesc> push_descs;
     push_descs.reserve(push.size());
     for (size_t i = 0; i < push.size(); ++i) {
-      push_descs.push_back(Describe(push[i]));
+      push_descs.push_back(DescribeTensor(push[i]));
       // A staged GPU tensor travels from its pinned copy.
       push_descs.back().addr = reinterpret_cast<uint64_t>(segments[i].data);
     }
@@ -211,7 +160,7 @@ class AFTensorWorker::Impl : public DataHandler {
       msg.meta.id = RequestId(p->handle, s);
       msg.meta.data = push_descs;
       for (int j = 0; j < P; ++j) {
-        msg.meta.slots.push_back(Describe(p->pull[s * P + j]));
+        msg.meta.slots.push_back(DescribeTensor(p->pull[s * P + j]));
         // A GPU slot is answered into its pinned staging buffer.
         if (!p->staging.empty() && p->staging[s * P + j].data) {
           msg.meta.slots.back().addr = reinterpret_cast<uint64_t>(p->staging[s * P + j].data);
@@ -247,8 +196,8 @@ class AFTensorWorker::Impl : public DataHandler {
   Status WaitOnStream(uint64_t handle, DeviceStream stream) {
     auto found = Find(handle, "WaitOnStream");
     if (!found.ok()) return found.status();
-    std::shared_ptr<Pending> p = *found;
-    auto st = Stager();
+    std::shared_ptr<PendingBatch> p = *found;
+    auto st = stager_.Get();
     if (!st.ok()) return st.status().Annotate("WaitOnStream");
     int64_t* device_flag = nullptr;
     {
@@ -273,7 +222,7 @@ class AFTensorWorker::Impl : public DataHandler {
   Status Wait(uint64_t handle, int64_t timeout_ms) {
     auto p = Find(handle, "Wait");
     if (!p.ok()) return p.status();
-    Pending* pending = p->get();
+    PendingBatch* pending = p->get();
     const bool done =
         waiter_.WaitUntil([pending] { return pending->done.load(std::memory_order_acquire); },
                           DeadlineFromTimeoutMs(timeout_ms));
@@ -339,7 +288,7 @@ class AFTensorWorker::Impl : public DataHandler {
       return DataLossError(std::string("worker got unexpected ") + CommandName(meta.cmd));
     }
     std::lock_guard<std::mutex> lock(mu_);
-    MESHPOST_ASSIGN_OR_RETURN(Pending * p, LookupForResponse(meta));
+    MESHPOST_ASSIGN_OR_RETURN(PendingBatch * p, LookupForResponse(meta));
     const int s = ServerOf(meta.id);
     if (index == 0 && p->traces[s].response_received == 0) {
       p->traces[s].response_received = GetNanosecond();
@@ -370,9 +319,9 @@ class AFTensorWorker::Impl : public DataHandler {
       return;
     }
     const uint64_t now = GetNanosecond();
-    std::shared_ptr<Pending> done;
+    std::shared_ptr<PendingBatch> done;
     std::vector<DeviceStager::Copy> copies;  // staged GPU slots of this server's response
-    std::shared_ptr<Pending> staged;
+    std::shared_ptr<PendingBatch> staged;
     // Pull tensors of a completed handle: their owners are released here, outside mu_
     // (an owner may run user code, e.g. free a torch tensor), instead of when the handle
     // is forgotten kFinishedKeep handles later, which would pin thousands of tensors.
@@ -384,7 +333,7 @@ class AFTensorWorker::Impl : public DataHandler {
         MP_LOG_ERROR(kLog, "dropped response: {}", found.status().ToString());
         return;
       }
-      Pending* p = *found;
+      PendingBatch* p = *found;
       const int s = ServerOf(meta.id);
       Trace& t = p->traces[s];
       if (t.response_received == 0) {
@@ -418,7 +367,7 @@ class AFTensorWorker::Impl : public DataHandler {
           t.response_processed = GetNanosecond();
           if (p->traced) t.tids[7] = TraceThreadId();
           if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
-          if (done && p->traced) RecordCompletedLocked(*p);
+          if (done && p->traced) RecordWorkerRequests(*p, recorder_.get());
           // Every response is written; nothing reads p->pull once the handle is done.
           if (done) ReleaseLocked(done.get(), &released);
         } else {
@@ -439,8 +388,8 @@ class AFTensorWorker::Impl : public DataHandler {
     if (done && !done->status.ok()) SendCancels();
   }
 
-  void FinishStaged(const std::shared_ptr<Pending>& p, int s, const Status& copied) {
-    std::shared_ptr<Pending> done;
+  void FinishStaged(const std::shared_ptr<PendingBatch>& p, int s, const Status& copied) {
+    std::shared_ptr<PendingBatch> done;
     KeyTensorBatch released;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -451,7 +400,7 @@ class AFTensorWorker::Impl : public DataHandler {
         p->traces[s].response_processed = GetNanosecond();
         if (p->traced) p->traces[s].tids[7] = TraceThreadId();
         if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
-        if (done && p->traced) RecordCompletedLocked(*p);
+        if (done && p->traced) RecordWorkerRequests(*p, recorder_.get());
         if (done) ReleaseLocked(done.get(), &released);
       }
     }
@@ -461,14 +410,14 @@ class AFTensorWorker::Impl : public DataHandler {
 
   // Requires mu_, on successful completion: hands the pull tensors' owners to the caller
   // to drop outside the lock; staging buffers are free again once no copy uses them.
-  static void ReleaseLocked(Pending* p, KeyTensorBatch* released) {
+  static void ReleaseLocked(PendingBatch* p, KeyTensorBatch* released) {
     released->swap(p->pull);
     p->staging.clear();
   }
 
   void OnDropped(const Meta& meta, const Status& why) override {
     if (meta.cmd != Command::kResponse) return;
-    std::shared_ptr<Pending> done;
+    std::shared_ptr<PendingBatch> done;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto found = LookupForResponse(meta);
@@ -505,50 +454,8 @@ class AFTensorWorker::Impl : public DataHandler {
   }
 
  private:
-  static void PrepareTrace(Pending* p, const KeyTensorBatch& push) {
-    p->traced = true;
-    p->caller_tid = TraceThreadId();
-    p->num_keys = static_cast<uint16_t>(push.size());
-    for (size_t i = 0; i < push.size(); ++i) {
-      p->push_bytes += push[i].tensor.nbytes();
-      if (i < static_cast<size_t>(kTraceRecordKeys)) p->keys[i] = push[i].key;
-    }
-  }
-
-  // Requires mu_. One record per server, once all eight stamps of every server are known.
-  void RecordCompletedLocked(const Pending& p) {
-    const int P = p.slots_per_server;
-    for (int s = 0; s < p.num_servers; ++s) {
-      TraceRecord r;
-      r.kind = TraceRecordKind::kWorkerRequest;
-      r.peer = s;
-      r.request_id = RequestId(p.handle, s);
-      r.handle = p.handle;
-      r.push_bytes = p.push_bytes;
-      for (int j = 0; j < P; ++j) r.pull_bytes += p.pull[s * P + j].tensor.nbytes();
-      r.num_keys = p.num_keys;
-      for (int k = 0; k < kTraceRecordKeys; ++k) r.keys[k] = p.keys[k];
-      const std::array<uint64_t, 8> st = p.traces[s].ToArray();
-      for (int k = 0; k < 8; ++k) {
-        r.stamps[k] = st[k];
-        r.tids[k] = p.traces[s].tids[k];
-      }
-      recorder_->Record(r);
-    }
-  }
-
-  static TensorDesc Describe(const KeyTensor& kt) {
-    TensorDesc d;
-    d.key = kt.key;
-    d.dtype = kt.tensor.dtype;
-    d.shape = kt.tensor.shape;
-    d.nbytes = kt.tensor.nbytes();
-    d.addr = reinterpret_cast<uint64_t>(kt.tensor.data);
-    return d;
-  }
-
   // The batch that owns `id`: its handle or any id GetAllHandlers listed for it.
-  Result<std::shared_ptr<Pending>> Find(uint64_t id, const char* fn) {
+  Result<std::shared_ptr<PendingBatch>> Find(uint64_t id, const char* fn) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = pending_.upper_bound(id);
     if (it != pending_.begin()) {
@@ -563,30 +470,16 @@ class AFTensorWorker::Impl : public DataHandler {
   }
 
   // Requires mu_. The pending request a response answers, if it still expects one.
-  Result<Pending*> LookupForResponse(const Meta& meta) {
-    const uint64_t handle = HandleOf(meta.id);
-    const int s = ServerOf(meta.id);
-    auto it = pending_.find(handle);
+  Result<PendingBatch*> LookupForResponse(const Meta& meta) {
+    auto it = pending_.find(HandleOf(meta.id));
     if (it == pending_.end()) {
-      return NotFoundError("response for unknown handle " + std::to_string(handle));
+      return NotFoundError("response for unknown handle " + std::to_string(HandleOf(meta.id)));
     }
-    Pending* p = it->second.get();
-    if (s >= num_servers_ || meta.sender != ServerNodeId(s)) {
-      return DataLossError("response for handle " + std::to_string(handle) + " server " +
-                           std::to_string(s) + " came from node " + std::to_string(meta.sender));
-    }
-    if (p->done.load(std::memory_order_relaxed)) {
-      return FailedPreconditionError("response for handle " + std::to_string(handle) +
-                                     " which already completed: " + p->status.ToString());
-    }
-    if (p->answered[s]) {
-      return DataLossError("duplicate response for handle " + std::to_string(handle) +
-                           " from server " + std::to_string(s));
-    }
-    return p;
+    MESHPOST_RETURN_IF_ERROR(ExpectsResponse(*it->second, meta));
+    return it->second.get();
   }
 
-  void Fail(const std::shared_ptr<Pending>& p, const Status& why) {
+  void Fail(const std::shared_ptr<PendingBatch>& p, const Status& why) {
     bool notify;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -619,24 +512,15 @@ class AFTensorWorker::Impl : public DataHandler {
     }
   }
 
-  std::shared_ptr<Pending> FailLocked(uint64_t handle, const Status& why) {
+  std::shared_ptr<PendingBatch> FailLocked(uint64_t handle, const Status& why) {
     return CompleteLocked(handle, why);
   }
 
-  static bool AnyOnDevice(const KeyTensorBatch& batch) {
-    for (const KeyTensor& kt : batch) {
-      if (kt.tensor.device.type != DeviceType::kCPU) return true;
-    }
-    return false;
-  }
-
-  Result<DeviceStager*> Stager() { return stager_.Get(); }
-
   // Requires mu_. Completes a handle exactly once; returns it when this call completed it.
-  std::shared_ptr<Pending> CompleteLocked(uint64_t handle, const Status& status) {
+  std::shared_ptr<PendingBatch> CompleteLocked(uint64_t handle, const Status& status) {
     auto it = pending_.find(handle);
     if (it == pending_.end() || it->second->done.load(std::memory_order_relaxed)) return nullptr;
-    std::shared_ptr<Pending> p = it->second;
+    std::shared_ptr<PendingBatch> p = it->second;
     p->status = status;
     p->done.store(true, std::memory_order_release);
     if (!status.ok()) {
@@ -668,7 +552,7 @@ class AFTensorWorker::Impl : public DataHandler {
   uint64_t next_handle_ = 1;
   int inflight_ = 0;
   // Ordered by handle so that any id of a batch finds its batch (upper_bound - 1).
-  std::map<uint64_t, std::shared_ptr<Pending>> pending_;
+  std::map<uint64_t, std::shared_ptr<PendingBatch>> pending_;
   std::deque<uint64_t> finished_;
   std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
   std::atomic<bool> has_cancels_{false};           // cancels_ is not empty

@@ -75,4 +75,18 @@ Status ValidateKey(int64_t key, const std::string& where) {
   return OkStatus();
 }
 
+bool AnyOnDevice(const std::vector<TensorView>& tensors) {
+  for (const TensorView& t : tensors) {
+    if (t.device.type != DeviceType::kCPU) return true;
+  }
+  return false;
+}
+
+bool AnyOnDevice(const KeyTensorBatch& batch) {
+  for (const KeyTensor& kt : batch) {
+    if (kt.tensor.device.type != DeviceType::kCPU) return true;
+  }
+  return false;
+}
+
 }  // namespace meshpost

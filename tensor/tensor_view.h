@@ -35,6 +35,10 @@ struct KeyTensor {
 };
 using KeyTensorBatch = std::vector<KeyTensor>;
 
+// True when some tensor lives in device (GPU) memory rather than host memory.
+bool AnyOnDevice(const std::vector<TensorView>& tensors);
+bool AnyOnDevice(const KeyTensorBatch& batch);
+
 class DeviceBackend;
 
 // Checks a caller's tensor: non-null data (unless empty), sane shape, and a device it can

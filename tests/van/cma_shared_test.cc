@@ -257,7 +257,9 @@ class HostilePeerTest : public ::testing::Test {
     int fd = ::memfd_create("hostile", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     EXPECT_GE(fd, 0);
     EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(size)), 0);
-    if (sealed) EXPECT_EQ(::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+    if (sealed) {
+      EXPECT_EQ(::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+    }
     WireWriter w;
     Preamble(&w, kBlock, 0);
     w.Put<uint32_t>(id);

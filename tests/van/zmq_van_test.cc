@@ -166,7 +166,9 @@ TEST(LandSegmentTest, KeptBuffersAreAlignedForEveryElementType) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(seg.data) % kVanBufferAlign, 0u) << offset;
     EXPECT_EQ(std::memcmp(seg.data, base + offset, 64), 0) << offset;
     ASSERT_NE(seg.owner, nullptr);
-    if (offset % kVanBufferAlign == 0) EXPECT_EQ(seg.data, base + offset);
+    if (offset % kVanBufferAlign == 0) {
+      EXPECT_EQ(seg.data, base + offset);
+    }
   }
 }
 

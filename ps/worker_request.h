@@ -1,0 +1,64 @@
+// One push_pull batch as the worker tracks it (ps/af_worker.cc), and what is derived from it
+// without the worker's state: the caller's input checks, tensor descriptors for the wire and
+// the batch's trace records.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "ps/trace.h"
+#include "ps/trace_recorder.h"
+#include "tensor/device_staging.h"
+#include "tensor/tensor_view.h"
+#include "van/message.h"
+
+namespace meshpost {
+
+struct PendingBatch {
+  uint64_t handle = 0;
+  uint64_t num_ids = 1;  // StepMesh ids [handle, handle + num_ids) name this batch
+  int num_servers = 0;
+  int slots_per_server = 0;
+  KeyTensorBatch pull;  // holds owners: pull tensors stay alive until completion
+  std::vector<Trace> traces;
+  std::vector<uint8_t> answered;  // response arrived (its staging copy may still run)
+  std::vector<uint8_t> sent;      // request handed to the transport
+  int remaining = 0;
+  // GPU pull slots: the response lands in staging[i] and is copied to pull[i] after.
+  std::vector<PinnedBuffer> staging;
+  PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
+  int64_t* stream_flag_device = nullptr;
+  int last_server = 0;  // whose answer arrived last: the batch's critical path
+  Status status;        // written before `done` is released
+  std::atomic<bool> done{false};
+  // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
+  bool traced = false;
+  uint32_t caller_tid = 0;  // thread that called ZBatchPushPull (traced handles only)
+  std::atomic<bool> wake_recorded{false};
+  uint64_t push_bytes = 0;
+  uint16_t num_keys = 0;
+  int64_t keys[kTraceRecordKeys] = {0, 0, 0};
+};
+
+// Checks a push_pull's arguments before anything is allocated or sent: not both empty, pull
+// divisible into `num_servers` equal shares, message tensor limits, every key and tensor
+// (devices through `backend`). Errors name `fn` and the argument, e.g. "push[2]".
+Status ValidatePushPull(const char* fn, const KeyTensorBatch& push, const KeyTensorBatch& pull,
+                        int num_servers, DeviceBackend* backend);
+
+// OK when `meta` is a response `p` still expects: from the server its request id names, for
+// a batch not yet complete, the first from that server. The caller holds the lock of `p`.
+Status ExpectsResponse(const PendingBatch& p, const Meta& meta);
+
+// The wire descriptor of a caller's tensor (its address is where the bytes are read from).
+TensorDesc DescribeTensor(const KeyTensor& kt);
+
+// Marks `p` as traced and notes what its records report of the push (bytes, first keys).
+void PrepareTrace(PendingBatch* p, const KeyTensorBatch& push);
+
+// One record per server of a completed traced batch, once all eight stamps are known. The
+// caller holds the lock that guards `p`.
+void RecordWorkerRequests(const PendingBatch& p, TraceRecorder* recorder);
+
+}  // namespace meshpost
