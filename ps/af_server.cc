@@ -429,16 +429,7 @@ class AFTensorServer::Impl : public DataHandler {
   }
 
   Status UnknownHandle(const char* fn, uint64_t handle) const {
-    const uint64_t owner = handle >> kHandleRankShift;
-    if (owner != handle_base_ >> kHandleRankShift) {
-      return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
-                           " belongs to server " + std::to_string(owner) + ", not to this server " +
-                           std::to_string(handle_base_ >> kHandleRankShift));
-    }
-    return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
-                         (handle > handle_base_ && handle < next_handle_
-                              ? " was already answered (or is not yet returned by GetBatch)"
-                              : " was never returned by GetBatch"));
+    return UnknownServerHandle(fn, handle, handle_base_, next_handle_);
   }
 
   Result<DeviceStager*> Stager() { return stager_.Get(); }
@@ -464,10 +455,23 @@ class AFTensorServer::Impl : public DataHandler {
     if (recorder_) r->respond_tid = TraceThreadId();
     if (!AnyOnDevice(tensors)) return SendResponseNow(std::move(r), tensors, start);
     MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
+    // GPUDirect: the worker's transport reads the device tensors in place (registered here);
+    // with need_event an empty batch on the stager's stream waits for the caller's event.
+    const bool direct = ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice);
+    if (direct) {
+      for (size_t j = 0; j < tensors.size(); ++j) {
+        Status reg = RegisterForGpuDirect(ctx_, tensors[j], "tensors[" + std::to_string(j) + "]");
+        if (!reg.ok()) {
+          (void)SendError(r, reg, "the response could not be sent: ");
+          return reg;
+        }
+      }
+      if (after == nullptr) return SendResponseNow(std::move(r), tensors, start);
+    }
     std::vector<TensorView> staged = tensors;
     std::vector<DeviceStager::Copy> copies;
     for (TensorView& t : staged) {
-      if (t.device.type == DeviceType::kCPU || t.nbytes() == 0) continue;
+      if (direct || t.device.type == DeviceType::kCPU || t.nbytes() == 0) continue;
       auto buf = stager->Acquire(t.nbytes());
       if (!buf.ok())
         return buf.status().Annotate("response for handle " + std::to_string(r->handle));
@@ -544,10 +548,6 @@ class AFTensorServer::Impl : public DataHandler {
   std::atomic<bool> ready_{false};
   std::atomic<uint64_t> down_epoch_{0};
   std::vector<Status> worker_down_;
-  // Handles carry the server rank in their top bits (rank << 40 | counter), so a handle
-  // from another server is never mistaken for one of ours. 40 bits of counter last for
-  // 10^12 requests; rank < 4096 keeps handles below 2^52 (exact in a Python float too).
-  static constexpr int kHandleRankShift = 40;
   const uint64_t handle_base_;
   uint64_t next_handle_;
   std::unordered_map<uint64_t, std::shared_ptr<ServerRequest>> outstanding_;

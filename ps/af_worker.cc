@@ -19,9 +19,6 @@ namespace meshpost {
 namespace {
 
 constexpr const char* kLog = "ps";
-// Completed handles stay queryable (Wait / FetchTrace / GetAllHandlers) until this many
-// newer handles completed; bounds memory in long runs.
-constexpr size_t kFinishedKeep = 4096;
 
 }  // namespace
 
@@ -54,11 +51,21 @@ class AFTensorWorker::Impl : public DataHandler {
       if (!st.ok()) return st.status().Annotate(fn);
       stager = *st;
     }
+    // GPUDirect: when every server's transport moves CUDA memory itself, the push is read
+    // and the pull slots are written in place (registered here), with no pinned staging.
+    bool direct = false;
+    if (device_push || device_pull) {
+      direct = AllServersTake(*ctx_, num_servers_, MemoryKind::kCudaDevice);
+      if (direct) {
+        MESHPOST_RETURN_IF_ERROR(RegisterDeviceTensors(ctx_, push, fn, "push"));
+        MESHPOST_RETURN_IF_ERROR(RegisterDeviceTensors(ctx_, pull, fn, "pull"));
+      }
+    }
     auto p = std::make_shared<PendingBatch>();
     p->num_servers = num_servers_;
     p->slots_per_server = static_cast<int>(pull.size()) / num_servers_;
     p->pull = pull;
-    if (device_pull) {
+    if (device_pull && !direct) {
       p->staging.resize(pull.size());
       for (size_t i = 0; i < pull.size(); ++i) {
         if (pull[i].tensor.device.type == DeviceType::kCPU) continue;
@@ -100,13 +107,15 @@ class AFTensorWorker::Impl : public DataHandler {
     for (const KeyTensor& kt : push) {
       segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
     }
-    if (!device_push) {
+    if (!device_push || (direct && !sync.need_event)) {
       SendRequests(p, push, segments, start);
     } else {
-      // The push tensors are copied to pinned buffers on the stager's stream (after the
-      // caller's stream, with need_event) and sent from the completion thread.
+      // Staged: the push tensors are copied to pinned buffers on the stager's stream (after
+      // the caller's stream, with need_event) and sent from the completion thread. Direct:
+      // an empty batch on that stream waits for the caller's event before the transport
+      // reads the device memory.
       std::vector<DeviceStager::Copy> copies;
-      for (size_t i = 0; i < push.size(); ++i) {
+      for (size_t i = 0; i < push.size() && !direct; ++i) {
         if (push[i].tensor.device.type == DeviceType::kCPU || segments[i].size == 0) continue;
         auto buf = stager->Acquire(segments[i].size);
         if (!buf.ok()) {
@@ -308,6 +317,15 @@ class AFTensorWorker::Impl : public DataHandler {
                            DTypeName(d.dtype) + "; the pull tensor is " + slot.Describe());
     }
     if (!p->staging.empty() && p->staging[i].data != nullptr) return p->staging[i].data;
+    if (slot.device.type != DeviceType::kCPU &&
+        !ctx_->PeerTakesMemory(meta.sender, MemoryKind::kCudaDevice)) {
+      // An unstaged (GPUDirect) slot answered over a transport that cannot write device
+      // memory: the route changed since the request went out (a replaced server).
+      return FailedPreconditionError("response from server " + std::to_string(s) +
+                                     " for the CUDA pull tensor " + slot.Describe() +
+                                     " arrived over " + ctx_->PeerTransport(meta.sender) +
+                                     ", which cannot write device memory");
+    }
     return slot.data;
   }
 
@@ -457,16 +475,7 @@ class AFTensorWorker::Impl : public DataHandler {
   // The batch that owns `id`: its handle or any id GetAllHandlers listed for it.
   Result<std::shared_ptr<PendingBatch>> Find(uint64_t id, const char* fn) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = pending_.upper_bound(id);
-    if (it != pending_.begin()) {
-      --it;
-      if (id - it->first < it->second->num_ids) return it->second;
-    }
-    return NotFoundError(std::string(fn) + ": handle " + std::to_string(id) +
-                         (id < next_handle_ && id > 0
-                              ? " completed long ago and was forgotten (only the last " +
-                                    std::to_string(kFinishedKeep) + " are kept)"
-                              : " was never returned by ZBatchPushPull"));
+    return FindBatch(pending_, id, next_handle_, fn);
   }
 
   // Requires mu_. The pending request a response answers, if it still expects one.

@@ -7,7 +7,9 @@
 #include "common/waiter.h"
 #include "ps/clock_sync.h"
 #include "ps/options.h"
+#include "tensor/tensor_view.h"
 #include "van/message.h"
+#include "van/van.h"
 
 namespace meshpost {
 
@@ -55,6 +57,18 @@ class NodeContext {
   virtual void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) {}
   virtual void OnPullMemory(const void* addr, size_t size,
                             const std::shared_ptr<const void>& owner) {}
+  // GPUDirect: true when the transport carrying data to and from `node_id` reads and writes
+  // memory of `kind` itself (the rdma van with CUDA memory, unless MESHPOST_RDMA_GPU=staging),
+  // so tensors of that kind travel without pinned host staging.
+  virtual bool PeerTakesMemory(int node_id, MemoryKind kind) const {
+    return kind == MemoryKind::kHost;
+  }
+  // Registers CUDA memory of `device` with every transport that takes it in place; the error
+  // says why it cannot be (no dma-buf export, no peer memory: docs/gpu.md).
+  virtual Status RegisterDeviceMemory(const void* addr, size_t size, int device,
+                                      const std::shared_ptr<const void>& owner) {
+    return UnimplementedError("no transport registers device memory");
+  }
 
   // Trace capture: the transport carrying data to/from a peer (by node id; "" when not
   // known), and this node's clock-offset estimate to the scheduler (null: none kept).
@@ -68,5 +82,16 @@ class NodeContext {
     return p;
   }
 };
+
+// Registers a CUDA tensor for GPUDirect (a no-op for host or empty tensors); the error
+// names `where` and the tensor, and the fallback the user can choose.
+inline Status RegisterForGpuDirect(NodeContext* ctx, const TensorView& t,
+                                   const std::string& where) {
+  if (t.device.type == DeviceType::kCPU || t.nbytes() == 0) return OkStatus();
+  return ctx->RegisterDeviceMemory(t.data, t.nbytes(), t.device.index, t.owner)
+      .Annotate(where + " " + t.Describe() +
+                " for GPUDirect (MESHPOST_RDMA_GPU=staging stages it through pinned host memory "
+                "instead)");
+}
 
 }  // namespace meshpost

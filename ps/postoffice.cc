@@ -90,6 +90,13 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                     const std::shared_ptr<const void>& owner) override {
     router_.RegisterMemory(addr, size, owner);
   }
+  bool PeerTakesMemory(int id, MemoryKind kind) const override {
+    return router_.TakesMemory(id, kind);
+  }
+  Status RegisterDeviceMemory(const void* addr, size_t size, int device,
+                              const std::shared_ptr<const void>& owner) override {
+    return router_.RegisterDeviceMemory(addr, size, device, owner);
+  }
   std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
   const ClockSync* clock_sync() const override {
     return membership_ ? membership_->clock_sync() : nullptr;

@@ -52,6 +52,20 @@ std::vector<PullSlot> SlotsOf(const ServerRequest& r) {
   return slots;
 }
 
+Status UnknownServerHandle(const char* fn, uint64_t handle, uint64_t handle_base,
+                           uint64_t next_handle) {
+  const uint64_t owner = handle >> kHandleRankShift;
+  if (owner != handle_base >> kHandleRankShift) {
+    return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
+                         " belongs to server " + std::to_string(owner) + ", not to this server " +
+                         std::to_string(handle_base >> kHandleRankShift));
+  }
+  return NotFoundError(std::string(fn) + ": handle " + std::to_string(handle) +
+                       (handle > handle_base && handle < next_handle
+                            ? " was already answered (or is not yet returned by GetBatch)"
+                            : " was never returned by GetBatch"));
+}
+
 Status CheckResponse(const char* fn, const ServerRequest& r, const std::vector<TensorView>& tensors,
                      DeviceBackend* backend) {
   if (tensors.size() != r.slots.size()) {

@@ -14,6 +14,11 @@
 
 namespace meshpost {
 
+// Handles carry the server rank in their top bits (rank << 40 | counter), so a handle from
+// another server is never mistaken for one of ours. 40 bits of counter last for 10^12
+// requests; rank < 4096 keeps handles below 2^52 (exact in a Python float too).
+constexpr int kHandleRankShift = 40;
+
 struct ServerRequest {
   uint64_t handle = 0;
   int worker_rank = 0;
@@ -43,6 +48,11 @@ std::vector<TensorView> OutputsOf(const ServerRequest& r);
 bool AllSlotsShared(const ServerRequest& r);
 // The worker's pull slots as GetBatch reports them.
 std::vector<PullSlot> SlotsOf(const ServerRequest& r);
+
+// Why `handle` is not outstanding on the server whose handles run from handle_base + 1 to
+// next_handle - 1: another server's, already answered, or never returned by GetBatch.
+Status UnknownServerHandle(const char* fn, uint64_t handle, uint64_t handle_base,
+                           uint64_t next_handle);
 
 // Checks a response to `r`: one tensor per pull slot, each valid (devices through `backend`)
 // and of the slot's dtype and size. Errors name `fn` and the tensor's position.

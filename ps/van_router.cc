@@ -30,6 +30,7 @@ VanOptions VanOptionsFor(const Options& o) {
     return it == vars.end() ? nullptr : it->second.c_str();
   };
   v.pinner = std::make_shared<CorePinner>(o.bind_cpu_core, o.cpu_start_offset);
+  v.device_backend = o.device_backend;
   return v;
 }
 
@@ -282,6 +283,28 @@ void VanRouter::RegisterMemory(const void* addr, size_t size,
     Status s = van->RegisterMemory(region);
     if (!s.ok()) MP_LOG_WARN(kLog, "{}: pull memory not registered: {}", van->name(), s.ToString());
   }
+}
+
+bool VanRouter::TakesMemory(int id, MemoryKind kind) const {
+  if (kind == MemoryKind::kHost) return true;
+  if (id <= 0 || id >= num_nodes_) return false;
+  const Van* van = route_[id].load(std::memory_order_acquire);
+  return van != nullptr && van->RegistersMemory() && van->SupportsMemory(kind);
+}
+
+Status VanRouter::RegisterDeviceMemory(const void* addr, size_t size, int device,
+                                       const std::shared_ptr<const void>& owner) {
+  MemoryRegion region;
+  region.addr = const_cast<void*>(addr);
+  region.size = size;
+  region.owner = owner;
+  region.kind = MemoryKind::kCudaDevice;
+  region.device = device;
+  for (Van* van : registering_) {
+    if (!van->SupportsMemory(MemoryKind::kCudaDevice)) continue;
+    MESHPOST_RETURN_IF_ERROR(van->RegisterMemory(region).Annotate(van->name()));
+  }
+  return OkStatus();
 }
 
 std::string VanRouter::TransportTo(int id) const {

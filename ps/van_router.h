@@ -65,6 +65,11 @@ class VanRouter {
   // buffer registered before StartDataVans is replayed to the vans it creates.
   void RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size);
   void RegisterMemory(const void* addr, size_t size, const std::shared_ptr<const void>& owner);
+  // GPUDirect: whether the van routed to `id` moves memory of `kind` itself, and CUDA memory
+  // registered with every van that does (the first failure is returned, naming the van).
+  bool TakesMemory(int id, MemoryKind kind) const;
+  Status RegisterDeviceMemory(const void* addr, size_t size, int device,
+                              const std::shared_ptr<const void>& owner);
 
   // The mechanism carrying data to `id` ("cma", "cma-shm", "rdma", "tcp").
   std::string TransportTo(int id) const;

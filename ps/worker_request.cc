@@ -37,6 +37,21 @@ Status ValidatePushPull(const char* fn, const KeyTensorBatch& push, const KeyTen
   return OkStatus();
 }
 
+Result<std::shared_ptr<PendingBatch>> FindBatch(
+    const std::map<uint64_t, std::shared_ptr<PendingBatch>>& pending, uint64_t id,
+    uint64_t next_handle, const char* fn) {
+  auto it = pending.upper_bound(id);
+  if (it != pending.begin()) {
+    --it;
+    if (id - it->first < it->second->num_ids) return it->second;
+  }
+  return NotFoundError(std::string(fn) + ": handle " + std::to_string(id) +
+                       (id < next_handle && id > 0
+                            ? " completed long ago and was forgotten (only the last " +
+                                  std::to_string(kFinishedKeep) + " are kept)"
+                            : " was never returned by ZBatchPushPull"));
+}
+
 Status ExpectsResponse(const PendingBatch& p, const Meta& meta) {
   const int s = ServerOf(meta.id);
   if (s >= p.num_servers || meta.sender != ServerNodeId(s)) {
@@ -50,6 +65,22 @@ Status ExpectsResponse(const PendingBatch& p, const Meta& meta) {
   if (p.answered[s]) {
     return DataLossError("duplicate response for handle " + std::to_string(p.handle) +
                          " from server " + std::to_string(s));
+  }
+  return OkStatus();
+}
+
+bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind) {
+  for (int s = 0; s < num_servers; ++s) {
+    if (!ctx.PeerTakesMemory(ServerNodeId(s), kind)) return false;
+  }
+  return true;
+}
+
+Status RegisterDeviceTensors(NodeContext* ctx, const KeyTensorBatch& batch, const char* fn,
+                             const char* name) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    MESHPOST_RETURN_IF_ERROR(RegisterForGpuDirect(
+        ctx, batch[i].tensor, std::string(fn) + ": " + name + "[" + std::to_string(i) + "]"));
   }
   return OkStatus();
 }

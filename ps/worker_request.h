@@ -5,8 +5,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <vector>
 
+#include "ps/node_context.h"
 #include "ps/trace.h"
 #include "ps/trace_recorder.h"
 #include "tensor/device_staging.h"
@@ -14,6 +17,10 @@
 #include "van/message.h"
 
 namespace meshpost {
+
+// Completed handles stay queryable (Wait / FetchTrace / GetAllHandlers) until this many
+// newer handles completed; bounds memory in long runs.
+constexpr size_t kFinishedKeep = 4096;
 
 struct PendingBatch {
   uint64_t handle = 0;
@@ -47,9 +54,21 @@ struct PendingBatch {
 Status ValidatePushPull(const char* fn, const KeyTensorBatch& push, const KeyTensorBatch& pull,
                         int num_servers, DeviceBackend* backend);
 
+// The batch that owns `id` among `pending` (by first handle): its handle or any id
+// GetAllHandlers listed for it; otherwise why not (forgotten, never returned).
+Result<std::shared_ptr<PendingBatch>> FindBatch(
+    const std::map<uint64_t, std::shared_ptr<PendingBatch>>& pending, uint64_t id,
+    uint64_t next_handle, const char* fn);
+
 // OK when `meta` is a response `p` still expects: from the server its request id names, for
 // a batch not yet complete, the first from that server. The caller holds the lock of `p`.
 Status ExpectsResponse(const PendingBatch& p, const Meta& meta);
+
+// GPUDirect: whether the transport to every one of `num_servers` servers moves `kind` itself.
+bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind);
+// Registers the CUDA tensors of `batch` for GPUDirect; errors name `fn` and `name`[i].
+Status RegisterDeviceTensors(NodeContext* ctx, const KeyTensorBatch& batch, const char* fn,
+                             const char* name);
 
 // The wire descriptor of a caller's tensor (its address is where the bytes are read from).
 TensorDesc DescribeTensor(const KeyTensor& kt);

@@ -30,12 +30,15 @@ Result<std::unique_ptr<Van>> MakeRdma(const VanOptions& o) {
   ro.wait = o.wait;
   ro.stop_drain_ms = o.stop_drain_ms;
   ro.pinner = o.pinner;
+  ro.gpu_backend = o.device_backend;
   MESHPOST_ASSIGN_OR_RETURN(auto van, CreateRdmaVan(ro));
   return std::unique_ptr<Van>(std::move(van));
 }
 constexpr Factory kRdmaFactory = &MakeRdma;
+constexpr bool kRdmaBuilt = true;
 #else
 constexpr Factory kRdmaFactory = nullptr;
+constexpr bool kRdmaBuilt = false;
 #endif
 
 // Priority order: the first van that both ends offer and that can reach the peer carries
@@ -43,7 +46,7 @@ constexpr Factory kRdmaFactory = nullptr;
 const std::vector<Entry>& Table() {
   static const std::vector<Entry> table = {
       {{"cma", "same host: cross-memory attach, shared-memory fallback", true}, &MakeCma},
-      {{"rdma", "RDMA (libibverbs RC queue pairs)", kRdmaFactory != nullptr}, kRdmaFactory},
+      {{"rdma", "RDMA (libibverbs RC queue pairs)", kRdmaBuilt}, kRdmaFactory},
       {{"tcp", "ZeroMQ over TCP, any two hosts", true}, &MakeTcp},
   };
   return table;

@@ -18,6 +18,8 @@
 
 namespace meshpost {
 
+class DeviceBackend;  // tensor/device_backend.h: the GPU memory a van may register
+
 // What the owner knows about a peer (from the node table) when it asks a van to reach it.
 struct PeerAddress {
   int id = -1;
@@ -105,6 +107,9 @@ struct VanOptions {
   // STEPMESH_BIND_CPU_CORE: each thread a van starts pins itself through this (null: no
   // pinning). Shared by every van and ps/ thread of the process.
   std::shared_ptr<CorePinner> pinner;
+  // The device backend of the GPU memory a van registers in place (GPUDirect); null means
+  // the CUDA backend. Tests pass the fake backend here.
+  DeviceBackend* device_backend = nullptr;
 };
 
 class Van {

@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "fake_verbs.h"
 #include "launch/local_cluster.h"
 #include "ps/postoffice.h"
+#include "tensor/backend/fake_backend.h"
 #include "test_util.h"
 #include "van/rdma/rdma_van.h"
 #include "van/registry.h"
@@ -148,6 +150,13 @@ class RdmaCluster {
     return servers_[r]->Start();
   }
 
+  // GPU tensors of every node go through `backend` (set before Start); `rdma_env` holds
+  // MESHPOST_RDMA_* variables for every node (e.g. MESHPOST_RDMA_GPU=staging).
+  void SetDevice(DeviceBackend* backend, std::map<std::string, std::string> rdma_env = {}) {
+    backend_ = backend;
+    rdma_env_ = std::move(rdma_env);
+  }
+
   Postoffice* server(int r) { return servers_[r].get(); }
   Postoffice* worker(int r) { return workers_[r].get(); }
   FakeFabric& fabric() { return fabric_; }
@@ -164,6 +173,8 @@ class RdmaCluster {
     o.transport = "rdma";
     o.start_timeout_ms = 20000;
     o.spin_us = 0;
+    o.device_backend = backend_;
+    o.rdma_env = rdma_env_;
     return o;
   }
 
@@ -175,7 +186,8 @@ class RdmaCluster {
     return [fabric, host](const std::string& name,
                           const VanOptions& vo) -> Result<std::unique_ptr<Van>> {
       if (name != "rdma") return CreateVan(name, vo);
-      RdmaOptions ro;
+      MESHPOST_ASSIGN_OR_RETURN(RdmaOptions ro, RdmaOptionsFromEnv(vo.env));
+      ro.gpu_backend = vo.device_backend;
       ro.wait = vo.wait;
       ro.stop_drain_ms = vo.stop_drain_ms;
       ro.verbs = [fabric, host] { return fabric->Api(host); };
@@ -195,6 +207,8 @@ class RdmaCluster {
   std::vector<std::unique_ptr<Postoffice>> workers_;
   std::vector<std::unique_ptr<Postoffice>> retired_;  // replaced holders, stopped
   int root_port_ = 0;
+  DeviceBackend* backend_ = nullptr;
+  std::map<std::string, std::string> rdma_env_;
 };
 
 // Server loop for `rounds` batches: checks every push against PushValue and answers each
@@ -422,6 +436,123 @@ TEST(RdmaClusterTest, CompletionErrorFailsThePendingHandleNamingThePeer) {
   Status later = again.ok() ? c.worker(0)->worker()->Wait(*again, kWaitMs) : again.status();
   EXPECT_EQ(later.code(), StatusCode::kUnavailable) << later;
   EXPECT_NE(later.message().find("server 0"), std::string::npos) << later;
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+}
+
+// --- GPU tensors over rdma -------------------------------------------------------------
+
+TensorView DeviceFloats(float* p) {
+  return TensorView{p, DType::kFloat32, {kRows, kCols}, Device{DeviceType::kCUDA, 0}, nullptr};
+}
+
+// What GpuRounds saw: device copies the fake backend ran (the test's own producers
+// included), payload WRITEs into the device pull tensor and out of the device push tensor.
+struct GpuRoundsSeen {
+  uint64_t copies = 0;
+  int writes_into_pull = 0;
+  int writes_from_push = 0;
+};
+
+// `rounds` push_pulls of a CUDA push into a CUDA pull slot, 1 worker x 1 server, both ends
+// with need_event: the worker's push and the server's answer are produced on held streams
+// that are released only after push_pull / Respond returned, with values that change
+// every round, so a transport that reads device memory before the producing stream ran
+// delivers stale bytes and fails the data checks.
+GpuRoundsSeen GpuRounds(RdmaCluster& c, FakeBackend& be, int rounds) {
+  GpuRoundsSeen seen;
+  constexpr size_t kBytes = kRows * kCols * sizeof(float);
+  float* push_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  float* pull_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  float* answer_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  const DeviceStream user = *be.CreateStream(0), server_stream = *be.CreateStream(0);
+  const uint64_t copies_before = be.copies_executed();
+  AFTensorWorker* worker = c.worker(0)->worker();
+  AFTensorServer* server = c.server(0)->server();
+  for (int round = 0; round < rounds; ++round) {
+    std::vector<float> host(kRows * kCols), doubled(kRows * kCols);
+    for (size_t i = 0; i < host.size(); ++i) {
+      host[i] = PushValue(0, round + 1, i);
+      doubled[i] = AnswerValue(0, host[i]);
+    }
+    std::memset(pull_dev, 0, kBytes);
+    be.HoldStream(user);
+    EXPECT_TRUE(be.CopyAsync(push_dev, host.data(), kBytes, user).ok());
+    std::thread serve([&] {
+      auto batch = server->GetBatch(kWaitMs);
+      ASSERT_TRUE(batch.ok()) << batch.status();
+      ASSERT_EQ(batch->size(), 1u);
+      const BatchRequest& req = (*batch)[0];
+      ASSERT_EQ(req.push.size(), 1u);
+      const float* got = static_cast<const float*>(req.push[0].tensor.data);
+      int bad = 0;
+      for (size_t i = 0; i < host.size(); ++i) bad += got[i] != host[i];
+      EXPECT_EQ(bad, 0) << "round " << round << ": the push was read before it was produced";
+      be.HoldStream(server_stream);
+      EXPECT_TRUE(be.CopyAsync(answer_dev, doubled.data(), kBytes, server_stream).ok());
+      Status s =
+          server->Respond(req.handle, {DeviceFloats(answer_dev)}, StreamSync{true, server_stream});
+      EXPECT_TRUE(s.ok()) << s;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a racing read would go now
+      be.ReleaseStream(server_stream);
+    });
+    auto h = worker->ZBatchPushPull({{7, DeviceFloats(push_dev)}}, {{100, DeviceFloats(pull_dev)}},
+                                    StreamSync{true, user});
+    EXPECT_TRUE(h.ok()) << h.status();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    be.ReleaseStream(user);
+    Status w = h.ok() ? worker->Wait(*h, kWaitMs) : h.status();
+    serve.join();
+    EXPECT_TRUE(w.ok()) << "round " << round << ": " << w;
+    int bad = 0;
+    for (size_t i = 0; i < doubled.size(); ++i) bad += pull_dev[i] != doubled[i];
+    EXPECT_EQ(bad, 0) << "round " << round << ": wrong bytes in the CUDA pull tensor";
+  }
+  EXPECT_TRUE(be.WaitIdle(kWaitMs));
+  seen.copies = be.copies_executed() - copies_before;
+  seen.writes_into_pull =
+      WritesInto(c.fabric(), reinterpret_cast<const char*>(pull_dev), kBytes, kBytes);
+  for (const auto& w : c.fabric().WritesSnapshot()) {
+    seen.writes_from_push += !w.wr.with_imm && w.wr.local_addr == push_dev && w.wr.length == kBytes;
+  }
+  EXPECT_TRUE(be.Hazards().empty()) << be.Hazards()[0];
+  be.DestroyStream(user);
+  be.DestroyStream(server_stream);
+  be.FreeDevice(push_dev);
+  be.FreeDevice(pull_dev);
+  be.FreeDevice(answer_dev);
+  return seen;
+}
+
+// GPUDirect on the push_pull path: the fabric reads the push from device memory and writes
+// the response into the device pull tensor; meshpost runs no staging copy.
+TEST(RdmaClusterTest, GpuTensorsMoveByGpuDirectWithoutStaging) {
+  FakeBackend be;
+  RdmaCluster c;
+  c.SetDevice(&be);
+  Status started = c.Start(1, 1);
+  ASSERT_TRUE(started.ok()) << started;
+  ExpectAllRdma(c, 1, 1);
+  const GpuRoundsSeen seen = GpuRounds(c, be, 3);
+  EXPECT_EQ(seen.copies, 6u) << "only the test's own producer copies (2 per round) may run";
+  EXPECT_EQ(seen.writes_into_pull, 3);
+  EXPECT_EQ(seen.writes_from_push, 3);
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+}
+
+// MESHPOST_RDMA_GPU=staging: the same program, every GPU tensor through pinned host memory
+// (three staging copies per round: the push out, the answer out, the answer in).
+TEST(RdmaClusterTest, GpuTensorsAreStagedWhenTheUserChoosesStaging) {
+  FakeBackend be;
+  RdmaCluster c;
+  c.SetDevice(&be, {{"MESHPOST_RDMA_GPU", "staging"}});
+  Status started = c.Start(1, 1);
+  ASSERT_TRUE(started.ok()) << started;
+  const GpuRoundsSeen seen = GpuRounds(c, be, 3);
+  EXPECT_EQ(seen.copies, 6u + 9u);
+  EXPECT_EQ(seen.writes_into_pull, 0);
+  EXPECT_EQ(seen.writes_from_push, 0);
   Status stopped = c.StopAll();
   EXPECT_TRUE(stopped.ok()) << stopped;
 }
