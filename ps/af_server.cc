@@ -181,8 +181,15 @@ class AFTensorServer::Impl : public DataHandler {
       }
       for (uint64_t h : handles) outstanding_.erase(h);
     }
+    // GPUDirect: one registration of the whole buffer serves every view of it.
+    Status prepared;
+    for (const auto& r : requests) {
+      if (!ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice)) continue;
+      prepared = RegisterForGpuDirect(ctx_, ret_buffer, std::string(fn) + ": ret_buffer");
+      break;
+    }
     DeviceEvent after = nullptr;
-    Status prepared = PrepareDevice(fn, {ret_buffer}, sync, &after);
+    if (prepared.ok()) prepared = PrepareDevice(fn, {ret_buffer}, sync, &after);
     if (!prepared.ok()) {
       for (auto& r : requests) (void)SendError(r, prepared);
       return prepared;
@@ -191,7 +198,8 @@ class AFTensorServer::Impl : public DataHandler {
     for (size_t i = 0; i < requests.size(); ++i) {
       // One event for the whole call: the first staging batch waits for it, and the later
       // ones follow it on the stager's stream.
-      Status s = SendResponse(std::move(requests[i]), {views[i]}, start, i == 0 ? after : nullptr);
+      Status s = SendResponse(std::move(requests[i]), {views[i]}, start, i == 0 ? after : nullptr,
+                              after != nullptr);
       if (!s.ok() && first_error.ok()) first_error = s;
     }
     return first_error;
@@ -417,15 +425,7 @@ class AFTensorServer::Impl : public DataHandler {
 
  private:
   Result<int> WorkerRankOf(const Meta& meta) const {
-    if (meta.cmd != Command::kRequest) {
-      return DataLossError(std::string("server got unexpected ") + CommandName(meta.cmd));
-    }
-    const int rank = meta.sender - 1 - num_servers_;
-    if (rank < 0 || rank >= num_workers_) {
-      return DataLossError("request from node " + std::to_string(meta.sender) +
-                           ", which is not a worker");
-    }
-    return rank;
+    return RequestingWorker(meta, num_servers_, num_workers_);
   }
 
   Status UnknownHandle(const char* fn, uint64_t handle) const {
@@ -450,8 +450,10 @@ class AFTensorServer::Impl : public DataHandler {
   // GPU tensors are copied to pinned buffers first; the response leaves from the stager's
   // completion thread. A failed copy answers the worker with the error instead, so its
   // handle fails rather than waiting for a response that never comes.
+  // follows_event: an earlier response of the same call waits for the caller's event on the
+  // stager's stream, so this one must follow it there too.
   Status SendResponse(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
-                      uint64_t start, DeviceEvent after = nullptr) {
+                      uint64_t start, DeviceEvent after = nullptr, bool follows_event = false) {
     if (recorder_) r->respond_tid = TraceThreadId();
     if (!AnyOnDevice(tensors)) return SendResponseNow(std::move(r), tensors, start);
     MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
@@ -462,11 +464,12 @@ class AFTensorServer::Impl : public DataHandler {
       for (size_t j = 0; j < tensors.size(); ++j) {
         Status reg = RegisterForGpuDirect(ctx_, tensors[j], "tensors[" + std::to_string(j) + "]");
         if (!reg.ok()) {
-          (void)SendError(r, reg, "the response could not be sent: ");
+          if (after != nullptr) stager->Recycle(after);
+          (void)SendError(r, reg);
           return reg;
         }
       }
-      if (after == nullptr) return SendResponseNow(std::move(r), tensors, start);
+      if (after == nullptr && !follows_event) return SendResponseNow(std::move(r), tensors, start);
     }
     std::vector<TensorView> staged = tensors;
     std::vector<DeviceStager::Copy> copies;
@@ -489,7 +492,7 @@ class AFTensorServer::Impl : public DataHandler {
   }
 
   Status SendError(const std::shared_ptr<ServerRequest>& r, const Status& why,
-                   const char* what = "staging the GPU response failed: ") {
+                   const char* what = "the GPU response could not be sent: ") {
     OutMessage out;
     out.meta.cmd = Command::kResponse;
     out.meta.sender = ctx_->node_id();

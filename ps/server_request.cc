@@ -52,6 +52,18 @@ std::vector<PullSlot> SlotsOf(const ServerRequest& r) {
   return slots;
 }
 
+Result<int> RequestingWorker(const Meta& meta, int num_servers, int num_workers) {
+  if (meta.cmd != Command::kRequest) {
+    return DataLossError(std::string("server got unexpected ") + CommandName(meta.cmd));
+  }
+  const int rank = meta.sender - 1 - num_servers;
+  if (rank < 0 || rank >= num_workers) {
+    return DataLossError("request from node " + std::to_string(meta.sender) +
+                         ", which is not a worker");
+  }
+  return rank;
+}
+
 Status UnknownServerHandle(const char* fn, uint64_t handle, uint64_t handle_base,
                            uint64_t next_handle) {
   const uint64_t owner = handle >> kHandleRankShift;

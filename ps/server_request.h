@@ -49,6 +49,10 @@ bool AllSlotsShared(const ServerRequest& r);
 // The worker's pull slots as GetBatch reports them.
 std::vector<PullSlot> SlotsOf(const ServerRequest& r);
 
+// The rank of the worker that sent the request `meta` (node ids: ps/node_context.h); a
+// DataLoss error for any other command or sender.
+Result<int> RequestingWorker(const Meta& meta, int num_servers, int num_workers);
+
 // Why `handle` is not outstanding on the server whose handles run from handle_base + 1 to
 // next_handle - 1: another server's, already answered, or never returned by GetBatch.
 Status UnknownServerHandle(const char* fn, uint64_t handle, uint64_t handle_base,

@@ -557,5 +557,67 @@ TEST(RdmaClusterTest, GpuTensorsAreStagedWhenTheUserChoosesStaging) {
   EXPECT_TRUE(stopped.ok()) << stopped;
 }
 
+// RespondVec from a CUDA ret_buffer to two workers' CUDA pull slots over GPUDirect: each
+// worker's rows are written in place, and every slice waits for the caller's event (not
+// only the first), so none of them carries the buffer's bytes from before the stream ran.
+TEST(RdmaClusterTest, GpuRespondVecWaitsForTheEventForEverySlice) {
+  FakeBackend be;
+  RdmaCluster c;
+  c.SetDevice(&be);
+  Status started = c.Start(1, 2);
+  ASSERT_TRUE(started.ok()) << started;
+  constexpr size_t kBytes = kRows * kCols * sizeof(float);
+  float* ret = static_cast<float*>(*be.AllocDevice(0, 2 * kBytes));
+  float* pulls[2] = {static_cast<float*>(*be.AllocDevice(0, kBytes)),
+                     static_cast<float*>(*be.AllocDevice(0, kBytes))};
+  std::memset(ret, 0, 2 * kBytes);
+  const DeviceStream stream = *be.CreateStream(0);
+  std::vector<float> answer(2 * kRows * kCols);
+  for (size_t i = 0; i < answer.size(); ++i) answer[i] = 1.f + static_cast<float>(i) * 0.25f;
+  const uint64_t copies_before = be.copies_executed();
+  std::vector<FloatBuf> pushes;
+  uint64_t handles[2] = {0, 0};
+  for (int w = 0; w < 2; ++w) {
+    std::memset(pulls[w], 0, kBytes);
+    pushes.emplace_back(kRows, kCols, static_cast<float>(w));
+    auto h = c.worker(w)->worker()->ZBatchPushPull({{7, pushes.back().view}},
+                                                   {{100, DeviceFloats(pulls[w])}});
+    ASSERT_TRUE(h.ok()) << h.status();
+    handles[w] = *h;
+  }
+  AFTensorServer* server = c.server(0)->server();
+  auto batch = server->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  ASSERT_EQ(batch->size(), 2u);
+  std::vector<uint64_t> by_rank(2);
+  for (const BatchRequest& req : *batch) by_rank[req.worker_rank] = req.handle;
+  be.HoldStream(stream);
+  ASSERT_TRUE(be.CopyAsync(ret, answer.data(), 2 * kBytes, stream).ok());
+  const TensorView ret_view{
+      ret, DType::kFloat32, {2 * kRows, kCols}, Device{DeviceType::kCUDA, 0}, nullptr};
+  FloatBuf rows(kRows, kCols);  // RespondVec reads only the row counts of tensors_vec
+  Status s =
+      server->RespondVec(ret_view, {rows.view, rows.view}, by_rank, StreamSync{true, stream});
+  ASSERT_TRUE(s.ok()) << s;
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a racing read would go now
+  be.ReleaseStream(stream);
+  for (int w = 0; w < 2; ++w) {
+    Status done = c.worker(w)->worker()->Wait(handles[w], kWaitMs);
+    ASSERT_TRUE(done.ok()) << "worker " << w << ": " << done;
+    int bad = 0;
+    for (size_t i = 0; i < kRows * kCols; ++i) bad += pulls[w][i] != answer[w * kRows * kCols + i];
+    EXPECT_EQ(bad, 0) << "worker " << w << " got bytes from before the producing stream ran";
+    EXPECT_EQ(WritesInto(c.fabric(), reinterpret_cast<const char*>(pulls[w]), kBytes, kBytes), 1);
+  }
+  EXPECT_TRUE(be.WaitIdle(kWaitMs));
+  EXPECT_EQ(be.copies_executed() - copies_before, 1u) << "only the test's producer copy";
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+  be.DestroyStream(stream);
+  be.FreeDevice(ret);
+  be.FreeDevice(pulls[0]);
+  be.FreeDevice(pulls[1]);
+}
+
 }  // namespace
 }  // namespace meshpost
