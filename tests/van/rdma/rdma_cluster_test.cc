@@ -619,5 +619,36 @@ TEST(RdmaClusterTest, GpuRespondVecWaitsForTheEventForEverySlice) {
   be.FreeDevice(pulls[1]);
 }
 
+// GPU memory the NIC cannot register (no dma-buf export here, peer-memory registration
+// refused): push_pull fails at once naming the tensor, the reason and the fallback, sends
+// nothing, and the node keeps working.
+TEST(RdmaClusterTest, GpuTensorsThatCannotBeRegisteredFailWithTheReason) {
+  FakeBackend be;
+  RdmaCluster c;
+  c.SetDevice(&be);
+  Status started = c.Start(1, 1);
+  ASSERT_TRUE(started.ok()) << started;
+  constexpr size_t kBytes = kRows * kCols * sizeof(float);
+  float* push_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  float* pull_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  c.fabric().set_fail_registrations(1000);
+  auto h = c.worker(0)->worker()->ZBatchPushPull({{7, DeviceFloats(push_dev)}},
+                                                 {{100, DeviceFloats(pull_dev)}});
+  c.fabric().set_fail_registrations(0);
+  ASSERT_FALSE(h.ok());
+  const std::string m = h.status().message();
+  EXPECT_NE(m.find("push[0]"), std::string::npos) << m;
+  EXPECT_NE(m.find("GPUDirect"), std::string::npos) << m;
+  EXPECT_NE(m.find("Cannot allocate memory"), std::string::npos) << m;
+  EXPECT_NE(m.find("MESHPOST_RDMA_GPU=staging"), std::string::npos) << m;
+  std::thread server([&] { ServeRounds(c.server(0), 2); });
+  PushPullRounds(c.worker(0), 2);
+  server.join();
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+  be.FreeDevice(push_dev);
+  be.FreeDevice(pull_dev);
+}
+
 }  // namespace
 }  // namespace meshpost
