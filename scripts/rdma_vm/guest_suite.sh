@@ -78,6 +78,9 @@ step_bench() {
 
 PYTHON_TESTS=(
   test_cluster.py::test_routing_2x2_and_get_batch_order
+  test_cluster.py::test_three_microbatches_in_flight
+  test_cluster.py::test_bf16_int32_with_changing_rows
+  test_cluster.py::test_respond_vec_two_workers
   test_cluster.py::test_register_recv_buffer_in_place
   test_cluster.py::test_killed_server_fails_worker_wait
   test_stepmesh_compat.py::test_stepmesh_program_runs_unchanged_1x1_and_2x2
