@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # For a machine with an NVIDIA GPU and driver: builds meshpost with CUDA forced on, runs the
 # device tests (tests/gpu, C++), the fake-device suite, and the StepMesh-style Python
-# program with CUDA tensors over each same-host transport. Needs the CUDA toolkit (nvcc)
+# program with CUDA tensors over each same-host transport, and over rdma (GPUDirect) when
+# the machine has an RDMA device (/sys/class/infiniband). Needs the CUDA toolkit (nvcc)
 # and a CUDA-enabled torch in the interpreter given by PYTHON (default .venv/bin/python,
 # made from /usr/bin/python3 like scripts/test_python.sh).
 #   bash scripts/gpu_check.sh            # everything
@@ -16,7 +17,8 @@ fi
 nvidia-smi -L
 
 echo "== build (MESHPOST_WITH_CUDA=ON) =="
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMESHPOST_WITH_CUDA=ON >/dev/null
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMESHPOST_WITH_CUDA=ON \
+  -DMESHPOST_WITH_RDMA=ON >/dev/null
 ninja -C build-gpu -j"$(nproc)"
 
 echo "== C++: CUDA backend on the device, fake-device cluster =="
@@ -38,7 +40,15 @@ echo "== Python: install against $("$PYTHON" -c 'import torch; print(torch.__ver
 MESHPOST_WITH_CUDA=ON "$PYTHON" -m pip install --quiet --no-build-isolation --no-index .
 "$PYTHON" -c 'from meshpost import _meshpost; ok, why = _meshpost.cuda_status(); assert ok, why'
 
-for transport in tcp cma; do
+transports=(tcp cma)
+# rdma forced between processes of this host: CUDA tensors travel by GPUDirect (docs/gpu.md);
+# MESHPOST_RDMA_GPU=staging in the environment checks the staged path instead.
+if compgen -G "/sys/class/infiniband/*" >/dev/null; then
+  transports+=(rdma)
+else
+  echo "gpu_check: no RDMA device (/sys/class/infiniband is empty): GPUDirect not checked"
+fi
+for transport in "${transports[@]}"; do
   echo "== StepMesh-style CUDA program, 2 workers x 2 servers, transport=$transport =="
   (cd tests/python && timeout --kill-after=30 900 "../../$PYTHON" -m meshpost.launch \
      --workers 2 --servers 2 --transport "$transport" --scheduler-runs-script \
