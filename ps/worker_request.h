@@ -1,6 +1,6 @@
 // One push_pull batch as the worker tracks it (ps/af_worker.cc), and what is derived from it
-// without the worker's state: the caller's input checks, tensor descriptors for the wire and
-// the batch's trace records.
+// without the worker's state: the caller's input checks, tensor descriptors for the wire,
+// GPUDirect registration and the batch's trace records.
 #pragma once
 
 #include <atomic>
