@@ -188,10 +188,10 @@ const std::vector<OptionSpec> kTable = {
     {"MESHPOST_RDMA_MR_CACHE", "rdma_mr_cache", G::kRdma, "see docs/rdma.md", "1–1048576",
      "registered memory regions kept"},
     {"MESHPOST_RDMA_GPU", "rdma_gpu", G::kRdma, "auto", "`auto`, `dmabuf`, `peermem`, `staging`",
-     "how the RDMA van registers CUDA memory (GPUDirect): `dmabuf` = `ibv_reg_dmabuf_mr`, "
-     "`peermem` = `ibv_reg_mr` on device memory (nvidia-peermem), `auto` = the first that "
-     "works, `staging` = refuse CUDA regions, GPU tensors go through pinned host memory "
-     "(docs/gpu.md)"},
+     "how CUDA tensors cross rdma pairs: GPUDirect, the push, pull and response tensors "
+     "registered and moved in place, with `dmabuf` = `ibv_reg_dmabuf_mr`, `peermem` = "
+     "`ibv_reg_mr` on device memory (nvidia-peermem), `auto` = the first that works; or "
+     "`staging` = no GPUDirect, GPU tensors go through pinned host memory (docs/gpu.md)"},
 
     {"STEPMESH_SPLIT_QP_LAG", "", G::kIgnored, "",
      "meshpost opens one queue pair per peer; "
