@@ -1,5 +1,6 @@
 #include "ps/af_server.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -182,12 +183,12 @@ class AFTensorServer::Impl : public DataHandler {
       for (uint64_t h : handles) outstanding_.erase(h);
     }
     // GPUDirect: one registration of the whole buffer serves every view of it.
-    Status prepared;
-    for (const auto& r : requests) {
-      if (!ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice)) continue;
-      prepared = RegisterForGpuDirect(ctx_, ret_buffer, std::string(fn) + ": ret_buffer");
-      break;
-    }
+    const bool direct = std::any_of(requests.begin(), requests.end(), [this](const auto& r) {
+      return ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice);
+    });
+    Status prepared = direct
+                          ? RegisterForGpuDirect(ctx_, ret_buffer, std::string(fn) + ": ret_buffer")
+                          : OkStatus();
     DeviceEvent after = nullptr;
     if (prepared.ok()) prepared = PrepareDevice(fn, {ret_buffer}, sync, &after);
     if (!prepared.ok()) {
