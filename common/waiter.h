@@ -1,6 +1,9 @@
 // Adaptive waiting (DESIGN §4): spin on a predicate for a short, configurable time,
 // then block on a condition variable until notified or the deadline passes. In busy-poll
 // mode the waiter never blocks (for dedicated cores). Notify() is cheap when nobody sleeps.
+// With a ProgressEngine (common/progress.h) the waiting thread receives the messages it
+// waits for itself, when the transport lets it, instead of sleeping until another thread
+// delivered them and woke it.
 #pragma once
 
 #include <atomic>
@@ -11,6 +14,7 @@
 #include <thread>
 
 #include "common/clock.h"
+#include "common/progress.h"
 
 namespace meshpost {
 
@@ -29,9 +33,12 @@ inline void CpuRelax() {
 
 class Waiter {
  public:
-  explicit Waiter(WaitPolicy policy = {}) : policy_(policy) {}
+  explicit Waiter(WaitPolicy policy = {}, ProgressEngine* engine = nullptr)
+      : policy_(policy), engine_(engine) {}
 
   void set_policy(WaitPolicy policy) { policy_ = policy; }
+  // The engine must outlive every WaitUntil and Notify on this waiter; null: none.
+  void set_engine(ProgressEngine* engine) { engine_ = engine; }
 
   // Returns true once pred() holds, false if deadline_ns (GetNanosecond clock) passed first.
   // pred must read state that the notifier publishes before calling Notify().
@@ -40,6 +47,29 @@ class Waiter {
     if (pred()) return true;
     const uint64_t start = GetNanosecond();
     const uint64_t spin_end = start + static_cast<uint64_t>(policy_.spin_ns);
+    if (engine_ != nullptr && engine_->Begin()) {
+      // Begin() is seq_cst: a Notify() after it sees the engine held and wakes our
+      // Progress; one before it published the state our pred() reads next.
+      bool result = false;
+      bool lent = true;
+      for (;;) {
+        if (pred()) {
+          result = true;
+          break;
+        }
+        const uint64_t now = GetNanosecond();
+        if (now >= deadline_ns) break;
+        const bool spin = policy_.busy_poll || now < spin_end;
+        // Slices of at most 100 ms, as below.
+        if (!engine_->Progress(spin ? 0 : std::min<uint64_t>(deadline_ns, now + 100'000'000ull))) {
+          lent = false;
+          break;
+        }
+      }
+      engine_->End();
+      if (lent || result) return result || pred();
+      // The transport stopped lending progress: wait for its thread to deliver.
+    }
     for (;;) {
       if (pred()) return true;
       const uint64_t now = GetNanosecond();
@@ -69,6 +99,7 @@ class Waiter {
     // Pairs with the seq_cst increment in WaitUntil: either the sleeper sees the new state
     // in its pred() check, or we see it counted and wake it once it is inside the wait.
     std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (engine_ != nullptr) engine_->Wake();
     if (sleepers_.load(std::memory_order_seq_cst) == 0) return;
     // Taking and dropping mu_ orders us after a sleeper's pred() check (it holds mu_ from
     // that check until it is inside the wait), so the notify cannot be lost. Notifying
@@ -82,6 +113,7 @@ class Waiter {
 
  private:
   WaitPolicy policy_;
+  ProgressEngine* engine_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<int> sleepers_{0};

@@ -37,7 +37,7 @@ class AFTensorServer::Impl : public DataHandler {
         num_workers_(ctx->options().num_workers),
         num_servers_(ctx->options().num_servers),
         backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
-        waiter_(ctx->wait_policy()),
+        waiter_(ctx->wait_policy(), ctx->progress_engine()),
         queues_(num_workers_),
         worker_down_(num_workers_),
         handle_base_(static_cast<uint64_t>(ctx->options().Rank()) << kHandleRankShift),

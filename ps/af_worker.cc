@@ -28,7 +28,7 @@ class AFTensorWorker::Impl : public DataHandler {
       : ctx_(ctx),
         num_servers_(ctx->options().num_servers),
         backend_(ctx->options().device_backend ? ctx->options().device_backend : CudaBackend()),
-        waiter_(ctx->wait_policy()),
+        waiter_(ctx->wait_policy(), ctx->progress_engine()),
         recorder_(StartNodeTraceRecorder(
             ctx->options(), 1, ctx->clock_sync(),
             [ctx](int s) { return TraceTransportFromName(ctx->PeerTransport(ServerNodeId(s))); })),

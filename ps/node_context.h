@@ -75,6 +75,9 @@ class NodeContext {
   virtual std::string PeerTransport(int node_id) const { return std::string(); }
   virtual const ClockSync* clock_sync() const { return nullptr; }
 
+  // What a worker's or server's Waiter lends its thread to (common/progress.h); null: none.
+  virtual ProgressEngine* progress_engine() { return nullptr; }
+
   WaitPolicy wait_policy() const {
     WaitPolicy p;
     p.spin_ns = options().spin_us * 1000;

@@ -125,6 +125,11 @@ const std::vector<OptionSpec> kTable = {
      "0–10000000", "spin before blocking in every wait", Int64(&Options::spin_us, 0, 10000000)},
     {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
      "never block (dedicated cores)", Bool(&Options::busy_poll)},
+    {"MESHPOST_CALLER_PROGRESS", "caller_progress", G::kMeshpost, "1", "boolean",
+     "a thread waiting in `wait` / `get_batch` receives same-host (cma) messages itself "
+     "instead of being woken by the van's receive thread (one wake-up per side of a round "
+     "trip instead of two; docs/threads.md)",
+     Bool(&Options::caller_progress)},
     {"MESHPOST_START_TIMEOUT_MS", "start_timeout_ms", G::kMeshpost, "120000", "≥ 100",
      "limit for rendezvous in `Start()`; who is missing is logged every 5 s",
      Int(&Options::start_timeout_ms, 100, INT_MAX)},

@@ -59,6 +59,7 @@ struct Options {
   int heartbeat_timeout_ms = 6000;    // MESHPOST_HEARTBEAT_TIMEOUT_MS
   int64_t spin_us = DefaultSpinUs();  // MESHPOST_SPIN_US: spin before blocking
   bool busy_poll = false;             // MESHPOST_BUSY_POLL: never block
+  bool caller_progress = true;        // MESHPOST_CALLER_PROGRESS: waiters receive themselves
   int start_timeout_ms = 120000;      // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;            // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int64_t gpu_staging_chunk = int64_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK (bytes)

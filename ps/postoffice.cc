@@ -98,6 +98,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     return router_.RegisterDeviceMemory(addr, size, device, owner);
   }
   std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
+  ProgressEngine* progress_engine() override { return &router_; }
   const ClockSync* clock_sync() const override {
     return membership_ ? membership_->clock_sync() : nullptr;
   }

@@ -146,6 +146,9 @@ Status VanRouter::ConnectPeer(const NodeInfo& n) {
       continue;
     }
     route_[n.id].store(van.get(), std::memory_order_release);
+    if (opts_.caller_progress && van->SupportsProgress()) {
+      progress_van_.store(van.get(), std::memory_order_release);
+    }
     std::lock_guard<std::mutex> lock(route_mu_);
     route_name_[n.id] = name;
     break;
@@ -318,6 +321,22 @@ std::string VanRouter::TransportTo(int id) const {
 void VanRouter::Stop() {
   for (auto& [name, van] : data_vans_) van->Stop();
   if (control_) control_->Stop();
+}
+
+bool VanRouter::Begin() {
+  Van* van = progress_van_.load(std::memory_order_acquire);
+  return van != nullptr && van->BeginProgress();
+}
+
+// Begin succeeded, so progress_van_ is set and never changes back.
+bool VanRouter::Progress(uint64_t deadline_ns) {
+  return progress_van_.load(std::memory_order_acquire)->Progress(deadline_ns);
+}
+
+void VanRouter::End() { progress_van_.load(std::memory_order_acquire)->EndProgress(); }
+
+void VanRouter::Wake() {
+  if (Van* van = progress_van_.load(std::memory_order_acquire)) van->WakeProgress();
 }
 
 }  // namespace meshpost

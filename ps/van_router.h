@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/progress.h"
 #include "common/result.h"
 #include "ps/node.h"
 #include "ps/options.h"
@@ -22,7 +23,9 @@
 
 namespace meshpost {
 
-class VanRouter {
+// Also the ProgressEngine of this process's Waiters: a caller waiting for data lends its
+// thread to the data van that supports it (cma), once a peer is routed through that van.
+class VanRouter : public ProgressEngine {
  public:
   VanRouter(const Options& options, int my_id, int num_nodes, VanFactory factory);
   ~VanRouter();
@@ -79,6 +82,12 @@ class VanRouter {
   const std::shared_ptr<CorePinner>& pinner() const { return van_options_.pinner; }
   void Stop();
 
+  // ProgressEngine (common/progress.h). MESHPOST_CALLER_PROGRESS=0 turns it off.
+  bool Begin() override;
+  bool Progress(uint64_t deadline_ns) override;
+  void End() override;
+  void Wake() override;
+
  private:
   struct EarlyBuffer {
     int peer_id;
@@ -112,6 +121,9 @@ class VanRouter {
   Status rdma_unavailable_;
   const std::string host_identity_;
   std::atomic<int> remote_peers_{0};
+  // The data van callers lend their threads to: set when the first peer is routed
+  // through a van that supports progress; null until then (Begin declines).
+  std::atomic<Van*> progress_van_{nullptr};
 
   mutable std::mutex mu_;
   bool data_vans_started_ = false;          // guarded by mu_

@@ -116,41 +116,46 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared] -> (transport, spin_us or
-    None, trace, shared). @trace runs the cluster with MESHPOST_TRACE=all into a temporary
-    directory (the capture-overhead measurement of docs/profiling.md); @shared allocates the
-    push and pull tensors in shared memory and answers through the outputs (issue 11)."""
+    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared][@noprogress] -> (transport,
+    spin_us or None, trace, shared, progress). @trace runs the cluster with
+    MESHPOST_TRACE=all into a temporary directory (the capture-overhead measurement of
+    docs/profiling.md); @shared allocates the push and pull tensors in shared memory and
+    answers through the outputs (issue 11); @noprogress sets MESHPOST_CALLER_PROGRESS=0
+    (waiters are woken by the van's receive thread, as before caller-driven progress)."""
     base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    spin, trace, shared = None, False, False
+    spin, trace, shared, progress = None, False, False, True
     for mod in mods:
         if mod == "trace":
             trace = True
         elif mod == "shared":
             shared = True
+        elif mod == "noprogress":
+            progress = False
         elif mod.startswith("spin") and mod[4:].isdigit():
             spin = int(mod[4:])
         else:
-            raise ValueError(f"{sysname}: expected @spin<microseconds>, @trace, @shared")
-    return transport, spin, trace, shared
+            raise ValueError(
+                f"{sysname}: expected @spin<microseconds>, @trace, @shared, @noprogress")
+    return transport, spin, trace, shared, progress
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin, trace, shared = parse_cluster_system(sysname)
+    transport, spin, trace, shared, progress = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
     if shared:
         cmd += ["--shared", "1"]
     if spin is not None:
         cmd += ["--spin-us", str(spin)]
-    env = None
+    env = dict(os.environ, MESHPOST_CALLER_PROGRESS="1" if progress else "0")
     if trace:
         import shutil
         import tempfile
         trace_dir = tempfile.mkdtemp(prefix="meshpost-bench-trace-")
-        env = dict(os.environ, MESHPOST_TRACE="all", MESHPOST_TRACE_DIR=trace_dir)
+        env.update(MESHPOST_TRACE="all", MESHPOST_TRACE_DIR=trace_dir)
     try:
         r = run_json(cmd, timeout=1800, env=env)[0]
         if trace:

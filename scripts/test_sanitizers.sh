@@ -89,7 +89,7 @@ for stage in "${stages[@]}"; do
         continue
       fi
       configure_and_build build-asan "address,undefined" \
-        common_test tensor_test launch_test van_test van_conformance_test cma_shared_test \
+        common_test tensor_test launch_test van_test van_conformance_test cma_shared_test cma_progress_test \
         ps_unit_test trace_recorder_test integration_test meshpost_itest_node rdma_test \
         rdma_cluster_test
       logs="$root/build-asan/sanitizer-logs"
@@ -105,7 +105,7 @@ for stage in "${stages[@]}"; do
         echo "SKIP tsan: this host cannot build or run -fsanitize=thread (above)"
         continue
       fi
-      configure_and_build build-tsan thread van_test van_conformance_test cma_shared_test \
+      configure_and_build build-tsan thread van_test van_conformance_test cma_shared_test cma_progress_test \
         ps_unit_test trace_recorder_test
       logs="$root/build-tsan/sanitizer-logs"
       export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:history_size=4:log_path=$logs/tsan:suppressions=$supp/tsan.supp"

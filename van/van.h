@@ -32,8 +32,9 @@ struct PeerAddress {
 
 // Callbacks from a van to its owner. Threading contract, which every van keeps and the
 // conformance suite checks: Destination, OnMessage, OnDropped and OnPeerFailure run on a
-// thread the van started (its receive/poller thread), never inline inside a Send,
-// Connect, Disconnect or Stop call the owner made. SendRendezvous is a request *to* the
+// thread the van started (its receive/poller thread), or on a caller's thread the owner
+// lent the van inside Van::Progress, never inline inside a Send, Connect, Disconnect or
+// Stop call the owner made. SendRendezvous is a request *to* the
 // owner and may run on any thread, including inside Connect or OnRendezvousBlob.
 class VanReceiver {
  public:
@@ -160,6 +161,20 @@ class Van {
   virtual Status RegisterMemory(const MemoryRegion& region) { return OkStatus(); }
   // Must be called before freeing caller-managed memory that was registered or sent.
   virtual void InvalidateMemory(const void* addr, size_t size) {}
+
+  // --- caller-driven progress (common/progress.h, docs/threads.md) ---
+  // A van that supports it lets a caller's thread that waits for messages receive them
+  // itself: between BeginProgress() (true: this thread now receives for the van; false:
+  // another thread does, or the van is stopping) and EndProgress(), the van's own thread
+  // leaves incoming data to the caller, and VanReceiver callbacks run on the caller's
+  // thread inside Progress(). Progress waits until deadline_ns (0 = poll once) or
+  // WakeProgress(), delivers what arrived and returns; false once the van stops (call
+  // EndProgress). WakeProgress is thread-safe and cheap when no caller is inside.
+  virtual bool SupportsProgress() const { return false; }
+  virtual bool BeginProgress() { return false; }
+  virtual bool Progress(uint64_t deadline_ns) { return false; }
+  virtual void EndProgress() {}
+  virtual void WakeProgress() {}
 };
 
 }  // namespace meshpost

@@ -64,5 +64,93 @@ TEST(WaiterTest, ManyNotifiesNoLostWakeup) {
   t.join();
 }
 
+// An engine that counts its calls and "delivers" (sets the flag) on its n-th Progress.
+class FakeEngine : public ProgressEngine {
+ public:
+  bool Begin() override {
+    ++begins;
+    return lend;
+  }
+  bool Progress(uint64_t deadline_ns) override {
+    ++progresses;
+    if (deadline_ns == 0) ++polls;
+    if (progresses == deliver_on) flag->store(true);
+    return !stopping;
+  }
+  void End() override { ++ends; }
+  void Wake() override { ++wakes; }
+
+  bool lend = true;
+  bool stopping = false;
+  int deliver_on = 3;
+  std::atomic<bool>* flag = nullptr;
+  int begins = 0, progresses = 0, polls = 0, ends = 0;
+  std::atomic<int> wakes{0};
+};
+
+// The waiting thread receives itself: the predicate comes true inside Progress, the
+// engine is ended once, and no Notify was needed.
+TEST(WaiterProgressTest, WaitingThreadDrivesTheEngine) {
+  std::atomic<bool> flag{false};
+  FakeEngine e;
+  e.flag = &flag;
+  Waiter w(WaitPolicy{0, false});
+  w.set_engine(&e);
+  EXPECT_TRUE(w.WaitUntil([&] { return flag.load(); }, DeadlineFromTimeoutMs(10000)));
+  EXPECT_EQ(e.begins, 1);
+  EXPECT_EQ(e.progresses, 3);
+  EXPECT_EQ(e.polls, 0);  // no spin phase: every Progress may block
+  EXPECT_EQ(e.ends, 1);
+}
+
+// Within the spin phase the engine is only polled (deadline 0), never blocked in.
+TEST(WaiterProgressTest, SpinPhasePollsTheEngine) {
+  std::atomic<bool> flag{false};
+  FakeEngine e;
+  e.flag = &flag;
+  Waiter w(WaitPolicy{10'000'000'000, false});  // 10 s of spin: the flag comes first
+  w.set_engine(&e);
+  EXPECT_TRUE(w.WaitUntil([&] { return flag.load(); }, DeadlineFromTimeoutMs(10000)));
+  EXPECT_EQ(e.polls, e.progresses);
+  EXPECT_EQ(e.ends, 1);
+}
+
+// An engine that declines (another thread holds it) or stops lending mid-wait leaves the
+// waiter with its ordinary wait, which a Notify from another thread ends.
+TEST(WaiterProgressTest, FallsBackWhenTheEngineDeclinesOrStops) {
+  for (bool declines : {true, false}) {
+    std::atomic<bool> flag{false};
+    FakeEngine e;
+    e.lend = !declines;
+    e.stopping = !declines;
+    e.deliver_on = -1;
+    Waiter w(WaitPolicy{0, false});
+    w.set_engine(&e);
+    std::thread t([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      flag.store(true);
+      w.Notify();
+    });
+    EXPECT_TRUE(w.WaitUntil([&] { return flag.load(); }, DeadlineFromTimeoutMs(10000)));
+    t.join();
+    EXPECT_EQ(e.begins, 1);
+    EXPECT_EQ(e.ends, declines ? 0 : 1);  // End only after a successful Begin
+    EXPECT_EQ(e.progresses, declines ? 0 : 1);
+    EXPECT_GE(e.wakes.load(), 1);  // Notify tells the engine too
+  }
+}
+
+// A deadline ends a wait inside the engine, with End called.
+TEST(WaiterProgressTest, DeadlineEndsTheEngineWait) {
+  std::atomic<bool> flag{false};
+  FakeEngine e;
+  e.flag = &flag;
+  e.deliver_on = -1;
+  Waiter w(WaitPolicy{0, false});
+  w.set_engine(&e);
+  EXPECT_FALSE(w.WaitUntil([&] { return flag.load(); }, GetNanosecond() + 5'000'000));
+  EXPECT_EQ(e.ends, 1);
+}
+
 }  // namespace
 }  // namespace meshpost

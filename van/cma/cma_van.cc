@@ -18,9 +18,17 @@
 //   response written into a peer's mapped block names the peer's own (block, offset), so
 //   nothing moves but the completion. The receiver maps only what was passed to it and
 //   checks every (block, offset, len) against the mapping (docs/security.md).
-// - One receive thread per van owns the epoll set (listen socket, inbound connections,
-//   the ack side of outbound connections, a wake eventfd). It spins with epoll_wait(0) for
-//   WaitPolicy::spin_ns after the last event, then blocks, so an idle van costs no CPU.
+// - Two epoll sets: the data set (inbound connections, the ack side of outbound
+//   connections, a kick eventfd) and the main set (listen socket, wake eventfd, and the
+//   data set itself). The receive thread waits on the main set; it spins with
+//   epoll_wait(0) for WaitPolicy::spin_ns after the last event, then blocks, so an idle
+//   van costs no CPU.
+// - Caller-driven progress (common/progress.h): a caller's thread about to block for a
+//   message (Wait, GetBatch) takes the data set out of the main set and waits on it
+//   itself, so the message wakes that thread directly, not the receive thread first
+//   (one wake-up per side of a round trip instead of two). Whoever dispatches holds
+//   rx_mu_, so the receive-side state stays single-threaded; the kick eventfd wakes the
+//   caller when what it waits for arrives through another van.
 #include "van/cma/cma_van.h"
 
 #include <fcntl.h>
@@ -428,11 +436,19 @@ class CmaVan : public Van {
       return FailedPreconditionError("cma van already started");
     }
     epoll_fd_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
-    if (!epoll_fd_.valid()) return UnavailableError(ErrnoText("epoll_create1", errno));
+    data_epoll_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll_fd_.valid() || !data_epoll_.valid()) {
+      return UnavailableError(ErrnoText("epoll_create1", errno));
+    }
     wake_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!wake_fd_.valid()) return UnavailableError(ErrnoText("eventfd", errno));
-    MESHPOST_RETURN_IF_ERROR(Watch(wake_fd_.get(), kWakeId));
-    MESHPOST_RETURN_IF_ERROR(Watch(listen_fd_.get(), kListenId));
+    kick_fd_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!wake_fd_.valid() || !kick_fd_.valid()) {
+      return UnavailableError(ErrnoText("eventfd", errno));
+    }
+    MESHPOST_RETURN_IF_ERROR(WatchOn(epoll_fd_.get(), wake_fd_.get(), kWakeId));
+    MESHPOST_RETURN_IF_ERROR(WatchOn(epoll_fd_.get(), listen_fd_.get(), kListenId));
+    MESHPOST_RETURN_IF_ERROR(WatchOn(epoll_fd_.get(), data_epoll_.get(), kDataId));
+    MESHPOST_RETURN_IF_ERROR(Watch(kick_fd_.get(), kKickId));
     receiver_ = receiver;
     running_ = true;
     recv_thread_ = std::thread([this] {
@@ -552,7 +568,7 @@ class CmaVan : public Van {
       peers_.erase(it);
     }
     // The peer may still be reading our memory; give it a bounded chance to finish.
-    if (std::this_thread::get_id() != recv_thread_.get_id()) {
+    if (!OnDispatchThread()) {
       drain_.WaitUntil([&] { return p->Idle(); }, GetNanosecond() + 1'000'000'000ull);
     }
     Retire(p);
@@ -711,7 +727,7 @@ class CmaVan : public Van {
         std::lock_guard<std::mutex> lock(peers_mu_);
         for (auto& kv : peers_) peers.push_back(kv.second);
       }
-      if (std::this_thread::get_id() != recv_thread_.get_id()) {
+      if (!OnDispatchThread()) {
         drain_.WaitUntil(
             [&] {
               for (auto& p : peers) {
@@ -722,9 +738,13 @@ class CmaVan : public Van {
             DeadlineFromTimeoutMs(options_.stop_drain_ms));
       }
       running_ = false;
-      uint64_t one = 1;
-      ssize_t ignored = ::write(wake_fd_.get(), &one, sizeof(one));
-      (void)ignored;
+      Kick(wake_fd_.get());
+      Kick(kick_fd_.get());
+      // A caller inside Progress returns (running_ is false) and ends its progress; the
+      // state below is torn down after it did.
+      if (t_progress_holder_ != this) {
+        std::lock_guard<std::mutex> role(progress_role_);
+      }
       if (recv_thread_.joinable()) {
         if (std::this_thread::get_id() == recv_thread_.get_id()) {
           recv_thread_.detach();  // Stop from a callback; the loop exits on return
@@ -741,14 +761,90 @@ class CmaVan : public Van {
       out_conns_.clear();
     }
     for (auto& kv : peers) Retire(kv.second);
-    for (auto& kv : in_conns_) DropImports(kv.second.get());
-    in_conns_.clear();
+    {
+      // From a callback (which already holds rx_mu_), the teardown runs under that hold.
+      std::unique_lock<std::mutex> rx(rx_mu_, std::defer_lock);
+      if (t_dispatching_ != this) rx.lock();
+      for (auto& kv : in_conns_) DropImports(kv.second.get());
+      in_conns_.clear();
+    }
     listen_fd_.Reset();
+  }
+
+  // --- caller-driven progress ---
+  bool SupportsProgress() const override { return true; }
+
+  bool BeginProgress() override {
+    if (!running_.load()) return false;
+    if (!progress_role_.try_lock()) return false;
+    t_progress_holder_ = this;
+    progress_held_.store(true, std::memory_order_seq_cst);
+    // The receive thread no longer sees data events; one it already took is dispatched
+    // under rx_mu_ like ours.
+    ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, data_epoll_.get(), nullptr);
+    return true;
+  }
+
+  bool Progress(uint64_t deadline_ns) override {
+    if (!running_.load(std::memory_order_relaxed)) return false;
+    int timeout_ms = 0;
+    if (deadline_ns != 0) {
+      const uint64_t now = GetNanosecond();
+      if (now < deadline_ns) {
+        timeout_ms = static_cast<int>(
+            std::min<uint64_t>((deadline_ns - now + 999'999) / 1'000'000, 1'000'000));
+      }
+    }
+    std::array<epoll_event, 64> events;
+    const int n =
+        ::epoll_wait(data_epoll_.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
+    if (n > 0) {
+      std::lock_guard<std::mutex> rx(rx_mu_);
+      HandleData(events.data(), n);
+    } else if (n < 0 && errno != EINTR) {
+      MP_LOG_ERROR(kLog, "cma van epoll_wait (caller progress): {}", std::strerror(errno));
+      return false;
+    }
+    return running_.load(std::memory_order_relaxed);
+  }
+
+  void EndProgress() override {
+    t_progress_holder_ = nullptr;
+    progress_held_.store(false, std::memory_order_seq_cst);
+    // Data that arrived after our last Progress makes the receive thread take it.
+    Status readded = WatchOn(epoll_fd_.get(), data_epoll_.get(), kDataId);
+    if (!readded.ok() && running_.load()) {
+      MP_LOG_ERROR(kLog, "cma van: data set back to the receive thread: {}", readded.ToString());
+    }
+    progress_role_.unlock();
+  }
+
+  void WakeProgress() override {
+    if (t_progress_holder_ == this) return;  // the holder delivered it itself
+    if (progress_held_.load(std::memory_order_seq_cst)) Kick(kick_fd_.get());
   }
 
  private:
   static constexpr uint64_t kWakeId = 0;
   static constexpr uint64_t kListenId = 1;
+  static constexpr uint64_t kKickId = 2;  // in the data set
+  static constexpr uint64_t kDataId = 3;  // the data set, in the main set
+  static constexpr uint64_t kFirstConnId = 4;
+
+  // The van this thread holds caller progress of / is dispatching for (nullptr: none).
+  static inline thread_local const CmaVan* t_progress_holder_ = nullptr;
+  static inline thread_local const CmaVan* t_dispatching_ = nullptr;
+
+  // Callbacks run here: waiting for our own receive side would only time out.
+  bool OnDispatchThread() const {
+    return t_dispatching_ == this || std::this_thread::get_id() == recv_thread_.get_id();
+  }
+
+  static void Kick(int fd) {
+    uint64_t one = 1;
+    ssize_t ignored = ::write(fd, &one, sizeof(one));
+    (void)ignored;
+  }
 
   struct Pending {
     uint64_t seq = 0;
@@ -809,15 +905,17 @@ class CmaVan : public Van {
     return OkStatus();
   }
 
-  Status Watch(int fd, uint64_t id) {
+  static Status WatchOn(int epoll_fd, int fd, uint64_t id) {
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLRDHUP;
     ev.data.u64 = id;
-    if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (::epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
       return InternalError(ErrnoText("epoll_ctl(ADD)", errno));
     }
     return OkStatus();
   }
+  // A connection (or the kick eventfd): into the data set.
+  Status Watch(int fd, uint64_t id) { return WatchOn(data_epoll_.get(), fd, id); }
 
   // The acceptor's answer to kHello; *challenge receives the auth frame it carries (if any).
   Result<bool> AwaitHelloAck(int fd, int timeout_ms, std::string* challenge) {
@@ -925,8 +1023,8 @@ class CmaVan : public Van {
   }
 
   void Retire(const std::shared_ptr<Peer>& p) {
-    if (epoll_fd_.valid() && p->fd.valid()) {
-      ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, p->fd.get(), nullptr);
+    if (data_epoll_.valid() && p->fd.valid()) {
+      ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, p->fd.get(), nullptr);
     }
     {
       std::lock_guard<std::mutex> lock(peers_mu_);
@@ -1137,24 +1235,52 @@ class CmaVan : public Van {
       for (int i = 0; i < n; ++i) {
         const uint64_t id = events[i].data.u64;
         if (id == kWakeId) {
-          uint64_t v;
-          ssize_t ignored = ::read(wake_fd_.get(), &v, sizeof(v));
-          (void)ignored;
+          Drain(wake_fd_.get());
         } else if (id == kListenId) {
+          std::lock_guard<std::mutex> rx(rx_mu_);
           AcceptAll();
-        } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
-          if (!ServeInbound(in->second.get())) {
-            ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
-            DropImports(in->second.get());
-            in_conns_.erase(in);
+        } else if (id == kDataId && !progress_held_.load(std::memory_order_acquire)) {
+          std::array<epoll_event, 64> data;
+          const int m =
+              ::epoll_wait(data_epoll_.get(), data.data(), static_cast<int>(data.size()), 0);
+          if (m > 0) {
+            std::lock_guard<std::mutex> rx(rx_mu_);
+            HandleData(data.data(), m);
           }
-        } else {
-          ServeOutbound(id);
         }
         if (!running_.load(std::memory_order_relaxed)) break;
       }
       last_activity = GetNanosecond();
     }
+  }
+
+  static void Drain(int eventfd) {
+    uint64_t v;
+    ssize_t ignored = ::read(eventfd, &v, sizeof(v));
+    (void)ignored;
+  }
+
+  // Serves the data-set events (connections, the kick); requires rx_mu_. Runs on the
+  // receive thread or on a caller's thread inside Progress.
+  void HandleData(const epoll_event* events, int n) {
+    const CmaVan* outer = t_dispatching_;
+    t_dispatching_ = this;
+    for (int i = 0; i < n; ++i) {
+      const uint64_t id = events[i].data.u64;
+      if (id == kKickId) {
+        Drain(kick_fd_.get());
+      } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
+        if (!ServeInbound(in->second.get())) {
+          ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
+          DropImports(in->second.get());
+          in_conns_.erase(in);
+        }
+      } else {
+        ServeOutbound(id);
+      }
+      if (!running_.load(std::memory_order_relaxed)) break;
+    }
+    t_dispatching_ = outer;
   }
 
   void AcceptAll() {
@@ -1235,7 +1361,7 @@ class CmaVan : public Van {
       if (n == 0) return;
       if (n == -2) continue;
       if (n < 0) {
-        ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, peer->fd.get(), nullptr);
+        ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, peer->fd.get(), nullptr);
         MarkDead(peer.get(), UnavailableError("peer closed the doorbell socket"));
         return;
       }
@@ -1674,15 +1800,17 @@ class CmaVan : public Van {
   std::shared_ptr<BufferPool> pool_;
   std::array<uint8_t, kCookieBytes> probe_cookie_{};
   UniqueFd listen_fd_;
-  UniqueFd epoll_fd_;
-  UniqueFd wake_fd_;
+  UniqueFd epoll_fd_;    // main set: the receive thread waits here
+  UniqueFd data_epoll_;  // data set: connections and the kick (in the main set, or a caller's)
+  UniqueFd wake_fd_;     // wakes the receive thread (Stop)
+  UniqueFd kick_fd_;     // wakes a caller inside Progress (WakeProgress, Stop)
   std::string endpoint_;
   VanReceiver* receiver_ = nullptr;
   std::atomic<bool> running_{false};
   std::atomic<bool> stopped_{false};
   std::atomic<bool> logged_fallback_{false};
   std::atomic<bool> logged_refused_{false};
-  std::atomic<uint64_t> next_conn_id_{2};
+  std::atomic<uint64_t> next_conn_id_{kFirstConnId};
   std::thread recv_thread_;
   Waiter drain_;  // woken on acks and peer death (Stop / Disconnect drain)
 
@@ -1690,7 +1818,13 @@ class CmaVan : public Van {
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
   std::unordered_map<uint64_t, std::shared_ptr<Peer>> out_conns_;
 
-  // Receive-thread state (no locking).
+  // Caller progress: held by the thread between BeginProgress and EndProgress;
+  // progress_held_ mirrors it for the receive thread and WakeProgress.
+  std::mutex progress_role_;
+  std::atomic<bool> progress_held_{false};
+  // Receive-side state, touched only by the thread that dispatches, under rx_mu_ (the
+  // receive thread, or a caller inside Progress).
+  std::mutex rx_mu_;
   std::unordered_map<uint64_t, std::unique_ptr<InConn>> in_conns_;
   std::vector<char> recv_buf_ = std::vector<char>(kMaxFrameBytes + 64);
   std::string meta_buf_;
