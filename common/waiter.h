@@ -34,9 +34,13 @@ inline void CpuRelax() {
 class Waiter {
  public:
   explicit Waiter(WaitPolicy policy = {}, ProgressEngine* engine = nullptr)
-      : policy_(policy), engine_(engine) {}
+      : spin_ns_(policy.spin_ns), busy_poll_(policy.busy_poll), engine_(engine) {}
 
-  void set_policy(WaitPolicy policy) { policy_ = policy; }
+  // May change while other threads wait (they see it from their next wait on).
+  void set_policy(WaitPolicy policy) {
+    spin_ns_.store(policy.spin_ns, std::memory_order_relaxed);
+    busy_poll_.store(policy.busy_poll, std::memory_order_relaxed);
+  }
   // The engine must outlive every WaitUntil and Notify on this waiter; null: none.
   void set_engine(ProgressEngine* engine) { engine_ = engine; }
 
@@ -46,7 +50,9 @@ class Waiter {
   bool WaitUntil(Pred pred, uint64_t deadline_ns) {
     if (pred()) return true;
     const uint64_t start = GetNanosecond();
-    const uint64_t spin_end = start + static_cast<uint64_t>(policy_.spin_ns);
+    const uint64_t spin_end =
+        start + static_cast<uint64_t>(spin_ns_.load(std::memory_order_relaxed));
+    const bool busy_poll = busy_poll_.load(std::memory_order_relaxed);
     if (engine_ != nullptr && engine_->Begin()) {
       // Begin() is seq_cst: a Notify() after it sees the engine held and wakes our
       // Progress; one before it published the state our pred() reads next.
@@ -59,7 +65,7 @@ class Waiter {
         }
         const uint64_t now = GetNanosecond();
         if (now >= deadline_ns) break;
-        const bool spin = policy_.busy_poll || now < spin_end;
+        const bool spin = busy_poll || now < spin_end;
         // Slices of at most 100 ms, as below.
         if (!engine_->Progress(spin ? 0 : std::min<uint64_t>(deadline_ns, now + 100'000'000ull))) {
           lent = false;
@@ -74,7 +80,7 @@ class Waiter {
       if (pred()) return true;
       const uint64_t now = GetNanosecond();
       if (now >= deadline_ns) return false;
-      if (!policy_.busy_poll && now >= spin_end) break;
+      if (!busy_poll && now >= spin_end) break;
       CpuRelax();
     }
     std::unique_lock<std::mutex> lock(mu_);
@@ -112,7 +118,8 @@ class Waiter {
   }
 
  private:
-  WaitPolicy policy_;
+  std::atomic<int64_t> spin_ns_;
+  std::atomic<bool> busy_poll_;
   ProgressEngine* engine_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -402,6 +402,7 @@ class AFTensorServer::Impl : public DataHandler {
     ready_.store(queues_.BatchReady(), std::memory_order_release);
   }
 
+  void SetWaitPolicy(const WaitPolicy& policy) override { waiter_.set_policy(policy); }
   void OnNodeUp(int node_id) override {
     const int w = node_id - 1 - num_servers_;
     if (w < 0 || w >= num_workers_) return;

@@ -447,6 +447,7 @@ class AFTensorWorker::Impl : public DataHandler {
     SendCancels();
   }
 
+  void SetWaitPolicy(const WaitPolicy& policy) override { waiter_.set_policy(policy); }
   void OnNodeDown(int node_id, const Status& why) override {
     const int s = node_id - 1;
     if (s < 0 || s >= num_servers_) return;

@@ -40,6 +40,8 @@ class DataHandler {
   virtual void OnNodeDown(int node_id, const Status& why) = 0;
   // A peer that was down is reachable again: a new process took its rank (issue 10).
   virtual void OnNodeUp(int node_id) {}
+  // How Wait / GetBatch wait, once Start knows the cluster (MESHPOST_SPIN_US auto).
+  virtual void SetWaitPolicy(const WaitPolicy& policy) {}
 };
 
 class NodeContext {
@@ -80,7 +82,7 @@ class NodeContext {
 
   WaitPolicy wait_policy() const {
     WaitPolicy p;
-    p.spin_ns = options().spin_us * 1000;
+    p.spin_ns = options().EffectiveSpinUs() * 1000;
     p.busy_poll = options().busy_poll;
     return p;
   }

@@ -1,5 +1,7 @@
 #include "ps/options.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <cctype>
 #include <climits>
@@ -11,6 +13,16 @@
 namespace meshpost {
 
 int64_t DefaultSpinUs() { return std::thread::hardware_concurrency() >= 4 ? 50 : 0; }
+
+int64_t AutoSpinUs(int local_data_nodes, bool caller_progress) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int cores = ::sched_getaffinity(0, sizeof(set), &set) == 0
+                        ? CPU_COUNT(&set)
+                        : static_cast<int>(std::thread::hardware_concurrency());
+  if (caller_progress && local_data_nodes <= cores) return 50;
+  return DefaultSpinUs();
+}
 
 const char* RoleName(Role role) {
   switch (role) {
@@ -120,8 +132,10 @@ const std::vector<OptionSpec> kTable = {
      "≥ 2 × interval", "silence after which a node is declared dead",
      Int(&Options::heartbeat_timeout_ms, 50, 3600000)},
     {"MESHPOST_SPIN_US", "spin_us", G::kMeshpost,
-     "50 on machines with ≥ 4 cores, 0 below (spinning there steals the core the answer "
-     "needs)",
+     "automatic: 50 for `wait` / `get_batch` when they receive over cma themselves "
+     "(`MESHPOST_CALLER_PROGRESS`) and this host runs no more workers and servers than "
+     "there are cores; otherwise 50 on machines with ≥ 4 cores and 0 below (spinning "
+     "there steals the core the answer needs)",
      "0–10000000", "spin before blocking in every wait", Int64(&Options::spin_us, 0, 10000000)},
     {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
      "never block (dedicated cores)", Bool(&Options::busy_poll)},
@@ -528,7 +542,9 @@ Status Options::Validate() const {
                std::to_string(heartbeat_timeout_ms),
                ">= 2 * heartbeat_interval_ms = " + std::to_string(2 * heartbeat_interval_ms));
   }
-  if (spin_us < 0) return bad("spin_us (MESHPOST_SPIN_US)", std::to_string(spin_us), ">= 0");
+  if (spin_us < -1) {
+    return bad("spin_us (MESHPOST_SPIN_US)", std::to_string(spin_us), ">= 0 (or -1: automatic)");
+  }
   if (start_timeout_ms < 100)
     return bad("start_timeout_ms", std::to_string(start_timeout_ms), ">= 100");
   if (max_inflight < 1) return bad("max_inflight", std::to_string(max_inflight), ">= 1");

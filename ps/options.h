@@ -28,6 +28,11 @@ const char* RoleName(Role role);
 // than 4 cores, where a spinning waiter steals the core its own answer needs (measured:
 // a 50 us spin made a same-host AFD round trip 2x slower on 2 shared cores).
 int64_t DefaultSpinUs();
+// MESHPOST_SPIN_US unset, for the threads waiting in Wait / GetBatch: 50 us when they
+// receive themselves (caller-driven progress over cma) and this host runs no more
+// workers and servers than this process may use cores, so every spinning thread has a
+// core; otherwise DefaultSpinUs().
+int64_t AutoSpinUs(int local_data_nodes, bool caller_progress);
 
 struct Options {
   Role role = Role::kWorker;              // DMLC_ROLE
@@ -52,16 +57,19 @@ struct Options {
   std::string transport = "auto";   // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
   // The transport every data pair must use ("" = choose per pair).
   std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }
-  bool cma_disable = false;           // MESHPOST_CMA_DISABLE: same-host van copies via shm
-  bool bind_cpu_core = false;         // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
-  int cpu_start_offset = 0;           // STEPMESH_CPU_START_OFFSET: first core to pin to
-  int heartbeat_interval_ms = 1000;   // MESHPOST_HEARTBEAT_INTERVAL_MS
-  int heartbeat_timeout_ms = 6000;    // MESHPOST_HEARTBEAT_TIMEOUT_MS
-  int64_t spin_us = DefaultSpinUs();  // MESHPOST_SPIN_US: spin before blocking
-  bool busy_poll = false;             // MESHPOST_BUSY_POLL: never block
-  bool caller_progress = true;        // MESHPOST_CALLER_PROGRESS: waiters receive themselves
-  int start_timeout_ms = 120000;      // MESHPOST_START_TIMEOUT_MS: rendezvous limit
-  int max_inflight = 1024;            // MESHPOST_MAX_INFLIGHT: pending requests per worker
+  bool cma_disable = false;          // MESHPOST_CMA_DISABLE: same-host van copies via shm
+  bool bind_cpu_core = false;        // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
+  int cpu_start_offset = 0;          // STEPMESH_CPU_START_OFFSET: first core to pin to
+  int heartbeat_interval_ms = 1000;  // MESHPOST_HEARTBEAT_INTERVAL_MS
+  int heartbeat_timeout_ms = 6000;   // MESHPOST_HEARTBEAT_TIMEOUT_MS
+  // MESHPOST_SPIN_US: spin before blocking; -1 (unset) = auto: DefaultSpinUs() until
+  // Start, then AutoSpinUs for Wait / GetBatch once the cluster is known.
+  int64_t spin_us = -1;
+  int64_t EffectiveSpinUs() const { return spin_us >= 0 ? spin_us : DefaultSpinUs(); }
+  bool busy_poll = false;         // MESHPOST_BUSY_POLL: never block
+  bool caller_progress = true;    // MESHPOST_CALLER_PROGRESS: waiters receive themselves
+  int start_timeout_ms = 120000;  // MESHPOST_START_TIMEOUT_MS: rendezvous limit
+  int max_inflight = 1024;        // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int64_t gpu_staging_chunk = int64_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK (bytes)
   int port_fd = -1;                              // MESHPOST_PORT_FD: scheduler writes its port here
   // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every

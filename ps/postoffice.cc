@@ -161,6 +161,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     if (scheduler_) {
       MP_LOG_INFO(kLog, "started: {} workers, {} servers", opts_.num_workers, opts_.num_servers);
     } else {
+      if (opts_.spin_us < 0) ApplyAutoSpin(self);
       const std::map<std::string, std::string> transports = Transports();
       MP_LOG_INFO(kLog, "started: {} workers, {} servers; transports: {}", opts_.num_workers,
                   opts_.num_servers, TransportSummary(transports));
@@ -171,6 +172,20 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
       }
     }
     return OkStatus();
+  }
+
+  // MESHPOST_SPIN_US unset: how Wait / GetBatch spin, now that the node table says how
+  // many workers and servers share this host (options.h, AutoSpinUs).
+  void ApplyAutoSpin(const NodeInfo& self) {
+    int local = 0;
+    for (const NodeInfo& n : membership_->Table()) {
+      if (n.role != Role::kScheduler && n.host_identity == self.host_identity) ++local;
+    }
+    WaitPolicy p = wait_policy();
+    p.spin_ns = AutoSpinUs(local, router_.OffersProgress()) * 1000;
+    if (DataHandler* h = data_.load(std::memory_order_acquire)) h->SetWaitPolicy(p);
+    MP_LOG_DEBUG(kLog, "waits spin {} us ({} workers and servers on this host)", p.spin_ns / 1000,
+                 local);
   }
 
   Status Stop(int64_t timeout_ms) {

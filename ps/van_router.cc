@@ -15,7 +15,7 @@ constexpr const char* kLog = "ps";
 
 VanOptions VanOptionsFor(const Options& o) {
   VanOptions v;
-  v.wait.spin_ns = o.spin_us * 1000;
+  v.wait.spin_ns = o.EffectiveSpinUs() * 1000;
   v.wait.busy_poll = o.busy_poll;
   v.cma_disable = o.cma_disable;
   // "auto" picks the advertised address (ps/), not a device: the rdma van then chooses.

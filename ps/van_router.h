@@ -83,6 +83,8 @@ class VanRouter : public ProgressEngine {
   void Stop();
 
   // ProgressEngine (common/progress.h). MESHPOST_CALLER_PROGRESS=0 turns it off.
+  // Whether a peer's data goes through a van that lends progress (Begin can succeed).
+  bool OffersProgress() const { return progress_van_.load(std::memory_order_acquire) != nullptr; }
   bool Begin() override;
   bool Progress(uint64_t deadline_ns) override;
   void End() override;

@@ -175,12 +175,17 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
 
 
 def run_python(python, sysname, shape, iters, warmup):
-    mode = {"python-fserver": "fserver", "python-meshpost-shared": "shared"}[sysname]
+    # python-<mode>[@noprogress]: @noprogress as for the cluster systems.
+    base, _, mod = sysname.partition("@")
+    if mod not in ("", "noprogress"):
+        raise ValueError(f"{sysname}: expected no modifier or @noprogress")
+    mode = {"python-fserver": "fserver", "python-meshpost-shared": "shared"}[base]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench",
                           "python_afd.py")
+    env = dict(os.environ, MESHPOST_CALLER_PROGRESS="0" if mod else "1")
     r = run_json([python, script, "--mode", mode, "--push", str(shape["push"]),
                   "--push-extra", str(shape["push_extra"]), "--pull", str(shape["pull"]),
-                  "--iters", str(iters), "--warmup", str(warmup)])
+                  "--iters", str(iters), "--warmup", str(warmup)], env=env)
     if not r:
         raise RuntimeError(f"{sysname}: no result")
     return r[0]
@@ -419,6 +424,15 @@ RATIOS = [
     ("cluster-cma@shared p50 / memcpy p50", "meshpost-cluster-cma@shared", "memcpy", "p50_us"),
     ("python-meshpost-shared p50 / cluster-cma@shared p50", "python-meshpost-shared",
      "meshpost-cluster-cma@shared", "p50_us"),
+    # Caller-driven progress against the receive thread waking the waiter (@noprogress).
+    ("cluster-cma@shared p50 / cluster-cma@shared@noprogress p50",
+     "meshpost-cluster-cma@shared", "meshpost-cluster-cma@shared@noprogress", "p50_us"),
+    ("cluster-cma p50 / cluster-cma@noprogress p50", "meshpost-cluster-cma",
+     "meshpost-cluster-cma@noprogress", "p50_us"),
+    ("python-fserver p50 / python-fserver@noprogress p50", "python-fserver",
+     "python-fserver@noprogress", "p50_us"),
+    ("python-meshpost-shared p50 / python-meshpost-shared@noprogress p50",
+     "python-meshpost-shared", "python-meshpost-shared@noprogress", "p50_us"),
     ("cluster-cma p50 / van cma p50 (ps overhead)", "meshpost-cluster-cma", "meshpost-cma",
      "p50_us"),
     ("gloo p50 / cluster-cma p50", "gloo", "meshpost-cluster-cma", "p50_us"),
@@ -455,7 +469,8 @@ def ratio_table(runs):
                                                "per_round": vals}
         # p99 / p50 of the same run, and per-byte throughput of MxN relative to 1x1.
         for sysname in ("meshpost-cluster-cma", "meshpost-cluster-tcp",
-                        "meshpost-cluster-cma-shm", "python-fserver", "python-meshpost-shared"):
+                        "meshpost-cluster-cma-shm", "python-fserver", "python-meshpost-shared",
+                        "meshpost-cluster-cma@shared"):
             vals = [r["p99_us"] / r["p50_us"] for r in runs
                     if r["shape"] == shape and r["cluster"] == cl and r["system"] == sysname]
             if vals:

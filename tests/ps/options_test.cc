@@ -423,5 +423,28 @@ TEST(OptionsTest, HeartbeatTimeoutMustExceedInterval) {
   EXPECT_TRUE(o.Validate().ok());
 }
 
+// MESHPOST_SPIN_US unset is automatic (-1): the pre-Start default, then AutoSpinUs, which
+// spins only where waiting threads receive themselves and every local worker and server
+// has a core. A set value is used as is; below -1 is refused, naming the option.
+TEST(OptionsTest, SpinIsAutomaticUnlessSet) {
+  Options o;
+  o.root_port = 1;
+  EXPECT_EQ(o.spin_us, -1);
+  EXPECT_EQ(o.EffectiveSpinUs(), DefaultSpinUs());
+  EXPECT_TRUE(o.Validate().ok());
+  EXPECT_EQ(AutoSpinUs(1, true), 50);  // one node always has a core
+  EXPECT_EQ(AutoSpinUs(1 << 20, true), DefaultSpinUs());
+  EXPECT_EQ(AutoSpinUs(1, false), DefaultSpinUs());
+  FakeEnv env;
+  env.vars["MESHPOST_SPIN_US"] = "0";
+  auto set = OptionsFromEnv(env.fn());
+  ASSERT_TRUE(set.ok()) << set.status().ToString();
+  EXPECT_EQ(set->EffectiveSpinUs(), 0);
+  o.spin_us = -2;
+  Status bad = o.Validate();
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("MESHPOST_SPIN_US"), std::string::npos) << bad.ToString();
+}
+
 }  // namespace
 }  // namespace meshpost

@@ -741,8 +741,9 @@ class CmaVan : public Van {
       Kick(wake_fd_.get());
       Kick(kick_fd_.get());
       // A caller inside Progress returns (running_ is false) and ends its progress; the
-      // state below is torn down after it did.
-      if (t_progress_holder_ != this) {
+      // state below is torn down after it did. Not from a callback: the holder may be
+      // waiting for the rx_mu_ this thread holds (it then finds the connections gone).
+      if (t_progress_holder_ != this && !OnDispatchThread()) {
         std::lock_guard<std::mutex> role(progress_role_);
       }
       if (recv_thread_.joinable()) {
