@@ -1270,6 +1270,11 @@ class CmaVan : public Van {
       const uint64_t id = events[i].data.u64;
       if (id == kKickId) {
         Drain(kick_fd_.get());
+        // The receive thread took these events just before a caller began to hold
+        // progress: that kick may have been meant for the holder, so it gets another.
+        if (t_progress_holder_ != this && progress_held_.load(std::memory_order_seq_cst)) {
+          Kick(kick_fd_.get());
+        }
       } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
         if (!ServeInbound(in->second.get())) {
           ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
