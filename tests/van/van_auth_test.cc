@@ -297,6 +297,36 @@ PeerAddress CmaPeer(int id, const Van& van) {
   return p;
 }
 
+// A peer this node disconnected (e.g. the scheduler after sending a refusal) goes away
+// while its DEALER still lingers, after the monitor thread forgot that DEALER's monitor:
+// ZeroMQ's blocking send of the disconnect event used to stall the context's I/O thread,
+// so no connection of the node carried anything again. Other peers must keep working.
+TEST(ZmqAuthTest, APeerThatLeavesAfterBeingDisconnectedDoesNotStallOtherConnections) {
+  Recorder ra, rb, rc;
+  int pa = 0, pb = 0, pc = 0;
+  auto a = MakeVan(kToken, 1, &ra, &pa);
+  auto c = MakeVan(kToken, 3, &rc, &pc);
+  ASSERT_TRUE(a->Connect({3, "127.0.0.1", pc}).ok());
+  for (int round = 0; round < 3; ++round) {
+    auto b = MakeVan(kToken, 2, &rb, &pb);
+    ASSERT_TRUE(a->Connect({2, "127.0.0.1", pb}).ok());
+    ASSERT_TRUE(a->Send(Heartbeat(1, 2, 100 + round)).ok());
+    ASSERT_TRUE(rb.WaitFor(1));
+    rb.TakeMessages();
+    a->Disconnect(2);
+    // Let the monitor thread drop the disconnected DEALER's monitor, then b leaves while
+    // that DEALER may still linger.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    b->Stop();
+    b.reset();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ASSERT_TRUE(a->Send(Heartbeat(1, 3, round + 1)).ok());
+    ASSERT_TRUE(rc.WaitFor(1, 0, std::chrono::seconds(20)))
+        << "round " << round << ": the connection to node 3 stalled";
+    EXPECT_EQ(Metas(rc).size(), 1u);
+  }
+}
+
 TEST(CmaAuthTest, AuthenticatedConnectionsCarryMessagesAndRefuseOtherSenders) {
   if (!HaveCma()) GTEST_SKIP() << "no same-host van in this build";
   Recorder ra, rb;

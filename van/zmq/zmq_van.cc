@@ -276,7 +276,6 @@ class ZmqVan : public Van {
     if (running_.exchange(false)) {
       if (recv_thread_.joinable()) recv_thread_.join();
     }
-    if (monitor_thread_.joinable()) monitor_thread_.join();
     {
       std::lock_guard<std::mutex> lock(auth_mu_);
       authenticating_.clear();
@@ -285,6 +284,9 @@ class ZmqVan : public Van {
       std::lock_guard<std::mutex> lock(peers_mu_);
       peers_.clear();
     }
+    // After the DEALERs closed (their monitors stopped): see Peer::CloseSocket.
+    monitor_running_ = false;
+    if (monitor_thread_.joinable()) monitor_thread_.join();
     conns_.clear();
     {
       std::lock_guard<std::mutex> lock(auth_mu_);
@@ -320,9 +322,26 @@ class ZmqVan : public Van {
     // socket is ignored.
     std::atomic<uint64_t> generation{0};
     std::atomic<bool> lost{false};  // the monitor saw `socket` disconnect
-    ~Peer() {
-      if (socket) zmq_close(socket);
+    // The newest generation whose socket monitor is stopped; shared with the monitor
+    // thread, which closes its end of a monitor only after that (CloseSocket).
+    std::shared_ptr<std::atomic<uint64_t>> monitor_stopped =
+        std::make_shared<std::atomic<uint64_t>>(0);
+
+    // Stops the socket monitor, then closes the DEALER. ZeroMQ sends monitor events from
+    // its I/O thread with a blocking send on the monitor's PAIR socket, holding the
+    // socket's monitor lock: if the monitor thread closed its end of the pair first, an
+    // event of this DEALER (its disconnect while it lingers) would block that send, and
+    // with it the context's only I/O thread, forever; every tcp connection of the process
+    // stalled (a scheduler that had refused a node stopped answering anyone). So the
+    // monitor thread keeps reading a monitor until this marks it stopped.
+    void CloseSocket() {
+      if (socket == nullptr) return;
+      zmq_socket_monitor(socket, nullptr, 0);
+      monitor_stopped->store(generation.load());
+      zmq_close(socket);
+      socket = nullptr;
     }
+    ~Peer() { CloseSocket(); }
   };
 
   // Acceptor-side state of one incoming connection, keyed by its ROUTER routing id; only
@@ -340,10 +359,7 @@ class ZmqVan : public Van {
   // thread reads the challenge, Send() queues until then.
   Status OpenDealerLocked(const std::shared_ptr<Peer>& p) {
     const std::string endpoint = "tcp://" + p->host + ":" + std::to_string(p->port);
-    if (p->socket != nullptr) {
-      zmq_close(p->socket);  // LINGER 0: what it still held belonged to the lost session
-      p->socket = nullptr;
-    }
+    p->CloseSocket();  // LINGER 0: what it still held belonged to the lost session
     const uint64_t gen = p->generation.fetch_add(1) + 1;
     p->lost = false;
     p->socket = zmq_socket(ctx_, ZMQ_DEALER);
@@ -366,7 +382,7 @@ class ZmqVan : public Van {
     }
     {
       std::lock_guard<std::mutex> mlock(monitor_mu_);
-      new_monitors_.push_back({p, gen, monitor});
+      new_monitors_.push_back({p, gen, monitor, p->monitor_stopped});
     }
     if (zmq_connect(p->socket, endpoint.c_str()) != 0) {
       return UnavailableError(ZmqError(("connect " + endpoint).c_str()));
@@ -392,24 +408,25 @@ class ZmqVan : public Van {
   // Monitor thread: reads the DEALER monitors and flags lost connections for the receive
   // thread (which alone replaces a DEALER it may be polling).
   void MonitorLoop() {
-    while (running_.load()) {
+    while (monitor_running_.load()) {
       {
         std::lock_guard<std::mutex> mlock(monitor_mu_);
         for (NewMonitor& n : new_monitors_) {
+          if (n.stopped->load() >= n.generation) continue;  // its DEALER is already closed
           void* s = zmq_socket(ctx_, ZMQ_PAIR);
           if (s == nullptr || zmq_connect(s, n.endpoint.c_str()) != 0) {
             MP_LOG_ERROR(kLog, "{}", ZmqError("monitor socket"));
             if (s != nullptr) zmq_close(s);
             continue;
           }
-          monitors_.push_back({n.peer, n.generation, s});
+          monitors_.push_back({n.peer, n.generation, s, n.stopped});
         }
         new_monitors_.clear();
       }
-      // Forget monitors of replaced or dropped DEALERs.
+      // Forget monitors of replaced or dropped DEALERs once they were stopped (not
+      // before: see Peer::CloseSocket).
       for (size_t i = 0; i < monitors_.size();) {
-        auto p = monitors_[i].peer.lock();
-        if (p == nullptr || p->generation.load() != monitors_[i].generation) {
+        if (monitors_[i].stopped->load() >= monitors_[i].generation) {
           zmq_close(monitors_[i].socket);
           monitors_[i] = monitors_.back();
           monitors_.pop_back();
@@ -972,13 +989,16 @@ class ZmqVan : public Van {
     std::weak_ptr<Peer> peer;
     uint64_t generation;
     std::string endpoint;
+    std::shared_ptr<std::atomic<uint64_t>> stopped;  // Peer::monitor_stopped
   };
   struct Monitor {
     std::weak_ptr<Peer> peer;
     uint64_t generation;
     void* socket;
+    std::shared_ptr<std::atomic<uint64_t>> stopped;
   };
   std::thread monitor_thread_;
+  std::atomic<bool> monitor_running_{true};
   std::mutex monitor_mu_;
   std::vector<NewMonitor> new_monitors_;
   std::vector<Monitor> monitors_;
