@@ -298,9 +298,12 @@ PeerAddress CmaPeer(int id, const Van& van) {
 }
 
 // A peer this node disconnected (e.g. the scheduler after sending a refusal) goes away
-// while its DEALER still lingers, after the monitor thread forgot that DEALER's monitor:
-// ZeroMQ's blocking send of the disconnect event used to stall the context's I/O thread,
-// so no connection of the node carried anything again. Other peers must keep working.
+// after the monitor thread forgot that DEALER's monitor; other peers must keep working.
+// The stall this guards against (ZeroMQ's blocking send of a monitor event into a closed
+// monitor froze the I/O thread: Peer::CloseSocket) needs the closed DEALER to emit an
+// event while it lingers; this sequence does not force that, so it passed before the fix
+// too. What reproduced the stall was ReplaceTest under load (security_test.cc), about
+// one run in three of `ctest -j2 -R 'ReplaceTest|SecurityTest' --repeat until-fail:3`.
 TEST(ZmqAuthTest, APeerThatLeavesAfterBeingDisconnectedDoesNotStallOtherConnections) {
   Recorder ra, rb, rc;
   int pa = 0, pb = 0, pc = 0;
