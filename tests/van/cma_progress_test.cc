@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "support/cma_pair.h"
 #include "support/recording_receiver.h"
 #include "van/cma/cma_van.h"
 
@@ -84,14 +85,8 @@ bool ProgressUntil(Van* van, Pred pred) {
 class CmaProgressTest : public ::testing::TestWithParam<bool> {
  protected:
   void SetUp() override {
-    a_ = CreateCmaVan(TestOptions(GetParam()));
-    b_ = CreateCmaVan(TestOptions(GetParam()));
-    ASSERT_TRUE(a_->Bind("", 0).ok());
-    ASSERT_TRUE(b_->Bind("", 0).ok());
-    ASSERT_TRUE(a_->Start(&ra_).ok());
-    ASSERT_TRUE(b_->Start(&rb_).ok());
-    ASSERT_TRUE(a_->Connect({kIdB, "", 0, b_->endpoint(), getpid()}).ok());
-    ASSERT_TRUE(b_->Connect({kIdA, "", 0, a_->endpoint(), getpid()}).ok());
+    support::StartConnectedCmaPair(TestOptions(GetParam()), TestOptions(GetParam()), kIdA, kIdB,
+                                   &ra_, &rb_, &a_, &b_);
   }
   void TearDown() override {
     if (a_) a_->Stop();

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/cma_pair.h"
 #include "tests/support/recording_receiver.h"
 #ifdef MESHPOST_CONFORMANCE_RDMA
 #include "van/rdma/fake_verbs.h"
@@ -883,14 +884,7 @@ TEST(RdmaDeviceMemlockTest, SmallMemlockLimitIsAClearRegistrationError) {
 class CmaVanTest : public ::testing::Test {
  protected:
   void Init(VanOptions oa, VanOptions ob) {
-    a_ = CreateCmaVan(oa);
-    b_ = CreateCmaVan(ob);
-    ASSERT_TRUE(a_->Bind("", 0).ok());
-    ASSERT_TRUE(b_->Bind("", 0).ok());
-    ASSERT_TRUE(a_->Start(&ra_).ok());
-    ASSERT_TRUE(b_->Start(&rb_).ok());
-    ASSERT_TRUE(a_->Connect({kIdB, "", 0, b_->endpoint(), getpid()}).ok());
-    ASSERT_TRUE(b_->Connect({kIdA, "", 0, a_->endpoint(), getpid()}).ok());
+    support::StartConnectedCmaPair(oa, ob, kIdA, kIdB, &ra_, &rb_, &a_, &b_);
   }
   void TearDown() override {
     if (a_) a_->Stop();
