@@ -519,6 +519,12 @@ class AFTensorServer::Impl : public DataHandler {
       const RecvSegment* peer = j < r->peer_slots.size() && r->peer_slots[j].data != nullptr
                                     ? &r->peer_slots[j]
                                     : nullptr;
+      // A mapped CUDA slot is written by the worker's van (device to device) unless the
+      // caller computed into it; the CPU never writes device memory.
+      if (peer != nullptr && peer->device.type != DeviceType::kCPU &&
+          tensors[j].data != peer->data) {
+        peer = nullptr;
+      }
       if (peer != nullptr) {
         // The worker's slot is mapped here: write it directly (unless the caller computed
         // into it) and send its name; the worker's van copies nothing.

@@ -126,6 +126,11 @@ const std::vector<OptionSpec> kTable = {
      "same-host transport: skip cross-memory attach and copy through shared memory (the "
      "automatic fallback where CMA is refused)",
      Bool(&Options::cma_disable)},
+    {"MESHPOST_CMA_GPU", "cma_gpu", G::kMeshpost, "ipc", "`ipc`, `staging`",
+     "how CUDA tensors cross same-host pairs: `ipc` = CUDA IPC, the receiver copies device "
+     "to device straight into the pull tensor (or the server computes into it: no copy); "
+     "`staging` = through pinned host memory as on tcp (docs/gpu.md)",
+     Str(&Options::cma_gpu)},
     {"MESHPOST_HEARTBEAT_INTERVAL_MS", "heartbeat_interval_ms", G::kMeshpost, "1000", "10–600000",
      "heartbeat period", Int(&Options::heartbeat_interval_ms, 10, 600000)},
     {"MESHPOST_HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms", G::kMeshpost, "6000",
@@ -525,6 +530,9 @@ Status Options::Validate() const {
   if (gpu_staging_chunk < 65536 || gpu_staging_chunk > (int64_t{1} << 30)) {
     return bad("gpu_staging_chunk (MESHPOST_GPU_STAGING_CHUNK)", std::to_string(gpu_staging_chunk),
                "65536..1073741824 bytes");
+  }
+  if (cma_gpu != "ipc" && cma_gpu != "staging") {
+    return bad("cma_gpu (MESHPOST_CMA_GPU)", "'" + cma_gpu + "'", "ipc or staging");
   }
   if (transport != "auto" && !IsKnownTransport(transport)) {
     return bad("transport (MESHPOST_TRANSPORT)", "'" + transport + "'",

@@ -58,6 +58,7 @@ struct Options {
   // The transport every data pair must use ("" = choose per pair).
   std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }
   bool cma_disable = false;          // MESHPOST_CMA_DISABLE: same-host van copies via shm
+  std::string cma_gpu = "ipc";       // MESHPOST_CMA_GPU: ipc|staging (CUDA tensors, same host)
   bool bind_cpu_core = false;        // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
   int cpu_start_offset = 0;          // STEPMESH_CPU_START_OFFSET: first core to pin to
   int heartbeat_interval_ms = 1000;  // MESHPOST_HEARTBEAT_INTERVAL_MS

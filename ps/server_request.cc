@@ -33,6 +33,7 @@ std::vector<TensorView> OutputsOf(const ServerRequest& r) {
     out[j].dtype = r.slots[j].dtype;
     out[j].shape = r.slots[j].shape;
     out[j].owner = r.peer_slots[j].owner;
+    out[j].device = r.peer_slots[j].device;
   }
   return out;
 }

@@ -71,6 +71,7 @@ struct RecvSegment {
   void* data = nullptr;
   size_t size = 0;
   std::shared_ptr<void> owner;  // null when data points at registered memory
+  Device device;                // cpu, or the CUDA device of a peer's pull slot mapped here
 };
 
 struct OutMessage {
@@ -81,10 +82,10 @@ struct OutMessage {
 struct InMessage {
   Meta meta;
   std::vector<RecvSegment> segments;
-  // kRequest over a van that maps peer memory (cma with shared blocks): per meta.slots
-  // entry, a writable view of the sender's pull slot (data null where the slot is not in
-  // memory the sender shared). Writing there and answering with that address sends no
-  // bytes, only the completion. Empty when the van has none.
+  // kRequest over a van that maps peer memory (cma with shared blocks or CUDA IPC): per
+  // meta.slots entry, a writable view of the sender's pull slot (data null where the slot
+  // is not in memory the sender shared; device says where the view lives). Writing there and
+  // answering with that address sends no bytes, only the completion. Empty when the van has none.
   std::vector<RecvSegment> peer_slots;
   // The connected peer the van received this on, as the van knows it (not read from the
   // wire); -1 when the van cannot tell. Until vans authenticate their connections it is

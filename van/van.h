@@ -86,6 +86,10 @@ struct VanOptions {
   // Same-host (cma) van: never use cross-memory attach, always the shared-memory copy
   // path (the automatic fallback where CMA is refused; set to test it).
   bool cma_disable = false;
+  // Same-host van: CUDA memory the owner registers moves by CUDA IPC (the receiver copies
+  // device to device, or computes into a mapped pull slot); false (MESHPOST_CMA_GPU=
+  // staging) leaves GPU tensors to the owner's pinned host staging.
+  bool cma_gpu_ipc = true;
   int64_t connect_timeout_ms = 10'000;  // cma van: Connect handshake deadline
   // How long Stop() waits for sends already handed to the van (zero-copy frames not yet
   // released, unacknowledged reads, posted RDMA writes) before closing connections. A

@@ -1,5 +1,7 @@
-// GPU tensors end to end through the postoffice, over TCP, with the fake device backend:
-// a scheduler, a server and a worker run as threads of this process. "Device" tensors are
+// GPU tensors end to end through the postoffice, with the fake device backend, over tcp
+// (pinned staging), the same-host van with CUDA IPC (cma) and the same-host van with
+// MESHPOST_CMA_GPU=staging: a scheduler, a server and a worker run as threads of this
+// process. "Device" tensors are
 // fake device memory, produced on a held stream so the tests decide when the data exists;
 // the fake backend's race checker then proves the stream contract (need_event, staging,
 // WaitOnStream) instead of luck deciding it.
@@ -10,6 +12,7 @@
 
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -44,11 +47,12 @@ Result<int> ReadPort(int fd) {
   return std::stoi(line);
 }
 
-// One scheduler, one server, one worker over tcp; every node moves GPU tensors through
-// `backend`.
+// One scheduler, one server, one worker; every node moves GPU tensors through `backend`.
+// `transport` is "tcp", "cma" or "cma@staging" (cma with MESHPOST_CMA_GPU=staging).
 class Cluster {
  public:
-  explicit Cluster(DeviceBackend* backend) : backend_(backend) {}
+  Cluster(DeviceBackend* backend, std::string transport)
+      : backend_(backend), transport_(std::move(transport)) {}
   ~Cluster() { (void)Stop(); }
 
   Status Start() {
@@ -112,7 +116,9 @@ class Cluster {
     o.root_port = root_port;
     o.num_servers = 1;
     o.num_workers = 1;
-    o.transport = "tcp";
+    const size_t at = transport_.find('@');
+    o.transport = transport_.substr(0, at);
+    if (at != std::string::npos) o.cma_gpu = transport_.substr(at + 1);
     o.start_timeout_ms = 30000;
     o.spin_us = 0;
     o.device_backend = backend_;
@@ -120,10 +126,11 @@ class Cluster {
   }
 
   DeviceBackend* backend_;
+  std::string transport_;
   std::unique_ptr<Postoffice> scheduler_, server_, worker_;
 };
 
-class FakeDeviceClusterTest : public ::testing::Test {
+class FakeDeviceClusterTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
     ASSERT_TRUE(cluster_.Start().ok());
@@ -175,7 +182,7 @@ class FakeDeviceClusterTest : public ::testing::Test {
   }
 
   FakeBackend be_;
-  Cluster cluster_{&be_};
+  Cluster cluster_{&be_, GetParam()};
   DeviceStream user_stream_ = 0;
   float* push_dev_ = nullptr;
   float* pull_dev_ = nullptr;
@@ -183,7 +190,7 @@ class FakeDeviceClusterTest : public ::testing::Test {
   std::vector<float> host_, doubled_;
 };
 
-TEST_F(FakeDeviceClusterTest, NeedEventOrdersPushAndResponseWithTheCallersStreams) {
+TEST_P(FakeDeviceClusterTest, NeedEventOrdersPushAndResponseWithTheCallersStreams) {
   ProduceHeld();
   auto handle = cluster_.worker()->ZBatchPushPull(
       {{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}}, StreamSync{true, user_stream_});
@@ -209,7 +216,7 @@ TEST_F(FakeDeviceClusterTest, NeedEventOrdersPushAndResponseWithTheCallersStream
   EXPECT_THAT(be_.Hazards(), IsEmpty());
 }
 
-TEST_F(FakeDeviceClusterTest, WithoutNeedEventTheStagingReadIsUnorderedAndReported) {
+TEST_P(FakeDeviceClusterTest, WithoutNeedEventTheStagingReadIsUnorderedAndReported) {
   ProduceHeld();
   // need_event=false promises the tensor is ready; here it is not, and the checker says so.
   auto handle = cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}},
@@ -224,7 +231,7 @@ TEST_F(FakeDeviceClusterTest, WithoutNeedEventTheStagingReadIsUnorderedAndReport
   EXPECT_THAT(be_.Hazards(), Not(IsEmpty()));
 }
 
-TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
+TEST_P(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
   std::vector<float> cpu_push(kElems, 3.f), cpu_pull(kElems, 0.f);
   TensorView cpu_in{cpu_push.data(), DType::kFloat32, {kElems}, {}, nullptr};
   TensorView cpu_out{cpu_pull.data(), DType::kFloat32, {kElems}, {}, nullptr};
@@ -257,7 +264,7 @@ TEST_F(FakeDeviceClusterTest, MixedCpuAndGpuTensorsAndRepeatedRounds) {
   EXPECT_THAT(be_.Hazards(), IsEmpty());
 }
 
-TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
+TEST_P(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
   be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
   auto handle =
       cluster_.worker()->ZBatchPushPull({{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}});
@@ -282,7 +289,7 @@ TEST_F(FakeDeviceClusterTest, UnusableBackendRefusesGpuTensorsAndSaysWhy) {
 // Copies are slowed down so a GetBatch that did not wait for them would read stale bytes
 // and the race checker would report it. Requests keep their arrival order whether or not
 // they needed a copy.
-TEST_F(FakeDeviceClusterTest, CudaReceiveBufferIsFilledBeforeGetBatchReturns) {
+TEST_P(FakeDeviceClusterTest, CudaReceiveBufferIsFilledBeforeGetBatchReturns) {
   be_.SetCopyCost(200'000);  // 200 ns per byte: 3.3 ms per 16 KiB copy
   float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, 2 * kBytes));
   TensorView recv{recv_dev, DType::kFloat32, {2 * kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
@@ -332,7 +339,7 @@ TEST_F(FakeDeviceClusterTest, CudaReceiveBufferIsFilledBeforeGetBatchReturns) {
   be_.FreeDevice(recv_dev);
 }
 
-TEST_F(FakeDeviceClusterTest, CudaReceiveBufferOnAnUnusableBackendIsRefusedWithTheReason) {
+TEST_P(FakeDeviceClusterTest, CudaReceiveBufferOnAnUnusableBackendIsRefusedWithTheReason) {
   float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, kBytes));
   be_.SetUnavailable(UnavailableError("CUDA driver not found (test)"));
   TensorView recv{recv_dev, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
@@ -347,7 +354,7 @@ TEST_F(FakeDeviceClusterTest, CudaReceiveBufferOnAnUnusableBackendIsRefusedWithT
 // The device fails after a CUDA receive buffer was registered: the push cannot reach it,
 // the worker's handle fails with the reason instead of hanging, and the next push works
 // once the device is back.
-TEST_F(FakeDeviceClusterTest, CudaReceiveBufferCopyFailureFailsTheWorkersHandle) {
+TEST_P(FakeDeviceClusterTest, CudaReceiveBufferCopyFailureFailsTheWorkersHandle) {
   float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, kBytes));
   TensorView recv{recv_dev, DType::kFloat32, {kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
   ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0}, {7}).ok());
@@ -379,6 +386,99 @@ TEST_F(FakeDeviceClusterTest, CudaReceiveBufferCopyFailureFailsTheWorkersHandle)
   EXPECT_THAT(be_.Hazards(), IsEmpty());
   be_.FreeDevice(recv_dev);
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, FakeDeviceClusterTest,
+                         ::testing::Values("tcp", "cma", "cma@staging"), [](const auto& info) {
+                           std::string name = info.param;
+                           for (char& ch : name) ch = ch == '@' ? '_' : ch;
+                           return name;
+                         });
+
+// CUDA IPC on the same-host van (docs/gpu.md): device tensors are named, not staged. The
+// fake backend counts the copies it ran, so these tests see that no pinned staging copy
+// happens and that a server computing into the mapped pull slot costs no response copy.
+class CmaIpcClusterTest : public FakeDeviceClusterTest {};
+
+TEST_P(CmaIpcClusterTest, ResponseIsOneDeviceToDeviceCopyIntoThePullTensor) {
+  ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  DeviceStream server_stream = *be_.CreateStream(0);
+  for (int round = 0; round < 3; ++round) {
+    const uint64_t before = be_.copies_executed();
+    auto handle = cluster_.worker()->ZBatchPushPull(
+        {{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}}, StreamSync{true, user_stream_});
+    ASSERT_TRUE(handle.ok()) << handle.status();
+    ServeOne(server_stream);  // checks the push; answers from answer_dev_ (1 producer copy)
+    ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+    be_.HostAccess(pull_dev_, kBytes, /*write=*/false);
+    for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(pull_dev_[i], host_[i] * 2.f) << i;
+    // The push read device to host by the server's van, the server's producer, the
+    // response device to device by the worker's van: nothing through pinned buffers.
+    EXPECT_EQ(be_.copies_executed() - before, 3u) << "round " << round;
+  }
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+}
+
+TEST_P(CmaIpcClusterTest, ServerComputingIntoTheMappedPullSlotSendsOnlyTheCompletion) {
+  ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  DeviceStream server_stream = *be_.CreateStream(0);
+  doubled_.assign(kElems, 0.f);
+  for (int64_t i = 0; i < kElems; ++i) doubled_[i] = host_[i] * 2.f;
+  const uint64_t before = be_.copies_executed();
+  auto handle = cluster_.worker()->ZBatchPushPull(
+      {{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}}, StreamSync{true, user_stream_});
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto batch = cluster_.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  const BatchRequest& req = (*batch)[0];
+  ASSERT_EQ(req.outputs.size(), 1u);
+  const TensorView& out = req.outputs[0];
+  ASSERT_NE(out.data, nullptr) << "the CUDA pull slot should be mapped at the server";
+  EXPECT_EQ(out.device, (Device{DeviceType::kCUDA, 0}));
+  EXPECT_EQ(out.nbytes(), kBytes);
+  // The "FFN" writes its result into the worker's pull tensor on a held stream; respond
+  // with need_event must not complete the handle before that write ran.
+  be_.HoldStream(server_stream);
+  ASSERT_TRUE(be_.CopyAsync(out.data, doubled_.data(), kBytes, server_stream).ok());
+  ASSERT_TRUE(cluster_.server()->Respond(req.handle, {out}, StreamSync{true, server_stream}).ok());
+  Status early = cluster_.worker()->Wait(*handle, 200);
+  EXPECT_EQ(early.code(), StatusCode::kDeadlineExceeded) << early;
+  be_.ReleaseStream(server_stream);
+  ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+  be_.HostAccess(pull_dev_, kBytes, /*write=*/false);
+  for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(pull_dev_[i], doubled_[i]) << i;
+  // The push read by the server's van and the server's own compute: no response copy.
+  EXPECT_EQ(be_.copies_executed() - before, 2u);
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+}
+
+TEST_P(CmaIpcClusterTest, CpuResponseLandsInTheCudaPullTensor) {
+  ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  std::vector<float> answer(kElems);
+  for (int64_t i = 0; i < kElems; ++i) answer[i] = -static_cast<float>(i);
+  for (int round = 0; round < 3; ++round) {
+    auto handle = cluster_.worker()->ZBatchPushPull(
+        {{7, DeviceView(push_dev_)}}, {{9, DeviceView(pull_dev_)}}, StreamSync{true, user_stream_});
+    ASSERT_TRUE(handle.ok()) << handle.status();
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    answer[0] = static_cast<float>(round);
+    ASSERT_TRUE(cluster_.server()
+                    ->Respond((*batch)[0].handle,
+                              {TensorView{answer.data(), DType::kFloat32, {kElems}, {}, nullptr}})
+                    .ok());
+    ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+    be_.HostAccess(pull_dev_, kBytes, /*write=*/false);
+    EXPECT_EQ(pull_dev_[0], static_cast<float>(round));
+    EXPECT_EQ(pull_dev_[kElems - 1], answer[kElems - 1]);
+  }
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cma, CmaIpcClusterTest, ::testing::Values("cma"));
 
 }  // namespace
 }  // namespace meshpost

@@ -18,6 +18,13 @@
 //   response written into a peer's mapped block names the peer's own (block, offset), so
 //   nothing moves but the completion. The receiver maps only what was passed to it and
 //   checks every (block, offset, len) against the mapping (docs/security.md).
+// - CUDA memory (cma_device.h, docs/gpu.md): device ranges the owner registered travel the
+//   same way, named by the CUDA IPC handle of their allocation (kDevBlock, once per
+//   connection); the receiver opens it once and copies on a stream of its own (device to
+//   device into a CUDA pull slot, device to host elsewhere) before it acks, or hands a
+//   request's CUDA pull slots out as device views, so a server that computes into one
+//   sends only the completion. Between two nodes of one process the raw device address
+//   travels instead (a process cannot open its own IPC handle).
 // - Two epoll sets: the data set (inbound connections, the ack side of outbound
 //   connections, a kick eventfd) and the main set (listen socket, wake eventfd, and the
 //   data set itself). The receive thread waits on the main set; it spins with
@@ -62,7 +69,9 @@
 #include "common/logging.h"
 #include "common/net.h"
 #include "common/wire.h"
+#include "tensor/device_backend.h"
 #include "tensor/shared_memory.h"
+#include "van/cma/cma_device.h"
 #include "van/codec.h"
 #include "van/delivery.h"
 
@@ -149,11 +158,16 @@ std::string ErrnoText(const char* what, int err) {
 //   kProof    : an auth frame (common/auth.h) proving the connector knows the token
 //   kBlock    : id u32, size u64          (+ the shared block's memfd via SCM_RIGHTS)
 //   kBlockGone: id u32                    (the sender freed that block)
+//   kDevBlock : id u32, device i32, alloc_size u64, handle[64]   (a CUDA IPC handle)
+//   kDevGone  : id u32                    (that allocation is no longer the sender's)
 // Source: kind u8, staging_id u32, offset_or_addr u64, len u64. For kShared the id is the
 // sender's block (passed in a kBlock), for kPeerShared the receiver's own block (which the
-// receiver passed to the sender); the offset is within that block.
+// receiver passed to the sender); the offset is within that block. kDevice / kPeerDevice
+// are the same for device allocations (kDevBlock); kDeviceLocal carries a raw device
+// address and is accepted only on a connection from this very process.
 // kData with kFlagSlots: after the sources, nslots u32 and nslots Sources naming, per pull
-// slot of the request, the sender's block range (kShared) or nothing (kInline, len 0).
+// slot of the request, the sender's block range (kShared, kDevice, kDeviceLocal) or
+// nothing (kInline, len 0).
 // With a cluster token, kHello and kHelloAck carry kFlagAuth and end with an auth frame
 // (hello / challenge); the connection carries nothing but kProof until the proof checks
 // out, and every message on it is then attributed to the node that proved itself. The
@@ -182,9 +196,23 @@ enum FrameType : uint8_t {
   kAck = 5,
   kProof = 6,
   kBlock = 7,
-  kBlockGone = 8
+  kBlockGone = 8,
+  kDevBlock = 9,
+  kDevGone = 10
 };
-enum SourceKind : uint8_t { kInline = 0, kRemote = 1, kStaged = 2, kShared = 3, kPeerShared = 4 };
+enum SourceKind : uint8_t {
+  kInline = 0,
+  kRemote = 1,
+  kStaged = 2,
+  kShared = 3,
+  kPeerShared = 4,
+  kDevice = 5,
+  kPeerDevice = 6,
+  kDeviceLocal = 7
+};
+bool IsDeviceSource(uint8_t kind) {
+  return kind == kDevice || kind == kPeerDevice || kind == kDeviceLocal;
+}
 constexpr uint8_t kFlagNeedsAck = 1;
 constexpr uint8_t kFlagAuth = 2;   // kHello / kHelloAck: an auth frame follows
 constexpr uint8_t kFlagSlots = 4;  // kData: a pull-slot table follows the sources
@@ -366,7 +394,10 @@ Result<std::unique_ptr<StagingBuffer>> CreateStaging(uint32_t id, int size_class
 class CmaVan : public Van {
  public:
   explicit CmaVan(const VanOptions& options)
-      : options_(options), pool_(std::make_shared<BufferPool>()), drain_(options.wait) {
+      : options_(options),
+        pool_(std::make_shared<BufferPool>()),
+        drain_(options.wait),
+        device_(options.device_backend != nullptr ? options.device_backend : CudaBackend()) {
     std::random_device rd;
     for (auto& b : probe_cookie_) b = static_cast<uint8_t>(rd());
     // The listener holds the export table weakly: a block may be freed on any thread,
@@ -388,10 +419,31 @@ class CmaVan : public Van {
   std::string endpoint() const override { return endpoint_; }
 
   // Shared host memory (tensor/shared_memory.h) is exported to peers as it is sent: the
-  // owner registers nothing, a block in the registry is recognised by address.
+  // owner registers nothing, a block in the registry is recognised by address. CUDA memory
+  // is registered (the device tensors of a push_pull or respond), then moves by CUDA IPC,
+  // unless MESHPOST_CMA_GPU=staging or no device is usable.
+  bool RegistersMemory() const override { return options_.cma_gpu_ipc; }
   bool SupportsMemory(MemoryKind kind) const override {
+    if (kind == MemoryKind::kCudaDevice) {
+      return options_.cma_gpu_ipc && const_cast<cma::DeviceMemory&>(device_).Usable().ok();
+    }
     return kind == MemoryKind::kHost || kind == MemoryKind::kSharedHost;
   }
+  Status RegisterRecvBuffer(int /*peer_id*/, int64_t /*key*/, const MemoryRegion& region) override {
+    return RegisterMemory(region);
+  }
+  Status RegisterMemory(const MemoryRegion& region) override {
+    if (region.kind != MemoryKind::kCudaDevice) return OkStatus();
+    if (!SupportsMemory(MemoryKind::kCudaDevice)) {
+      return UnimplementedError(
+          std::string("cma van: CUDA memory is not moved by IPC here (") +
+          (options_.cma_gpu_ipc ? device_.Usable().ToString()
+                                : "MESHPOST_CMA_GPU=staging stages it through pinned host memory") +
+          ")");
+    }
+    return device_.Register(region);
+  }
+  void InvalidateMemory(const void* addr, size_t size) override { device_.Invalidate(addr, size); }
 
   std::string PeerTransport(int peer_id) const override {
     std::lock_guard<std::mutex> lock(peers_mu_);
@@ -603,13 +655,19 @@ class CmaVan : public Van {
       for (size_t j = 0; j < msg.meta.slots.size(); ++j) {
         const TensorDesc& d = msg.meta.slots[j];
         if (d.addr == 0 || d.nbytes == 0) continue;
-        auto exported =
-            ExportShared(peer.get(), reinterpret_cast<const void*>(d.addr), d.nbytes, &slot_src[j]);
+        const void* addr = reinterpret_cast<const void*>(d.addr);
+        auto exported = ExportDevice(peer.get(), addr, d.nbytes, &slot_src[j]);
+        if (exported.ok() && !*exported) {
+          exported = ExportShared(peer.get(), addr, d.nbytes, &slot_src[j]);
+        }
         if (!exported.ok()) return exported.status();
-        // Only our own blocks become writable views at the peer (a slot inside memory the
+        // Only our own memory becomes a writable view at the peer (a slot inside memory the
         // peer lent us is left to the ordinary path).
-        if (*exported && slot_src[j].kind != kShared) slot_src[j] = Source{};
-        any_slot = any_slot || slot_src[j].kind == kShared;
+        const uint8_t kind = slot_src[j].kind;
+        if (*exported && kind != kShared && kind != kDevice && kind != kDeviceLocal) {
+          slot_src[j] = Source{};
+        }
+        any_slot = any_slot || slot_src[j].kind != kInline;
       }
       if (!any_slot) slot_src.clear();
     }
@@ -631,7 +689,8 @@ class CmaVan : public Van {
       s->len = size;
       if (data != nullptr && size > 0) {
         // Memory the peer can map (ours or its own) travels as a name, never as bytes.
-        auto shared = ExportShared(peer.get(), data, size, s);
+        auto shared = ExportDevice(peer.get(), data, size, s);
+        if (shared.ok() && !*shared) shared = ExportShared(peer.get(), data, size, s);
         if (!shared.ok() && shared_status.ok()) shared_status = shared.status();
         if (shared.ok() && *shared) return;
       }
@@ -662,7 +721,11 @@ class CmaVan : public Van {
     }
     std::shared_ptr<std::string> header_owner;
     // Shared sources need no ack: the receiver maps the block itself, so our owner may go.
-    auto reads_our_memory = [](const Source& s) { return s.kind == kRemote || s.kind == kStaged; };
+    // Our device memory is copied by the receiver before it acks: its owner (a torch
+    // tensor whose allocation the caching allocator would hand out again) must stay.
+    auto reads_our_memory = [](const Source& s) {
+      return s.kind == kRemote || s.kind == kStaged || s.kind == kDevice || s.kind == kDeviceLocal;
+    };
     const bool needs_ack = std::any_of(src.begin(), src.end(), reads_our_memory);
     auto payload_of = [&](size_t k) -> const void* {
       return k == 0 ? static_cast<const void*>(header.data()) : msg.segments[k - 1].data;
@@ -866,9 +929,10 @@ class CmaVan : public Van {
     WireWriter frame;
     std::vector<Source> sources;
     std::vector<Source> slot_sources;
-    pid_t pid = 0;                          // the acceptor's pid (SO_PEERCRED)
-    std::unordered_set<uint32_t> exported;  // our blocks this connection has (send_mu)
-    std::mutex pending_mu;                  // pending, staging pool (receive thread releases)
+    pid_t pid = 0;                                     // the acceptor's pid (SO_PEERCRED)
+    std::unordered_set<uint32_t> exported;             // our blocks this connection has (send_mu)
+    std::unordered_map<uintptr_t, uint32_t> dev_sent;  // allocation base -> export id (send_mu)
+    std::mutex pending_mu;  // pending, staging pool (receive thread releases)
     Ring<Pending> pending;
     std::vector<std::unique_ptr<StagingBuffer>> staging_all;
     std::array<std::vector<StagingBuffer*>, 64> staging_free;
@@ -1085,6 +1149,63 @@ class CmaVan : public Van {
     return true;
   }
 
+  // Names [data, data + size) as CUDA memory towards `peer` when it is: a range of an
+  // allocation the peer exported to us (kPeerDevice), our registered device memory as a
+  // raw address when the peer is this process (kDeviceLocal), or as a range of its
+  // allocation, whose IPC handle is passed first if this connection has not seen it
+  // (kDevice). False: not device memory this van moves. Requires peer->send_mu.
+  Result<bool> ExportDevice(Peer* peer, const void* data, size_t size, Source* s) {
+    if (!options_.cma_gpu_ipc || !device_.active()) return false;
+    uint32_t id = 0;
+    uint64_t offset = 0;
+    if (device_.ImportedFrom(peer->pid, data, size, &id, &offset)) {
+      *s = Source{kPeerDevice, id, offset, size};
+      return true;
+    }
+    const int device = device_.DeviceOf(data, size);
+    if (device < 0) return false;
+    if (peer->pid == ::getpid()) {
+      *s = Source{kDeviceLocal, static_cast<uint32_t>(device), reinterpret_cast<uint64_t>(data),
+                  size};
+      return true;
+    }
+    auto ex = device_.Export(data, size);
+    if (!ex.ok()) {
+      return ex.status().Annotate("cma van: exporting CUDA memory to node " +
+                                  std::to_string(peer->id));
+    }
+    auto sent = peer->dev_sent.find(ex->base);
+    if (sent == peer->dev_sent.end() || sent->second != ex->id) {
+      const int timeout_ms = static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms));
+      WireWriter w;
+      if (sent != peer->dev_sent.end()) {  // the allocation at that address is a new one
+        PutPreamble(&w, kDevGone, 0);
+        w.Put<uint32_t>(sent->second);
+      }
+      Status st = w.size() == 0
+                      ? OkStatus()
+                      : SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
+      if (st.ok()) {
+        w.buffer().clear();
+        PutPreamble(&w, kDevBlock, 0);
+        w.Put<uint32_t>(ex->id);
+        w.Put<int32_t>(ex->handle.device);
+        w.Put<uint64_t>(ex->handle.alloc_size);
+        w.PutBytes(ex->handle.bytes.data(), ex->handle.bytes.size());
+        st = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
+      }
+      if (!st.ok()) {
+        MarkDead(peer, st);
+        return st.Annotate("cma van: passing CUDA allocation " + std::to_string(ex->id) +
+                           " to node " + std::to_string(peer->id));
+      }
+      device_.SentTo(ex->id, peer->pid);
+      peer->dev_sent[ex->base] = ex->id;
+    }
+    *s = Source{kDevice, ex->id, ex->offset, size};
+    return true;
+  }
+
   // Tells the peer which of the blocks it mapped we freed since the last send, so it can
   // unmap them (its views keep theirs until dropped). Requires peer->send_mu.
   Status AnnounceGone(Peer* peer) {
@@ -1206,6 +1327,100 @@ class CmaVan : public Van {
   void DropImports(InConn* c) {
     for (uint32_t id : c->imports) ForgetImport(c->id, id);
     c->imports.clear();
+    device_.CloseAll(c->id);
+  }
+
+  // --- CUDA allocations, receive side ---
+
+  void OnDevBlock(InConn* c, WireReader* r) {
+    uint32_t id = 0;
+    int32_t device = -1;
+    uint64_t size = 0;
+    IpcExport ex;
+    if (!r->Get(&id) || !r->Get(&device) || !r->Get(&size) || r->remaining() != ex.bytes.size()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: malformed CUDA allocation from pid {}",
+                           c->pid);
+      return;
+    }
+    for (auto& b : ex.bytes) r->Get(&b);
+    ex.device = device;
+    ex.alloc_size = size;
+    Status opened = device_.Open(c->id, c->pid, id, ex);
+    if (!opened.ok()) {
+      // Data naming it fails (DataLoss "unknown device allocation") and says so again.
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: CUDA allocation {} from pid {} not opened: {}", id, c->pid,
+                           opened.ToString());
+    }
+  }
+
+  void OnDevGone(InConn* c, WireReader* r) {
+    uint32_t id = 0;
+    Status closed = r->Get(&id) ? device_.Close(c->id, id) : DataLossError("malformed frame");
+    if (!closed.ok()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: bad CUDA allocation release from pid {}: {}",
+                           c->pid, closed.ToString());
+    }
+  }
+
+  // The device memory a device source names, checked: an allocation the connector passed
+  // us, our own one we passed to that process, or (from this very process) a raw address.
+  Result<cma::DeviceRange> DeviceSource(InConn* c, const Source& s) {
+    switch (s.kind) {
+      case kDevice: return device_.Imported(c->id, s.staging_id, s.offset, s.len);
+      case kPeerDevice: return device_.Own(s.staging_id, c->pid, s.offset, s.len);
+      case kDeviceLocal:
+        if (c->pid != ::getpid()) {
+          return DataLossError("a raw device address from pid " + std::to_string(c->pid) +
+                               ", which is not this process");
+        }
+        return cma::DeviceRange{reinterpret_cast<char*>(s.offset), static_cast<int>(s.staging_id),
+                                nullptr};
+      default:
+        return DataLossError("source kind " + std::to_string(s.kind) + " is not device memory");
+    }
+  }
+
+  // Host bytes into device memory `dst`: local ones (inline, mapped) right away, remote
+  // ones through a van buffer that the next FlushReads fills.
+  Status HostToDevice(const Source& s, const char* local, void* dst, int device) {
+    if (s.kind != kRemote) return device_.Copy(dst, local, s.len, device);
+    Bounce b{dst, pool_->Get(s.len), s.len, device};
+    if (!b.buffer) {
+      return ResourceExhaustedError("cannot allocate a receive buffer of " + std::to_string(s.len) +
+                                    " bytes");
+    }
+    read_local_.push_back({b.buffer.get(), s.len});
+    read_remote_.push_back({reinterpret_cast<void*>(s.offset), s.len});
+    to_device_.push_back(std::move(b));
+    return OkStatus();
+  }
+
+  // A segment in device memory: copied on this van's stream into the destination the
+  // receiver chose (device or host memory) or into a van buffer; nothing moves when the
+  // sender wrote our own memory in place. Finish() waits for the copies.
+  Status ReceiveDeviceSegment(InConn* c, const Meta& meta, size_t index, const Source& s,
+                              InMessage* in) {
+    MESHPOST_ASSIGN_OR_RETURN(cma::DeviceRange src, DeviceSource(c, s));
+    MESHPOST_ASSIGN_OR_RETURN(void* dest, SegmentDestination(receiver_, meta, index, s.len));
+    RecvSegment seg;
+    seg.size = s.len;
+    seg.data = dest;
+    if (dest == nullptr && s.len > 0) {
+      seg.owner = pool_->Get(s.len);
+      if (!seg.owner) {
+        return ResourceExhaustedError("cannot allocate a receive buffer of " +
+                                      std::to_string(s.len) + " bytes");
+      }
+      seg.data = seg.owner.get();
+    }
+    if (s.len > 0 && seg.data != src.ptr) {
+      const int dst_device = device_.DeviceOf(seg.data, s.len);
+      MESHPOST_RETURN_IF_ERROR(
+          device_.Copy(seg.data, src.ptr, s.len, dst_device >= 0 ? dst_device : src.device));
+    }
+    in->segments.push_back(std::move(seg));
+    return OkStatus();
   }
 
   std::shared_ptr<Mapping> FindImport(uint64_t conn, uint32_t id) {
@@ -1439,6 +1654,10 @@ class CmaVan : public Van {
         OnBlock(c, &r, std::move(passed));
       } else if (type == kBlockGone) {
         OnBlockGone(c, &r);
+      } else if (type == kDevBlock) {
+        OnDevBlock(c, &r);
+      } else if (type == kDevGone) {
+        OnDevGone(c, &r);
       } else if (type == kData) {
         if (!OnData(c, flags, static_cast<size_t>(n))) return false;
       } else {
@@ -1709,8 +1928,13 @@ class CmaVan : public Van {
                         " segments; its header describes " + std::to_string(in.meta.data.size()));
     }
     in.segments.reserve(nseg);
+    const bool device_active = device_.active();
     for (size_t i = 0; refused.ok() && i < nseg; ++i) {
       const Source& s = sources_[i];
+      if (IsDeviceSource(s.kind)) {
+        refused = ReceiveDeviceSegment(c, in.meta, i, s, &in);
+        continue;
+      }
       std::shared_ptr<void> keep;
       refused = CheckSource(c, s, inline_begin, frame_size, &local, &keep);
       if (!refused.ok()) break;
@@ -1721,7 +1945,14 @@ class CmaVan : public Van {
       }
       RecvSegment seg;
       seg.size = s.len;
-      if (s.kind == kShared || s.kind == kPeerShared) {
+      const int dst_device =
+          device_active && *dest != nullptr ? device_.DeviceOf(*dest, s.len) : -1;
+      if (dst_device >= 0) {
+        // Host bytes for device memory (a CPU response into a CUDA pull slot): a host
+        // copy first where they are remote, then host to device on our stream.
+        seg.data = *dest;
+        refused = HostToDevice(s, local, seg.data, dst_device);
+      } else if (s.kind == kShared || s.kind == kPeerShared) {
         // Mapped memory: one memcpy into a chosen destination (none when the peer wrote
         // our slot in place), or a view of the mapping that keeps it mapped.
         if (*dest != nullptr) {
@@ -1742,7 +1973,7 @@ class CmaVan : public Van {
         }
         seg.data = seg.owner.get();
       }
-      if (s.len > 0 && s.kind != kShared && s.kind != kPeerShared) {
+      if (s.len > 0 && dst_device < 0 && s.kind != kShared && s.kind != kPeerShared) {
         if (s.kind == kRemote) {
           read_local_.push_back({seg.data, s.len});
           read_remote_.push_back({reinterpret_cast<void*>(s.offset), s.len});
@@ -1753,6 +1984,14 @@ class CmaVan : public Van {
       in.segments.push_back(std::move(seg));
     }
     if (refused.ok()) refused = FlushReads(c->pid);
+    for (const Bounce& b : to_device_) {
+      if (!refused.ok()) break;
+      refused = device_.Copy(b.dst, b.buffer.get(), b.size, b.device);
+    }
+    // Every queued device copy finished before the ack lets the sender reuse its memory.
+    Status copied = device_.Finish();
+    if (refused.ok()) refused = copied;
+    to_device_.clear();
     if (refused.ok() && !slot_sources_.empty()) refused = MapSlots(c, &in);
     read_local_.clear();
     read_remote_.clear();
@@ -1762,7 +2001,8 @@ class CmaVan : public Van {
     return alive;
   }
 
-  // The request's pull slots that lie in the sender's shared blocks, as writable views.
+  // The request's pull slots that lie in the sender's shared blocks or CUDA allocations,
+  // as writable views (host or device memory).
   Status MapSlots(InConn* c, InMessage* in) {
     if (in->meta.cmd != Command::kRequest || slot_sources_.size() != in->meta.slots.size()) {
       return DataLossError("slot table of " + std::to_string(slot_sources_.size()) +
@@ -1773,12 +2013,18 @@ class CmaVan : public Van {
     for (size_t j = 0; j < slot_sources_.size(); ++j) {
       const Source& s = slot_sources_[j];
       if (s.kind == kInline && s.len == 0) continue;
-      if (s.kind != kShared)
+      if (s.kind != kShared && s.kind != kDevice && s.kind != kDeviceLocal)
         return DataLossError("slot table entry of kind " + std::to_string(s.kind));
       if (s.len != in->meta.slots[j].nbytes) {
         return DataLossError("slot " + std::to_string(j) + " maps " + std::to_string(s.len) +
                              " bytes; its descriptor says " +
                              std::to_string(in->meta.slots[j].nbytes));
+      }
+      if (s.kind != kShared) {
+        MESHPOST_ASSIGN_OR_RETURN(cma::DeviceRange r, DeviceSource(c, s));
+        in->peer_slots[j] =
+            RecvSegment{r.ptr, s.len, std::move(r.keep), Device{DeviceType::kCUDA, r.device}};
+        continue;
       }
       const char* local = nullptr;
       std::shared_ptr<void> keep;
@@ -1818,7 +2064,8 @@ class CmaVan : public Van {
   std::atomic<bool> logged_refused_{false};
   std::atomic<uint64_t> next_conn_id_{kFirstConnId};
   std::thread recv_thread_;
-  Waiter drain_;  // woken on acks and peer death (Stop / Disconnect drain)
+  Waiter drain_;                      // woken on acks and peer death (Stop / Disconnect drain)
+  mutable cma::DeviceMemory device_;  // CUDA memory: registrations, IPC exports and imports
 
   mutable std::mutex peers_mu_;
   std::unordered_map<int, std::shared_ptr<Peer>> peers_;
@@ -1838,6 +2085,13 @@ class CmaVan : public Van {
   std::vector<Source> slot_sources_;
   std::vector<iovec> read_local_;
   std::vector<iovec> read_remote_;
+  struct Bounce {  // remote host bytes bound for device memory, read here first
+    void* dst = nullptr;
+    std::shared_ptr<void> buffer;
+    size_t size = 0;
+    int device = 0;
+  };
+  std::vector<Bounce> to_device_;
   std::vector<std::shared_ptr<const void>> released_;
   WireWriter ack_frame_;
   LogRateLimiter log_limit_;
