@@ -183,9 +183,11 @@ class AFTensorServer::Impl : public DataHandler {
       for (uint64_t h : handles) outstanding_.erase(h);
     }
     // GPUDirect: one registration of the whole buffer serves every view of it.
-    const bool direct = std::any_of(requests.begin(), requests.end(), [this](const auto& r) {
-      return ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice);
-    });
+    // (Asked only for a CUDA buffer: the question may load the CUDA driver.)
+    const bool direct = ret_buffer.device.type != DeviceType::kCPU &&
+                        std::any_of(requests.begin(), requests.end(), [this](const auto& r) {
+                          return ctx_->PeerTakesMemory(r->worker_node, MemoryKind::kCudaDevice);
+                        });
     Status prepared = direct
                           ? RegisterForGpuDirect(ctx_, ret_buffer, std::string(fn) + ": ret_buffer")
                           : OkStatus();

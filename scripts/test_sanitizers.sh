@@ -2,7 +2,8 @@
 # Builds and runs meshpost's C++ suites under sanitizers (docs/development.md):
 #   asan: AddressSanitizer + LeakSanitizer + UBSan (non-recoverable) over the unit suites
 #         (common, tensor, launch, van, ps, trace recorder), the van conformance suite, the
-#         RDMA suites (fake fabric) and the multi-process integration suite -> build-asan/
+#         RDMA suites (fake fabric), the fake-device GPU suites (cma CUDA IPC included) and
+#         the multi-process integration suite -> build-asan/
 #   tsan: ThreadSanitizer over the van and ps unit suites (trace recorder included) and the
 #         van conformance suite (minus its three bulk-volume tests) -> build-tsan/
 # Only the targets those suites need are built (RelWithDebInfo at -O1, line tables only, asserts
@@ -90,8 +91,8 @@ for stage in "${stages[@]}"; do
       fi
       configure_and_build build-asan "address,undefined" \
         common_test tensor_test launch_test van_test van_conformance_test cma_shared_test cma_progress_test \
-        ps_unit_test trace_recorder_test integration_test meshpost_itest_node rdma_test \
-        rdma_cluster_test
+        cma_device_test gpu_fake_test ps_unit_test trace_recorder_test integration_test \
+        meshpost_itest_node rdma_test rdma_cluster_test
       logs="$root/build-asan/sanitizer-logs"
       export ASAN_OPTIONS="halt_on_error=1:detect_leaks=1:strict_string_checks=1:check_initialization_order=1:detect_stack_use_after_return=1:log_path=$logs/asan:suppressions=$supp/asan.supp"
       export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
