@@ -25,7 +25,9 @@ struct RecvChunk {
   char* data = nullptr;
   size_t capacity = 0;
   std::shared_ptr<const void> owner;
-  Device device;  // cuda: bytes land in pinned staging, then an async copy (docs/gpu.md)
+  Device device;  // cuda: bytes land in pinned staging, then an async copy (docs/gpu.md),
+                  // or, over a van that writes device memory, straight in
+  bool device_dest = false;  // registered as a device destination with those vans
 };
 
 }  // namespace
@@ -257,7 +259,9 @@ class AFTensorServer::Impl : public DataHandler {
       }
     }
     if (tensor.device.type != DeviceType::kCPU) {
-      // Transports write host memory only: no one-sided registration for device chunks.
+      // No one-sided registration for device chunks: a van that writes device memory (cma
+      // with CUDA IPC) learns of a chunk at its first push (Destination); over the others
+      // pushes land in pinned memory.
       gpu_recv_.store(true, std::memory_order_release);
       MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes on {}", n, chunk,
                   tensor.device.ToString());
@@ -306,7 +310,20 @@ class AFTensorServer::Impl : public DataHandler {
       if (it->second.device.type == DeviceType::kCPU) return static_cast<void*>(it->second.data);
       chunk = it->second;
     }
-    // A CUDA chunk: the bytes land in pinned memory; OnData copies them to the device.
+    // A CUDA chunk: the same-host van with CUDA IPC writes it itself (device to device for
+    // a CUDA push); elsewhere the bytes land in pinned memory and OnData copies them.
+    if (ctx_->PeerWritesDevice(meta.sender)) {
+      if (!chunk.device_dest) {
+        MESHPOST_RETURN_IF_ERROR(ctx_->RegisterDeviceDestination(chunk.data, chunk.capacity,
+                                                                 chunk.device.index, chunk.owner)
+                                     .Annotate("CUDA receive buffer"));
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = recv_buffers_.find({rank, d.key});
+        if (it != recv_buffers_.end() && it->second.data == chunk.data)
+          it->second.device_dest = true;
+      }
+      return static_cast<void*>(chunk.data);
+    }
     MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
     return landing_.Acquire(stager, meta.sender, meta.id, index, d.nbytes, chunk.data,
                             chunk.device);
@@ -347,6 +364,7 @@ class AFTensorServer::Impl : public DataHandler {
       r->devices[i] = l.device;
       pinned.push_back(std::move(l.pinned));
     }
+    MarkWrittenCudaChunks(r.get());
     auto stager = Stager();
     Status queued = stager.ok() ? OkStatus() : stager.status();
     if (queued.ok()) {
@@ -361,6 +379,23 @@ class AFTensorServer::Impl : public DataHandler {
       MP_LOG_ERROR(kLog, "push from worker {} not delivered: {}", r->worker_rank,
                    queued.ToString());
       (void)SendError(r, queued, "copying the push to the GPU receive buffer failed: ");
+    }
+  }
+
+  // Pushes a van wrote straight into CUDA receive chunks (Destination returned the chunk)
+  // are device tensors of the request.
+  void MarkWrittenCudaChunks(ServerRequest* r) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < r->segments.size() && i < r->push.size(); ++i) {
+      if (!r->devices.empty() && r->devices[i].type != DeviceType::kCPU) continue;  // landed
+      auto it = recv_buffers_.find({r->worker_rank, r->push[i].key});
+      if (it == recv_buffers_.end() || it->second.device.type == DeviceType::kCPU ||
+          r->segments[i].data != it->second.data) {
+        continue;
+      }
+      if (r->devices.empty()) r->devices.resize(r->segments.size());
+      r->devices[i] = it->second.device;
+      r->segments[i].owner = nullptr;
     }
   }
 

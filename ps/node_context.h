@@ -72,6 +72,15 @@ class NodeContext {
     return UnimplementedError("no transport registers device memory");
   }
 
+  // CUDA receive destinations: whether the transport from `node_id` writes received bytes
+  // into CUDA memory itself (the same-host van with CUDA IPC), and the registration that
+  // lets it recognise such memory (docs/gpu.md, CUDA receive buffers).
+  virtual bool PeerWritesDevice(int node_id) const { return false; }
+  virtual Status RegisterDeviceDestination(const void* addr, size_t size, int device,
+                                           const std::shared_ptr<const void>& owner) {
+    return UnimplementedError("no transport writes device memory");
+  }
+
   // Trace capture: the transport carrying data to/from a peer (by node id; "" when not
   // known), and this node's clock-offset estimate to the scheduler (null: none kept).
   virtual std::string PeerTransport(int node_id) const { return std::string(); }

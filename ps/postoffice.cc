@@ -97,6 +97,11 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
                               const std::shared_ptr<const void>& owner) override {
     return router_.RegisterDeviceMemory(addr, size, device, owner);
   }
+  bool PeerWritesDevice(int id) const override { return router_.WritesDevice(id); }
+  Status RegisterDeviceDestination(const void* addr, size_t size, int device,
+                                   const std::shared_ptr<const void>& owner) override {
+    return router_.RegisterDeviceDestination(addr, size, device, owner);
+  }
   std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
   ProgressEngine* progress_engine() override { return &router_; }
   const ClockSync* clock_sync() const override {

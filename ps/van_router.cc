@@ -296,6 +296,27 @@ bool VanRouter::TakesMemory(int id, MemoryKind kind) const {
   return van != nullptr && van->RegistersMemory() && van->SupportsMemory(kind);
 }
 
+bool VanRouter::WritesDevice(int id) const {
+  if (id <= 0 || id >= num_nodes_) return false;
+  const Van* van = route_[id].load(std::memory_order_acquire);
+  return van != nullptr && van->WritesDeviceDestinations();
+}
+
+Status VanRouter::RegisterDeviceDestination(const void* addr, size_t size, int device,
+                                            const std::shared_ptr<const void>& owner) {
+  MemoryRegion region;
+  region.addr = const_cast<void*>(addr);
+  region.size = size;
+  region.owner = owner;
+  region.kind = MemoryKind::kCudaDevice;
+  region.device = device;
+  for (Van* van : registering_) {
+    if (!van->WritesDeviceDestinations()) continue;
+    MESHPOST_RETURN_IF_ERROR(van->RegisterMemory(region).Annotate(van->name()));
+  }
+  return OkStatus();
+}
+
 Status VanRouter::RegisterDeviceMemory(const void* addr, size_t size, int device,
                                        const std::shared_ptr<const void>& owner) {
   MemoryRegion region;

@@ -71,6 +71,13 @@ class VanRouter : public ProgressEngine {
   // GPUDirect: whether the van routed to `id` moves memory of `kind` itself, and CUDA memory
   // registered with every van that does (the first failure is returned, naming the van).
   bool TakesMemory(int id, MemoryKind kind) const;
+  // Whether the van carrying data from `id` writes received bytes into CUDA memory the
+  // receiver names as a destination (Van::WritesDeviceDestinations).
+  bool WritesDevice(int id) const;
+  // Registers CUDA memory as a receive destination with every van that writes device
+  // destinations (not with GPUDirect vans: docs/gpu.md, CUDA receive buffers).
+  Status RegisterDeviceDestination(const void* addr, size_t size, int device,
+                                   const std::shared_ptr<const void>& owner);
   Status RegisterDeviceMemory(const void* addr, size_t size, int device,
                               const std::shared_ptr<const void>& owner);
 

@@ -165,6 +165,11 @@ class Van {
   virtual Status RegisterMemory(const MemoryRegion& region) { return OkStatus(); }
   // Must be called before freeing caller-managed memory that was registered or sent.
   virtual void InvalidateMemory(const void* addr, size_t size) {}
+  // Whether VanReceiver::Destination may return CUDA memory registered here (kind
+  // kCudaDevice): the van then writes received bytes into it with the device backend,
+  // whatever memory they come from (the cma van with CUDA IPC). False: destinations must
+  // be host memory (the rdma van copies pooled bytes with the CPU).
+  virtual bool WritesDeviceDestinations() const { return false; }
 
   // --- caller-driven progress (common/progress.h, docs/threads.md) ---
   // A van that supports it lets a caller's thread that waits for messages receive them

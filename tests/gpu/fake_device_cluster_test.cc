@@ -478,6 +478,49 @@ TEST_P(CmaIpcClusterTest, CpuResponseLandsInTheCudaPullTensor) {
   EXPECT_THAT(be_.Hazards(), IsEmpty());
 }
 
+// StepMesh's FFN layout: the server registers a CUDA receive buffer, the worker pushes a
+// CUDA tensor. The worker's push is copied device to device straight into the chunk by the
+// server's van (no pinned landing, no host copy), before GetBatch hands it out; a CPU push
+// into a CUDA chunk is one host-to-device copy.
+TEST_P(CmaIpcClusterTest, CudaPushLandsInTheCudaReceiveBufferDeviceToDevice) {
+  float* recv_dev = static_cast<float*>(*be_.AllocDevice(0, 2 * kBytes));
+  TensorView recv{recv_dev, DType::kFloat32, {2 * kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
+  ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0, 0}, {7, 8}).ok());
+  ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  std::vector<float> cpu(kElems, 4.f), out(kElems, 0.f);
+  for (int round = 0; round < 3; ++round) {
+    const uint64_t before = be_.copies_executed();
+    auto handle = cluster_.worker()->ZBatchPushPull(
+        {{7, DeviceView(push_dev_)},
+         {8, TensorView{cpu.data(), DType::kFloat32, {kElems}, {}, nullptr}}},
+        {{1, TensorView{out.data(), DType::kFloat32, {kElems}, {}, nullptr}}},
+        StreamSync{true, user_stream_});
+    ASSERT_TRUE(handle.ok()) << handle.status();
+    auto batch = cluster_.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    const BatchRequest& req = (*batch)[0];
+    ASSERT_EQ(req.push.size(), 2u);
+    EXPECT_EQ(req.push[0].tensor.device, (Device{DeviceType::kCUDA, 0}));
+    EXPECT_EQ(req.push[0].tensor.data, recv_dev);
+    EXPECT_EQ(req.push[1].tensor.device, (Device{DeviceType::kCUDA, 0}));
+    EXPECT_EQ(req.push[1].tensor.data, recv_dev + kElems);
+    be_.HostAccess(recv_dev, 2 * kBytes, /*write=*/false);
+    for (int64_t i = 0; i < kElems; ++i) ASSERT_EQ(recv_dev[i], host_[i]) << i;
+    EXPECT_EQ(recv_dev[2 * kElems - 1], 4.f);
+    // One device-to-device and one host-to-device copy by the server's van.
+    EXPECT_EQ(be_.copies_executed() - before, 2u) << "round " << round;
+    ASSERT_TRUE(
+        cluster_.server()
+            ->Respond(req.handle, {TensorView{cpu.data(), DType::kFloat32, {kElems}, {}, nullptr}})
+            .ok());
+    ASSERT_TRUE(cluster_.worker()->Wait(*handle, kWaitMs).ok());
+    EXPECT_EQ(out[kElems - 1], 4.f);
+  }
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));
+  EXPECT_THAT(be_.Hazards(), IsEmpty());
+  be_.FreeDevice(recv_dev);
+}
+
 INSTANTIATE_TEST_SUITE_P(Cma, CmaIpcClusterTest, ::testing::Values("cma"));
 
 }  // namespace

@@ -444,6 +444,7 @@ class CmaVan : public Van {
     return device_.Register(region);
   }
   void InvalidateMemory(const void* addr, size_t size) override { device_.Invalidate(addr, size); }
+  bool WritesDeviceDestinations() const override { return SupportsMemory(MemoryKind::kCudaDevice); }
 
   std::string PeerTransport(int peer_id) const override {
     std::lock_guard<std::mutex> lock(peers_mu_);
