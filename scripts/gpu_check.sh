@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # For a machine with an NVIDIA GPU and driver: builds meshpost with CUDA forced on, runs the
-# device tests (tests/gpu, C++), the fake-device suite, and the StepMesh-style Python
-# program with CUDA tensors over each same-host transport, and over rdma (GPUDirect) when
+# device tests (tests/gpu, C++), the fake-device suite, and two Python programs with CUDA
+# tensors (tests/gpu/programs: StepMesh-style fserver_lib, and the meshpost API computing
+# into Request.outputs) over tcp, the same-host van (CUDA IPC, and staging), and rdma (GPUDirect) when
 # the machine has an RDMA device (/sys/class/infiniband). Needs the CUDA toolkit (nvcc)
 # and a CUDA-enabled torch in the interpreter given by PYTHON (default .venv/bin/python,
 # made from /usr/bin/python3 like scripts/test_python.sh).
@@ -40,7 +41,8 @@ echo "== Python: install against $("$PYTHON" -c 'import torch; print(torch.__ver
 MESHPOST_WITH_CUDA=ON "$PYTHON" -m pip install --quiet --no-build-isolation --no-index .
 "$PYTHON" -c 'from meshpost import _meshpost; ok, why = _meshpost.cuda_status(); assert ok, why'
 
-transports=(tcp cma)
+# cma: CUDA IPC (the default); cma@staging: the same-host van with MESHPOST_CMA_GPU=staging.
+transports=(tcp cma cma@staging)
 # rdma forced between processes of this host: CUDA tensors travel by GPUDirect (docs/gpu.md);
 # MESHPOST_RDMA_GPU=staging in the environment checks the staged path instead.
 if compgen -G "/sys/class/infiniband/*" >/dev/null; then
@@ -48,10 +50,15 @@ if compgen -G "/sys/class/infiniband/*" >/dev/null; then
 else
   echo "gpu_check: no RDMA device (/sys/class/infiniband is empty): GPUDirect not checked"
 fi
-for transport in "${transports[@]}"; do
-  echo "== StepMesh-style CUDA program, 2 workers x 2 servers, transport=$transport =="
-  (cd tests/python && timeout --kill-after=30 900 "../../$PYTHON" -m meshpost.launch \
-     --workers 2 --servers 2 --transport "$transport" --scheduler-runs-script \
-     ../gpu/programs/stepmesh_cuda.py)
+for spec in "${transports[@]}"; do
+  transport=${spec%@*}
+  cma_gpu=ipc
+  [[ $spec == *@staging ]] && cma_gpu=staging
+  for program in stepmesh_cuda.py outputs_cuda.py; do
+    echo "== $program, 2 workers x 2 servers, transport=$spec =="
+    (cd tests/python && MESHPOST_CMA_GPU=$cma_gpu timeout --kill-after=30 900 \
+       "../../$PYTHON" -m meshpost.launch --workers 2 --servers 2 --transport "$transport" \
+       --scheduler-runs-script "../gpu/programs/$program")
+  done
 done
 echo "== gpu_check: all passed =="

@@ -190,14 +190,18 @@ class Worker(Node):
     role = "worker"
 
     def push_pull(self, push: Sequence[torch.Tensor], push_keys: Sequence[int],
-                  pull: Sequence[torch.Tensor], pull_keys: Sequence[int]) -> Handle:
+                  pull: Sequence[torch.Tensor], pull_keys: Sequence[int],
+                  need_event: bool = False) -> Handle:
         """Sends `push` to every server and receives into `pull` (server-major: with S
         servers and S * P pull tensors, pull[s * P + j] is slot j of server s).
 
         Tensors are used in place and kept alive until the transfer completes; do not
-        write to `pull` before the handle completes.
+        write to `pull` before the handle completes. With CUDA tensors, `need_event=True`
+        orders the transfer after the work queued so far on the current CUDA stream
+        (docs/gpu.md); without it the push must be ready when the call is made.
         """
-        return Handle(self._node, self._node.push_pull(push, push_keys, pull, pull_keys))
+        stream = _event_stream(need_event, list(push) + list(pull))
+        return Handle(self._node, self._node.push_pull(push, push_keys, pull, pull_keys, stream))
 
 
 @dataclass
@@ -233,10 +237,13 @@ class Request:
             self._outputs, self._in_place = outs, in_place
         return self._outputs
 
-    def respond(self, tensors: Optional[Sequence[torch.Tensor]] = None) -> None:
+    def respond(self, tensors: Optional[Sequence[torch.Tensor]] = None,
+                need_event: bool = False) -> None:
         """Answers into the worker's pull slots; sizes/dtypes must match them. With no
         tensors, answers with `outputs`. Views of the worker's memory (`outputs`, and
-        `tensors` when pushed from shared memory) end here."""
+        `tensors` when pushed from shared memory) end here. With CUDA tensors (or CUDA
+        `outputs` computed on a stream), `need_event=True` sends the answer only after the
+        work queued so far on the current CUDA stream."""
         if tensors is None and self._outputs is None:
             # Outputs never asked for: when every slot is the worker's own (same host), the
             # core answers in place with no tensors at all (two calls fewer per request).
@@ -250,7 +257,8 @@ class Request:
         if self._outputs is not None and all(self._in_place) and len(tensors) == len(
                 self._outputs) and all(t is o for t, o in zip(tensors, self._outputs)):
             tensors = []  # already in the worker's slots: send only the completion
-        self._node.respond(tensors, self.handle)
+        stream = _event_stream(need_event, list(tensors) + list(self._outputs or []))
+        self._node.respond(tensors, self.handle, stream)
         self._end_views()
 
     def _end_views(self) -> None:
@@ -273,6 +281,16 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "bool": torch.bool}
 
 
+def _event_stream(need_event: bool, tensors: Sequence[Any]) -> Optional[int]:
+    """The current CUDA stream (as an int) of the first CUDA tensor, when need_event."""
+    if not need_event:
+        return None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return torch.cuda.current_stream(t.device).cuda_stream
+    return None
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     # float8 slots have no torch dtype here: their bytes travel as uint8 (same size).
     return _DTYPES.get(name, torch.uint8)
@@ -289,11 +307,13 @@ class Server(Node):
                 for h, rank, tensors, keys in self._node.get_batch(_ms(timeout))]
 
     def respond(self, request: Union[Request, int],
-                tensors: Optional[Sequence[torch.Tensor]] = None) -> None:
+                tensors: Optional[Sequence[torch.Tensor]] = None,
+                need_event: bool = False) -> None:
         if isinstance(request, Request):
-            request.respond(tensors)
+            request.respond(tensors, need_event)
         else:
-            self._node.respond([] if tensors is None else tensors, int(request))
+            tensors = [] if tensors is None else tensors
+            self._node.respond(tensors, int(request), _event_stream(need_event, tensors))
 
     def respond_vec(self, ret_buffer: torch.Tensor, tensors_vec: Sequence[torch.Tensor],
                     requests: Sequence[Union[Request, int]]) -> None:

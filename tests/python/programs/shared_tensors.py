@@ -38,7 +38,8 @@ if role() == "worker":
             meta.copy_(torch.tensor([rank(), it, 0, 0], dtype=torch.int32))
             for p in pulls:
                 p.zero_()
-            h = w.push_pull([push, meta], [1, 2], pulls, [10, 10])
+            # need_event applies to CUDA tensors only: with CPU tensors it changes nothing.
+            h = w.push_pull([push, meta], [1, 2], pulls, [10, 10], need_event=it % 2 == 0)
             h.wait(timeout=30)
             for s in range(2):
                 got = pulls[s].float()
@@ -65,7 +66,7 @@ elif role() == "server":
                     req.respond()  # the outputs: in place on the same host
                 elif mode == 1:
                     outs[0].copy_(answer)
-                    req.respond(outs)
+                    req.respond(outs, need_event=True)
                 else:
                     req.respond([answer])  # one memcpy into the worker's slot
                 # Views of the worker's slot end at respond (fresh tensors elsewhere stay).
