@@ -25,9 +25,9 @@ struct RecvChunk {
   char* data = nullptr;
   size_t capacity = 0;
   std::shared_ptr<const void> owner;
-  Device device;  // cuda: bytes land in pinned staging, then an async copy (docs/gpu.md),
-                  // or, over a van that writes device memory, straight in
-  bool device_dest = false;  // registered as a device destination with those vans
+  // cuda: bytes land in pinned staging, then an async copy (docs/gpu.md), or, over a van
+  // that writes device memory, straight in
+  Device device;
 };
 
 }  // namespace
@@ -258,18 +258,19 @@ class AFTensorServer::Impl : public DataHandler {
         recv_buffers_[{worker_ranks[i], keys[i]}] = std::move(c);
       }
     }
-    if (tensor.device.type != DeviceType::kCPU) {
-      // No one-sided registration for device chunks: a van that writes device memory (cma
-      // with CUDA IPC) learns of a chunk at its first push (Destination); over the others
-      // pushes land in pinned memory.
-      gpu_recv_.store(true, std::memory_order_release);
+    // CUDA chunks go only to the transports that write device memory themselves (cma with
+    // CUDA IPC, rdma with GPUDirect); over the others pushes land in pinned memory.
+    const bool cuda = tensor.device.type != DeviceType::kCPU;
+    if (cuda) gpu_recv_.store(true, std::memory_order_release);
+    for (size_t i = 0; i < n; ++i) {
+      ctx_->OnRecvBufferRegistered(worker_ranks[i], keys[i],
+                                   static_cast<char*>(tensor.data) + i * chunk, chunk,
+                                   cuda ? tensor.device.index : -1);
+    }
+    if (cuda) {
       MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes on {}", n, chunk,
                   tensor.device.ToString());
       return OkStatus();
-    }
-    for (size_t i = 0; i < n; ++i) {
-      ctx_->OnRecvBufferRegistered(worker_ranks[i], keys[i],
-                                   static_cast<char*>(tensor.data) + i * chunk, chunk);
     }
     MP_LOG_INFO(kLog, "registered {} receive chunks of {} bytes", n, chunk);
     return OkStatus();
@@ -310,20 +311,10 @@ class AFTensorServer::Impl : public DataHandler {
       if (it->second.device.type == DeviceType::kCPU) return static_cast<void*>(it->second.data);
       chunk = it->second;
     }
-    // A CUDA chunk: the same-host van with CUDA IPC writes it itself (device to device for
-    // a CUDA push); elsewhere the bytes land in pinned memory and OnData copies them.
-    if (ctx_->PeerWritesDevice(meta.sender)) {
-      if (!chunk.device_dest) {
-        MESHPOST_RETURN_IF_ERROR(ctx_->RegisterDeviceDestination(chunk.data, chunk.capacity,
-                                                                 chunk.device.index, chunk.owner)
-                                     .Annotate("CUDA receive buffer"));
-        std::lock_guard<std::mutex> lock(mu_);
-        auto it = recv_buffers_.find({rank, d.key});
-        if (it != recv_buffers_.end() && it->second.data == chunk.data)
-          it->second.device_dest = true;
-      }
-      return static_cast<void*>(chunk.data);
-    }
+    // A CUDA chunk: cma with CUDA IPC and rdma with GPUDirect write it themselves (device
+    // to device, a one-sided write, or a copy out of a van buffer); elsewhere the bytes
+    // land in pinned memory and OnData copies them.
+    if (ctx_->PeerWritesDevice(meta.sender)) return static_cast<void*>(chunk.data);
     MESHPOST_ASSIGN_OR_RETURN(DeviceStager * stager, Stager());
     return landing_.Acquire(stager, meta.sender, meta.id, index, d.nbytes, chunk.data,
                             chunk.device);

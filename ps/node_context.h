@@ -54,9 +54,11 @@ class NodeContext {
   virtual Status PeerStatus(int node_id) const = 0;
   virtual void SetDataHandler(DataHandler* handler) = 0;
   // Memory a peer will write into one-sidedly: a server's receive buffer for pushes of
-  // `key` from worker `worker_rank`, and a worker's pull tensors (tracked by `owner`).
-  // Transports that need registration (RDMA) register it; the default ignores it.
-  virtual void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) {}
+  // `key` from worker `worker_rank` (CUDA memory of `device` when >= 0: told only to the
+  // transports that write device destinations), and a worker's pull tensors (tracked by
+  // `owner`). Transports that need registration register it; the default ignores it.
+  virtual void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size,
+                                      int device = -1) {}
   virtual void OnPullMemory(const void* addr, size_t size,
                             const std::shared_ptr<const void>& owner) {}
   // GPUDirect: true when the transport carrying data to and from `node_id` reads and writes
@@ -72,14 +74,9 @@ class NodeContext {
     return UnimplementedError("no transport registers device memory");
   }
 
-  // CUDA receive destinations: whether the transport from `node_id` writes received bytes
-  // into CUDA memory itself (the same-host van with CUDA IPC), and the registration that
-  // lets it recognise such memory (docs/gpu.md, CUDA receive buffers).
+  // Whether the transport from `node_id` writes received bytes into CUDA receive buffers
+  // itself (Van::WritesDeviceDestinations: cma with CUDA IPC, rdma with GPUDirect).
   virtual bool PeerWritesDevice(int node_id) const { return false; }
-  virtual Status RegisterDeviceDestination(const void* addr, size_t size, int device,
-                                           const std::shared_ptr<const void>& owner) {
-    return UnimplementedError("no transport writes device memory");
-  }
 
   // Trace capture: the transport carrying data to/from a peer (by node id; "" when not
   // known), and this node's clock-offset estimate to the scheduler (null: none kept).

@@ -83,8 +83,10 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     return scheduler_ ? scheduler_->NodeStatus(id) : membership_->PeerStatus(id);
   }
   void SetDataHandler(DataHandler* h) override { data_.store(h, std::memory_order_release); }
-  void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size) override {
-    router_.RegisterRecvBuffer(WorkerNodeId(opts_.num_servers, worker_rank), key, addr, size);
+  void OnRecvBufferRegistered(int worker_rank, int64_t key, void* addr, size_t size,
+                              int device) override {
+    router_.RegisterRecvBuffer(WorkerNodeId(opts_.num_servers, worker_rank), key, addr, size,
+                               device);
   }
   void OnPullMemory(const void* addr, size_t size,
                     const std::shared_ptr<const void>& owner) override {
@@ -98,10 +100,6 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     return router_.RegisterDeviceMemory(addr, size, device, owner);
   }
   bool PeerWritesDevice(int id) const override { return router_.WritesDevice(id); }
-  Status RegisterDeviceDestination(const void* addr, size_t size, int device,
-                                   const std::shared_ptr<const void>& owner) override {
-    return router_.RegisterDeviceDestination(addr, size, device, owner);
-  }
   std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
   ProgressEngine* progress_engine() override { return &router_; }
   const ClockSync* clock_sync() const override {

@@ -251,25 +251,31 @@ void VanRouter::DeliverRendezvous(int sender, const std::string& body) {
     MP_LOG_ERROR(kLog, "{} rendezvous from node {}: {}", blob->first, sender, s.ToString());
 }
 
-void VanRouter::RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size) {
+void VanRouter::RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size, int device) {
+  const EarlyBuffer b{peer_id, key, addr, size, device};
   {
     std::lock_guard<std::mutex> lock(mu_);
-    recv_buffers_[{peer_id, key}] = EarlyBuffer{peer_id, key, addr, size};
+    recv_buffers_[{peer_id, key}] = b;
     if (!data_vans_started_) {
       // Registered before Start: the vans do not exist yet. StartDataVans replays it, or
       // pushes would land in a pooled buffer and be copied.
-      early_buffers_.push_back({peer_id, key, addr, size});
+      early_buffers_.push_back(b);
       return;
     }
   }
-  RegisterRecvBufferWith(registering_, {peer_id, key, addr, size});
+  RegisterRecvBufferWith(registering_, b);
 }
 
 void VanRouter::RegisterRecvBufferWith(const std::vector<Van*>& vans, const EarlyBuffer& b) {
   MemoryRegion region;
   region.addr = b.addr;
   region.size = b.size;
+  if (b.device >= 0) {
+    region.kind = MemoryKind::kCudaDevice;
+    region.device = b.device;
+  }
   for (Van* van : vans) {
+    if (b.device >= 0 && !van->WritesDeviceDestinations()) continue;
     Status s = van->RegisterRecvBuffer(b.peer_id, b.key, region);
     if (!s.ok())
       MP_LOG_WARN(kLog, "{}: receive buffer not registered: {}", van->name(), s.ToString());
@@ -300,21 +306,6 @@ bool VanRouter::WritesDevice(int id) const {
   if (id <= 0 || id >= num_nodes_) return false;
   const Van* van = route_[id].load(std::memory_order_acquire);
   return van != nullptr && van->WritesDeviceDestinations();
-}
-
-Status VanRouter::RegisterDeviceDestination(const void* addr, size_t size, int device,
-                                            const std::shared_ptr<const void>& owner) {
-  MemoryRegion region;
-  region.addr = const_cast<void*>(addr);
-  region.size = size;
-  region.owner = owner;
-  region.kind = MemoryKind::kCudaDevice;
-  region.device = device;
-  for (Van* van : registering_) {
-    if (!van->WritesDeviceDestinations()) continue;
-    MESHPOST_RETURN_IF_ERROR(van->RegisterMemory(region).Annotate(van->name()));
-  }
-  return OkStatus();
 }
 
 Status VanRouter::RegisterDeviceMemory(const void* addr, size_t size, int device,

@@ -66,7 +66,8 @@ class VanRouter : public ProgressEngine {
 
   // Memory peers write into one-sidedly, for the vans that register memory. A receive
   // buffer registered before StartDataVans is replayed to the vans it creates.
-  void RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size);
+  // A CUDA buffer (device >= 0) goes only to vans that write device destinations.
+  void RegisterRecvBuffer(int peer_id, int64_t key, void* addr, size_t size, int device = -1);
   void RegisterMemory(const void* addr, size_t size, const std::shared_ptr<const void>& owner);
   // GPUDirect: whether the van routed to `id` moves memory of `kind` itself, and CUDA memory
   // registered with every van that does (the first failure is returned, naming the van).
@@ -74,10 +75,6 @@ class VanRouter : public ProgressEngine {
   // Whether the van carrying data from `id` writes received bytes into CUDA memory the
   // receiver names as a destination (Van::WritesDeviceDestinations).
   bool WritesDevice(int id) const;
-  // Registers CUDA memory as a receive destination with every van that writes device
-  // destinations (not with GPUDirect vans: docs/gpu.md, CUDA receive buffers).
-  Status RegisterDeviceDestination(const void* addr, size_t size, int device,
-                                   const std::shared_ptr<const void>& owner);
   Status RegisterDeviceMemory(const void* addr, size_t size, int device,
                               const std::shared_ptr<const void>& owner);
 
@@ -103,6 +100,7 @@ class VanRouter : public ProgressEngine {
     int64_t key;
     void* addr;
     size_t size;
+    int device = -1;  // >= 0: CUDA memory
   };
 
   Van* DataVan(const std::string& name) const;

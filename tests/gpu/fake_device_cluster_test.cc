@@ -487,6 +487,7 @@ TEST_P(CmaIpcClusterTest, CudaPushLandsInTheCudaReceiveBufferDeviceToDevice) {
   TensorView recv{recv_dev, DType::kFloat32, {2 * kElems}, Device{DeviceType::kCUDA, 0}, nullptr};
   ASSERT_TRUE(cluster_.server()->RegisterRecvBuffer(recv, {0, 0}, {7, 8}).ok());
   ASSERT_TRUE(be_.CopyAsync(push_dev_, host_.data(), kBytes, user_stream_).ok());
+  ASSERT_TRUE(be_.WaitIdle(kWaitMs));  // the producer's copy is not counted below
   std::vector<float> cpu(kElems, 4.f), out(kElems, 0.f);
   for (int round = 0; round < 3; ++round) {
     const uint64_t before = be_.copies_executed();

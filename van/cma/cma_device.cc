@@ -34,13 +34,6 @@ DeviceMemory::Import::~Import() {
   if (!s.ok()) MP_LOG_WARN(kLog, "cma van: closing device import {}: {}", id, s.ToString());
 }
 
-DeviceMemory::~DeviceMemory() {
-  for (auto& [device, lane] : lanes_) {
-    if (lane.done != nullptr) backend_->DestroyEvent(lane.done);
-    if (lane.stream != 0) backend_->DestroyStream(lane.stream);
-  }
-}
-
 Status DeviceMemory::Usable() {
   std::call_once(usable_once_, [this] { usable_ = backend_->Available(); });
   return usable_;
@@ -241,34 +234,6 @@ bool DeviceMemory::ImportedFrom(pid_t pid, const void* p, size_t n, uint32_t* id
   *id = im.id;
   *offset = off;
   return true;
-}
-
-Status DeviceMemory::Copy(void* dst, const void* src, size_t n, int device) {
-  if (n == 0 || dst == src) return OkStatus();
-  CopyLane& lane = lanes_[device];
-  if (lane.stream == 0) {
-    MESHPOST_ASSIGN_OR_RETURN(lane.stream, backend_->CreateStream(device));
-  }
-  if (lane.done == nullptr) {
-    MESHPOST_ASSIGN_OR_RETURN(lane.done, backend_->CreateEvent(device));
-  }
-  MESHPOST_RETURN_IF_ERROR(backend_->CopyAsync(dst, src, n, lane.stream));
-  lane.queued = true;
-  return OkStatus();
-}
-
-Status DeviceMemory::Finish() {
-  Status first;
-  for (auto& [device, lane] : lanes_) {
-    if (!lane.queued) continue;
-    lane.queued = false;
-    Status s = backend_->RecordEvent(lane.done, lane.stream);
-    if (s.ok()) s = backend_->SyncEvent(lane.done, kDeviceCopyTimeoutMs);
-    if (!s.ok() && first.ok()) {
-      first = s.Annotate("cma van: device copy on cuda:" + std::to_string(device));
-    }
-  }
-  return first;
 }
 
 }  // namespace cma

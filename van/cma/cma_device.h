@@ -24,14 +24,12 @@
 
 #include "common/result.h"
 #include "tensor/device_backend.h"
+#include "van/device_copy.h"
 #include "van/van.h"
 
 namespace meshpost {
 namespace cma {
 
-// How long the receiving thread waits for its copies of one message (a hung device is an
-// error for that message, not a receive thread blocked forever).
-constexpr int64_t kDeviceCopyTimeoutMs = 30'000;
 // Device allocations a connection may open here (the same bound as shared host blocks).
 constexpr size_t kMaxDeviceImports = 4096;
 
@@ -52,8 +50,7 @@ struct DeviceRange {
 
 class DeviceMemory {
  public:
-  explicit DeviceMemory(DeviceBackend* backend) : backend_(backend) {}
-  ~DeviceMemory();
+  explicit DeviceMemory(DeviceBackend* backend) : backend_(backend), copier_(backend) {}
   DeviceMemory(const DeviceMemory&) = delete;
   DeviceMemory& operator=(const DeviceMemory&) = delete;
 
@@ -92,10 +89,11 @@ class DeviceMemory {
 
   // --- copies: one dispatching thread at a time (the cma van's rx_mu_) ---
   // Queues a copy of n bytes between any mix of device and host memory on this van's
-  // stream of `device`.
-  Status Copy(void* dst, const void* src, size_t n, int device);
-  // Waits (bounded by kDeviceCopyTimeoutMs) until every queued copy finished.
-  Status Finish();
+  // stream of `device`; Finish waits (bounded) for every queued copy (DeviceCopier).
+  Status Copy(void* dst, const void* src, size_t n, int device) {
+    return copier_.Copy(dst, src, n, device);
+  }
+  Status Finish() { return copier_.Finish(); }
 
  private:
   struct Region {
@@ -118,11 +116,6 @@ class DeviceMemory {
     pid_t pid = 0;
     uint32_t id = 0;
   };
-  struct CopyLane {
-    DeviceStream stream = 0;
-    DeviceEvent done = nullptr;
-    bool queued = false;
-  };
 
   DeviceBackend* const backend_;
   std::once_flag usable_once_;
@@ -138,7 +131,7 @@ class DeviceMemory {
   std::map<std::pair<uint64_t, uint32_t>, std::shared_ptr<Import>> imports_;
   std::map<uintptr_t, std::shared_ptr<Import>> import_addrs_;  // by base (ImportedFrom)
 
-  std::map<int, CopyLane> lanes_;  // dispatching thread only
+  DeviceCopier copier_;  // dispatching thread only
 };
 
 }  // namespace cma

@@ -247,7 +247,8 @@ RdmaTransport::RdmaTransport(std::unique_ptr<VerbsApi> api, std::unique_ptr<Verb
       local_(std::move(local)),
       control_send_(std::move(control_send)),
       mr_cache_(device_.get(), options.mr_cache_entries),
-      waiter_(options.wait) {
+      waiter_(options.wait),
+      copier_(options.gpu_backend != nullptr ? options.gpu_backend : CudaBackend()) {
   // RdmaOptionsFromEnv validated the name; an unknown one (set in code) means auto.
   auto gpu = ParseGpuRegistration("MESHPOST_RDMA_GPU", options.gpu);
   mr_cache_.EnableGpu(options.gpu_backend, gpu.ok() ? *gpu : GpuRegistration::kAuto);
@@ -630,7 +631,7 @@ Status RdmaTransport::OnControlBlob(int peer, const void* data, size_t size) {
 }
 
 Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size,
-                                         bool cuda_device) {
+                                         bool cuda_device, int device) {
   if (addr == nullptr || size == 0) {
     return InvalidArgumentError(
         "RdmaVan::RegisterRecvBuffer: addr=" + std::to_string(reinterpret_cast<uintptr_t>(addr)) +
@@ -643,6 +644,7 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
   Actions acts;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (cuda_device) device_dests_[reinterpret_cast<uintptr_t>(addr)] = {size, device};
     auto mr = mr_cache_.Get(addr, size, kAccessLocalWrite | kAccessRemoteWrite, {}, cuda_device);
     if (!mr.ok()) return mr.status().Annotate("RdmaVan::RegisterRecvBuffer");
     LocalBuffer lb;
@@ -663,6 +665,16 @@ Status RdmaTransport::RegisterRecvBuffer(int peer, int64_t key, void* addr, size
   }
   Run(&acts);
   return OkStatus();
+}
+
+int RdmaTransport::DeviceDestination(const void* p, size_t n) const {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = device_dests_.upper_bound(a);
+  if (it == device_dests_.begin()) return -1;
+  --it;
+  const uint64_t off = a - it->first;
+  return off <= it->second.first && n <= it->second.first - off ? it->second.second : -1;
 }
 
 Status RdmaTransport::RegisterMemory(const void* addr, size_t size,
@@ -1193,6 +1205,7 @@ void RdmaTransport::Run(Actions* acts) {
     receiver = receiver_;
     on_failure = on_failure_;
   }
+  std::unique_lock<std::mutex> copy_lock;
   for (auto& in : acts->messages) {
     if (receiver == nullptr) {
       MP_LOG_ERROR(kLog, "rdma: no receiver; dropped {} from {}", CommandName(in.meta.cmd),
@@ -1200,14 +1213,24 @@ void RdmaTransport::Run(Actions* acts) {
       continue;
     }
     // The payload is already where the peer wrote it (a registered buffer or a pool
-    // buffer); the receiver may still want it elsewhere, which costs one copy.
+    // buffer); the receiver may still want it elsewhere, which costs one copy (by the
+    // device when that is a CUDA receive buffer).
     Status refused;
+    bool device_copies = false;
     for (size_t i = 0; i < in.segments.size() && refused.ok(); ++i) {
       RecvSegment& seg = in.segments[i];
       if (seg.size == 0) continue;
       auto dest = SegmentDestination(receiver, in.meta, i, seg.size);
+      const int dest_device = dest.ok() && *dest != nullptr && *dest != seg.data
+                                  ? DeviceDestination(*dest, seg.size)
+                                  : -1;
       if (!dest.ok()) {
         refused = dest.status();
+      } else if (dest_device >= 0) {
+        if (!device_copies) copy_lock = std::unique_lock<std::mutex>(copy_mu_);
+        device_copies = true;
+        refused = copier_.Copy(*dest, seg.data, seg.size, dest_device);
+        seg.data = *dest;  // the van buffer is released with the message below
       } else if (*dest != nullptr) {
         seg = LandSegment(*dest, seg.data, seg.size, nullptr);
       } else if (seg.owner != nullptr) {
@@ -1223,6 +1246,14 @@ void RdmaTransport::Run(Actions* acts) {
           seg.data = copy.get();
           seg.owner = std::move(copy);
         }
+      }
+    }
+    if (device_copies) {
+      Status copied = copier_.Finish();
+      copy_lock.unlock();
+      if (refused.ok()) refused = copied;
+      for (RecvSegment& seg : in.segments) {
+        if (seg.owner != nullptr && DeviceDestination(seg.data, seg.size) >= 0) seg.owner = nullptr;
       }
     }
     Deliver(receiver, "rdma van", std::move(in), refused, refused_log_);

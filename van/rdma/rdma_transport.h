@@ -16,6 +16,7 @@
 
 #include "common/log_rate.h"
 #include "common/waiter.h"
+#include "van/device_copy.h"
 #include "van/rdma/mr_cache.h"
 #include "van/rdma/rdma_van.h"
 #include "van/rdma/rdma_wire.h"
@@ -68,11 +69,16 @@ class RdmaTransport {
   // Status of a completed handle without waiting: nullopt-like NotFound if pending.
   bool IsDone(uint64_t handle);
 
-  // cuda_device: the memory is CUDA device memory, registered for GPUDirect (mr_cache.h).
+  // cuda_device: the memory is CUDA device memory of `device`, registered for GPUDirect
+  // (mr_cache.h). It is recorded as a device destination first, whether or not the
+  // registration works, so a push that lands in a van buffer (before the worker learned
+  // of the buffer, or without GPUDirect) is copied into it by the device, never the CPU.
   Status RegisterRecvBuffer(int peer, int64_t key, void* addr, size_t size,
-                            bool cuda_device = false);
+                            bool cuda_device = false, int device = 0);
   Status RegisterMemory(const void* addr, size_t size, const std::weak_ptr<const void>& owner,
                         bool cuda_device = false);
+  // The device of a CUDA receive buffer holding [p, p + n); -1 when none does.
+  int DeviceDestination(const void* p, size_t n) const;
   void InvalidateMemory(const void* addr, size_t size);
 
   // Polls the CQ once and handles what it returned; returns the number of completions.
@@ -179,6 +185,11 @@ class RdmaTransport {
   bool shut_down_ = false;
   // register_recv_buffer memory per (peer, key); survives reconnects.
   std::map<int, std::map<int64_t, LocalBuffer>> registered_;
+  // CUDA receive buffers by address: (size, device). Guarded by mu_.
+  std::map<uintptr_t, std::pair<size_t, int>> device_dests_;
+  // Copies of pushes from van buffers into CUDA receive buffers (Run; copy_mu_).
+  std::mutex copy_mu_;
+  DeviceCopier copier_;
   Waiter waiter_;
   // Refused messages are logged through this: a peer can provoke them (thread-safe).
   LogRateLimiter refused_log_;

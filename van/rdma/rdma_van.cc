@@ -100,10 +100,13 @@ class RdmaVanImpl : public RdmaVan {
     return kind == MemoryKind::kHost ||
            (kind == MemoryKind::kCudaDevice && options_.gpu != "staging");
   }
+  // A CUDA receive buffer is written in place by the peer's RDMA WRITE (GPUDirect), or,
+  // for a push that landed in a van buffer, copied into by the device (rdma_transport.h).
+  bool WritesDeviceDestinations() const override { return options_.gpu != "staging"; }
   Status RegisterRecvBuffer(int peer_id, int64_t key, const MemoryRegion& region) override {
     MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterRecvBuffer", region));
     return transport_->RegisterRecvBuffer(peer_id, key, region.addr, region.size,
-                                          region.kind == MemoryKind::kCudaDevice);
+                                          region.kind == MemoryKind::kCudaDevice, region.device);
   }
   Status RegisterMemory(const MemoryRegion& region) override {
     MESHPOST_RETURN_IF_ERROR(CheckRegion("RegisterMemory", region));

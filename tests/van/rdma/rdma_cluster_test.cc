@@ -541,6 +541,74 @@ TEST(RdmaClusterTest, GpuTensorsMoveByGpuDirectWithoutStaging) {
   EXPECT_TRUE(stopped.ok()) << stopped;
 }
 
+// A CUDA receive buffer over GPUDirect: the server registers device memory for (worker 0,
+// key 7); each push is RDMA-written straight into it, or, when it lands in a van buffer
+// (the GPUDirect registration failed, or a push raced the registration), copied into it
+// by the device, never by the CPU. GetBatch hands the push out as a cuda:0 view of the
+// chunk either way.
+void RunCudaReceiveBuffer(bool registration_fails) {
+  constexpr int kRounds = 3;
+  constexpr size_t kBytes = kRows * kCols * sizeof(float);
+  FakeBackend be;
+  RdmaCluster c;
+  c.SetDevice(&be);
+  float* recv_dev = static_cast<float*>(*be.AllocDevice(0, kBytes));
+  auto do_register = [&] {
+    Status r = c.server(0)->server()->RegisterRecvBuffer(DeviceFloats(recv_dev), {0}, {7});
+    EXPECT_TRUE(r.ok()) << r;
+  };
+  Status started = registration_fails ? c.Start(1, 1) : c.Start(1, 1, do_register);
+  ASSERT_TRUE(started.ok()) << started;
+  if (registration_fails) {
+    c.fabric().set_fail_registrations(1000);
+    do_register();  // accepted: the van only logs that GPUDirect is off for the buffer
+    c.fabric().set_fail_registrations(0);
+  }
+  const uint64_t copies_before = be.copies_executed();
+  AFTensorWorker* worker = c.worker(0)->worker();
+  AFTensorServer* server = c.server(0)->server();
+  std::vector<float> push(kRows * kCols), pull(kRows * kCols);
+  auto cpu = [](float* p) {
+    return TensorView{p, DType::kFloat32, {kRows, kCols}, Device{}, nullptr};
+  };
+  for (int round = 0; round < kRounds; ++round) {
+    for (size_t i = 0; i < push.size(); ++i) push[i] = PushValue(0, round + 1, i);
+    auto h = worker->ZBatchPushPull({{7, cpu(push.data())}}, {{100, cpu(pull.data())}});
+    ASSERT_TRUE(h.ok()) << h.status();
+    auto batch = server->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    const KeyTensor& got = (*batch)[0].push[0];
+    EXPECT_EQ(got.tensor.device, (Device{DeviceType::kCUDA, 0}));
+    EXPECT_EQ(got.tensor.data, recv_dev);
+    be.HostAccess(recv_dev, kBytes, /*write=*/false);
+    int bad = 0;
+    for (size_t i = 0; i < push.size(); ++i) bad += recv_dev[i] != push[i];
+    EXPECT_EQ(bad, 0) << "round " << round;
+    ASSERT_TRUE(server->Respond((*batch)[0].handle, {cpu(push.data())}).ok());
+    ASSERT_TRUE(worker->Wait(*h, kWaitMs).ok());
+    EXPECT_EQ(pull[5], push[5]);
+  }
+  const int in_place =
+      WritesInto(c.fabric(), reinterpret_cast<const char*>(recv_dev), kBytes, kBytes);
+  const uint64_t copies = be.copies_executed() - copies_before;
+  // Every push arrived exactly once: written in place, or copied by the device.
+  EXPECT_EQ(static_cast<uint64_t>(in_place) + copies, static_cast<uint64_t>(kRounds))
+      << in_place << " in place, " << copies << " device copies";
+  EXPECT_EQ(in_place, registration_fails ? 0 : kRounds);
+  EXPECT_TRUE(be.Hazards().empty());
+  Status stopped = c.StopAll();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+  be.FreeDevice(recv_dev);
+}
+
+TEST(RdmaClusterTest, CudaReceiveBufferIsWrittenInPlaceByGpuDirect) {
+  RunCudaReceiveBuffer(/*registration_fails=*/false);
+}
+
+TEST(RdmaClusterTest, CudaReceiveBufferWithoutGpuDirectIsCopiedIntoByTheDevice) {
+  RunCudaReceiveBuffer(/*registration_fails=*/true);
+}
+
 // MESHPOST_RDMA_GPU=staging: the same program, every GPU tensor through pinned host memory
 // (three staging copies per round: the push out, the answer out, the answer in).
 TEST(RdmaClusterTest, GpuTensorsAreStagedWhenTheUserChoosesStaging) {
