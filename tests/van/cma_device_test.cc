@@ -6,6 +6,8 @@
 // - the bookkeeping refuses what a confused or hostile peer names: allocations it was never
 //   given, ranges outside them, duplicate or empty handles; registrations end with their
 //   owner or InvalidateMemory.
+#include "van/cma/cma_device.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <poll.h>
@@ -19,14 +21,13 @@
 #include "common/clock.h"
 #include "support/recording_receiver.h"
 #include "tensor/backend/fake_backend.h"
-#include "van/cma/cma_device.h"
 #include "van/cma/cma_van.h"
 
 namespace meshpost {
 namespace {
 
-using ::testing::HasSubstr;
 using support::RecordingReceiver;
+using ::testing::HasSubstr;
 
 constexpr int kParentId = 8;
 constexpr int kChildId = 9;
@@ -227,7 +228,8 @@ TEST_F(CmaDeviceMemoryTest, BadRegionsAndAnUnusableBackendAreRefusedWithTheReaso
   FakeBackend broken;
   broken.SetUnavailable(UnavailableError("no device in this test"));
   cma::DeviceMemory other(&broken);
-  EXPECT_THAT(other.Register(DeviceRegion(dev_, 64)).message(), HasSubstr("no device in this test"));
+  EXPECT_THAT(other.Register(DeviceRegion(dev_, 64)).message(),
+              HasSubstr("no device in this test"));
 }
 
 TEST_F(CmaDeviceMemoryTest, OwnRangesAreOnlyThoseExportedToThatProcess) {
