@@ -15,6 +15,7 @@
 #include "ps/server_request.h"
 #include "ps/trace_recorder.h"
 #include "tensor/device_staging.h"
+#include "van/streamed_bytes.h"
 
 namespace meshpost {
 namespace {
@@ -503,7 +504,10 @@ class AFTensorServer::Impl : public DataHandler {
     }
     std::vector<TensorView> staged = tensors;
     std::vector<DeviceStager::Copy> copies;
-    for (TensorView& t : staged) {
+    std::vector<bool> pinned(staged.size(), false);
+    size_t staged_bytes = 0;
+    for (size_t j = 0; j < staged.size(); ++j) {
+      TensorView& t = staged[j];
       if (direct || t.device.type == DeviceType::kCPU || t.nbytes() == 0) continue;
       auto buf = stager->Acquire(t.nbytes());
       if (!buf.ok())
@@ -514,11 +518,30 @@ class AFTensorServer::Impl : public DataHandler {
       // The pinned copy stays referenced until the transport is done; the GPU tensor's
       // owner until the copy finished (held by the callback below).
       t.owner = buf->owner;
+      pinned[j] = true;
+      staged_bytes += t.nbytes();
     }
-    return stager->Submit(copies, after, [this, r, staged, tensors, start](const Status& copied) {
-      Status s = copied.ok() ? SendResponseNow(r, staged, start) : SendError(r, copied);
-      if (!s.ok()) MP_LOG_ERROR(kLog, "{}", s.ToString());
-    });
+    // Over a transport that streams (tcp), a response of more than one staging chunk
+    // leaves at once and each chunk goes on the wire as soon as it is copied.
+    std::shared_ptr<StreamedBytes> stream;
+    if (staged_bytes > stager->chunk_bytes() && ctx_->PeerStreams(r->worker_node)) {
+      stream = std::make_shared<StreamedBytes>();
+    }
+    Status queued = stager->Submit(
+        copies, after,
+        [this, r, staged, tensors, start, stream, staged_bytes](const Status& copied) {
+          if (stream) {
+            // A failure reaches the worker as the dropped response (STREAM_ABORT).
+            copied.ok() ? stream->Advance(staged_bytes) : stream->Fail(copied);
+            return;
+          }
+          Status s = copied.ok() ? SendResponseNow(r, staged, start) : SendError(r, copied);
+          if (!s.ok()) MP_LOG_ERROR(kLog, "{}", s.ToString());
+        },
+        stream ? [stream](size_t, size_t done) { stream->Advance(done); }
+               : DeviceStager::OnChunk());
+    if (!queued.ok() || !stream) return queued;
+    return SendResponseNow(std::move(r), staged, start, stream, &pinned);
   }
 
   Status SendError(const std::shared_ptr<ServerRequest>& r, const Status& why,
@@ -533,8 +556,10 @@ class AFTensorServer::Impl : public DataHandler {
     return ctx_->Send(std::move(out));
   }
 
+  // stream: the tensors marked in `streamed` are still being copied (StreamedBytes).
   Status SendResponseNow(std::shared_ptr<ServerRequest> r, const std::vector<TensorView>& tensors,
-                         uint64_t start) {
+                         uint64_t start, const std::shared_ptr<StreamedBytes>& stream = nullptr,
+                         const std::vector<bool>* streamed = nullptr) {
     OutMessage out;
     out.meta.cmd = Command::kResponse;
     out.meta.sender = ctx_->node_id();
@@ -561,9 +586,11 @@ class AFTensorServer::Impl : public DataHandler {
         }
         out.segments.push_back({peer->data, peer->size, peer->owner});
       } else {
-        out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner});
+        out.segments.push_back({tensors[j].data, tensors[j].nbytes(), tensors[j].owner,
+                                streamed != nullptr && (*streamed)[j]});
       }
     }
+    out.stream = stream;
     out.meta.stamps = {r->received, r->processed, start, GetNanosecond()};
     const std::array<uint64_t, kServerStamps> stamps = out.meta.stamps;
     Status s = ctx_->Send(std::move(out));

@@ -14,6 +14,7 @@
 #include "ps/worker_request.h"
 #include "tensor/device_staging.h"
 #include "van/codec.h"
+#include "van/streamed_bytes.h"
 
 namespace meshpost {
 namespace {
@@ -115,6 +116,7 @@ class AFTensorWorker::Impl : public DataHandler {
       // an empty batch on that stream waits for the caller's event before the transport
       // reads the device memory.
       std::vector<DeviceStager::Copy> copies;
+      size_t staged = 0;
       for (size_t i = 0; i < push.size() && !direct; ++i) {
         if (push[i].tensor.device.type == DeviceType::kCPU || segments[i].size == 0) continue;
         auto buf = stager->Acquire(segments[i].size);
@@ -123,7 +125,16 @@ class AFTensorWorker::Impl : public DataHandler {
           return p->handle;
         }
         copies.push_back({buf->data, push[i].tensor.data, segments[i].size});
-        segments[i] = {buf->data, segments[i].size, buf->owner};
+        segments[i] = {buf->data, segments[i].size, buf->owner, /*streamed=*/true};
+        staged += segments[i].size;
+      }
+      // Over transports that stream (tcp), a push of more than one staging chunk leaves at
+      // once and each chunk goes on the wire as soon as it is copied (docs/gpu.md).
+      std::shared_ptr<StreamedBytes> stream;
+      if (staged > stager->chunk_bytes() && AllServersStream(*ctx_, num_servers_)) {
+        stream = std::make_shared<StreamedBytes>();
+      } else {
+        for (SendSegment& s : segments) s.streamed = false;
       }
       DeviceEvent after = nullptr;
       if (sync.need_event) {
@@ -135,15 +146,27 @@ class AFTensorWorker::Impl : public DataHandler {
         after = *ev;
       }
       // `push` (with its owners) rides along: the caller's tensors stay alive until read.
-      Status queued =
-          stager->Submit(copies, after, [this, p, push, segments, start](const Status& copied) {
+      Status queued = stager->Submit(
+          copies, after,
+          [this, p, push, segments, start, stream, staged](const Status& copied) {
             if (!copied.ok()) {
+              if (stream) stream->Fail(copied);
               Fail(p, copied.Annotate("ZBatchPushPull: staging the push tensors"));
               return;
             }
-            SendRequests(p, push, segments, start);
-          });
-      if (!queued.ok()) Fail(p, queued.Annotate(fn));
+            if (stream) {
+              stream->Advance(staged);
+            } else {
+              SendRequests(p, push, segments, start);
+            }
+          },
+          stream ? [stream](size_t, size_t done) { stream->Advance(done); }
+                 : DeviceStager::OnChunk());
+      if (!queued.ok()) {
+        Fail(p, queued.Annotate(fn));
+      } else if (stream) {
+        SendRequests(p, push, segments, start, stream);
+      }
     }
     return p->handle;
   }
@@ -151,7 +174,8 @@ class AFTensorWorker::Impl : public DataHandler {
   // Sends the request to every server; segments[i] carries push[i]'s bytes (the tensor
   // itself, or its pinned staging copy).
   void SendRequests(const std::shared_ptr<PendingBatch>& p, const KeyTensorBatch& push,
-                    const std::vector<SendSegment>& segments, uint64_t start) {
+                    const std::vector<SendSegment>& segments, uint64_t start,
+                    const std::shared_ptr<StreamedBytes>& stream = nullptr) {
     const char* fn = "ZBatchPushPull";
     std::vector<TensorDesc> push_descs;
     push_descs.reserve(push.size());
@@ -176,6 +200,7 @@ class AFTensorWorker::Impl : public DataHandler {
         }
       }
       msg.segments = segments;
+      msg.stream = stream;
       p->traces[s].request_start = start;
       // Stamped as the request is handed to the transport: the response may be received
       // on another thread before Send() returns, and the stamps must stay ordered.

@@ -77,6 +77,9 @@ class NodeContext {
   // Whether the transport from `node_id` writes received bytes into CUDA receive buffers
   // itself (Van::WritesDeviceDestinations: cma with CUDA IPC, rdma with GPUDirect).
   virtual bool PeerWritesDevice(int node_id) const { return false; }
+  // Whether the transport to `node_id` sends a message while its bytes are still being
+  // written (Van::SupportsStreaming: tcp), so staging copies and the network overlap.
+  virtual bool PeerStreams(int node_id) const { return false; }
 
   // Trace capture: the transport carrying data to/from a peer (by node id; "" when not
   // known), and this node's clock-offset estimate to the scheduler (null: none kept).

@@ -100,6 +100,7 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     return router_.RegisterDeviceMemory(addr, size, device, owner);
   }
   bool PeerWritesDevice(int id) const override { return router_.WritesDevice(id); }
+  bool PeerStreams(int id) const override { return router_.Streams(id); }
   std::string PeerTransport(int id) const override { return router_.TransportTo(id); }
   ProgressEngine* progress_engine() override { return &router_; }
   const ClockSync* clock_sync() const override {

@@ -302,6 +302,12 @@ bool VanRouter::TakesMemory(int id, MemoryKind kind) const {
   return van != nullptr && van->RegistersMemory() && van->SupportsMemory(kind);
 }
 
+bool VanRouter::Streams(int id) const {
+  if (id <= 0 || id >= num_nodes_) return false;
+  const Van* van = route_[id].load(std::memory_order_acquire);
+  return van != nullptr && van->SupportsStreaming();
+}
+
 bool VanRouter::WritesDevice(int id) const {
   if (id <= 0 || id >= num_nodes_) return false;
   const Van* van = route_[id].load(std::memory_order_acquire);

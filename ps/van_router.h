@@ -75,6 +75,8 @@ class VanRouter : public ProgressEngine {
   // Whether the van carrying data from `id` writes received bytes into CUDA memory the
   // receiver names as a destination (Van::WritesDeviceDestinations).
   bool WritesDevice(int id) const;
+  // Whether the van carrying data to `id` streams (Van::SupportsStreaming).
+  bool Streams(int id) const;
   Status RegisterDeviceMemory(const void* addr, size_t size, int device,
                               const std::shared_ptr<const void>& owner);
 

@@ -76,6 +76,13 @@ bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind) {
   return true;
 }
 
+bool AllServersStream(const NodeContext& ctx, int num_servers) {
+  for (int s = 0; s < num_servers; ++s) {
+    if (!ctx.PeerStreams(ServerNodeId(s))) return false;
+  }
+  return true;
+}
+
 Status RegisterDeviceTensors(NodeContext* ctx, const KeyTensorBatch& batch, const char* fn,
                              const char* name) {
   for (size_t i = 0; i < batch.size(); ++i) {

@@ -66,6 +66,8 @@ Status ExpectsResponse(const PendingBatch& p, const Meta& meta);
 
 // GPUDirect: whether the transport to every one of `num_servers` servers moves `kind` itself.
 bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind);
+// Whether every server's transport streams (NodeContext::PeerStreams).
+bool AllServersStream(const NodeContext& ctx, int num_servers);
 // Registers the CUDA tensors of `batch` for GPUDirect; errors name `fn` and `name`[i].
 Status RegisterDeviceTensors(NodeContext* ctx, const KeyTensorBatch& batch, const char* fn,
                              const char* name);

@@ -21,8 +21,7 @@ const char* MemoryKindName(MemoryKind kind) {
 bool IsValidCommand(int v) {
   return (v >= static_cast<int>(Command::kRegister) &&
           v <= static_cast<int>(Command::kVanRendezvous)) ||
-         v == static_cast<int>(Command::kRequest) || v == static_cast<int>(Command::kResponse) ||
-         v == static_cast<int>(Command::kCancel);
+         (v >= static_cast<int>(Command::kRequest) && v <= static_cast<int>(Command::kStreamAbort));
 }
 
 const char* CommandName(Command cmd) {
@@ -42,6 +41,9 @@ const char* CommandName(Command cmd) {
     case Command::kRequest: return "REQUEST";
     case Command::kResponse: return "RESPONSE";
     case Command::kCancel: return "CANCEL";
+    case Command::kStreamBegin: return "STREAM_BEGIN";
+    case Command::kStreamPart: return "STREAM_PART";
+    case Command::kStreamAbort: return "STREAM_ABORT";
   }
   return "INVALID";
 }

@@ -10,8 +10,19 @@
 
 namespace meshpost {
 
-Status ValidateSend(const char* van, const OutMessage& msg) {
+Status ValidateSend(const char* van, const OutMessage& msg, bool streams) {
   const size_t n = msg.segments.size();
+  if (msg.stream != nullptr && !streams) {
+    return FailedPreconditionError(std::string(van) +
+                                   ": this transport does not stream; a message whose bytes are "
+                                   "still being written cannot be sent over it");
+  }
+  for (const SendSegment& seg : msg.segments) {
+    if (seg.streamed && msg.stream == nullptr) {
+      return InvalidArgumentError(std::string(van) +
+                                  ": a segment is marked streamed but the message has no stream");
+    }
+  }
   if (n != msg.meta.data.size()) {
     return InvalidArgumentError(std::string(van) + ": " + std::to_string(n) +
                                 " segments but meta describes " +

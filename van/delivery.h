@@ -14,8 +14,9 @@ namespace meshpost {
 
 // Send side: as many segments as meta.data describes, each of exactly its descriptor's
 // nbytes, no null pointer with bytes, at most kMaxTensorsPerMessage. `van` names the van
-// in the message ("ZmqVan::Send").
-Status ValidateSend(const char* van, const OutMessage& msg);
+// in the message ("ZmqVan::Send"). A message with a stream is refused unless `streams`
+// (the van sends bytes as they become ready).
+Status ValidateSend(const char* van, const OutMessage& msg, bool streams = false);
 
 // Receive side, per data segment `index` whose `size` bytes the van received or is about
 // to read: the size must equal the descriptor's nbytes; then the receiver chooses the

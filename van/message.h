@@ -31,6 +31,10 @@ enum class Command : uint8_t {
   kRequest = 20,        // worker → server: pushes in data, pull slots in slots
   kResponse = 21,       // server → worker: pull-slot payloads in data
   kCancel = 22,         // worker → server: withdraw request `id` (its handle failed elsewhere)
+  // tcp van internal (van/streamed_bytes.h): a message sent before all its bytes exist.
+  kStreamBegin = 23,  // body: the encoded header of the message; id: the stream
+  kStreamPart = 24,   // bytes [data[0].addr, + data[0].nbytes) of segment `arg` of stream `id`
+  kStreamAbort = 25,  // stream `id` ends unfinished (status_code, body: why)
 };
 bool IsValidCommand(int value);
 const char* CommandName(Command cmd);
@@ -65,6 +69,8 @@ struct SendSegment {
   const void* data = nullptr;
   size_t size = 0;
   std::shared_ptr<const void> owner;  // kept alive until the van no longer reads `data`
+  // The bytes are still being written: they become final as OutMessage::stream advances.
+  bool streamed = false;
 };
 
 struct RecvSegment {
@@ -74,9 +80,14 @@ struct RecvSegment {
   Device device;                // cpu, or the CUDA device of a peer's pull slot mapped here
 };
 
+class StreamedBytes;  // van/streamed_bytes.h
+
 struct OutMessage {
   Meta meta;
   std::vector<SendSegment> segments;
+  // Set when segments marked `streamed` are still being written: only a van that
+  // SupportsStreaming() takes such a message (the others refuse it).
+  std::shared_ptr<StreamedBytes> stream;
 };
 
 struct InMessage {

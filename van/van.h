@@ -163,6 +163,10 @@ class Van {
   }
   // Memory peers will write into on any connection (a worker's pull tensors).
   virtual Status RegisterMemory(const MemoryRegion& region) { return OkStatus(); }
+  // Whether Send takes a message whose `streamed` segments are still being written
+  // (OutMessage::stream, van/streamed_bytes.h): ranges go out as they become ready and the
+  // receiver gets the message whole. Vans that do not stream refuse such messages.
+  virtual bool SupportsStreaming() const { return false; }
   // Must be called before freeing caller-managed memory that was registered or sent.
   virtual void InvalidateMemory(const void* addr, size_t size) {}
   // Whether VanReceiver::Destination may return CUDA memory registered here (kind

@@ -106,6 +106,7 @@ class Cluster {
   }
 
   AFTensorWorker* worker() { return worker_->worker(); }
+  int64_t staging_chunk = 0;  // MESHPOST_GPU_STAGING_CHUNK for every node (0: default)
   AFTensorServer* server() { return server_->server(); }
 
  private:
@@ -120,6 +121,7 @@ class Cluster {
     o.transport = transport_.substr(0, at);
     if (at != std::string::npos) o.cma_gpu = transport_.substr(at + 1);
     o.start_timeout_ms = 30000;
+    if (staging_chunk > 0) o.gpu_staging_chunk = staging_chunk;
     o.spin_us = 0;
     o.device_backend = backend_;
     return o;
@@ -385,6 +387,58 @@ TEST_P(FakeDeviceClusterTest, CudaReceiveBufferCopyFailureFailsTheWorkersHandle)
   ASSERT_TRUE(be_.WaitIdle(kWaitMs));
   EXPECT_THAT(be_.Hazards(), IsEmpty());
   be_.FreeDevice(recv_dev);
+}
+
+// Over tcp, staged tensors of several chunks are streamed (van/streamed_bytes.h): the
+// request and the response leave before their staging copies finished, each chunk as it
+// lands. With slow copies and need_event on both ends, the bytes must still arrive intact
+// and in order, with no hazard (a chunk sent before it was copied would be one).
+TEST(FakeDeviceStreamTest, MultiChunkStagedTensorsStreamOverTcpIntact) {
+  FakeBackend be;
+  Cluster cluster(&be, "tcp");
+  cluster.staging_chunk = 65536;
+  ASSERT_TRUE(cluster.Start().ok());
+  constexpr int64_t kBig = 256 * 1024;  // floats: 1 MiB, 16 chunks
+  constexpr size_t kBigBytes = kBig * sizeof(float);
+  float* push = static_cast<float*>(*be.AllocDevice(0, kBigBytes));
+  float* pull = static_cast<float*>(*be.AllocDevice(0, kBigBytes));
+  float* answer = static_cast<float*>(*be.AllocDevice(0, kBigBytes));
+  const DeviceStream user = *be.CreateStream(0), server_stream = *be.CreateStream(0);
+  auto view = [](float* p) {
+    return TensorView{p, DType::kFloat32, {kBig}, Device{DeviceType::kCUDA, 0}, nullptr};
+  };
+  std::vector<float> host(kBig), doubled(kBig);
+  be.SetCopyCost(2'000);  // 2 ns per byte: about 2 ms per MiB, chunks land one by one
+  for (int round = 0; round < 3; ++round) {
+    for (int64_t i = 0; i < kBig; ++i) host[i] = static_cast<float>(round * 1000003 + i);
+    ASSERT_TRUE(be.CopyAsync(push, host.data(), kBigBytes, user).ok());
+    auto h = cluster.worker()->ZBatchPushPull({{7, view(push)}}, {{9, view(pull)}},
+                                              StreamSync{true, user});
+    ASSERT_TRUE(h.ok()) << h.status();
+    auto batch = cluster.server()->GetBatch(kWaitMs);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    const float* got = static_cast<const float*>((*batch)[0].push[0].tensor.data);
+    int bad = 0;
+    for (int64_t i = 0; i < kBig; ++i) bad += got[i] != host[i];
+    ASSERT_EQ(bad, 0) << "round " << round;
+    for (int64_t i = 0; i < kBig; ++i) doubled[i] = got[i] * 2.f;
+    ASSERT_TRUE(be.CopyAsync(answer, doubled.data(), kBigBytes, server_stream).ok());
+    ASSERT_TRUE(cluster.server()
+                    ->Respond((*batch)[0].handle, {view(answer)}, StreamSync{true, server_stream})
+                    .ok());
+    ASSERT_TRUE(cluster.worker()->Wait(*h, kWaitMs).ok());
+    be.HostAccess(pull, kBigBytes, /*write=*/false);
+    bad = 0;
+    for (int64_t i = 0; i < kBig; ++i) bad += pull[i] != doubled[i];
+    EXPECT_EQ(bad, 0) << "round " << round;
+  }
+  be.SetCopyCost(0);
+  ASSERT_TRUE(be.WaitIdle(kWaitMs));
+  EXPECT_THAT(be.Hazards(), IsEmpty());
+  ASSERT_TRUE(cluster.Stop().ok());
+  be.FreeDevice(push);
+  be.FreeDevice(pull);
+  be.FreeDevice(answer);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, FakeDeviceClusterTest,

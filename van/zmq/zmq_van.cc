@@ -30,7 +30,9 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -40,6 +42,7 @@
 #include "common/logging.h"
 #include "van/codec.h"
 #include "van/delivery.h"
+#include "van/streamed_bytes.h"
 
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
@@ -70,6 +73,14 @@ constexpr size_t kMaxQueuedWhileAuthenticating = 65536;
 // id belongs to someone else), so the handshake cannot check who answers.
 constexpr int kTemporaryPeerIdBase = 1 << 20;
 constexpr int kDisconnectLingerMs = 1000;
+// Streamed messages (van/streamed_bytes.h) a peer may have in flight towards this node;
+// a STREAM_BEGIN beyond that is refused (the message is reported dropped).
+constexpr size_t kMaxStreamsPerPeer = 64;
+
+bool IsStreamCommand(Command cmd) {
+  return cmd == Command::kStreamBegin || cmd == Command::kStreamPart ||
+         cmd == Command::kStreamAbort;
+}
 
 struct ZmqMsg {
   zmq_msg_t msg;
@@ -107,6 +118,10 @@ class ZmqVan : public Van {
     zmq_ctx_set(ctx_, ZMQ_MAX_SOCKETS, 65536);
   }
   ~ZmqVan() override {
+    {
+      std::lock_guard<std::mutex> lock(lifeline_->mu);
+      lifeline_->van = nullptr;  // streams still being produced stop sending
+    }
     Stop();
     CloseMonitors();
     zmq_ctx_term(ctx_);
@@ -224,9 +239,20 @@ class ZmqVan : public Van {
       zmq_setsockopt(peer->socket, ZMQ_LINGER, &linger, sizeof(linger));
     }
     peer->orphaned_at_ns = GetNanosecond();
+    std::lock_guard<std::mutex> streams(streams_mu_);
+    for (auto it = in_streams_.begin(); it != in_streams_.end();) {
+      it = it->first.first == peer_id ? in_streams_.erase(it) : std::next(it);
+    }
   }
 
+  bool SupportsStreaming() const override { return true; }
+
   Status Send(OutMessage&& msg) override {
+    if (msg.stream != nullptr) return SendStreamed(std::move(msg));
+    return SendMessage(std::move(msg));
+  }
+
+  Status SendMessage(OutMessage&& msg) {
     std::shared_ptr<Peer> peer;
     {
       std::lock_guard<std::mutex> lock(peers_mu_);
@@ -266,6 +292,31 @@ class ZmqVan : public Van {
     return SendLocked(*peer, std::move(msg));
   }
 
+  // A message whose streamed segments are still being written: STREAM_BEGIN carries its
+  // header, then one STREAM_PART per range, every segment in order (a streamed one as its
+  // bytes become ready, zero-copy from the producer's buffer), or STREAM_ABORT when the
+  // producer fails. Each is an ordinary sealed message; the receiver assembles them and
+  // delivers the message whole (OnStreamFrame).
+  Status SendStreamed(OutMessage&& msg) {
+    MESHPOST_RETURN_IF_ERROR(ValidateSend("ZmqVan::Send", msg, /*streams=*/true));
+    auto out = std::make_shared<OutStream>();
+    out->lifeline = lifeline_;
+    out->id = next_stream_id_.fetch_add(1, std::memory_order_relaxed);
+    out->sender = msg.meta.sender;
+    out->recipient = msg.meta.recipient;
+    for (const TensorDesc& d : msg.meta.data) out->keys.push_back(d.key);
+    out->segments = std::move(msg.segments);
+    OutMessage begin;
+    begin.meta.cmd = Command::kStreamBegin;
+    begin.meta.sender = out->sender;
+    begin.meta.recipient = out->recipient;
+    begin.meta.id = out->id;
+    begin.meta.body = EncodeMeta(msg.meta);
+    MESHPOST_RETURN_IF_ERROR(SendMessage(std::move(begin)));
+    msg.stream->Listen([out](size_t ready, const Status& status) { out->Pump(ready, status); });
+    return OkStatus();
+  }
+
   void Stop() override {
     // Let zero-copy sends drain before closing sockets (LINGER 0 would discard them), so
     // the last response of a run reaches its worker. Bounded: a dead peer cannot hold us.
@@ -289,6 +340,10 @@ class ZmqVan : public Van {
     if (monitor_thread_.joinable()) monitor_thread_.join();
     conns_.clear();
     {
+      std::lock_guard<std::mutex> lock(streams_mu_);
+      in_streams_.clear();
+    }
+    {
       std::lock_guard<std::mutex> lock(auth_mu_);
       if (wake_tx_ != nullptr) zmq_close(wake_tx_);
       wake_tx_ = nullptr;
@@ -303,6 +358,103 @@ class ZmqVan : public Van {
 
  private:
   enum class PeerState { kReady, kAuthenticating, kFailed };
+
+  // Lets a stream's producer (another thread, possibly after Stop) reach the van.
+  struct Lifeline {
+    std::mutex mu;
+    ZmqVan* van = nullptr;  // null once the van is being destroyed
+  };
+
+  // The sending side of one streamed message (SendStreamed).
+  struct OutStream {
+    std::mutex mu;
+    std::shared_ptr<Lifeline> lifeline;
+    uint64_t id = 0;
+    int sender = -1;
+    int recipient = -1;
+    std::vector<int64_t> keys;
+    std::vector<SendSegment> segments;
+    size_t seg = 0;              // next segment to send
+    size_t seg_sent = 0;         // bytes of it sent
+    size_t streamed_before = 0;  // streamed bytes of the segments before `seg`
+    bool done = false;
+
+    // Sends what became ready (StreamedBytes listener; the producer's thread).
+    void Pump(size_t ready, const Status& status) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (done) return;
+      std::lock_guard<std::mutex> alive(lifeline->mu);
+      ZmqVan* van = lifeline->van;
+      Status sent = van != nullptr ? OkStatus() : UnavailableError("the tcp van stopped");
+      while (sent.ok() && seg < segments.size()) {
+        const SendSegment& s = segments[seg];
+        size_t avail = s.size - seg_sent;
+        if (s.streamed) {
+          const size_t have =
+              ready > streamed_before ? std::min(ready - streamed_before, s.size) : 0;
+          avail = have > seg_sent ? have - seg_sent : 0;
+        }
+        if (avail == 0 && s.size > 0) break;
+        if (avail > 0) sent = van->SendMessage(Part(seg_sent, avail));
+        seg_sent += avail;
+        if (seg_sent == s.size) {
+          if (s.streamed) streamed_before += s.size;
+          ++seg;
+          seg_sent = 0;
+        }
+      }
+      if (sent.ok() && seg == segments.size()) {
+        done = true;
+      } else if (!sent.ok() || !status.ok()) {
+        done = true;
+        if (!sent.ok()) {
+          MP_LOG_ERROR(kLog, "streamed message to node {} cut short: {}", recipient,
+                       sent.ToString());
+        } else {
+          OutMessage abort;
+          abort.meta.cmd = Command::kStreamAbort;
+          abort.meta.sender = sender;
+          abort.meta.recipient = recipient;
+          abort.meta.id = id;
+          abort.meta.status_code = static_cast<int32_t>(status.code());
+          abort.meta.body = status.message();
+          (void)van->SendMessage(std::move(abort));
+        }
+      }
+      if (done) segments.clear();  // owners go: the van holds what it still sends
+    }
+
+    OutMessage Part(size_t offset, size_t len) const {
+      const SendSegment& s = segments[seg];
+      OutMessage part;
+      part.meta.cmd = Command::kStreamPart;
+      part.meta.sender = sender;
+      part.meta.recipient = recipient;
+      part.meta.id = id;
+      part.meta.arg = static_cast<int32_t>(seg);
+      TensorDesc d;
+      d.key = keys[seg];
+      d.shape = {static_cast<int64_t>(len)};
+      d.nbytes = len;
+      d.addr = offset;
+      part.meta.data.push_back(std::move(d));
+      part.segments.push_back({static_cast<const char*>(s.data) + offset, len, s.owner});
+      return part;
+    }
+  };
+
+  // The receiving side of one streamed message: the header's destinations, filled part by
+  // part in order. Receive thread; streams_mu_.
+  struct InStream {
+    InMessage msg;
+    std::vector<uint64_t> got;  // bytes received per segment
+    size_t next = 0;            // the segment the next part must belong to
+
+    void SkipFilled() {
+      while (next < got.size() && got[next] == msg.meta.data[next].nbytes) ++next;
+    }
+    bool Complete() const { return next == got.size(); }
+  };
 
   struct Peer {
     std::mutex mu;
@@ -948,6 +1100,10 @@ class ZmqVan : public Van {
                                 " were altered in transit (MESHPOST_AUTH_PAYLOAD)");
       }
     }
+    if (IsStreamCommand(in.meta.cmd)) {
+      OnStreamFrame(std::move(in), parts, refused);
+      return;
+    }
     size_t index = 0;
     for (auto& part : parts) {
       if (!refused.ok()) break;
@@ -965,6 +1121,117 @@ class ZmqVan : public Van {
                               " data frames; its header describes " + std::to_string(expected));
     }
     Deliver(receiver_, "tcp van", std::move(in), refused, frame_log_);
+  }
+
+  // STREAM_BEGIN / PART / ABORT from an authenticated (or claimed) peer: assembles the
+  // message in the destinations its receiver chose at BEGIN and delivers it whole; parts
+  // must come in order and fit their segment, anything else drops the message (OnDropped).
+  void OnStreamFrame(InMessage&& frame, std::vector<std::shared_ptr<ZmqMsg>>& parts,
+                     Status refused) {
+    const std::pair<int, uint64_t> key{frame.peer, frame.meta.id};
+    InMessage done;  // delivered (or dropped) after streams_mu_ is released
+    Status why;
+    bool deliver = false;
+    {
+      std::unique_lock<std::mutex> lock(streams_mu_);
+      auto it = in_streams_.find(key);
+      if (frame.meta.cmd == Command::kStreamBegin) {
+        if (!refused.ok()) {
+          lock.unlock();
+          MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped a stream from node {}: {}", frame.peer,
+                               refused.ToString());
+          return;
+        }
+        auto inner = DecodeMeta(frame.meta.body.data(), frame.meta.body.size());
+        if (!inner.ok() || inner->sender != frame.meta.sender || !parts.empty() ||
+            (inner->cmd != Command::kRequest && inner->cmd != Command::kResponse) ||
+            it != in_streams_.end()) {
+          lock.unlock();
+          MP_LOG_ERROR_LIMITED(frame_log_, kLog,
+                               "dropped a malformed or duplicate stream {} from node {}",
+                               frame.meta.id, frame.peer);
+          return;
+        }
+        size_t of_peer = 0;
+        for (const auto& [k, s] : in_streams_) of_peer += k.first == frame.peer;
+        InStream st;
+        st.msg.meta = std::move(inner).value();
+        st.msg.peer = frame.peer;
+        if (of_peer >= kMaxStreamsPerPeer) {
+          why = ResourceExhaustedError("node " + std::to_string(frame.peer) + " has " +
+                                       std::to_string(of_peer) + " streamed messages in flight");
+        }
+        for (size_t i = 0; why.ok() && i < st.msg.meta.data.size(); ++i) {
+          const uint64_t n = st.msg.meta.data[i].nbytes;
+          if (options_.max_message_bytes > 0 && n > options_.max_message_bytes) {
+            why = DataLossError("streamed segment of " + std::to_string(n) + " bytes");
+            break;
+          }
+          auto dest = SegmentDestination(receiver_, st.msg.meta, i, n);
+          if (!dest.ok()) {
+            why = dest.status();
+            break;
+          }
+          RecvSegment seg;
+          seg.size = n;
+          seg.data = *dest;
+          if (seg.data == nullptr && n > 0) {
+            constexpr std::align_val_t kAlign{kVanBufferAlign};
+            void* p = ::operator new(n, kAlign, std::nothrow);
+            if (p == nullptr) {
+              why = ResourceExhaustedError("cannot allocate " + std::to_string(n) + " bytes");
+              break;
+            }
+            seg.owner = std::shared_ptr<void>(p, [](void* q) { ::operator delete(q, kAlign); });
+            seg.data = p;
+          }
+          st.msg.segments.push_back(std::move(seg));
+        }
+        st.got.assign(st.msg.meta.data.size(), 0);
+        st.SkipFilled();
+        if (!why.ok() || st.Complete()) {
+          done = std::move(st.msg);
+          deliver = true;
+        } else {
+          in_streams_.emplace(key, std::move(st));
+        }
+      } else if (it == in_streams_.end()) {
+        lock.unlock();
+        MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped {} for unknown stream {} from node {}",
+                             CommandName(frame.meta.cmd), frame.meta.id, frame.peer);
+        return;
+      } else if (frame.meta.cmd == Command::kStreamAbort) {
+        why = UnavailableError("node " + std::to_string(frame.peer) +
+                               " could not finish the message: " + frame.meta.body);
+      } else {
+        InStream& st = it->second;
+        const size_t seg = static_cast<size_t>(frame.meta.arg);
+        if (!refused.ok()) {
+          why = refused;
+        } else if (frame.meta.arg < 0 || seg != st.next || frame.meta.data.size() != 1 ||
+                   parts.size() != 1 || frame.meta.data[0].nbytes != parts[0]->size() ||
+                   frame.meta.data[0].addr != st.got[seg] || parts[0]->size() == 0 ||
+                   parts[0]->size() > st.msg.meta.data[seg].nbytes - st.got[seg]) {
+          why = DataLossError("stream part out of order or outside segment " +
+                              std::to_string(frame.meta.arg));
+        } else {
+          std::memcpy(static_cast<char*>(st.msg.segments[seg].data) + st.got[seg], parts[0]->data(),
+                      parts[0]->size());
+          st.got[seg] += parts[0]->size();
+          st.SkipFilled();
+        }
+        if (!why.ok() || st.Complete()) {
+          done = std::move(st.msg);
+          deliver = true;
+        }
+      }
+      if (!deliver && !why.ok() && it != in_streams_.end()) {
+        done = std::move(it->second.msg);
+        deliver = true;
+      }
+      if (deliver && it != in_streams_.end()) in_streams_.erase(it);
+    }
+    if (deliver) Deliver(receiver_, "tcp van", std::move(done), why, frame_log_);
   }
 
   void DrainRest(bool more) {
@@ -1013,6 +1280,15 @@ class ZmqVan : public Van {
   // Receive thread only: incoming connections by routing id.
   std::unordered_map<std::string, Conn> conns_;
   uint64_t next_conn_order_ = 0;
+  // Streamed messages: being sent (ids) and being assembled, by (peer, stream id).
+  std::shared_ptr<Lifeline> lifeline_ = [this] {
+    auto l = std::make_shared<Lifeline>();
+    l->van = this;
+    return l;
+  }();
+  std::atomic<uint64_t> next_stream_id_{1};
+  std::mutex streams_mu_;
+  std::map<std::pair<int, uint64_t>, InStream> in_streams_;
   LogRateLimiter frame_log_;
   LogRateLimiter auth_log_;
 };
