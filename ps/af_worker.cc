@@ -400,13 +400,20 @@ class AFTensorWorker::Impl : public DataHandler {
         p->answered[s] = 1;
         p->last_server = s;
         const int P = p->slots_per_server;
+        bool streamed_in = false;
         for (int j = 0; j < P && !p->staging.empty(); ++j) {
           const size_t i = s * P + j;
           if (p->staging[i].data == nullptr) continue;
-          copies.push_back(
-              {p->pull[i].tensor.data, p->staging[i].data, p->pull[i].tensor.nbytes()});
+          // What streamed in early is already queued (OnStreamProgress): the rest only.
+          const size_t from = p->to_device.empty() ? 0 : p->to_device[i];
+          streamed_in = streamed_in || from > 0;
+          const size_t n = p->pull[i].tensor.nbytes();
+          if (from < n) {
+            copies.push_back({static_cast<char*>(p->pull[i].tensor.data) + from,
+                              static_cast<char*>(p->staging[i].data) + from, n - from});
+          }
         }
-        if (copies.empty()) {
+        if (copies.empty() && !streamed_in) {
           t.response_processed = GetNanosecond();
           if (p->traced) t.tids[7] = TraceThreadId();
           if (--p->remaining == 0) done = CompleteLocked(p->handle, OkStatus());
@@ -431,11 +438,43 @@ class AFTensorWorker::Impl : public DataHandler {
     if (done && !done->status.ok()) SendCancels();
   }
 
-  void FinishStaged(const std::shared_ptr<PendingBatch>& p, int s, const Status& copied) {
+  // A staged GPU slot's response is streaming in (tcp): copy what landed to the device now,
+  // so the last copy after the whole response arrived is short. The stager's batches
+  // complete in order: FinishStaged (the final batch) runs after these.
+  void OnStreamProgress(const Meta& meta, size_t index, size_t bytes) override {
+    if (meta.cmd != Command::kResponse) return;
+    std::shared_ptr<PendingBatch> p;
+    DeviceStager::Copy copy;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto found = LookupForResponse(meta);
+      if (!found.ok() || index >= static_cast<size_t>((*found)->slots_per_server)) return;
+      const size_t i = ServerOf(meta.id) * (*found)->slots_per_server + index;
+      PendingBatch* pb = *found;
+      if (pb->staging.empty() || pb->staging[i].data == nullptr) return;
+      if (pb->to_device.empty()) pb->to_device.assign(pb->staging.size(), 0);
+      const size_t from = pb->to_device[i];
+      if (bytes <= from || bytes > pb->pull[i].tensor.nbytes()) return;
+      pb->to_device[i] = bytes;
+      copy = {static_cast<char*>(pb->pull[i].tensor.data) + from,
+              static_cast<char*>(pb->staging[i].data) + from, bytes - from};
+      p = pending_.at(pb->handle);
+    }
+    auto record = [this, p](const Status& copied) {
+      if (copied.ok()) return;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (p->early_copy.ok()) p->early_copy = copied;
+    };
+    Status queued = stager_.IfCreated()->Submit({copy}, nullptr, record);
+    if (!queued.ok()) record(queued);
+  }
+
+  void FinishStaged(const std::shared_ptr<PendingBatch>& p, int s, const Status& staged_copy) {
     std::shared_ptr<PendingBatch> done;
     KeyTensorBatch released;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      const Status copied = staged_copy.ok() ? p->early_copy : staged_copy;
       if (!copied.ok()) {
         done = FailLocked(p->handle, copied.Annotate("copying server " + std::to_string(s) +
                                                      "'s response to the GPU pull tensors"));

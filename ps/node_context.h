@@ -36,6 +36,8 @@ class DataHandler {
   virtual ~DataHandler() = default;
   virtual Result<void*> Destination(const Meta& meta, size_t index) = 0;
   virtual void OnData(InMessage&& msg) = 0;
+  // VanReceiver::OnStreamProgress: the first `bytes` of segment `index` landed.
+  virtual void OnStreamProgress(const Meta& meta, size_t index, size_t bytes) {}
   virtual void OnDropped(const Meta& meta, const Status& why) = 0;
   virtual void OnNodeDown(int node_id, const Status& why) = 0;
   // A peer that was down is reachable again: a new process took its rank (issue 10).

@@ -244,6 +244,13 @@ class Postoffice::Impl : public NodeContext, public VanReceiver {
     if (DataHandler* h = data_.load(std::memory_order_acquire)) h->OnDropped(meta, why);
   }
 
+  void OnStreamProgress(const Meta& meta, size_t index, size_t bytes) override {
+    if (meta.cmd != Command::kRequest && meta.cmd != Command::kResponse) return;
+    if (DataHandler* h = data_.load(std::memory_order_acquire)) {
+      h->OnStreamProgress(meta, index, bytes);
+    }
+  }
+
   void OnPeerFailure(int peer_id, const Status& why) override {
     // Cancelled: a connection this node closed itself (Disconnect when a rank is taken
     // over, Stop). Reported later from the van's thread, it must not mark the peer's new

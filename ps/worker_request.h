@@ -34,6 +34,10 @@ struct PendingBatch {
   int remaining = 0;
   // GPU pull slots: the response lands in staging[i] and is copied to pull[i] after.
   std::vector<PinnedBuffer> staging;
+  // Per staged slot: bytes already queued for the device while the response streamed in
+  // (OnStreamProgress), and the first failure of such a copy.
+  std::vector<size_t> to_device;
+  Status early_copy;
   PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
   int64_t* stream_flag_device = nullptr;
   int last_server = 0;  // whose answer arrived last: the batch's critical path

@@ -46,6 +46,11 @@ class VanReceiver {
   virtual Result<void*> Destination(const Meta& meta, size_t index) = 0;
   // A complete message.
   virtual void OnMessage(InMessage&& msg) = 0;
+  // A streamed message (van/streamed_bytes.h) whose segment `index` now holds its first
+  // `bytes` bytes in the destination Destination chose: the receiver may start using them
+  // before OnMessage (the worker starts copying a staged GPU slot to the device). Same
+  // thread rules as OnMessage; the message may still be dropped later.
+  virtual void OnStreamProgress(const Meta& meta, size_t index, size_t bytes) {}
   // A message whose header decoded but whose payload was refused (why says how).
   virtual void OnDropped(const Meta& meta, const Status& why) = 0;
   // The connection to peer_id failed (completion error, failed post, reset): whatever

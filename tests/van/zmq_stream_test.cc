@@ -9,8 +9,10 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "tests/support/raw_zmq_peer.h"
@@ -23,7 +25,22 @@
 namespace meshpost {
 namespace {
 
-using Recorder = support::RecordingReceiver;
+// Also records OnStreamProgress: (segment, bytes) of the latest call.
+class Recorder : public support::RecordingReceiver {
+ public:
+  void OnStreamProgress(const Meta& meta, size_t index, size_t bytes) override {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    progress_ = {index, bytes};
+  }
+  std::pair<size_t, size_t> progress() {
+    std::lock_guard<std::mutex> lock(progress_mu_);
+    return progress_;
+  }
+
+ private:
+  std::mutex progress_mu_;
+  std::pair<size_t, size_t> progress_{0, 0};
+};
 
 struct Pair {
   std::unique_ptr<Van> a = CreateZmqVan({});
@@ -77,7 +94,11 @@ TEST(ZmqStreamTest, ArrivesWholeOnlyAfterTheLastByteIsReady) {
   auto stream = std::make_shared<StreamedBytes>();
   ASSERT_TRUE(p.a->Send(Streamed(bufs, stream)).ok());
   stream->Advance(100000);
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (int i = 0; i < 500 && p.rb.progress().second < 100000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  // The receiver hears of the bytes as they land (segment 1: the first streamed one).
+  EXPECT_EQ(p.rb.progress(), (std::pair<size_t, size_t>{1, 100000}));
   EXPECT_TRUE(p.rb.TakeMessages().empty()) << "delivered before its bytes were ready";
   stream->Advance(300000 + 4999);
   std::this_thread::sleep_for(std::chrono::milliseconds(50));

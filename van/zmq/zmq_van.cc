@@ -1132,6 +1132,8 @@ class ZmqVan : public Van {
     InMessage done;  // delivered (or dropped) after streams_mu_ is released
     Status why;
     bool deliver = false;
+    Meta progress;  // a part landed in a message still incomplete: its header
+    size_t progress_seg = 0, progress_bytes = 0;
     {
       std::unique_lock<std::mutex> lock(streams_mu_);
       auto it = in_streams_.find(key);
@@ -1219,6 +1221,11 @@ class ZmqVan : public Van {
                       parts[0]->size());
           st.got[seg] += parts[0]->size();
           st.SkipFilled();
+          if (!st.Complete()) {
+            progress = st.msg.meta;
+            progress_seg = seg;
+            progress_bytes = st.got[seg];
+          }
         }
         if (!why.ok() || st.Complete()) {
           done = std::move(st.msg);
@@ -1232,6 +1239,7 @@ class ZmqVan : public Van {
       if (deliver && it != in_streams_.end()) in_streams_.erase(it);
     }
     if (deliver) Deliver(receiver_, "tcp van", std::move(done), why, frame_log_);
+    if (progress_bytes > 0) receiver_->OnStreamProgress(progress, progress_seg, progress_bytes);
   }
 
   void DrainRest(bool more) {
