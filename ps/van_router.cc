@@ -305,6 +305,7 @@ bool VanRouter::TakesMemory(int id, MemoryKind kind) const {
 bool VanRouter::Streams(int id) const {
   if (id <= 0 || id >= num_nodes_) return false;
   const Van* van = route_[id].load(std::memory_order_acquire);
+  if (van == nullptr) van = control_.get();  // tcp data rides the control van (Send)
   return van != nullptr && van->SupportsStreaming();
 }
 

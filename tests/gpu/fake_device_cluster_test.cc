@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -437,6 +438,55 @@ TEST(FakeDeviceStreamTest, MultiChunkStagedTensorsStreamOverTcpIntact) {
   EXPECT_THAT(be.Hazards(), IsEmpty());
   ASSERT_TRUE(cluster.Stop().ok());
   be.FreeDevice(push);
+  be.FreeDevice(pull);
+  be.FreeDevice(answer);
+}
+
+// The device fails while a response streams in (the server's copies out, the worker's
+// early copies to the pull tensor): the worker's handle fails with the reason instead of
+// waiting or completing with half the bytes, and the next round works. (Which copy fails
+// first is timing; the van test ProducerFailureDropsTheMessageWithTheReason covers the
+// sender's abort.)
+TEST(FakeDeviceStreamTest, DeviceFailureWhileAResponseStreamsFailsTheHandle) {
+  FakeBackend be;
+  Cluster cluster(&be, "tcp");
+  cluster.staging_chunk = 65536;
+  ASSERT_TRUE(cluster.Start().ok());
+  constexpr int64_t kBig = 256 * 1024;
+  constexpr size_t kBigBytes = kBig * sizeof(float);
+  float* pull = static_cast<float*>(*be.AllocDevice(0, kBigBytes));
+  float* answer = static_cast<float*>(*be.AllocDevice(0, kBigBytes));
+  std::vector<float> in(kBig, 1.f);
+  TensorView cpu_in{in.data(), DType::kFloat32, {kBig}, {}, nullptr};
+  TensorView gpu_pull{pull, DType::kFloat32, {kBig}, Device{DeviceType::kCUDA, 0}, nullptr};
+  TensorView gpu_answer{answer, DType::kFloat32, {kBig}, Device{DeviceType::kCUDA, 0}, nullptr};
+  auto h = cluster.worker()->ZBatchPushPull({{7, cpu_in}}, {{9, gpu_pull}});
+  ASSERT_TRUE(h.ok()) << h.status();
+  auto batch = cluster.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  be.SetCopyCost(200'000);  // 200 ns per byte: each 64 KiB chunk takes 13 ms
+  ASSERT_TRUE(cluster.server()->Respond((*batch)[0].handle, {gpu_answer}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // a chunk or two went out
+  be.SetUnavailable(UnavailableError("the GPU fell off the bus (test)"));
+  Status s = cluster.worker()->Wait(*h, kWaitMs);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.code(), StatusCode::kDeadlineExceeded) << s;
+  EXPECT_THAT(s.message(), HasSubstr("the GPU fell off the bus (test)"));
+  be.SetUnavailable(OkStatus());
+  be.SetCopyCost(0);
+  ASSERT_TRUE(be.WaitIdle(kWaitMs));
+  // The next round works.
+  ASSERT_TRUE(be.CopyAsync(answer, in.data(), kBigBytes, 0).ok());
+  ASSERT_TRUE(be.WaitIdle(kWaitMs));
+  auto again = cluster.worker()->ZBatchPushPull({{7, cpu_in}}, {{9, gpu_pull}});
+  ASSERT_TRUE(again.ok()) << again.status();
+  batch = cluster.server()->GetBatch(kWaitMs);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  ASSERT_TRUE(cluster.server()->Respond((*batch)[0].handle, {gpu_answer}).ok());
+  ASSERT_TRUE(cluster.worker()->Wait(*again, kWaitMs).ok());
+  be.HostAccess(pull, kBigBytes, /*write=*/false);
+  EXPECT_EQ(pull[kBig - 1], 1.f);
+  ASSERT_TRUE(cluster.Stop().ok());
   be.FreeDevice(pull);
   be.FreeDevice(answer);
 }
