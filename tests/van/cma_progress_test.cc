@@ -179,7 +179,9 @@ TEST_P(CmaProgressTest, HandshakeOfANewConnectionRunsOnTheHolder) {
   Status s = c->Connect({kIdB, "", 0, b_->endpoint(), getpid()});
   EXPECT_TRUE(s.ok()) << s.ToString();
   connected = true;
-  if (s.ok()) ASSERT_TRUE(c->Send(Request(kIdC, kIdB, 7)).ok());
+  if (s.ok()) {
+    ASSERT_TRUE(c->Send(Request(kIdC, kIdB, 7)).ok());
+  }
   holder.join();
   c->Stop();
 }
