@@ -1123,6 +1123,71 @@ class ZmqVan : public Van {
     Deliver(receiver_, "tcp van", std::move(in), refused, frame_log_);
   }
 
+  // STREAM_BEGIN: the message's header; its destinations are chosen now (outside
+  // streams_mu_: Destination is the receiver's code), then the stream waits for its parts.
+  void OnStreamBegin(InMessage&& frame, std::vector<std::shared_ptr<ZmqMsg>>& parts,
+                     const Status& refused) {
+    const std::pair<int, uint64_t> key{frame.peer, frame.meta.id};
+    auto inner = refused.ok() ? DecodeMeta(frame.meta.body.data(), frame.meta.body.size())
+                              : Result<Meta>(refused);
+    bool duplicate = false;
+    size_t of_peer = 0;
+    {
+      std::lock_guard<std::mutex> lock(streams_mu_);
+      duplicate = in_streams_.count(key) != 0;
+      for (const auto& [k, s] : in_streams_) of_peer += k.first == frame.peer;
+    }
+    if (!inner.ok() || inner->sender != frame.meta.sender || !parts.empty() || duplicate ||
+        (inner->cmd != Command::kRequest && inner->cmd != Command::kResponse)) {
+      MP_LOG_ERROR_LIMITED(
+          frame_log_, kLog, "dropped a malformed or duplicate stream {} from node {}{}",
+          frame.meta.id, frame.peer, inner.ok() ? std::string() : ": " + inner.status().ToString());
+      return;
+    }
+    InStream st;
+    st.msg.meta = std::move(inner).value();
+    st.msg.peer = frame.peer;
+    Status why;
+    if (of_peer >= kMaxStreamsPerPeer) {
+      why = ResourceExhaustedError("node " + std::to_string(frame.peer) + " has " +
+                                   std::to_string(of_peer) + " streamed messages in flight");
+    }
+    for (size_t i = 0; why.ok() && i < st.msg.meta.data.size(); ++i) {
+      const uint64_t n = st.msg.meta.data[i].nbytes;
+      if (options_.max_message_bytes > 0 && n > options_.max_message_bytes) {
+        why = DataLossError("streamed segment of " + std::to_string(n) + " bytes");
+        break;
+      }
+      auto dest = SegmentDestination(receiver_, st.msg.meta, i, n);
+      if (!dest.ok()) {
+        why = dest.status();
+        break;
+      }
+      RecvSegment seg;
+      seg.size = n;
+      seg.data = *dest;
+      if (seg.data == nullptr && n > 0) {
+        constexpr std::align_val_t kAlign{kVanBufferAlign};
+        void* p = ::operator new(n, kAlign, std::nothrow);
+        if (p == nullptr) {
+          why = ResourceExhaustedError("cannot allocate " + std::to_string(n) + " bytes");
+          break;
+        }
+        seg.owner = std::shared_ptr<void>(p, [](void* q) { ::operator delete(q, kAlign); });
+        seg.data = p;
+      }
+      st.msg.segments.push_back(std::move(seg));
+    }
+    st.got.assign(st.msg.meta.data.size(), 0);
+    st.SkipFilled();
+    if (!why.ok() || st.Complete()) {
+      Deliver(receiver_, "tcp van", std::move(st.msg), why, frame_log_);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    in_streams_.emplace(key, std::move(st));
+  }
+
   // STREAM_BEGIN / PART / ABORT from an authenticated (or claimed) peer: assembles the
   // message in the destinations its receiver chose at BEGIN and delivers it whole; parts
   // must come in order and fit their segment, anything else drops the message (OnDropped).
@@ -1134,70 +1199,14 @@ class ZmqVan : public Van {
     bool deliver = false;
     Meta progress;  // a part landed in a message still incomplete: its header
     size_t progress_seg = 0, progress_bytes = 0;
+    if (frame.meta.cmd == Command::kStreamBegin) {
+      OnStreamBegin(std::move(frame), parts, refused);
+      return;
+    }
     {
       std::unique_lock<std::mutex> lock(streams_mu_);
       auto it = in_streams_.find(key);
-      if (frame.meta.cmd == Command::kStreamBegin) {
-        if (!refused.ok()) {
-          lock.unlock();
-          MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped a stream from node {}: {}", frame.peer,
-                               refused.ToString());
-          return;
-        }
-        auto inner = DecodeMeta(frame.meta.body.data(), frame.meta.body.size());
-        if (!inner.ok() || inner->sender != frame.meta.sender || !parts.empty() ||
-            (inner->cmd != Command::kRequest && inner->cmd != Command::kResponse) ||
-            it != in_streams_.end()) {
-          lock.unlock();
-          MP_LOG_ERROR_LIMITED(frame_log_, kLog,
-                               "dropped a malformed or duplicate stream {} from node {}",
-                               frame.meta.id, frame.peer);
-          return;
-        }
-        size_t of_peer = 0;
-        for (const auto& [k, s] : in_streams_) of_peer += k.first == frame.peer;
-        InStream st;
-        st.msg.meta = std::move(inner).value();
-        st.msg.peer = frame.peer;
-        if (of_peer >= kMaxStreamsPerPeer) {
-          why = ResourceExhaustedError("node " + std::to_string(frame.peer) + " has " +
-                                       std::to_string(of_peer) + " streamed messages in flight");
-        }
-        for (size_t i = 0; why.ok() && i < st.msg.meta.data.size(); ++i) {
-          const uint64_t n = st.msg.meta.data[i].nbytes;
-          if (options_.max_message_bytes > 0 && n > options_.max_message_bytes) {
-            why = DataLossError("streamed segment of " + std::to_string(n) + " bytes");
-            break;
-          }
-          auto dest = SegmentDestination(receiver_, st.msg.meta, i, n);
-          if (!dest.ok()) {
-            why = dest.status();
-            break;
-          }
-          RecvSegment seg;
-          seg.size = n;
-          seg.data = *dest;
-          if (seg.data == nullptr && n > 0) {
-            constexpr std::align_val_t kAlign{kVanBufferAlign};
-            void* p = ::operator new(n, kAlign, std::nothrow);
-            if (p == nullptr) {
-              why = ResourceExhaustedError("cannot allocate " + std::to_string(n) + " bytes");
-              break;
-            }
-            seg.owner = std::shared_ptr<void>(p, [](void* q) { ::operator delete(q, kAlign); });
-            seg.data = p;
-          }
-          st.msg.segments.push_back(std::move(seg));
-        }
-        st.got.assign(st.msg.meta.data.size(), 0);
-        st.SkipFilled();
-        if (!why.ok() || st.Complete()) {
-          done = std::move(st.msg);
-          deliver = true;
-        } else {
-          in_streams_.emplace(key, std::move(st));
-        }
-      } else if (it == in_streams_.end()) {
+      if (it == in_streams_.end()) {
         lock.unlock();
         MP_LOG_ERROR_LIMITED(frame_log_, kLog, "dropped {} for unknown stream {} from node {}",
                              CommandName(frame.meta.cmd), frame.meta.id, frame.peer);
