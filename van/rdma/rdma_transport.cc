@@ -247,8 +247,8 @@ RdmaTransport::RdmaTransport(std::unique_ptr<VerbsApi> api, std::unique_ptr<Verb
       local_(std::move(local)),
       control_send_(std::move(control_send)),
       mr_cache_(device_.get(), options.mr_cache_entries),
-      waiter_(options.wait),
-      copier_(options.gpu_backend != nullptr ? options.gpu_backend : CudaBackend()) {
+      copier_(options.gpu_backend != nullptr ? options.gpu_backend : CudaBackend()),
+      waiter_(options.wait) {
   // RdmaOptionsFromEnv validated the name; an unknown one (set in code) means auto.
   auto gpu = ParseGpuRegistration("MESHPOST_RDMA_GPU", options.gpu);
   mr_cache_.EnableGpu(options.gpu_backend, gpu.ok() ? *gpu : GpuRegistration::kAuto);
