@@ -52,10 +52,10 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash scripts/fuzz.sh
 # >>> RDMA on soft-RoCE VMs (issue 13; scripts/rdma_vm/, docs/rdma.md) >>>
 # The RDMA van on a real verbs stack (rdma_rxe in QEMU guests; one guest, then two joined by
 # a virtual link), using the build above and the .venv of the Python stage. Bounded by
-# MESHPOST_RDMA_VM_BUDGET (1800 s, image build included; measured in docs/rdma.md); skips
+# MESHPOST_RDMA_VM_BUDGET (2400 s, image build included; measured in docs/rdma.md); skips
 # with the reason where QEMU/root/the Debian archive are missing. MESHPOST_SKIP_RDMA_VM=1
 # skips it.
 echo "== RDMA tests on soft-RoCE VMs (MESHPOST_SKIP_RDMA_VM=1 skips them) =="
-timeout --kill-after=30 $(( ${MESHPOST_RDMA_VM_BUDGET:-1800} + 120 )) bash scripts/rdma_vm/stage.sh build
+timeout --kill-after=30 $(( ${MESHPOST_RDMA_VM_BUDGET:-2400} + 120 )) bash scripts/rdma_vm/stage.sh build
 # <<< RDMA on soft-RoCE VMs <<<
 echo "== all tests passed =="

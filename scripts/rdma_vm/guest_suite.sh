@@ -99,7 +99,7 @@ step_python() {
   # shellcheck disable=SC2086
   (cd tests/python && MESHPOST_TRANSPORT=rdma MESHPOST_PYTEST_HEARTBEAT_TIMEOUT_MS=15000 \
      MESHPOST_PYTEST_TIMEOUT_SCALE=4 \
-     timeout -k 10 "${PYTHON_TIMEOUT:-900}" ../../.venv/bin/python -m pytest -q -rs -p no:cacheprovider \
+     timeout -k 10 "${PYTHON_TIMEOUT:-1200}" ../../.venv/bin/python -m pytest -q -rs -p no:cacheprovider \
      ${MESHPOST_RDMA_VM_PYTEST_ARGS:-${PYTHON_TESTS[*]}})
   rc=$?
   echo "== [python] exit $rc, $((SECONDS - t0)) s"

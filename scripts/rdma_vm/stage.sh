@@ -8,7 +8,7 @@
 #
 # Usage: stage.sh [BUILD_DIR]   (default build/, built on this host by scripts/build.sh)
 #   MESHPOST_SKIP_RDMA_VM=1          skip the stage (prints so)
-#   MESHPOST_RDMA_VM_BUDGET=SECONDS  bound on the whole stage, image build included (default 1800)
+#   MESHPOST_RDMA_VM_BUDGET=SECONDS  bound on the whole stage, image build included (default 2400)
 #   MESHPOST_RDMA_VM_PARTS="one two" which parts to run
 #   MESHPOST_RDMA_VM_CACHE=DIR       image cache (default /var/cache/meshpost-rdma-vm)
 # Skips (exit 0, reason printed) where QEMU, root, the Debian archive or disk space for
@@ -17,7 +17,7 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO="$(cd "$RDMA_VM_DIR/../.." && pwd)"
 BUILD="$(cd "${1:-$REPO/build}" 2>/dev/null && pwd)" || { echo "stage.sh: no build directory ${1:-$REPO/build}" >&2; exit 2; }
-BUDGET="${MESHPOST_RDMA_VM_BUDGET:-1800}"
+BUDGET="${MESHPOST_RDMA_VM_BUDGET:-2400}"
 PARTS="${MESHPOST_RDMA_VM_PARTS:-one two}"
 START=$SECONDS
 
@@ -74,7 +74,7 @@ two_vm() {
 }
 for part in $PARTS; do
   case "$part" in
-    one) run_part "one guest" 1500 one_vm ;;
+    one) run_part "one guest" 1800 one_vm ;;
     two) run_part "two guests" 600 two_vm ;;
     *) echo "stage.sh: unknown part '$part' in MESHPOST_RDMA_VM_PARTS" >&2; exit 2 ;;
   esac
