@@ -38,7 +38,7 @@ from meshpost import _meshpost
 from meshpost.errors import (FailedPreconditionError, InvalidArgumentError, UnavailableError,
                              UnimplementedError)
 from meshpost._options import build_env
-from meshpost.node import track
+from meshpost.node import _event_stream, track  # need_event: the same rule as meshpost
 
 __all__ = [
     "init", "stop", "push_pull", "wait", "get_batch", "respond", "respond_vec",
@@ -168,16 +168,6 @@ def get_nanosecond() -> int:
 
 
 # --- CUDA -----------------------------------------------------------------------------
-
-def _event_stream(need_event: bool, tensors) -> Optional[int]:
-    """The current CUDA stream (as an int) when need_event applies to CUDA tensors."""
-    if not need_event:
-        return None
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            return torch.cuda.current_stream(t.device).cuda_stream
-    return None
-
 
 def _require_cuda(fn: str) -> None:
     usable, reason = _meshpost.cuda_status()
