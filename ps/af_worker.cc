@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/clock.h"
+#include "common/log_rate.h"
 #include "common/logging.h"
 #include "ps/node_context.h"
 #include "ps/trace_recorder.h"
@@ -62,7 +63,26 @@ class AFTensorWorker::Impl : public DataHandler {
         MESHPOST_RETURN_IF_ERROR(RegisterDeviceTensors(ctx_, pull, fn, "pull"));
       }
     }
+    std::vector<SendSegment> segments;
+    segments.reserve(push.size());
+    for (const KeyTensor& kt : push) {
+      segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
+    }
     auto p = std::make_shared<PendingBatch>();
+    // Large ordinary host pushes to same-host servers go from a shared copy (set before the
+    // batch is visible: a node-down may complete it from another thread).
+    const int64_t share_min = ctx_->options().shared_push_min;
+    if (!device_push && share_min > 0 &&
+        AnyServerTakes(*ctx_, num_servers_, MemoryKind::kSharedHost)) {
+      auto lease = push_staging_->Stage(push, static_cast<size_t>(share_min), &segments);
+      if (lease.ok()) {
+        p->push_staging = std::move(lease).value();
+      } else {
+        MP_LOG_ERROR_LIMITED(staging_log_, kLog,
+                             "push_pull: {}; sending the push from its own memory",
+                             lease.status().ToString());
+      }
+    }
     p->num_servers = num_servers_;
     p->slots_per_server = static_cast<int>(pull.size()) / num_servers_;
     p->pull = pull;
@@ -102,11 +122,6 @@ class AFTensorWorker::Impl : public DataHandler {
       if (kt.tensor.owner && kt.tensor.device.type == DeviceType::kCPU) {
         ctx_->OnPullMemory(kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner);
       }
-    }
-    std::vector<SendSegment> segments;
-    segments.reserve(push.size());
-    for (const KeyTensor& kt : push) {
-      segments.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
     }
     if (!device_push || (direct && !sync.need_event)) {
       SendRequests(p, push, segments, start);
@@ -597,6 +612,12 @@ class AFTensorWorker::Impl : public DataHandler {
     std::shared_ptr<PendingBatch> p = it->second;
     p->status = status;
     p->done.store(true, std::memory_order_release);
+    if (p->push_staging) {
+      // Every server answered: their views of the shared copy ended at respond. Otherwise
+      // a server may still read it, so it is freed, never reused (leaf locks only).
+      if (status.ok()) p->push_staging->MarkReusable();
+      p->push_staging.reset();
+    }
     if (!status.ok()) {
       for (int s = 0; s < p->num_servers && s < static_cast<int>(p->sent.size()); ++s) {
         if (p->sent[s] && !p->answered[s]) {
@@ -631,6 +652,8 @@ class AFTensorWorker::Impl : public DataHandler {
   std::vector<std::pair<int, uint64_t>> cancels_;  // (server, request id) to withdraw
   std::atomic<bool> has_cancels_{false};           // cancels_ is not empty
   std::unique_ptr<TraceRecorder> recorder_;        // null unless MESHPOST_TRACE is on
+  const std::shared_ptr<PushStagingPool> push_staging_ = std::make_shared<PushStagingPool>();
+  LogRateLimiter staging_log_{3, 60'000};
   // Declared last: destroyed first, so its completion thread stops before the state its
   // callbacks touch goes away.
   LazyStager stager_;

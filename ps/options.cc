@@ -159,6 +159,12 @@ const std::vector<OptionSpec> kTable = {
      "bytes per pinned staging chunk for CUDA tensors: device↔pinned "
      "copies are split into chunks of this size, each completing on its own (docs/gpu.md)",
      Int64(&Options::gpu_staging_chunk, 65536, int64_t{1} << 30)},
+    {"MESHPOST_SHARED_PUSH_MIN", "shared_push_min", G::kMeshpost, "65536 (64 KiB)",
+     "0–1099511627776; 0 = never",
+     "ordinary (not `meshpost.empty`) host push tensors of at least this many bytes are "
+     "copied once into shared memory when a server is on this host, so the server views "
+     "them instead of reading them across processes (docs/performance.md)",
+     Int64(&Options::shared_push_min, 0, int64_t{1} << 40)},
     {"MESHPOST_PORT_FD", "port_fd", G::kMeshpost, "unset",
      "an open fd; used by launchers with `DMLC_PS_ROOT_PORT=0`",
      "(scheduler) file descriptor to which the bound port is written, then closed",
@@ -530,6 +536,10 @@ Status Options::Validate() const {
   if (gpu_staging_chunk < 65536 || gpu_staging_chunk > (int64_t{1} << 30)) {
     return bad("gpu_staging_chunk (MESHPOST_GPU_STAGING_CHUNK)", std::to_string(gpu_staging_chunk),
                "65536..1073741824 bytes");
+  }
+  if (shared_push_min < 0 || shared_push_min > (int64_t{1} << 40)) {
+    return bad("shared_push_min (MESHPOST_SHARED_PUSH_MIN)", std::to_string(shared_push_min),
+               "0..1099511627776 bytes");
   }
   if (cma_gpu != "ipc" && cma_gpu != "staging") {
     return bad("cma_gpu (MESHPOST_CMA_GPU)", "'" + cma_gpu + "'", "ipc or staging");

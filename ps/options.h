@@ -72,7 +72,10 @@ struct Options {
   int start_timeout_ms = 120000;  // MESHPOST_START_TIMEOUT_MS: rendezvous limit
   int max_inflight = 1024;        // MESHPOST_MAX_INFLIGHT: pending requests per worker
   int64_t gpu_staging_chunk = int64_t{4} << 20;  // MESHPOST_GPU_STAGING_CHUNK (bytes)
-  int port_fd = -1;                              // MESHPOST_PORT_FD: scheduler writes its port here
+  // MESHPOST_SHARED_PUSH_MIN: ordinary push tensors of at least this many bytes are copied
+  // into shared memory for same-host servers (ps/push_staging.h); 0 = never.
+  int64_t shared_push_min = int64_t{64} << 10;
+  int port_fd = -1;  // MESHPOST_PORT_FD: scheduler writes its port here
   // Cluster secret (MESHPOST_CLUSTER_TOKEN or the file MESHPOST_CLUSTER_TOKEN_FILE); every
   // connection proves knowledge of it ("" = unauthenticated). See docs/security.md.
   std::string cluster_token;

@@ -76,6 +76,13 @@ bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind) {
   return true;
 }
 
+bool AnyServerTakes(const NodeContext& ctx, int num_servers, MemoryKind kind) {
+  for (int s = 0; s < num_servers; ++s) {
+    if (ctx.PeerTakesMemory(ServerNodeId(s), kind)) return true;
+  }
+  return false;
+}
+
 bool AllServersStream(const NodeContext& ctx, int num_servers) {
   for (int s = 0; s < num_servers; ++s) {
     if (!ctx.PeerStreams(ServerNodeId(s))) return false;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ps/node_context.h"
+#include "ps/push_staging.h"
 #include "ps/trace.h"
 #include "ps/trace_recorder.h"
 #include "tensor/device_staging.h"
@@ -41,7 +42,9 @@ struct PendingBatch {
   PinnedBuffer stream_flag;  // set to 1 on completion for WaitOnStream
   int64_t* stream_flag_device = nullptr;
   int last_server = 0;  // whose answer arrived last: the batch's critical path
-  Status status;        // written before `done` is released
+  // Shared-memory copy of the push (ps/push_staging.h): reusable once every server answered.
+  std::shared_ptr<PushStagingLease> push_staging;
+  Status status;  // written before `done` is released
   std::atomic<bool> done{false};
   // Trace capture (MESHPOST_TRACE): set before the first send when this handle is sampled.
   bool traced = false;
@@ -70,6 +73,8 @@ Status ExpectsResponse(const PendingBatch& p, const Meta& meta);
 
 // GPUDirect: whether the transport to every one of `num_servers` servers moves `kind` itself.
 bool AllServersTake(const NodeContext& ctx, int num_servers, MemoryKind kind);
+// Whether some server's transport takes `kind` (NodeContext::PeerTakesMemory).
+bool AnyServerTakes(const NodeContext& ctx, int num_servers, MemoryKind kind);
 // Whether every server's transport streams (NodeContext::PeerStreams).
 bool AllServersStream(const NodeContext& ctx, int num_servers);
 // Registers the CUDA tensors of `batch` for GPUDirect; errors name `fn` and `name`[i].

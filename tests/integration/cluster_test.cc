@@ -144,6 +144,9 @@ TEST_P(ClusterTest, BadInputsReturnErrorsAndNodesKeepWorking) {
 TEST_P(ClusterTest, SharedMemoryPushesViewsAndOutputs) {
   RunAndExpectSuccess(Spec("shared", 2, 2));
 }
+TEST_P(ClusterTest, LargeOrdinaryPushesTravelFromASharedCopy) {
+  RunAndExpectSuccess(Spec("staged", 2, 2));
+}
 TEST_P(ClusterTest, IdleNodesWaitWithoutErrors) { RunAndExpectSuccess(Spec("idle")); }
 TEST_P(ClusterTest, OneWorkerOneServer) { RunAndExpectSuccess(Spec("sum", 1, 1)); }
 TEST_P(ClusterTest, ThreeWorkersThreeServers) { RunAndExpectSuccess(Spec("sum", 3, 3)); }

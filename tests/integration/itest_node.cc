@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <string>
@@ -223,6 +224,99 @@ void SharedWorker(Ctx& c) {
                       "pull from server " + std::to_string(s) + " element " + std::to_string(i) +
                           " in round " + std::to_string(it));
       }
+    }
+  }
+}
+
+// ---------------- staged: ordinary pushes copied into shared memory ----------------
+// Workers push ordinary (malloc'd) float tensors: one of exactly MESHPOST_SHARED_PUSH_MIN
+// (64 KiB, the default) and one 4 bytes short of it, plus a small int32 tensor. On the
+// same-host van the large one travels from the worker's shared copy, so the server's
+// tensor is a view of a memfd mapping and the worker may overwrite its own tensor as soon
+// as ZBatchPushPull returns; the short one is read across processes as before. Rounds
+// alternate two sizes of the large tensor, so copies come from reused blocks of either size.
+constexpr int kStagedIters = 24;
+constexpr int64_t kStagedBig = (64 << 10) / 4, kStagedShort = kStagedBig - 1;
+
+int64_t StagedBigElems(int it) { return it % 2 == 0 ? kStagedBig : 4 * kStagedBig; }
+
+float StagedValue(int w, int it, int64_t i, int which) {
+  return static_cast<float>(w * 1000003 + it * 1009 + which * 7 + i % 4093);
+}
+
+// Whether `p` lies in a memfd mapping of this process (/proc/self/maps).
+bool InMemfdMapping(const void* p) {
+  std::ifstream maps("/proc/self/maps");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  while (std::getline(maps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &lo, &hi) != 2 || a < lo || a >= hi) continue;
+    return line.find("/memfd:") != std::string::npos;
+  }
+  return false;
+}
+
+void StagedServer(Ctx& c) {
+  for (int it = 0; it < kStagedIters; ++it) {
+    auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    for (int w = 0; w < c.W(); ++w) {
+      BatchRequest& req = batch[w];
+      EXPECT_OR_DIE(req.push.size() == 3, "three push tensors");
+      const int32_t* meta = static_cast<const int32_t*>(req.push[2].tensor.data);
+      EXPECT_OR_DIE(meta[0] == w && meta[1] == it, "int32 push names worker and iteration");
+      const int64_t sizes[2] = {StagedBigElems(it), kStagedShort};
+      for (int k = 0; k < 2; ++k) {
+        const TensorView& t = req.push[k].tensor;
+        EXPECT_OR_DIE(t.numel() == sizes[k], "push " + std::to_string(k) + " size");
+        const float* p = static_cast<const float*>(t.data);
+        for (int64_t i = 0; i < sizes[k]; ++i) {
+          EXPECT_OR_DIE(p[i] == StagedValue(w, it, i, k), "push " + std::to_string(k) +
+                                                              " element " + std::to_string(i) +
+                                                              " in round " + std::to_string(it));
+        }
+      }
+      if (SameHostShared()) {
+        EXPECT_OR_DIE(InMemfdMapping(req.push[0].tensor.data),
+                      "a push of MESHPOST_SHARED_PUSH_MIN bytes is a view of shared memory");
+        EXPECT_OR_DIE(!InMemfdMapping(req.push[1].tensor.data),
+                      "a shorter push is read into the server's own memory");
+      }
+      Buf ans(DType::kFloat32, {4});
+      for (int i = 0; i < 4; ++i) {
+        ans.as<float>()[i] = static_cast<const float*>(req.push[0].tensor.data)[i] + 1.0f;
+      }
+      OK_OR_DIE(c.po->server()->Respond(req.handle, {ans.view}));
+    }
+  }
+}
+
+void StagedWorker(Ctx& c) {
+  Buf small(DType::kFloat32, {kStagedShort});
+  Buf meta(DType::kInt32, {4});
+  for (int it = 0; it < kStagedIters; ++it) {
+    Buf big(DType::kFloat32, {StagedBigElems(it)});
+    for (int64_t i = 0; i < StagedBigElems(it); ++i)
+      big.as<float>()[i] = StagedValue(c.rank(), it, i, 0);
+    for (int64_t i = 0; i < kStagedShort; ++i)
+      small.as<float>()[i] = StagedValue(c.rank(), it, i, 1);
+    meta.as<int32_t>()[0] = c.rank();
+    meta.as<int32_t>()[1] = it;
+    KeyTensorBatch pull;
+    std::vector<Buf> outs;
+    for (int s = 0; s < c.S(); ++s) {
+      outs.emplace_back(DType::kFloat32, std::vector<int64_t>{4});
+      pull.push_back({300, outs.back().view});
+    }
+    const uint64_t h = ValueOrDie(
+        c.po->worker()->ZBatchPushPull({{0, big.view}, {1, small.view}, {2, meta.view}}, pull),
+        "ZBatchPushPull");
+    // The same-host path sends a snapshot: the caller's tensor is free again at once.
+    if (SameHostShared()) std::memset(big.bytes->data(), 0xff, big.bytes->size());
+    OK_OR_DIE(c.po->worker()->Wait(h, 30000));
+    for (int s = 0; s < c.S(); ++s) {
+      EXPECT_OR_DIE(outs[s].as<float>()[3] == StagedValue(c.rank(), it, 3, 0) + 1.0f,
+                    "answer from server " + std::to_string(s));
     }
   }
 }
@@ -810,6 +904,7 @@ int main() {
       {"schedkill", {SchedKillServer, SchedKillWorker, SchedKillScheduler}},
       {"idle", {IdleServer, IdleWorker, nullptr}},
       {"shared", {SharedServer, SharedWorker, nullptr}},
+      {"staged", {StagedServer, StagedWorker, nullptr}},
   };
   bool started = false;
   if (std::string(name) == "clash_sum") {

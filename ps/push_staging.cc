@@ -1,0 +1,87 @@
+#include "ps/push_staging.h"
+
+#include <cstring>
+#include <string>
+
+namespace meshpost {
+namespace {
+
+constexpr size_t kStagedAlign = 64;  // each staged tensor starts on a cache line
+
+size_t AlignUp(size_t n, size_t a) { return (n + a - 1) & ~(a - 1); }
+
+bool Qualifies(const KeyTensor& kt, const SendSegment& seg, size_t min_bytes) {
+  if (kt.tensor.device.type != DeviceType::kCPU || seg.size < min_bytes || seg.streamed)
+    return false;
+  SharedRef ref;
+  return !SharedMemoryRegistry::Get().Find(seg.data, seg.size, &ref);
+}
+
+}  // namespace
+
+PushStagingLease::~PushStagingLease() {
+  if (!reusable_.load(std::memory_order_acquire)) return;  // the block is freed with us
+  if (auto pool = pool_.lock()) pool->Put(std::move(block_));
+}
+
+Result<std::shared_ptr<PushStagingLease>> PushStagingPool::Stage(
+    const KeyTensorBatch& push, size_t min_bytes, std::vector<SendSegment>* segments) {
+  if (min_bytes == 0) return std::shared_ptr<PushStagingLease>();
+  size_t total = 0;
+  for (size_t i = 0; i < push.size(); ++i) {
+    if (Qualifies(push[i], (*segments)[i], min_bytes))
+      total = AlignUp(total, kStagedAlign) + (*segments)[i].size;
+  }
+  if (total == 0) return std::shared_ptr<PushStagingLease>();
+  MESHPOST_ASSIGN_OR_RETURN(std::shared_ptr<SharedBlock> block, Take(total));
+  auto lease = std::make_shared<PushStagingLease>(std::move(block), weak_from_this());
+  char* base = lease->block()->data();
+  size_t at = 0;
+  for (size_t i = 0; i < push.size(); ++i) {
+    SendSegment& seg = (*segments)[i];
+    if (!Qualifies(push[i], seg, min_bytes)) continue;
+    at = AlignUp(at, kStagedAlign);
+    std::memcpy(base + at, seg.data, seg.size);
+    seg = SendSegment{base + at, seg.size, std::shared_ptr<const void>(lease, base + at)};
+    at += seg.size;
+  }
+  return lease;
+}
+
+Result<std::shared_ptr<SharedBlock>> PushStagingPool::Take(size_t bytes) {
+  const size_t size = AlignUp(bytes, kSharedBlockAlign);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(size);
+    if (it != free_.end() && !it->second.empty()) {
+      std::shared_ptr<SharedBlock> b = std::move(it->second.back());
+      it->second.pop_back();
+      return b;
+    }
+  }
+  auto block = AllocateShared(size);
+  if (!block.ok()) return block.status().Annotate("staging a push in shared memory");
+  return block;
+}
+
+void PushStagingPool::Put(std::shared_ptr<SharedBlock> block) {
+  std::shared_ptr<SharedBlock> drop;  // freed outside the lock (it notifies listeners)
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& list = free_[block->size()];
+    if (list.size() < kKeepPerSize) {
+      list.push_back(std::move(block));
+    } else {
+      drop = std::move(block);
+    }
+  }
+}
+
+size_t PushStagingPool::free_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& [size, list] : free_) n += list.size();
+  return n;
+}
+
+}  // namespace meshpost

@@ -1,0 +1,76 @@
+// Shared-memory copies of ordinary push tensors for same-host servers (issue 11;
+// docs/performance.md, "Ordinary tensors").
+//
+// Over the same-host van a push in ordinary memory costs the server a cross-memory-attach
+// read (process_vm_readv pins the worker's pages one by one, about half memcpy speed). A
+// push in a shared block (tensor/shared_memory.h) costs it nothing: the server maps the
+// block once and its get_batch tensors are views of it, or it memcpys them into a registered
+// receive buffer. So the worker copies a large ordinary push once, at memcpy speed, into a
+// shared block of its own and sends that block instead.
+//
+// Lifetime: a server's views of the block end at respond, so a block may be reused for a
+// later push only once every server answered (the handle completed successfully). The
+// lease records that; a block whose handle failed or was abandoned is freed instead, so a
+// server still reading it never sees a later push's bytes.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common/result.h"
+#include "tensor/shared_memory.h"
+#include "tensor/tensor_view.h"
+#include "van/message.h"
+
+namespace meshpost {
+
+class PushStagingPool;
+
+// One staged push: the block its tensors were copied into. Segments sent from it hold the
+// lease; the worker's batch holds it until completion.
+class PushStagingLease {
+ public:
+  PushStagingLease(std::shared_ptr<SharedBlock> block, std::weak_ptr<PushStagingPool> pool)
+      : block_(std::move(block)), pool_(std::move(pool)) {}
+  ~PushStagingLease();
+  PushStagingLease(const PushStagingLease&) = delete;
+  PushStagingLease& operator=(const PushStagingLease&) = delete;
+
+  // Every server answered: no peer reads the block any more, it may take a later push.
+  void MarkReusable() { reusable_.store(true, std::memory_order_release); }
+  SharedBlock* block() const { return block_.get(); }
+
+ private:
+  std::shared_ptr<SharedBlock> block_;
+  std::weak_ptr<PushStagingPool> pool_;
+  std::atomic<bool> reusable_{false};
+};
+
+// Reusable shared blocks by size (multiples of kSharedBlockAlign). Thread-safe.
+class PushStagingPool : public std::enable_shared_from_this<PushStagingPool> {
+ public:
+  // Free blocks kept per size; more are freed (in-flight pushes each hold one).
+  static constexpr size_t kKeepPerSize = 8;
+
+  // Copies every host segment of at least `min_bytes` that is not already in shared memory
+  // into one block and repoints it there (the copy's owner is the lease). Returns the lease,
+  // or null when no segment qualified. Segments of device tensors are left alone.
+  Result<std::shared_ptr<PushStagingLease>> Stage(const KeyTensorBatch& push, size_t min_bytes,
+                                                  std::vector<SendSegment>* segments);
+
+  size_t free_blocks() const;
+
+ private:
+  friend class PushStagingLease;
+  Result<std::shared_ptr<SharedBlock>> Take(size_t bytes);
+  void Put(std::shared_ptr<SharedBlock> block);
+
+  mutable std::mutex mu_;
+  std::map<size_t, std::vector<std::shared_ptr<SharedBlock>>> free_;  // by block size
+};
+
+}  // namespace meshpost
