@@ -51,7 +51,7 @@ step_conformance() {
 }
 step_cluster() {
   # Heartbeats arrive seconds late under emulation: only a real death should count.
-  MESHPOST_ITEST_HEARTBEAT_TIMEOUT_MS=15000 STEP_TIMEOUT=1200 gtest cluster "$BUILD/tests/integration_test" --gtest_filter='Transports/ClusterTest.*/rdma'
+  MESHPOST_ITEST_HEARTBEAT_TIMEOUT_MS=15000 STEP_TIMEOUT=1200 gtest cluster "$BUILD/tests/integration_test" --gtest_filter='Transports/ClusterTest.*/rdma:-*LargeOrdinaryPushesTravelFromASharedCopy*'
 }
 step_failure() {
   gtest failure "$BUILD/tests/van_conformance_test" --gtest_filter='RdmaDeviceTest.*:RdmaDeviceMemlockTest.*'
@@ -76,11 +76,12 @@ step_bench() {
   ((rc == 0)) || failed+=(bench)
 }
 
+# One test per thing rdma changes under Python: routing across servers, receive buffers
+# written in place, a dead peer, and the StepMesh program. Micro-batches, changing rows and
+# respond_vec are ps-layer logic the host runs over cma and tcp; under emulation each costs
+# a minute or more, and CI's whole budget is an hour (docs/rdma.md).
 PYTHON_TESTS=(
   test_cluster.py::test_routing_2x2_and_get_batch_order
-  test_cluster.py::test_three_microbatches_in_flight
-  test_cluster.py::test_bf16_int32_with_changing_rows
-  test_cluster.py::test_respond_vec_two_workers
   test_cluster.py::test_register_recv_buffer_in_place
   test_cluster.py::test_killed_server_fails_worker_wait
   test_stepmesh_compat.py::test_stepmesh_program_runs_unchanged_1x1_and_2x2
