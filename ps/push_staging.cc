@@ -1,5 +1,6 @@
 #include "ps/push_staging.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -53,10 +54,15 @@ Result<std::shared_ptr<SharedBlock>> PushStagingPool::Take(size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = free_.find(size);
-    if (it != free_.end() && !it->second.empty()) {
-      std::shared_ptr<SharedBlock> b = std::move(it->second.back());
-      it->second.pop_back();
-      return b;
+    if (it != free_.end()) {
+      // A block a server still views (it kept a get_batch tensor) must not change.
+      auto& list = it->second;
+      for (auto b = list.begin(); b != list.end(); ++b) {
+        if ((*b)->peer_views() > 0) continue;
+        std::shared_ptr<SharedBlock> block = std::move(*b);
+        list.erase(b);
+        return block;
+      }
     }
   }
   auto block = AllocateShared(size);
@@ -69,10 +75,15 @@ void PushStagingPool::Put(std::shared_ptr<SharedBlock> block) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto& list = free_[block->size()];
-    if (list.size() < kKeepPerSize) {
-      list.push_back(std::move(block));
-    } else {
-      drop = std::move(block);
+    list.push_back(std::move(block));
+    if (list.size() > kKeepPerSize) {
+      // Freeing is always safe (a viewer's mapping outlives ours): drop a block a server
+      // still views, else the oldest.
+      auto victim =
+          std::find_if(list.begin(), list.end(), [](const auto& b) { return b->peer_views() > 0; });
+      if (victim == list.end()) victim = list.begin();
+      drop = std::move(*victim);
+      list.erase(victim);
     }
   }
 }

@@ -8,10 +8,13 @@
 // receive buffer. So the worker copies a large ordinary push once, at memcpy speed, into a
 // shared block of its own and sends that block instead.
 //
-// Lifetime: a server's views of the block end at respond, so a block may be reused for a
-// later push only once every server answered (the handle completed successfully). The
-// lease records that; a block whose handle failed or was abandoned is freed instead, so a
-// server still reading it never sees a later push's bytes.
+// Lifetime: a server's get_batch tensors stay valid for as long as it references them
+// (docs/python.md), so a block takes a later push only when (1) its handle completed
+// successfully, so every server answered (the lease records that; a block whose handle
+// failed or was abandoned is freed instead), and (2) no server still holds a view of it:
+// the same-host van counts the views servers report (SharedBlock::peer_views; a server's
+// report of a view rides on its response, so it is known by completion). A block freed
+// while a server views it stays mapped there; only reuse could change what it sees.
 #pragma once
 
 #include <atomic>
@@ -53,7 +56,8 @@ class PushStagingLease {
 // Reusable shared blocks by size (multiples of kSharedBlockAlign). Thread-safe.
 class PushStagingPool : public std::enable_shared_from_this<PushStagingPool> {
  public:
-  // Free blocks kept per size; more are freed (in-flight pushes each hold one).
+  // Blocks kept per size once their batch completed (some may still be viewed by a
+  // server); more are freed. In-flight pushes each hold one more.
   static constexpr size_t kKeepPerSize = 8;
 
   // Copies every host segment of at least `min_bytes` that is not already in shared memory

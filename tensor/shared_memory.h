@@ -6,6 +6,7 @@
 // (so a van can tell the peers it exported the block to). docs/performance.md explains why.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -35,6 +36,10 @@ class SharedBlock {
   char* data() const { return data_; }
   size_t size() const { return size_; }
   bool huge_pages() const { return huge_; }  // MFD_HUGETLB backing (else THP advised)
+  // Views of this block that peers reported holding (the same-host van keeps the count
+  // from their reports): bytes written into the block now would change what they see.
+  int64_t peer_views() const { return peer_views_.load(std::memory_order_acquire); }
+  void AddPeerViews(int64_t delta) { peer_views_.fetch_add(delta, std::memory_order_acq_rel); }
 
  private:
   friend Result<std::shared_ptr<SharedBlock>> AllocateShared(size_t bytes);
@@ -44,6 +49,7 @@ class SharedBlock {
   char* data_ = nullptr;
   size_t size_ = 0;
   bool huge_ = false;
+  std::atomic<int64_t> peer_views_{0};
 };
 
 // A block of at least `bytes` (rounded up to kSharedBlockAlign; 0 is InvalidArgument).

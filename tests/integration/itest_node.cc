@@ -234,7 +234,8 @@ void SharedWorker(Ctx& c) {
 // same-host van the large one travels from the worker's shared copy, so the server's
 // tensor is a view of a memfd mapping and the worker may overwrite its own tensor as soon
 // as ZBatchPushPull returns; the short one is read across processes as before. Rounds
-// alternate two sizes of the large tensor, so copies come from reused blocks of either size.
+// alternate two sizes of the large tensor, so copies come from reused blocks of either size;
+// the server keeps one round's tensors to the end, and they must not change meanwhile.
 constexpr int kStagedIters = 24;
 constexpr int64_t kStagedBig = (64 << 10) / 4, kStagedShort = kStagedBig - 1;
 
@@ -258,8 +259,11 @@ bool InMemfdMapping(const void* p) {
 }
 
 void StagedServer(Ctx& c) {
+  constexpr int kHeldRound = 3;
+  std::vector<BatchRequest> held;  // kept past respond, as a training FFN keeps activations
   for (int it = 0; it < kStagedIters; ++it) {
     auto batch = ValueOrDie(c.po->server()->GetBatch(30000), "GetBatch");
+    if (it == kHeldRound) held = batch;
     for (int w = 0; w < c.W(); ++w) {
       BatchRequest& req = batch[w];
       EXPECT_OR_DIE(req.push.size() == 3, "three push tensors");
@@ -287,6 +291,14 @@ void StagedServer(Ctx& c) {
         ans.as<float>()[i] = static_cast<const float*>(req.push[0].tensor.data)[i] + 1.0f;
       }
       OK_OR_DIE(c.po->server()->Respond(req.handle, {ans.view}));
+    }
+  }
+  // The worker pushed many times since: a get_batch tensor still referenced is unchanged.
+  for (int w = 0; w < c.W(); ++w) {
+    const float* p = static_cast<const float*>(held[w].push[0].tensor.data);
+    for (int64_t i = 0; i < StagedBigElems(kHeldRound); ++i) {
+      EXPECT_OR_DIE(p[i] == StagedValue(w, kHeldRound, i, 0),
+                    "a push kept past respond changed at element " + std::to_string(i));
     }
   }
 }

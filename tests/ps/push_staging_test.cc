@@ -104,6 +104,27 @@ TEST(PushStagingTest, ABlockIsReusedOnlyAfterItsBatchCompletedAndEveryReaderLetG
       << "the failed batch's block is freed";
 }
 
+TEST(PushStagingTest, ABlockAServerStillViewsTakesNoNewPush) {
+  auto pool = std::make_shared<PushStagingPool>();
+  Host big(0, 1 << 20, 'v');
+  KeyTensorBatch push = {big.kt};
+  auto segments = SegmentsOf(push);
+  auto lease = *pool->Stage(push, 1, &segments);
+  SharedBlock* block = lease->block();
+  const void* first = segments[0].data;
+  block->AddPeerViews(1);  // the server kept its get_batch tensor
+  lease->MarkReusable();
+  lease.reset();
+  segments = SegmentsOf(push);
+  auto second = *pool->Stage(push, 1, &segments);
+  EXPECT_NE(segments[0].data, first) << "a viewed block must not be rewritten";
+  EXPECT_EQ(static_cast<const char*>(first)[0], 'v');
+  block->AddPeerViews(-1);  // the server dropped it
+  segments = SegmentsOf(push);
+  auto third = *pool->Stage(push, 1, &segments);
+  EXPECT_EQ(segments[0].data, first) << "no longer viewed: reused";
+}
+
 TEST(PushStagingTest, KeepsABoundedNumberOfFreeBlocks) {
   auto pool = std::make_shared<PushStagingPool>();
   Host big(0, 1 << 20, 'k');

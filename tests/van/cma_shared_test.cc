@@ -97,6 +97,61 @@ TEST_P(CmaSharedTest, SharedPushArrivesAsAViewOfTheSendersBlock) {
   EXPECT_EQ(static_cast<uint8_t*>(seg.data)[1000], before);
 }
 
+// A receiver reports the views it holds of the sender's blocks with its next frame to
+// the sender, and their end the same way: how the worker knows when a shared copy of a
+// push may take the next one (ps/push_staging.h).
+TEST_P(CmaSharedTest, ViewsOfTheSendersBlockAreReportedBackWithTheNextFrame) {
+  auto t = AllocateSharedTensor(DType::kUInt8, {1 << 20});
+  ASSERT_TRUE(t.ok());
+  SharedRef ref;
+  ASSERT_TRUE(SharedMemoryRegistry::Get().Find(t->data, t->nbytes(), &ref));
+  auto send = [](Van* van, int from, int to, uint64_t id, const TensorView* tensor) {
+    OutMessage m;
+    m.meta.cmd = from == kIdA ? Command::kRequest : Command::kResponse;
+    m.meta.sender = from;
+    m.meta.recipient = to;
+    m.meta.id = id;
+    if (tensor != nullptr) {
+      m.meta.data.push_back(Desc(5, tensor->nbytes()));
+      m.segments.push_back({tensor->data, tensor->nbytes(), tensor->owner});
+    }
+    return van->Send(std::move(m));
+  };
+  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 1, &*t).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto got = rb_.TakeMessages();
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(ref.block->peer_views(), 0) << "not reported before b sends anything";
+  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 1, nullptr).ok());
+  ASSERT_TRUE(ra_.WaitFor(1));
+  ra_.TakeMessages();
+  EXPECT_EQ(ref.block->peer_views(), 1) << "b's view rode on its next frame";
+  // A second view of the same block (the owner rewrote it and sent it again).
+  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 2, &*t).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto second = rb_.TakeMessages();
+  got.clear();  // the first view ends; the second is held
+  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 2, nullptr).ok());
+  ASSERT_TRUE(ra_.WaitFor(1));
+  ra_.TakeMessages();
+  EXPECT_EQ(ref.block->peer_views(), 1);
+  second.clear();
+  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 3, nullptr).ok());
+  ASSERT_TRUE(ra_.WaitFor(1));
+  ra_.TakeMessages();
+  EXPECT_EQ(ref.block->peer_views(), 0) << "every view dropped";
+  // b's views end with its connection too: a view held while b goes away is forgotten.
+  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 3, &*t).ok());
+  ASSERT_TRUE(rb_.WaitFor(1));
+  auto held = rb_.TakeMessages();
+  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 4, nullptr).ok());
+  ASSERT_TRUE(ra_.WaitFor(1));
+  EXPECT_EQ(ref.block->peer_views(), 1);
+  b_->Stop();
+  for (int i = 0; i < 200 && ref.block->peer_views() != 0; ++i) usleep(10'000);
+  EXPECT_EQ(ref.block->peer_views(), 0) << "the closed connection's views no longer count";
+}
+
 TEST_P(CmaSharedTest, AnswersSharedHostMemoryCapability) {
   EXPECT_TRUE(a_->SupportsMemory(MemoryKind::kSharedHost));
   EXPECT_TRUE(a_->SupportsMemory(MemoryKind::kHost));

@@ -18,6 +18,12 @@
 //   response written into a peer's mapped block names the peer's own (block, offset), so
 //   nothing moves but the completion. The receiver maps only what was passed to it and
 //   checks every (block, offset, len) against the mapping (docs/security.md).
+// - View reports: a receiver that hands out a view of a peer's block (no copy) counts it,
+//   and the count's changes (+1 per view made, -1 per view dropped) ride on its next data
+//   frame to that peer. The owner keeps, per block and connection, how many views that peer
+//   holds (SharedBlock::peer_views), so a block it rewrites (ps/push_staging.h, copies of
+//   ordinary pushes) is only one no peer still reads. A peer can only report on blocks
+//   passed to it, and never below zero.
 // - CUDA memory (cma_device.h, docs/gpu.md): device ranges the owner registered travel the
 //   same way, named by the CUDA IPC handle of their allocation (kDevBlock, once per
 //   connection); the receiver opens it once and copies on a stream of its own (device to
@@ -168,6 +174,9 @@ std::string ErrnoText(const char* what, int err) {
 // kData with kFlagSlots: after the sources, nslots u32 and nslots Sources naming, per pull
 // slot of the request, the sender's block range (kShared, kDevice, kDeviceLocal) or
 // nothing (kInline, len 0).
+// kData with kFlagViews: after the slot table, nviews u32 and nviews x (block u32, delta
+// i32): changes in how many views of the receiver's blocks (kShared, as the receiver sent
+// them) the sender holds.
 // With a cluster token, kHello and kHelloAck carry kFlagAuth and end with an auth frame
 // (hello / challenge); the connection carries nothing but kProof until the proof checks
 // out, and every message on it is then attributed to the node that proved itself. The
@@ -216,6 +225,9 @@ bool IsDeviceSource(uint8_t kind) {
 constexpr uint8_t kFlagNeedsAck = 1;
 constexpr uint8_t kFlagAuth = 2;   // kHello / kHelloAck: an auth frame follows
 constexpr uint8_t kFlagSlots = 4;  // kData: a pull-slot table follows the sources
+constexpr uint8_t kFlagViews = 8;  // kData: view count changes follow the slot table
+constexpr size_t kViewDeltaBytes = 4 + 4;
+constexpr size_t kMaxViewDeltas = 4096;  // per frame; more wait for the next frame
 
 struct Source {
   uint8_t kind = kInline;
@@ -281,6 +293,55 @@ Status SendFrame(int fd, const void* data, size_t size, int pass_fd, int timeout
     ::poll(&p, 1, static_cast<int>((deadline - now) / 1000000ull) + 1);
   }
 }
+
+// Views this node holds of peers' shared blocks, as changes not yet reported to each
+// block's owner (by node id). Thread-safe: views are dropped on any thread.
+class ViewLedger {
+ public:
+  using Delta = std::pair<uint32_t, int32_t>;  // (the owner's block id, change)
+  void Add(int node, uint32_t block, int32_t delta) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& m = pending_[node];
+    if ((m[block] += delta) == 0) m.erase(block);
+  }
+  // Up to kMaxViewDeltas pending changes for `node`, removed from the ledger.
+  std::vector<Delta> Take(int node) {
+    std::vector<Delta> out;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(node);
+    if (it == pending_.end()) return out;
+    auto& m = it->second;
+    while (!m.empty() && out.size() < kMaxViewDeltas) {
+      out.push_back(*m.begin());
+      m.erase(m.begin());
+    }
+    return out;
+  }
+  // A frame that took changes was not sent: they wait for the next one.
+  void Restore(int node, const std::vector<Delta>& deltas) {
+    for (const Delta& d : deltas) Add(node, d.first, d.second);
+  }
+  // The owner of `mapping` learns of this view now and of its end when the result drops.
+  static std::shared_ptr<void> View(const std::shared_ptr<ViewLedger>& ledger, int node,
+                                    uint32_t block, std::shared_ptr<void> mapping) {
+    struct Held {
+      std::shared_ptr<ViewLedger> ledger;
+      int node;
+      uint32_t block;
+      std::shared_ptr<void> mapping;
+      ~Held() { ledger->Add(node, block, -1); }
+    };
+    ledger->Add(node, block, +1);
+    void* at = mapping.get();
+    // new, not make_shared of a temporary: a temporary Held would report the end at once.
+    std::shared_ptr<Held> held(new Held{ledger, node, block, std::move(mapping)});
+    return std::shared_ptr<void>(std::move(held), at);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<int, std::map<uint32_t, int32_t>> pending_;
+};
 
 // Pool of van-owned receive buffers (used when Destination returns nullptr), so large
 // messages do not page-fault fresh memory every time. Buffers return on owner release.
@@ -411,6 +472,10 @@ class CmaVan : public Van {
       if (it == st->exported.end()) return;
       for (const auto& [conn, pid] : it->second) st->gone[conn].push_back(id);
       st->exported.erase(it);
+      auto from = st->peer_views.lower_bound({id, 0});
+      auto to = from;
+      while (to != st->peer_views.end() && to->first.first == id) ++to;
+      st->peer_views.erase(from, to);
     });
   }
   ~CmaVan() override { Stop(); }
@@ -672,8 +737,20 @@ class CmaVan : public Van {
       }
       if (!any_slot) slot_src.clear();
     }
-    const size_t fixed =
-        kDataFixed + kSourceBytes * (n + 1) + (any_slot ? 4 + kSourceBytes * slot_src.size() : 0);
+    // Changes in the views we hold of this peer's blocks ride along; put back if unsent.
+    std::vector<ViewLedger::Delta> views = views_held_->Take(peer->id);
+    struct Unsent {
+      ViewLedger* ledger;
+      int node;
+      const std::vector<ViewLedger::Delta>* views;
+      bool sent = false;
+      ~Unsent() {
+        if (!sent) ledger->Restore(node, *views);
+      }
+    } unsent{views_held_.get(), peer->id, &views};
+    const size_t fixed = kDataFixed + kSourceBytes * (n + 1) +
+                         (any_slot ? 4 + kSourceBytes * slot_src.size() : 0) +
+                         (views.empty() ? 0 : 4 + kViewDeltaBytes * views.size());
     if (fixed > kMaxFrameBytes) {
       return InvalidArgumentError("cma van Send: " + std::to_string(n) +
                                   " segments do not fit one doorbell frame");
@@ -747,9 +824,9 @@ class CmaVan : public Van {
     }
     WireWriter& w = peer->frame;
     w.buffer().clear();
-    PutPreamble(
-        &w, kData,
-        static_cast<uint8_t>((needs_ack ? kFlagNeedsAck : 0) | (any_slot ? kFlagSlots : 0)));
+    PutPreamble(&w, kData,
+                static_cast<uint8_t>((needs_ack ? kFlagNeedsAck : 0) | (any_slot ? kFlagSlots : 0) |
+                                     (views.empty() ? 0 : kFlagViews)));
     const uint64_t seq = ++peer->next_seq;
     w.Put<uint64_t>(seq);
     w.Put<uint32_t>(static_cast<uint32_t>(n));
@@ -757,6 +834,13 @@ class CmaVan : public Van {
     if (any_slot) {
       w.Put<uint32_t>(static_cast<uint32_t>(slot_src.size()));
       for (const Source& s : slot_src) PutSource(&w, s);
+    }
+    if (!views.empty()) {
+      w.Put<uint32_t>(static_cast<uint32_t>(views.size()));
+      for (const auto& [block, delta] : views) {
+        w.Put<uint32_t>(block);
+        w.Put<int32_t>(delta);
+      }
     }
     for (size_t k = 0; k <= n; ++k) {
       if (src[k].kind == kInline && src[k].len) w.PutBytes(payload_of(k), src[k].len);
@@ -779,6 +863,7 @@ class CmaVan : public Van {
       MarkDead(peer.get(), s);
       return s.Annotate("cma van send to node " + std::to_string(peer->id));
     }
+    unsent.sent = true;
     return OkStatus();
   }
 
@@ -1260,6 +1345,60 @@ class CmaVan : public Van {
     return false;
   }
 
+  // A peer's report of how many views of our blocks it holds (kFlagViews), counted per
+  // block and connection: only blocks passed to that process, never below zero.
+  void ApplyPeerViews(InConn* c, const std::vector<ViewLedger::Delta>& deltas) {
+    std::vector<std::pair<uint32_t, int64_t>> applied;
+    size_t refused = 0;
+    {
+      std::lock_guard<std::mutex> lock(exports_->mu);
+      for (const auto& [block, delta] : deltas) {
+        auto it = exports_->exported.find(block);
+        const bool passed = it != exports_->exported.end() &&
+                            std::any_of(it->second.begin(), it->second.end(),
+                                        [&](const auto& e) { return e.second == c->pid; });
+        if (!passed) {
+          ++refused;
+          continue;
+        }
+        int64_t& held = exports_->peer_views[{block, c->id}];
+        const int64_t change = std::max<int64_t>(delta, -held);
+        if (change != delta) ++refused;
+        held += change;
+        if (held == 0) exports_->peer_views.erase({block, c->id});
+        if (change != 0) applied.emplace_back(block, change);
+      }
+    }
+    for (const auto& [block, change] : applied) {
+      if (auto b = SharedMemoryRegistry::Get().FindId(block)) b->AddPeerViews(change);
+    }
+    if (refused > 0) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: pid {} reported views of {} blocks it was not passed or "
+                           "below zero; ignored",
+                           c->pid, refused);
+    }
+  }
+
+  // The connection is gone: the views its peer reported no longer hold our blocks.
+  void ForgetPeerViews(uint64_t conn) {
+    std::vector<std::pair<uint32_t, int64_t>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(exports_->mu);
+      for (auto it = exports_->peer_views.begin(); it != exports_->peer_views.end();) {
+        if (it->first.second == conn) {
+          dropped.emplace_back(it->first.first, it->second);
+          it = exports_->peer_views.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (const auto& [block, held] : dropped) {
+      if (auto b = SharedMemoryRegistry::Get().FindId(block)) b->AddPeerViews(-held);
+    }
+  }
+
   // --- shared blocks, receive side ---
 
   void OnBlock(InConn* c, WireReader* r, UniqueFd fd) {
@@ -1326,6 +1465,7 @@ class CmaVan : public Van {
   }
 
   void DropImports(InConn* c) {
+    ForgetPeerViews(c->id);
     for (uint32_t id : c->imports) ForgetImport(c->id, id);
     c->imports.clear();
     device_.CloseAll(c->id);
@@ -1885,6 +2025,22 @@ class CmaVan : public Van {
       slot_sources_.resize(nslots);
       for (auto& s : slot_sources_) GetSource(&r, &s);
     }
+    if (flags & kFlagViews) {
+      uint32_t nviews = 0;
+      if (!r.Get(&nviews) || nviews > kMaxViewDeltas ||
+          r.remaining() < kViewDeltaBytes * size_t{nviews}) {
+        MP_LOG_ERROR_LIMITED(
+            log_limit_, kLog,
+            "cma van: dropped a data frame with a malformed view report from pid {}", c->pid);
+        return true;
+      }
+      view_deltas_.resize(nviews);
+      for (auto& [block, delta] : view_deltas_) {
+        r.Get(&block);
+        r.Get(&delta);
+      }
+      ApplyPeerViews(c, view_deltas_);
+    }
     const size_t inline_begin = frame_size - r.remaining();
     const bool needs_ack = (flags & kFlagNeedsAck) != 0;
     read_local_.clear();
@@ -1961,7 +2117,10 @@ class CmaVan : public Van {
           seg.data = *dest;
         } else {
           seg.data = const_cast<char*>(local);
-          seg.owner = std::move(keep);
+          // A view of the sender's block: the sender hears of it (and of its end).
+          seg.owner = s.kind == kShared
+                          ? ViewLedger::View(views_held_, in.peer, s.staging_id, std::move(keep))
+                          : std::move(keep);
         }
       } else if (*dest != nullptr) {
         seg.data = *dest;
@@ -2102,7 +2261,12 @@ class CmaVan : public Van {
     std::mutex mu;
     std::unordered_map<uint32_t, std::vector<std::pair<uint64_t, pid_t>>> exported;
     std::unordered_map<uint64_t, std::vector<uint32_t>> gone;
+    // Views of our blocks each peer reported holding: (block, inbound connection) -> count.
+    std::map<std::pair<uint32_t, uint64_t>, int64_t> peer_views;
   };
+  // Views we hold of peers' blocks, not yet reported to them.
+  const std::shared_ptr<ViewLedger> views_held_ = std::make_shared<ViewLedger>();
+  std::vector<ViewLedger::Delta> view_deltas_;  // receive thread (or progress holder)
   std::shared_ptr<ExportState> exports_ = std::make_shared<ExportState>();
   // Peers' blocks mapped here, by (inbound connection, block id) and by address (so a
   // response written into one is sent as a name). Receive thread writes, senders read.
