@@ -116,19 +116,23 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared][@noprogress] -> (transport,
-    spin_us or None, trace, shared, progress). @trace runs the cluster with
+    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared][@noprogress][@nostage] ->
+    (transport, spin_us or None, trace, shared, progress, stage). @trace runs the cluster with
     MESHPOST_TRACE=all into a temporary directory (the capture-overhead measurement of
     docs/profiling.md); @shared allocates the push and pull tensors in shared memory and
     answers through the outputs (issue 11); @noprogress sets MESHPOST_CALLER_PROGRESS=0
-    (waiters are woken by the van's receive thread, as before caller-driven progress)."""
+    (waiters are woken by the van's receive thread, as before caller-driven progress);
+    @nostage sets MESHPOST_SHARED_PUSH_MIN=0 (ordinary pushes are read across processes,
+    not sent from a shared copy)."""
     base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    spin, trace, shared, progress = None, False, False, True
+    spin, trace, shared, progress, stage = None, False, False, True, True
     for mod in mods:
-        if mod == "trace":
+        if mod == "nostage":
+            stage = False
+        elif mod == "trace":
             trace = True
         elif mod == "shared":
             shared = True
@@ -138,12 +142,13 @@ def parse_cluster_system(sysname):
             spin = int(mod[4:])
         else:
             raise ValueError(
-                f"{sysname}: expected @spin<microseconds>, @trace, @shared, @noprogress")
-    return transport, spin, trace, shared, progress
+                f"{sysname}: expected @spin<microseconds>, @trace, @shared, @noprogress, "
+                "@nostage")
+    return transport, spin, trace, shared, progress, stage
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin, trace, shared, progress = parse_cluster_system(sysname)
+    transport, spin, trace, shared, progress, stage = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
     if shared:
@@ -151,6 +156,8 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
     if spin is not None:
         cmd += ["--spin-us", str(spin)]
     env = dict(os.environ, MESHPOST_CALLER_PROGRESS="1" if progress else "0")
+    if not stage:
+        env["MESHPOST_SHARED_PUSH_MIN"] = "0"
     if trace:
         import shutil
         import tempfile
@@ -175,14 +182,21 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
 
 
 def run_python(python, sysname, shape, iters, warmup):
-    # python-<mode>[@noprogress]: @noprogress as for the cluster systems.
-    base, _, mod = sysname.partition("@")
-    if mod not in ("", "noprogress"):
-        raise ValueError(f"{sysname}: expected no modifier or @noprogress")
+    # python-<mode>[@noprogress][@nostage][@spin<us>]: as for the cluster systems.
+    base, *mods = sysname.split("@")
     mode = {"python-fserver": "fserver", "python-meshpost-shared": "shared"}[base]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench",
                           "python_afd.py")
-    env = dict(os.environ, MESHPOST_CALLER_PROGRESS="0" if mod else "1")
+    env = dict(os.environ, MESHPOST_CALLER_PROGRESS="1")
+    for mod in mods:
+        if mod == "noprogress":
+            env["MESHPOST_CALLER_PROGRESS"] = "0"
+        elif mod == "nostage":
+            env["MESHPOST_SHARED_PUSH_MIN"] = "0"
+        elif mod.startswith("spin") and mod[4:].isdigit():
+            env["MESHPOST_SPIN_US"] = mod[4:]
+        else:
+            raise ValueError(f"{sysname}: expected @noprogress, @nostage or @spin<microseconds>")
     r = run_json([python, script, "--mode", mode, "--push", str(shape["push"]),
                   "--push-extra", str(shape["push_extra"]), "--pull", str(shape["pull"]),
                   "--iters", str(iters), "--warmup", str(warmup)], env=env)
@@ -421,6 +435,12 @@ RATIOS = [
     ("python-meshpost-shared p50 / memcpy p50", "python-meshpost-shared", "memcpy", "p50_us"),
     ("python-fserver p50 / memcpy p50", "python-fserver", "memcpy", "p50_us"),
     ("python-fserver p50 / cluster-cma p50", "python-fserver", "meshpost-cluster-cma", "p50_us"),
+    # Ordinary pushes from a shared copy (MESHPOST_SHARED_PUSH_MIN) against reading them
+    # across processes (@nostage).
+    ("python-fserver p50 / python-fserver@nostage p50", "python-fserver",
+     "python-fserver@nostage", "p50_us"),
+    ("cluster-cma p50 / cluster-cma@nostage p50", "meshpost-cluster-cma",
+     "meshpost-cluster-cma@nostage", "p50_us"),
     ("cluster-cma@shared p50 / memcpy p50", "meshpost-cluster-cma@shared", "memcpy", "p50_us"),
     ("python-meshpost-shared p50 / cluster-cma@shared p50", "python-meshpost-shared",
      "meshpost-cluster-cma@shared", "p50_us"),
