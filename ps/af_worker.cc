@@ -73,7 +73,7 @@ class AFTensorWorker::Impl : public DataHandler {
     // batch is visible: a node-down may complete it from another thread).
     const int64_t share_min = ctx_->options().shared_push_min;
     if (!device_push && share_min > 0 &&
-        AnyServerTakes(*ctx_, num_servers_, MemoryKind::kSharedHost)) {
+        AnyServerTakes(*ctx_, num_servers_, MemoryKind::kSharedHost) && push_staging_->Wanted()) {
       auto lease = push_staging_->Stage(push, static_cast<size_t>(share_min), &segments);
       if (lease.ok()) {
         p->push_staging = std::move(lease).value();
@@ -613,9 +613,9 @@ class AFTensorWorker::Impl : public DataHandler {
     p->status = status;
     p->done.store(true, std::memory_order_release);
     if (p->push_staging) {
-      // Every server answered: their views of the shared copy ended at respond. Otherwise
-      // a server may still read it, so it is freed, never reused (leaf locks only).
-      if (status.ok()) p->push_staging->MarkReusable();
+      // Reused once every server answered and none views it; a failed batch's copy is
+      // freed, never reused (a server may still read it). Leaf locks only.
+      p->push_staging->Completed(status.ok());
       p->push_staging.reset();
     }
     if (!status.ok()) {

@@ -25,6 +25,22 @@ PushStagingLease::~PushStagingLease() {
   if (auto pool = pool_.lock()) pool->Put(std::move(block_));
 }
 
+void PushStagingLease::Completed(bool ok) {
+  if (!ok) return;
+  MarkReusable();
+  if (auto pool = pool_.lock()) pool->NoteCompleted(block_->peer_views() > 0);
+}
+
+bool PushStagingPool::Wanted() {
+  if (skip_.load(std::memory_order_relaxed) <= 0) return true;
+  skip_.fetch_sub(1, std::memory_order_relaxed);
+  return false;
+}
+
+void PushStagingPool::NoteCompleted(bool viewed) {
+  skip_.store(viewed ? 0 : kProbeEvery, std::memory_order_relaxed);
+}
+
 Result<std::shared_ptr<PushStagingLease>> PushStagingPool::Stage(
     const KeyTensorBatch& push, size_t min_bytes, std::vector<SendSegment>* segments) {
   if (min_bytes == 0) return std::shared_ptr<PushStagingLease>();

@@ -43,8 +43,11 @@ class PushStagingLease {
   PushStagingLease(const PushStagingLease&) = delete;
   PushStagingLease& operator=(const PushStagingLease&) = delete;
 
-  // Every server answered: no peer reads the block any more, it may take a later push.
+  // Every server answered: the block may take a later push once no server views it.
   void MarkReusable() { reusable_.store(true, std::memory_order_release); }
+  // The batch completed (ok: every server answered): MarkReusable, and tell the pool
+  // whether any server still views the copy (PushStagingPool::Wanted).
+  void Completed(bool ok);
   SharedBlock* block() const { return block_.get(); }
 
  private:
@@ -68,6 +71,14 @@ class PushStagingPool : public std::enable_shared_from_this<PushStagingPool> {
 
   size_t free_blocks() const;
 
+  // Whether to stage the next push. A completed batch whose copy no server views was
+  // copied again on arrival (into a registered receive buffer), so staging cost a memcpy
+  // for nothing: the next kProbeEvery pushes go as they are, then one is staged to look
+  // again. Approximate under concurrent push_pulls, which is fine for a cost decision.
+  static constexpr int kProbeEvery = 64;
+  bool Wanted();
+  void NoteCompleted(bool viewed);
+
  private:
   friend class PushStagingLease;
   Result<std::shared_ptr<SharedBlock>> Take(size_t bytes);
@@ -75,6 +86,7 @@ class PushStagingPool : public std::enable_shared_from_this<PushStagingPool> {
 
   mutable std::mutex mu_;
   std::map<size_t, std::vector<std::shared_ptr<SharedBlock>>> free_;  // by block size
+  std::atomic<int> skip_{0};  // pushes left to send as they are (Wanted)
 };
 
 }  // namespace meshpost

@@ -125,6 +125,30 @@ TEST(PushStagingTest, ABlockAServerStillViewsTakesNoNewPush) {
   EXPECT_EQ(segments[0].data, first) << "no longer viewed: reused";
 }
 
+TEST(PushStagingTest, StagingPausesWhileServersCopyTheCopyAgain) {
+  auto pool = std::make_shared<PushStagingPool>();
+  Host big(0, 1 << 20, 's');
+  KeyTensorBatch push = {big.kt};
+  ASSERT_TRUE(pool->Wanted());
+  auto segments = SegmentsOf(push);
+  auto copied = *pool->Stage(push, 1, &segments);
+  copied->Completed(true);  // no server views it: it went into a receive buffer
+  copied.reset();
+  segments.clear();
+  for (int i = 0; i < PushStagingPool::kProbeEvery; ++i) EXPECT_FALSE(pool->Wanted()) << i;
+  EXPECT_TRUE(pool->Wanted()) << "then one push probes again";
+  segments = SegmentsOf(push);
+  auto viewed = *pool->Stage(push, 1, &segments);
+  viewed->block()->AddPeerViews(1);
+  viewed->Completed(true);
+  EXPECT_TRUE(pool->Wanted()) << "a server reads it in place: keep staging";
+  viewed->block()->AddPeerViews(-1);
+  // A failed batch says nothing about the servers.
+  auto failed = *pool->Stage(push, 1, &segments);
+  failed->Completed(false);
+  EXPECT_TRUE(pool->Wanted());
+}
+
 TEST(PushStagingTest, KeepsABoundedNumberOfFreeBlocks) {
   auto pool = std::make_shared<PushStagingPool>();
   Host big(0, 1 << 20, 'k');
