@@ -46,12 +46,28 @@ class Waiter {
 
   // Returns true once pred() holds, false if deadline_ns (GetNanosecond clock) passed first.
   // pred must read state that the notifier publishes before calling Notify().
+  // After a wait that timed out (nothing is arriving: an idle server's get_batch slices),
+  // the next wait blocks without spinning, until a wait is satisfied again: an idle node
+  // costs no spin per slice.
   template <typename Pred>
   bool WaitUntil(Pred pred, uint64_t deadline_ns) {
+    const bool result = WaitOnce(pred, deadline_ns);
+    idle_.store(!result, std::memory_order_relaxed);
+    return result;
+  }
+
+  // Whether the next wait skips its spin phase (the last one timed out).
+  bool idle() const { return idle_.load(std::memory_order_relaxed); }
+
+ private:
+  template <typename Pred>
+  bool WaitOnce(Pred pred, uint64_t deadline_ns) {
     if (pred()) return true;
     const uint64_t start = GetNanosecond();
     const uint64_t spin_end =
-        start + static_cast<uint64_t>(spin_ns_.load(std::memory_order_relaxed));
+        start + (idle_.load(std::memory_order_relaxed)
+                     ? 0
+                     : static_cast<uint64_t>(spin_ns_.load(std::memory_order_relaxed)));
     const bool busy_poll = busy_poll_.load(std::memory_order_relaxed);
     if (engine_ != nullptr && engine_->Begin()) {
       // Begin() is seq_cst: a Notify() after it sees the engine held and wakes our
@@ -101,6 +117,7 @@ class Waiter {
     return result;
   }
 
+ public:
   void Notify() {
     // Pairs with the seq_cst increment in WaitUntil: either the sleeper sees the new state
     // in its pred() check, or we see it counted and wake it once it is inside the wait.
@@ -119,6 +136,7 @@ class Waiter {
 
  private:
   std::atomic<int64_t> spin_ns_;
+  std::atomic<bool> idle_{false};  // the last wait timed out (WaitUntil)
   std::atomic<bool> busy_poll_;
   ProgressEngine* engine_ = nullptr;
   std::mutex mu_;

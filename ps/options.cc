@@ -20,7 +20,7 @@ int64_t AutoSpinUs(int local_data_nodes, bool caller_progress) {
   const int cores = ::sched_getaffinity(0, sizeof(set), &set) == 0
                         ? CPU_COUNT(&set)
                         : static_cast<int>(std::thread::hardware_concurrency());
-  if (caller_progress && local_data_nodes <= cores) return 50;
+  if (caller_progress && local_data_nodes <= cores) return kAutoSpinUs;
   return DefaultSpinUs();
 }
 
@@ -137,10 +137,11 @@ const std::vector<OptionSpec> kTable = {
      "≥ 2 × interval", "silence after which a node is declared dead",
      Int(&Options::heartbeat_timeout_ms, 50, 3600000)},
     {"MESHPOST_SPIN_US", "spin_us", G::kMeshpost,
-     "automatic: 50 for `wait` / `get_batch` when they receive over cma themselves "
+     "automatic: 300 for `wait` / `get_batch` when they receive over cma themselves "
      "(`MESHPOST_CALLER_PROGRESS`) and this host runs no more workers and servers than "
-     "there are cores; otherwise 50 on machines with ≥ 4 cores and 0 below (spinning "
-     "there steals the core the answer needs)",
+     "there are cores (no spin after a wait that timed out, so an idle node does not "
+     "spin); otherwise 50 on machines with ≥ 4 cores and 0 below (spinning there steals "
+     "the core the answer needs)",
      "0–10000000", "spin before blocking in every wait", Int64(&Options::spin_us, 0, 10000000)},
     {"MESHPOST_BUSY_POLL", "busy_poll", G::kMeshpost, "0", "boolean",
      "never block (dedicated cores)", Bool(&Options::busy_poll)},

@@ -28,10 +28,12 @@ const char* RoleName(Role role);
 // than 4 cores, where a spinning waiter steals the core its own answer needs (measured:
 // a 50 us spin made a same-host AFD round trip 2x slower on 2 shared cores).
 int64_t DefaultSpinUs();
-// MESHPOST_SPIN_US unset, for the threads waiting in Wait / GetBatch: 50 us when they
-// receive themselves (caller-driven progress over cma) and this host runs no more
+// MESHPOST_SPIN_US unset, for the threads waiting in Wait / GetBatch: kAutoSpinUs when
+// they receive themselves (caller-driven progress over cma) and this host runs no more
 // workers and servers than this process may use cores, so every spinning thread has a
-// core; otherwise DefaultSpinUs().
+// core; otherwise DefaultSpinUs(). 300 us covers an AFD-sized round trip on a 2-vCPU VM
+// (docs/performance.md); a wait that timed out makes the next one skip it (Waiter).
+constexpr int64_t kAutoSpinUs = 300;
 int64_t AutoSpinUs(int local_data_nodes, bool caller_progress);
 
 struct Options {

@@ -103,6 +103,29 @@ TEST(WaiterProgressTest, WaitingThreadDrivesTheEngine) {
   EXPECT_EQ(e.ends, 1);
 }
 
+// A wait that timed out makes the next one block at once (an idle get_batch slice does not
+// spin); a satisfied wait brings the spin back.
+TEST(WaiterProgressTest, NoSpinAfterAWaitTimedOut) {
+  std::atomic<bool> flag{false};
+  FakeEngine e;
+  e.flag = &flag;
+  e.deliver_on = -1;
+  Waiter w(WaitPolicy{10'000'000'000, false});  // 10 s of spin
+  w.set_engine(&e);
+  EXPECT_FALSE(w.WaitUntil([&] { return flag.load(); }, GetNanosecond() + 2'000'000));
+  EXPECT_EQ(e.polls, e.progresses) << "the first wait spins (polls) to its deadline";
+  EXPECT_TRUE(w.idle());
+  e.progresses = e.polls = 0;
+  e.deliver_on = 2;
+  EXPECT_TRUE(w.WaitUntil([&] { return flag.load(); }, DeadlineFromTimeoutMs(10000)));
+  EXPECT_EQ(e.polls, 0) << "after a timeout every Progress may block";
+  EXPECT_FALSE(w.idle());
+  flag = false;
+  e.progresses = e.polls = 0;
+  EXPECT_TRUE(w.WaitUntil([&] { return flag.load(); }, DeadlineFromTimeoutMs(10000)));
+  EXPECT_EQ(e.polls, e.progresses) << "satisfied again: the spin is back";
+}
+
 // Within the spin phase the engine is only polled (deadline 0), never blocked in.
 TEST(WaiterProgressTest, SpinPhasePollsTheEngine) {
   std::atomic<bool> flag{false};

@@ -432,7 +432,8 @@ TEST(OptionsTest, SpinIsAutomaticUnlessSet) {
   EXPECT_EQ(o.spin_us, -1);
   EXPECT_EQ(o.EffectiveSpinUs(), DefaultSpinUs());
   EXPECT_TRUE(o.Validate().ok());
-  EXPECT_EQ(AutoSpinUs(1, true), 50);  // one node always has a core
+  EXPECT_EQ(AutoSpinUs(1, true), kAutoSpinUs);  // one node always has a core
+  EXPECT_EQ(kAutoSpinUs, 300);
   EXPECT_EQ(AutoSpinUs(1 << 20, true), DefaultSpinUs());
   EXPECT_EQ(AutoSpinUs(1, false), DefaultSpinUs());
   FakeEnv env;
