@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -418,6 +419,16 @@ TEST(RdmaClusterTest, CompletionErrorFailsThePendingHandleNamingThePeer) {
     std::thread server([&] { ServeRounds(c.server(0), 1); });
     PushPullRounds(c.worker(0), 1);
     server.join();
+  }
+  // The first round's last writes (the server returning credits) may still be posted
+  // after the round returned; the failure is meant for the worker's next payload, so let
+  // the fabric go quiet first (it once hit the server's credit write instead).
+  size_t posted = c.fabric().WritesSnapshot().size();
+  for (int quiet = 0, i = 0; quiet < 10 && i < 500; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    const size_t now = c.fabric().WritesSnapshot().size();
+    quiet = now == posted ? quiet + 1 : 0;
+    posted = now;
   }
   // The worker's next payload WRITE fails as a NIC would report it.
   c.fabric().FailNextWrites(rdma::kWcRemAccessErr, 1);
