@@ -317,6 +317,10 @@ class ViewLedger {
     }
     return out;
   }
+  void Forget(int node) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.erase(node);
+  }
   // A frame that took changes was not sent: they wait for the next one.
   void Restore(int node, const std::vector<Delta>& deltas) {
     for (const Delta& d : deltas) Add(node, d.first, d.second);
@@ -685,6 +689,9 @@ class CmaVan : public Van {
       p = it->second;
       peers_.erase(it);
     }
+    // Views of its blocks we have not reported yet: a process taking its id later has
+    // other blocks.
+    views_held_->Forget(peer_id);
     // The peer may still be reading our memory; give it a bounded chance to finish.
     if (!OnDispatchThread()) {
       drain_.WaitUntil([&] { return p->Idle(); }, GetNanosecond() + 1'000'000'000ull);
@@ -1349,21 +1356,20 @@ class CmaVan : public Van {
   // block and connection: only blocks passed to that process, never below zero.
   void ApplyPeerViews(InConn* c, const std::vector<ViewLedger::Delta>& deltas) {
     std::vector<std::pair<uint32_t, int64_t>> applied;
-    size_t refused = 0;
+    size_t below_zero = 0;
     {
       std::lock_guard<std::mutex> lock(exports_->mu);
       for (const auto& [block, delta] : deltas) {
+        // A block we freed meanwhile (its views' end is reported later) or never passed to
+        // this process: nothing to count.
         auto it = exports_->exported.find(block);
         const bool passed = it != exports_->exported.end() &&
                             std::any_of(it->second.begin(), it->second.end(),
                                         [&](const auto& e) { return e.second == c->pid; });
-        if (!passed) {
-          ++refused;
-          continue;
-        }
+        if (!passed) continue;
         int64_t& held = exports_->peer_views[{block, c->id}];
         const int64_t change = std::max<int64_t>(delta, -held);
-        if (change != delta) ++refused;
+        if (change != delta) ++below_zero;
         held += change;
         if (held == 0) exports_->peer_views.erase({block, c->id});
         if (change != 0) applied.emplace_back(block, change);
@@ -1372,11 +1378,11 @@ class CmaVan : public Van {
     for (const auto& [block, change] : applied) {
       if (auto b = SharedMemoryRegistry::Get().FindId(block)) b->AddPeerViews(change);
     }
-    if (refused > 0) {
+    if (below_zero > 0) {
       MP_LOG_ERROR_LIMITED(log_limit_, kLog,
-                           "cma van: pid {} reported views of {} blocks it was not passed or "
-                           "below zero; ignored",
-                           c->pid, refused);
+                           "cma van: pid {} reported dropping more views of {} of our blocks "
+                           "than it held; counted as none",
+                           c->pid, below_zero);
     }
   }
 
