@@ -144,7 +144,9 @@ TEST(PushStagingTest, StagingPausesWhileServersCopyTheCopyAgain) {
   EXPECT_TRUE(pool->Wanted()) << "a server reads it in place: keep staging";
   viewed->block()->AddPeerViews(-1);
   // A failed batch says nothing about the servers.
+  segments = SegmentsOf(push);
   auto failed = *pool->Stage(push, 1, &segments);
+  ASSERT_NE(failed, nullptr);
   failed->Completed(false);
   EXPECT_TRUE(pool->Wanted());
 }
