@@ -159,7 +159,9 @@ def test_perfetto_export_has_per_thread_tracks_slices_and_flows(slow_server_trac
     assert on[("worker", "worker wake-up")] == on[("worker", "worker send")], on
     assert all(worker_main(n) or n == "van receive" for n in on[("worker", "payload")]), on
     for hop in ("server queue", "server compute", "respond"):
-        assert len(on[("server", hop)]) == 1, (hop, on)
+        # One kind of track on every server; the order of its roles in the name may
+        # differ between servers (which role each main thread took first).
+        assert len({frozenset(n.split(" / ")) for n in on[("server", hop)]}) == 1, (hop, on)
         assert all(server_main(n) for n in on[("server", hop)]), (hop, on)
     for e in slices:
         if worker_main(track(e)) or server_main(track(e)):
