@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 
 namespace meshpost {
 namespace {
@@ -44,23 +45,23 @@ void PushStagingPool::NoteCompleted(bool viewed) {
 Result<std::shared_ptr<PushStagingLease>> PushStagingPool::Stage(
     const KeyTensorBatch& push, size_t min_bytes, std::vector<SendSegment>* segments) {
   if (min_bytes == 0) return std::shared_ptr<PushStagingLease>();
+  // Where each qualifying segment goes in the block (one registry lookup per segment).
+  std::vector<std::pair<size_t, size_t>> placed;  // (segment index, offset)
   size_t total = 0;
   for (size_t i = 0; i < push.size(); ++i) {
-    if (Qualifies(push[i], (*segments)[i], min_bytes))
-      total = AlignUp(total, kStagedAlign) + (*segments)[i].size;
+    if (!Qualifies(push[i], (*segments)[i], min_bytes)) continue;
+    const size_t at = AlignUp(total, kStagedAlign);
+    placed.emplace_back(i, at);
+    total = at + (*segments)[i].size;
   }
-  if (total == 0) return std::shared_ptr<PushStagingLease>();
+  if (placed.empty()) return std::shared_ptr<PushStagingLease>();
   MESHPOST_ASSIGN_OR_RETURN(std::shared_ptr<SharedBlock> block, Take(total));
   auto lease = std::make_shared<PushStagingLease>(std::move(block), weak_from_this());
   char* base = lease->block()->data();
-  size_t at = 0;
-  for (size_t i = 0; i < push.size(); ++i) {
+  for (const auto& [i, at] : placed) {
     SendSegment& seg = (*segments)[i];
-    if (!Qualifies(push[i], seg, min_bytes)) continue;
-    at = AlignUp(at, kStagedAlign);
     std::memcpy(base + at, seg.data, seg.size);
     seg = SendSegment{base + at, seg.size, std::shared_ptr<const void>(lease, base + at)};
-    at += seg.size;
   }
   return lease;
 }
