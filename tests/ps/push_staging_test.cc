@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 namespace meshpost {
@@ -24,6 +25,19 @@ std::vector<SendSegment> SegmentsOf(const KeyTensorBatch& push) {
   for (const KeyTensor& kt : push)
     out.push_back({kt.tensor.data, kt.tensor.nbytes(), kt.tensor.owner});
   return out;
+}
+
+// Stages every tensor of `push` from the caller's memory: `segments` is rebuilt first, so it
+// never still points at an earlier copy (which is shared already, so nothing would be
+// staged). Fails the test when nothing was staged.
+std::shared_ptr<PushStagingLease> StageAll(PushStagingPool* pool, const KeyTensorBatch& push,
+                                           std::vector<SendSegment>* segments) {
+  *segments = SegmentsOf(push);
+  auto lease = pool->Stage(push, 1, segments);
+  if (!lease.ok() || *lease == nullptr) {
+    throw std::runtime_error("nothing staged: " + lease.status().ToString());
+  }
+  return *lease;
 }
 
 bool InSharedBlock(const SendSegment& s) {
@@ -81,8 +95,8 @@ TEST(PushStagingTest, ABlockIsReusedOnlyAfterItsBatchCompletedAndEveryReaderLetG
   auto pool = std::make_shared<PushStagingPool>();
   Host big(0, 1 << 20, 'q');
   KeyTensorBatch push = {big.kt};
-  auto segments = SegmentsOf(push);
-  auto lease = *pool->Stage(push, 1, &segments);
+  std::vector<SendSegment> segments;
+  auto lease = StageAll(pool.get(), push, &segments);
   const void* first = segments[0].data;
   SendSegment in_van = segments[0];  // a van still sending holds the segment's owner
   segments.clear();
@@ -91,8 +105,7 @@ TEST(PushStagingTest, ABlockIsReusedOnlyAfterItsBatchCompletedAndEveryReaderLetG
   EXPECT_EQ(pool->free_blocks(), 0u) << "the van's reference keeps the block busy";
   in_van = SendSegment{};
   EXPECT_EQ(pool->free_blocks(), 1u);
-  segments = SegmentsOf(push);
-  lease = *pool->Stage(push, 1, &segments);
+  lease = StageAll(pool.get(), push, &segments);
   EXPECT_EQ(segments[0].data, first) << "a completed batch's block takes the next push";
   EXPECT_EQ(pool->free_blocks(), 0u);
   // A batch that failed (a server may still read its views) frees its block instead.
@@ -108,20 +121,18 @@ TEST(PushStagingTest, ABlockAServerStillViewsTakesNoNewPush) {
   auto pool = std::make_shared<PushStagingPool>();
   Host big(0, 1 << 20, 'v');
   KeyTensorBatch push = {big.kt};
-  auto segments = SegmentsOf(push);
-  auto lease = *pool->Stage(push, 1, &segments);
+  std::vector<SendSegment> segments;
+  auto lease = StageAll(pool.get(), push, &segments);
   SharedBlock* block = lease->block();
   const void* first = segments[0].data;
   block->AddPeerViews(1);  // the server kept its get_batch tensor
   lease->MarkReusable();
   lease.reset();
-  segments = SegmentsOf(push);
-  auto second = *pool->Stage(push, 1, &segments);
+  auto second = StageAll(pool.get(), push, &segments);
   EXPECT_NE(segments[0].data, first) << "a viewed block must not be rewritten";
   EXPECT_EQ(static_cast<const char*>(first)[0], 'v');
   block->AddPeerViews(-1);  // the server dropped it
-  segments = SegmentsOf(push);
-  auto third = *pool->Stage(push, 1, &segments);
+  auto third = StageAll(pool.get(), push, &segments);
   EXPECT_EQ(segments[0].data, first) << "no longer viewed: reused";
 }
 
@@ -129,24 +140,21 @@ TEST(PushStagingTest, StagingPausesWhileServersCopyTheCopyAgain) {
   auto pool = std::make_shared<PushStagingPool>();
   Host big(0, 1 << 20, 's');
   KeyTensorBatch push = {big.kt};
+  std::vector<SendSegment> segments;
   ASSERT_TRUE(pool->Wanted());
-  auto segments = SegmentsOf(push);
-  auto copied = *pool->Stage(push, 1, &segments);
+  auto copied = StageAll(pool.get(), push, &segments);
   copied->Completed(true);  // no server views it: it went into a receive buffer
   copied.reset();
   segments.clear();
   for (int i = 0; i < PushStagingPool::kProbeEvery; ++i) EXPECT_FALSE(pool->Wanted()) << i;
   EXPECT_TRUE(pool->Wanted()) << "then one push probes again";
-  segments = SegmentsOf(push);
-  auto viewed = *pool->Stage(push, 1, &segments);
+  auto viewed = StageAll(pool.get(), push, &segments);
   viewed->block()->AddPeerViews(1);
   viewed->Completed(true);
   EXPECT_TRUE(pool->Wanted()) << "a server reads it in place: keep staging";
   viewed->block()->AddPeerViews(-1);
   // A failed batch says nothing about the servers.
-  segments = SegmentsOf(push);
-  auto failed = *pool->Stage(push, 1, &segments);
-  ASSERT_NE(failed, nullptr);
+  auto failed = StageAll(pool.get(), push, &segments);
   failed->Completed(false);
   EXPECT_TRUE(pool->Wanted());
 }
@@ -157,8 +165,8 @@ TEST(PushStagingTest, KeepsABoundedNumberOfFreeBlocks) {
   KeyTensorBatch push = {big.kt};
   std::vector<std::shared_ptr<PushStagingLease>> leases;
   for (size_t i = 0; i < PushStagingPool::kKeepPerSize + 3; ++i) {
-    auto segments = SegmentsOf(push);
-    leases.push_back(*pool->Stage(push, 1, &segments));
+    std::vector<SendSegment> segments;
+    leases.push_back(StageAll(pool.get(), push, &segments));
     leases.back()->MarkReusable();
   }
   leases.clear();

@@ -105,47 +105,47 @@ TEST_P(CmaSharedTest, ViewsOfTheSendersBlockAreReportedBackWithTheNextFrame) {
   ASSERT_TRUE(t.ok());
   SharedRef ref;
   ASSERT_TRUE(SharedMemoryRegistry::Get().Find(t->data, t->nbytes(), &ref));
-  auto send = [](Van* van, int from, int to, uint64_t id, const TensorView* tensor) {
+  // a sends the block to b; b holds a view of it for as long as it keeps the message.
+  auto a_pushes = [&](uint64_t id) {
     OutMessage m;
-    m.meta.cmd = from == kIdA ? Command::kRequest : Command::kResponse;
-    m.meta.sender = from;
-    m.meta.recipient = to;
+    m.meta.cmd = Command::kRequest;
+    m.meta.sender = kIdA;
+    m.meta.recipient = kIdB;
     m.meta.id = id;
-    if (tensor != nullptr) {
-      m.meta.data.push_back(Desc(5, tensor->nbytes()));
-      m.segments.push_back({tensor->data, tensor->nbytes(), tensor->owner});
-    }
-    return van->Send(std::move(m));
+    m.meta.data.push_back(Desc(5, t->nbytes()));
+    m.segments.push_back({t->data, t->nbytes(), t->owner});
+    EXPECT_TRUE(a_->Send(std::move(m)).ok());
+    EXPECT_TRUE(rb_.WaitFor(1));
+    auto got = rb_.TakeMessages();
+    EXPECT_EQ(got.size(), 1u);
+    return got;
   };
-  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 1, &*t).ok());
-  ASSERT_TRUE(rb_.WaitFor(1));
-  auto got = rb_.TakeMessages();
-  ASSERT_EQ(got.size(), 1u);
+  // b's next data frame to a, which carries b's view reports; a applies them on receipt.
+  auto b_answers = [&](uint64_t id) {
+    OutMessage m;
+    m.meta.cmd = Command::kResponse;
+    m.meta.sender = kIdB;
+    m.meta.recipient = kIdA;
+    m.meta.id = id;
+    EXPECT_TRUE(b_->Send(std::move(m)).ok());
+    EXPECT_TRUE(ra_.WaitFor(1));
+    ra_.TakeMessages();
+  };
+  auto first = a_pushes(1);
   EXPECT_EQ(ref.block->peer_views(), 0) << "not reported before b sends anything";
-  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 1, nullptr).ok());
-  ASSERT_TRUE(ra_.WaitFor(1));
-  ra_.TakeMessages();
+  b_answers(1);
   EXPECT_EQ(ref.block->peer_views(), 1) << "b's view rode on its next frame";
   // A second view of the same block (the owner rewrote it and sent it again).
-  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 2, &*t).ok());
-  ASSERT_TRUE(rb_.WaitFor(1));
-  auto second = rb_.TakeMessages();
-  got.clear();  // the first view ends; the second is held
-  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 2, nullptr).ok());
-  ASSERT_TRUE(ra_.WaitFor(1));
-  ra_.TakeMessages();
+  auto second = a_pushes(2);
+  first.clear();  // the first view ends; the second is held
+  b_answers(2);
   EXPECT_EQ(ref.block->peer_views(), 1);
   second.clear();
-  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 3, nullptr).ok());
-  ASSERT_TRUE(ra_.WaitFor(1));
-  ra_.TakeMessages();
+  b_answers(3);
   EXPECT_EQ(ref.block->peer_views(), 0) << "every view dropped";
   // b's views end with its connection too: a view held while b goes away is forgotten.
-  ASSERT_TRUE(send(a_.get(), kIdA, kIdB, 3, &*t).ok());
-  ASSERT_TRUE(rb_.WaitFor(1));
-  auto held = rb_.TakeMessages();
-  ASSERT_TRUE(send(b_.get(), kIdB, kIdA, 4, nullptr).ok());
-  ASSERT_TRUE(ra_.WaitFor(1));
+  auto held = a_pushes(3);
+  b_answers(4);
   EXPECT_EQ(ref.block->peer_views(), 1);
   b_->Stop();
   for (int i = 0; i < 200 && ref.block->peer_views() != 0; ++i) usleep(10'000);
