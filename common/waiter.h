@@ -59,6 +59,22 @@ class Waiter {
   // Whether the next wait skips its spin phase (the last one timed out).
   bool idle() const { return idle_.load(std::memory_order_relaxed); }
 
+  void Notify() {
+    // Pairs with the seq_cst increment in WaitUntil: either the sleeper sees the new state
+    // in its pred() check, or we see it counted and wake it once it is inside the wait.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (engine_ != nullptr) engine_->Wake();
+    if (sleepers_.load(std::memory_order_seq_cst) == 0) return;
+    // Taking and dropping mu_ orders us after a sleeper's pred() check (it holds mu_ from
+    // that check until it is inside the wait), so the notify cannot be lost. Notifying
+    // after the unlock, not under it, keeps the woken thread from running straight into
+    // the mutex we still hold and sleeping a second time (an extra futex wait + wake, a
+    // few microseconds on a loaded 2-core host). Like every member, Notify must not race
+    // with the Waiter's destruction: owners stop the notifying threads first.
+    { std::lock_guard<std::mutex> lock(mu_); }
+    cv_.notify_all();
+  }
+
  private:
   template <typename Pred>
   bool WaitOnce(Pred pred, uint64_t deadline_ns) {
@@ -117,24 +133,6 @@ class Waiter {
     return result;
   }
 
- public:
-  void Notify() {
-    // Pairs with the seq_cst increment in WaitUntil: either the sleeper sees the new state
-    // in its pred() check, or we see it counted and wake it once it is inside the wait.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (engine_ != nullptr) engine_->Wake();
-    if (sleepers_.load(std::memory_order_seq_cst) == 0) return;
-    // Taking and dropping mu_ orders us after a sleeper's pred() check (it holds mu_ from
-    // that check until it is inside the wait), so the notify cannot be lost. Notifying
-    // after the unlock, not under it, keeps the woken thread from running straight into
-    // the mutex we still hold and sleeping a second time (an extra futex wait + wake, a
-    // few microseconds on a loaded 2-core host). Like every member, Notify must not race
-    // with the Waiter's destruction: owners stop the notifying threads first.
-    { std::lock_guard<std::mutex> lock(mu_); }
-    cv_.notify_all();
-  }
-
- private:
   std::atomic<int64_t> spin_ns_;
   std::atomic<bool> idle_{false};  // the last wait timed out (WaitUntil)
   std::atomic<bool> busy_poll_;
