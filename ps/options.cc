@@ -126,6 +126,12 @@ const std::vector<OptionSpec> kTable = {
      "same-host transport: skip cross-memory attach and copy through shared memory (the "
      "automatic fallback where CMA is refused)",
      Bool(&Options::cma_disable)},
+    {"MESHPOST_CMA_RING", "cma_ring", G::kMeshpost, "262144 (256 KiB)",
+     "0, or a power of two 4096–67108864",
+     "same-host transport: bytes of each connection's frame ring in shared memory, which "
+     "carries the doorbell frames without a system call (a sleeping receiver is woken "
+     "through the socket); 0 = every frame through the socket (docs/performance.md)",
+     Int64(&Options::cma_ring, 0, int64_t{64} << 20)},
     {"MESHPOST_CMA_GPU", "cma_gpu", G::kMeshpost, "ipc", "`ipc`, `staging`",
      "how CUDA tensors cross same-host pairs: `ipc` = CUDA IPC, the receiver copies device "
      "to device straight into the pull tensor (or the server computes into it: no copy); "
@@ -541,6 +547,11 @@ Status Options::Validate() const {
   if (shared_push_min < 0 || shared_push_min > (int64_t{1} << 40)) {
     return bad("shared_push_min (MESHPOST_SHARED_PUSH_MIN)", std::to_string(shared_push_min),
                "0..1099511627776 bytes");
+  }
+  if (cma_ring != 0 &&
+      (cma_ring < 4096 || cma_ring > (int64_t{64} << 20) || (cma_ring & (cma_ring - 1)) != 0)) {
+    return bad("cma_ring (MESHPOST_CMA_RING)", std::to_string(cma_ring),
+               "0, or a power of two from 4096 to 67108864 bytes");
   }
   if (cma_gpu != "ipc" && cma_gpu != "staging") {
     return bad("cma_gpu (MESHPOST_CMA_GPU)", "'" + cma_gpu + "'", "ipc or staging");

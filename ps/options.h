@@ -59,8 +59,11 @@ struct Options {
   std::string transport = "auto";   // MESHPOST_TRANSPORT: auto|cma|rdma|tcp
   // The transport every data pair must use ("" = choose per pair).
   std::string ForcedTransport() const { return transport == "auto" ? std::string() : transport; }
-  bool cma_disable = false;          // MESHPOST_CMA_DISABLE: same-host van copies via shm
-  std::string cma_gpu = "ipc";       // MESHPOST_CMA_GPU: ipc|staging (CUDA tensors, same host)
+  bool cma_disable = false;     // MESHPOST_CMA_DISABLE: same-host van copies via shm
+  std::string cma_gpu = "ipc";  // MESHPOST_CMA_GPU: ipc|staging (CUDA tensors, same host)
+  // MESHPOST_CMA_RING: bytes of each same-host connection's shared-memory frame ring
+  // (a power of two, 4 KiB - 64 MiB); 0 = frames through the socket only.
+  int64_t cma_ring = int64_t{256} << 10;
   bool bind_cpu_core = false;        // STEPMESH_BIND_CPU_CORE: pin meshpost's threads
   int cpu_start_offset = 0;          // STEPMESH_CPU_START_OFFSET: first core to pin to
   int heartbeat_interval_ms = 1000;  // MESHPOST_HEARTBEAT_INTERVAL_MS

@@ -18,6 +18,7 @@ VanOptions VanOptionsFor(const Options& o) {
   v.wait.spin_ns = o.EffectiveSpinUs() * 1000;
   v.wait.busy_poll = o.busy_poll;
   v.cma_disable = o.cma_disable;
+  v.cma_ring_bytes = static_cast<size_t>(o.cma_ring);
   v.cma_gpu_ipc = o.cma_gpu != "staging";
   // "auto" picks the advertised address (ps/), not a device: the rdma van then chooses.
   v.interface = o.interface == "auto" ? std::string() : o.interface;

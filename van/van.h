@@ -91,6 +91,9 @@ struct VanOptions {
   // Same-host (cma) van: never use cross-memory attach, always the shared-memory copy
   // path (the automatic fallback where CMA is refused; set to test it).
   bool cma_disable = false;
+  // Same-host van: bytes of the shared-memory frame ring per connection (a power of two,
+  // >= 4096), through which frames travel without a system call; 0 = socket frames only.
+  size_t cma_ring_bytes = size_t{256} << 10;
   // Same-host van: CUDA memory the owner registers moves by CUDA IPC (the receiver copies
   // device to device, or computes into a mapped pull slot); false (MESHPOST_CMA_GPU=
   // staging) leaves GPU tensors to the owner's pinned host staging.

@@ -4,6 +4,7 @@
 // no copy; and a hostile peer's blocks and ranges are refused without harm.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -17,6 +18,7 @@
 #include "support/recording_receiver.h"
 #include "tensor/shared_memory.h"
 #include "van/cma/cma_van.h"
+#include "van/cma/frame_ring.h"
 #include "van/codec.h"
 
 namespace meshpost {
@@ -237,7 +239,8 @@ INSTANTIATE_TEST_SUITE_P(CmaAndShm, CmaSharedTest, ::testing::Values(true, false
 // --- a hostile peer speaking the doorbell protocol by hand ----------------------------
 
 constexpr uint32_t kMagic = 0x4D43504D;
-constexpr uint8_t kHello = 1, kBlock = 7, kData = 4;
+constexpr uint16_t kVersion = 2;
+constexpr uint8_t kHello = 1, kBlock = 7, kData = 4, kRing = 11, kWake = 12;
 constexpr uint8_t kInline = 0, kShared = 3, kPeerShared = 4;
 constexpr uint8_t kFlagSlots = 4;
 
@@ -276,15 +279,48 @@ class HostilePeerTest : public ::testing::Test {
   }
   void TearDown() override {
     if (fd_ >= 0) ::close(fd_);
+    if (ring_fd_ >= 0) ::close(ring_fd_);
     b_->Stop();
   }
   static void Preamble(WireWriter* w, uint8_t type, uint8_t flags) {
     w->Put<uint32_t>(kMagic);
-    w->Put<uint16_t>(1);
+    w->Put<uint16_t>(kVersion);
     w->Put<uint8_t>(type);
     w->Put<uint8_t>(flags);
   }
+  // From now on frames go through a frame ring passed to b, as the van's own connector
+  // sends them: the ring for frames without a descriptor, else the socket plus a marker.
+  void UseRing() {
+    int ring_fd = -1;
+    auto ring = cma::FrameRing::Create(4096, &ring_fd);
+    ASSERT_TRUE(ring.ok());
+    WireWriter w;
+    Preamble(&w, kRing, 0);
+    SendRaw(w, ring_fd);
+    ring_fd_ = ring_fd;
+    ring_ = std::move(ring).value();
+  }
   void SendRaw(WireWriter& w, int pass_fd = -1) {
+    if (ring_ && pass_fd < 0) {
+      auto wrote = ring_->TryWrite(cma::FrameRing::kFrame, w.buffer().data(), w.size());
+      ASSERT_TRUE(wrote.ok() && *wrote);
+      RingIfAsleep();
+      return;
+    }
+    SendSocket(w, pass_fd);
+    if (ring_) {
+      auto wrote = ring_->TryWrite(cma::FrameRing::kMarker, nullptr, 0);
+      ASSERT_TRUE(wrote.ok() && *wrote);
+      RingIfAsleep();
+    }
+  }
+  void RingIfAsleep() {
+    if (!ring_->TakeSleeper()) return;
+    WireWriter w;
+    Preamble(&w, kWake, 0);
+    SendSocket(w, -1);
+  }
+  void SendSocket(WireWriter& w, int pass_fd) {
     iovec iov{const_cast<char*>(reinterpret_cast<const char*>(w.buffer().data())), w.size()};
     msghdr mh{};
     mh.msg_iov = &iov;
@@ -356,12 +392,62 @@ class HostilePeerTest : public ::testing::Test {
     SendRaw(w);
   }
 
+  void OutOfRangeUnknownAndForeignBlocks();
+
   std::unique_ptr<Van> b_;
   RecordingReceiver rb_;
   int fd_ = -1;
+  std::unique_ptr<cma::FrameRing> ring_;
+  int ring_fd_ = -1;
 };
 
 TEST_F(HostilePeerTest, OutOfRangeUnknownAndForeignBlocksAreRefused) {
+  OutOfRangeUnknownAndForeignBlocks();
+}
+
+// The same through a frame ring: blocks (with descriptors) on the socket, marked in the
+// ring; requests in the ring, in order with them.
+TEST_F(HostilePeerTest, OutOfRangeUnknownAndForeignBlocksAreRefusedThroughTheFrameRing) {
+  UseRing();
+  OutOfRangeUnknownAndForeignBlocks();
+}
+
+// Closed once b notices; b keeps serving other connections and stops cleanly.
+bool ClosedByPeer(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 5000) != 1) return false;
+  char buf[256];
+  return ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT) == 0;
+}
+
+TEST_F(HostilePeerTest, ACorruptFrameRingClosesThatConnection) {
+  UseRing();
+  SendData(30, {kInline, 0, 0, 0});
+  ASSERT_TRUE(rb_.WaitFor(1));  // b attached the ring and reads it
+  rb_.TakeMessages();
+  // The connector publishes more than the ring holds, and rings the doorbell.
+  void* map = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, ring_fd_, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  *reinterpret_cast<volatile uint64_t*>(static_cast<char*>(map) + 64) += uint64_t{1} << 20;
+  WireWriter w;
+  Preamble(&w, kWake, 0);
+  SendSocket(w, -1);
+  EXPECT_TRUE(ClosedByPeer(fd_));
+  ::munmap(map, 4096);
+}
+
+TEST_F(HostilePeerTest, AnUnsealedFrameRingIsRefused) {
+  int raw = ::memfd_create("ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  ASSERT_GE(raw, 0);
+  ASSERT_EQ(::ftruncate(raw, 8192), 0);
+  WireWriter w;
+  Preamble(&w, kRing, 0);
+  SendRaw(w, raw);
+  ::close(raw);
+  EXPECT_TRUE(ClosedByPeer(fd_));
+}
+
+void HostilePeerTest::OutOfRangeUnknownAndForeignBlocks() {
   const size_t kSize = 1 << 20;
   int good = PassBlock(1, kSize, true, kSize);
   char* mine =

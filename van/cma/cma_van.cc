@@ -59,9 +59,11 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <random>
@@ -78,6 +80,7 @@
 #include "tensor/device_backend.h"
 #include "tensor/shared_memory.h"
 #include "van/cma/cma_device.h"
+#include "van/cma/frame_ring.h"
 #include "van/codec.h"
 #include "van/delivery.h"
 
@@ -166,6 +169,13 @@ std::string ErrnoText(const char* what, int err) {
 //   kBlockGone: id u32                    (the sender freed that block)
 //   kDevBlock : id u32, device i32, alloc_size u64, handle[64]   (a CUDA IPC handle)
 //   kDevGone  : id u32                    (that allocation is no longer the sender's)
+//   kRing     : (empty)                   (+ the connector's frame ring memfd, SCM_RIGHTS)
+//   kWake     : (empty)                   (the ring has frames and the receiver armed it)
+// Frame ring (frame_ring.h): after kRing, every frame the connector sends travels through
+// the ring in shared memory, except those that carry a descriptor or are too large for it:
+// those go on the socket and a marker record in the ring keeps their place in the order.
+// The socket then carries only such frames, kWake doorbells (when the receiver said it
+// sleeps) and EOF; acks still come back on it.
 // Source: kind u8, staging_id u32, offset_or_addr u64, len u64. For kShared the id is the
 // sender's block (passed in a kBlock), for kPeerShared the receiver's own block (which the
 // receiver passed to the sender); the offset is within that block. kDevice / kPeerDevice
@@ -184,18 +194,20 @@ std::string ErrnoText(const char* what, int err) {
 // per-message MAC is needed here (the tcp van needs one).
 
 constexpr uint32_t kFrameMagic = 0x4D43504D;  // "MPCM"
-constexpr uint16_t kFrameVersion = 1;
+constexpr uint16_t kFrameVersion = 2;
 constexpr size_t kFramePreamble = 8;
 constexpr size_t kSourceBytes = 1 + 4 + 8 + 8;
 constexpr size_t kDataFixed = kFramePreamble + 8 + 4;
 constexpr size_t kMaxFrameBytes = 128 << 10;  // < the default unix socket send buffer
 constexpr size_t kMaxMetaBytes = kMaxBodyBytes + (1u << 20);
 constexpr size_t kCookieBytes = 16;
-constexpr size_t kMaxStagingBuffers = 4096;        // per inbound connection
-constexpr uint64_t kMaxStagingBytes = 4ull << 30;  // per outbound peer
-constexpr size_t kMinStagingClass = 16;            // 64 KiB
-constexpr size_t kIovBatch = 1024;                 // IOV_MAX
-constexpr size_t kMaxImports = 4096;               // shared blocks per inbound connection
+constexpr size_t kMaxStagingBuffers = 4096;         // per inbound connection
+constexpr uint64_t kMaxStagingBytes = 4ull << 30;   // per outbound peer
+constexpr size_t kMinStagingClass = 16;             // 64 KiB
+constexpr size_t kIovBatch = 1024;                  // IOV_MAX
+constexpr size_t kMaxImports = 4096;                // shared blocks per inbound connection
+constexpr size_t kMaxRingBytes = size_t{64} << 20;  // largest frame ring accepted
+constexpr size_t kMaxQueuedFrames = 256;            // socket frames read ahead of their ring marker
 
 enum FrameType : uint8_t {
   kHello = 1,
@@ -207,7 +219,9 @@ enum FrameType : uint8_t {
   kBlock = 7,
   kBlockGone = 8,
   kDevBlock = 9,
-  kDevGone = 10
+  kDevGone = 10,
+  kRing = 11,
+  kWake = 12
 };
 enum SourceKind : uint8_t {
   kInline = 0,
@@ -654,6 +668,22 @@ class CmaVan : public Van {
     p->endpoint = peer.endpoint;
     p->cma = *cma_ok;
     p->conn_id = next_conn_id_.fetch_add(1);
+    // The frame ring: every later frame to this peer goes through shared memory.
+    if (options_.cma_ring_bytes > 0) {
+      int ring_fd = -1;
+      auto ring = cma::FrameRing::Create(options_.cma_ring_bytes, &ring_fd);
+      Status rs = ring.status();
+      if (ring.ok()) {
+        WireWriter rw;
+        PutPreamble(&rw, kRing, 0);
+        rs = SendFrame(fd.get(), rw.buffer().data(), rw.size(), ring_fd, timeout_ms);
+        ::close(ring_fd);
+        if (rs.ok()) p->ring = std::move(ring).value();
+      }
+      if (!rs.ok()) {
+        return rs.Annotate("cma van: passing the frame ring to node " + std::to_string(peer.id));
+      }
+    }
     p->fd = std::move(fd);
     if (!p->cma && !logged_fallback_.exchange(true)) {
       MP_LOG_INFO(kLog,
@@ -864,8 +894,7 @@ class CmaVan : public Van {
       }
       peer->pending.push_back({seq, nullptr, nullptr});  // marks seq as in flight
     }
-    Status s = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1,
-                         static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+    Status s = SendToPeer(peer.get(), w.buffer().data(), w.size(), -1);
     if (!s.ok()) {
       MarkDead(peer.get(), s);
       return s.Annotate("cma van send to node " + std::to_string(peer->id));
@@ -924,6 +953,7 @@ class CmaVan : public Van {
       if (t_dispatching_ != this) rx.lock();
       for (auto& kv : in_conns_) DropImports(kv.second.get());
       in_conns_.clear();
+      rings_.store(0);
     }
     listen_fd_.Reset();
   }
@@ -939,6 +969,11 @@ class CmaVan : public Van {
     // The receive thread no longer sees data events; one it already took is dispatched
     // under rx_mu_ like ours.
     ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, data_epoll_.get(), nullptr);
+    // We poll the rings now: frames need no doorbell until we arm them to sleep.
+    if (rings_.load(std::memory_order_relaxed) > 0) {
+      std::lock_guard<std::mutex> rx(rx_mu_);
+      DisarmRings();
+    }
     return true;
   }
 
@@ -952,14 +987,27 @@ class CmaVan : public Van {
             std::min<uint64_t>((deadline_ns - now + 999'999) / 1'000'000, 1'000'000));
       }
     }
+    bool armed = false;
+    if (rings_.load(std::memory_order_relaxed) > 0) {
+      std::lock_guard<std::mutex> rx(rx_mu_);
+      // Frames in shared memory first: they need no system call.
+      if (ServeRings()) return running_.load(std::memory_order_relaxed);
+      if (timeout_ms > 0) {
+        armed = true;
+        if (!ArmRings()) timeout_ms = 0;
+      }
+    }
     std::array<epoll_event, 64> events;
     const int n =
         ::epoll_wait(data_epoll_.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
-    if (n > 0) {
+    const int wait_errno = errno;
+    if (n > 0 || armed) {
       std::lock_guard<std::mutex> rx(rx_mu_);
-      HandleData(events.data(), n);
-    } else if (n < 0 && errno != EINTR) {
-      MP_LOG_ERROR(kLog, "cma van epoll_wait (caller progress): {}", std::strerror(errno));
+      if (armed) DisarmRings();
+      if (n > 0) HandleData(events.data(), n);
+    }
+    if (n < 0 && wait_errno != EINTR) {
+      MP_LOG_ERROR(kLog, "cma van epoll_wait (caller progress): {}", std::strerror(wait_errno));
       return false;
     }
     return running_.load(std::memory_order_relaxed);
@@ -972,6 +1020,12 @@ class CmaVan : public Van {
     Status readded = WatchOn(epoll_fd_.get(), data_epoll_.get(), kDataId);
     if (!readded.ok() && running_.load()) {
       MP_LOG_ERROR(kLog, "cma van: data set back to the receive thread: {}", readded.ToString());
+    }
+    // Ring frames written after our last look rang no doorbell (nobody had armed): the
+    // receive thread may be asleep, so arm for it, and wake it if one is already there.
+    if (rings_.load(std::memory_order_relaxed) > 0) {
+      std::lock_guard<std::mutex> rx(rx_mu_);
+      if (!ArmRings()) Kick(wake_fd_.get());
     }
     progress_role_.unlock();
   }
@@ -1025,6 +1079,7 @@ class CmaVan : public Van {
     pid_t pid = 0;                                     // the acceptor's pid (SO_PEERCRED)
     std::unordered_set<uint32_t> exported;             // our blocks this connection has (send_mu)
     std::unordered_map<uintptr_t, uint32_t> dev_sent;  // allocation base -> export id (send_mu)
+    std::unique_ptr<cma::FrameRing> ring;              // frames to the acceptor (send_mu)
     std::mutex pending_mu;  // pending, staging pool (receive thread releases)
     Ring<Pending> pending;
     std::vector<std::unique_ptr<StagingBuffer>> staging_all;
@@ -1050,7 +1105,60 @@ class CmaVan : public Van {
     // closed the next time it is served, nothing more read from it.
     bool superseded = false;
     std::unordered_map<uint32_t, Mapping> staging;
+    std::unique_ptr<cma::FrameRing> ring;  // the connector's frames (after kRing)
+    struct Queued {
+      std::vector<char> bytes;
+      UniqueFd fd;
+    };
+    std::deque<Queued> queued;  // socket frames whose ring marker is not read yet
   };
+
+  // Sends one frame to a peer, in order with all others (requires peer->send_mu): through
+  // its frame ring when it has one and the frame fits and carries no descriptor; else on
+  // the socket, with a marker in the ring that keeps the frame's place.
+  Status SendToPeer(Peer* peer, const void* data, size_t size, int pass_fd) {
+    const int timeout_ms = static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms));
+    cma::FrameRing* ring = peer->ring.get();
+    if (ring != nullptr && pass_fd < 0 && size <= std::min(ring->max_frame(), kMaxFrameBytes)) {
+      return WriteRing(peer, cma::FrameRing::kFrame, data, size, timeout_ms);
+    }
+    MESHPOST_RETURN_IF_ERROR(SendFrame(peer->fd.get(), data, size, pass_fd, timeout_ms));
+    if (ring == nullptr) return OkStatus();
+    return WriteRing(peer, cma::FrameRing::kMarker, nullptr, 0, timeout_ms);
+  }
+
+  // Appends a record to the peer's ring, waiting (bounded) while it is full, as a send
+  // waits while the socket buffer is; rings the socket doorbell if the receiver sleeps.
+  Status WriteRing(Peer* peer, uint32_t kind, const void* data, size_t size, int timeout_ms) {
+    uint64_t deadline = 0;
+    for (int attempt = 0;; ++attempt) {
+      auto wrote = peer->ring->TryWrite(kind, data, size);
+      if (!wrote.ok()) return wrote.status();
+      if (*wrote) break;
+      if (peer->dead.load()) return UnavailableError("the peer closed its connection");
+      const uint64_t now = GetNanosecond();
+      if (deadline == 0) {
+        deadline = now + static_cast<uint64_t>(timeout_ms) * 1'000'000ull;
+      } else if (now >= deadline) {
+        return DeadlineExceededError("frame ring full: peer not reading");
+      }
+      if (attempt < 100) {
+        CpuRelax();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
+    if (peer->ring->TakeSleeper()) {
+      WireWriter w;
+      PutPreamble(&w, kWake, 0);
+      // A full socket buffer means the receiver has something to read anyway; a dead
+      // peer shows as EOF on the ack side.
+      ssize_t ignored =
+          ::send(peer->fd.get(), w.buffer().data(), w.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      (void)ignored;
+    }
+    return OkStatus();
+  }
 
   static Status AbstractAddress(const std::string& name, sockaddr_un* addr, socklen_t* len) {
     if (name.empty() || name.size() + 1 > sizeof(addr->sun_path)) {
@@ -1152,8 +1260,7 @@ class CmaVan : public Van {
     PutPreamble(&w, kStaging, 0);
     w.Put<uint32_t>((*created)->id);
     w.Put<uint64_t>((*created)->map.size());
-    Status s = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), (*created)->fd.get(),
-                         static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+    Status s = SendToPeer(peer, w.buffer().data(), w.size(), (*created)->fd.get());
     if (!s.ok()) {
       MarkDead(peer, s);
       return s;
@@ -1224,8 +1331,7 @@ class CmaVan : public Van {
       PutPreamble(&w, kBlock, 0);
       w.Put<uint32_t>(ref.block_id);
       w.Put<uint64_t>(ref.block_size);
-      Status sent = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), ref.fd,
-                              static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+      Status sent = SendToPeer(peer, w.buffer().data(), w.size(), ref.fd);
       if (!sent.ok()) {
         MarkDead(peer, sent);
         return sent.Annotate("cma van: passing shared block " + std::to_string(ref.block_id) +
@@ -1269,15 +1375,12 @@ class CmaVan : public Van {
     }
     auto sent = peer->dev_sent.find(ex->base);
     if (sent == peer->dev_sent.end() || sent->second != ex->id) {
-      const int timeout_ms = static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms));
       WireWriter w;
       if (sent != peer->dev_sent.end()) {  // the allocation at that address is a new one
         PutPreamble(&w, kDevGone, 0);
         w.Put<uint32_t>(sent->second);
       }
-      Status st = w.size() == 0
-                      ? OkStatus()
-                      : SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
+      Status st = w.size() == 0 ? OkStatus() : SendToPeer(peer, w.buffer().data(), w.size(), -1);
       if (st.ok()) {
         w.buffer().clear();
         PutPreamble(&w, kDevBlock, 0);
@@ -1285,7 +1388,7 @@ class CmaVan : public Van {
         w.Put<int32_t>(ex->handle.device);
         w.Put<uint64_t>(ex->handle.alloc_size);
         w.PutBytes(ex->handle.bytes.data(), ex->handle.bytes.size());
-        st = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1, timeout_ms);
+        st = SendToPeer(peer, w.buffer().data(), w.size(), -1);
       }
       if (!st.ok()) {
         MarkDead(peer, st);
@@ -1315,8 +1418,7 @@ class CmaVan : public Van {
       WireWriter w;
       PutPreamble(&w, kBlockGone, 0);
       w.Put<uint32_t>(id);
-      Status sent = SendFrame(peer->fd.get(), w.buffer().data(), w.size(), -1,
-                              static_cast<int>(std::max<int64_t>(1, options_.connect_timeout_ms)));
+      Status sent = SendToPeer(peer, w.buffer().data(), w.size(), -1);
       if (!sent.ok()) {
         MarkDead(peer, sent);
         return sent.Annotate("cma van send to node " + std::to_string(peer->id));
@@ -1582,10 +1684,27 @@ class CmaVan : public Van {
     std::array<epoll_event, 64> events;
     uint64_t last_activity = GetNanosecond();
     while (running_.load(std::memory_order_relaxed)) {
-      const bool spin = options_.wait.busy_poll || GetNanosecond() - last_activity <
-                                                       static_cast<uint64_t>(options_.wait.spin_ns);
+      // Frame rings are ours to poll unless a caller holds progress.
+      const bool rings = !progress_held_.load(std::memory_order_acquire) &&
+                         rings_.load(std::memory_order_relaxed) > 0;
+      if (rings) {
+        std::lock_guard<std::mutex> rx(rx_mu_);
+        if (ServeRings()) last_activity = GetNanosecond();
+      }
+      bool spin = options_.wait.busy_poll ||
+                  GetNanosecond() - last_activity < static_cast<uint64_t>(options_.wait.spin_ns);
+      bool armed = false;
+      if (!spin && rings) {
+        std::lock_guard<std::mutex> rx(rx_mu_);
+        armed = true;
+        spin = !ArmRings();
+      }
       int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()),
                            spin ? 0 : -1);
+      if (armed) {
+        std::lock_guard<std::mutex> rx(rx_mu_);
+        DisarmRings();
+      }
       if (n < 0) {
         if (errno == EINTR) continue;
         MP_LOG_ERROR(kLog, "cma van epoll_wait: {}", std::strerror(errno));
@@ -1638,11 +1757,7 @@ class CmaVan : public Van {
           Kick(kick_fd_.get());
         }
       } else if (auto in = in_conns_.find(id); in != in_conns_.end()) {
-        if (!ServeInbound(in->second.get())) {
-          ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, in->second->fd.get(), nullptr);
-          DropImports(in->second.get());
-          in_conns_.erase(in);
-        }
+        if (!ServeInbound(in->second.get())) CloseInbound(in);
       } else {
         ServeOutbound(id);
       }
@@ -1758,60 +1873,217 @@ class CmaVan : public Van {
     }
   }
 
-  // Drains an inbound connection. Returns false when it must be closed.
+  // Drains an inbound connection's socket, then its frame ring. Returns false when it must
+  // be closed.
   bool ServeInbound(InConn* c) {
     if (c->superseded) return false;
     for (int budget = 0; budget < 64; ++budget) {
       UniqueFd passed;
       const ssize_t n = ReadFrame(c->fd.get(), &passed);
-      if (n == 0) return true;
+      if (n == 0) break;
       if (n == -2) continue;
-      if (n < 0) return false;
-      WireReader r(recv_buf_.data(), static_cast<size_t>(n));
-      uint32_t magic = 0;
-      uint16_t version = 0;
-      uint8_t type = 0, flags = 0;
-      if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
-          magic != kFrameMagic || version != kFrameVersion) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
-                             "cma van: dropped a malformed doorbell frame (pid {})", c->pid);
+      if (n < 0) {
+        // What the peer wrote into its ring before it went is still delivered.
+        if (c->ring) ServeRing(c);
+        return false;
+      }
+      if (c->ring) {
+        // A doorbell only says "look at the ring"; any other frame waits for its marker.
+        if (FrameTypeOf(static_cast<size_t>(n)) == kWake) continue;
+        if (c->queued.size() >= kMaxQueuedFrames) {
+          MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                               "cma van: pid {} sent {} socket frames without ring markers; "
+                               "closing",
+                               c->pid, c->queued.size());
+          return false;
+        }
+        c->queued.push_back(
+            {std::vector<char>(recv_buf_.data(), recv_buf_.data() + n), std::move(passed)});
         continue;
       }
-      if (type == kHello) {
-        if (c->hello) {
-          MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: second handshake from pid {}; closing",
+      if (!DispatchFrame(c, static_cast<size_t>(n), std::move(passed))) return false;
+      if (!running_.load(std::memory_order_relaxed)) return true;
+    }
+    return c->ring ? ServeRing(c) : true;
+  }
+
+  // The type of the frame in recv_buf_ (0 when it is not one of ours).
+  uint8_t FrameTypeOf(size_t n) const {
+    WireReader r(recv_buf_.data(), n);
+    uint32_t magic = 0;
+    uint16_t version = 0;
+    uint8_t type = 0;
+    if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || magic != kFrameMagic ||
+        version != kFrameVersion) {
+      return 0;
+    }
+    return type;
+  }
+
+  // Dispatches the frames the connector wrote into its ring, in order, fetching the
+  // socket frame each marker stands for (requires rx_mu_). Returns false when the
+  // connection must be closed.
+  bool ServeRing(InConn* c) {
+    for (int budget = 0; budget < 64; ++budget) {
+      uint32_t kind = 0;
+      size_t n = 0;
+      auto got = c->ring->Read(recv_buf_.data(), kMaxFrameBytes, &kind, &n);
+      if (!got.ok()) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: pid {}: {}; closing", c->pid,
+                             got.status().message());
+        return false;
+      }
+      if (!*got) return true;
+      UniqueFd passed;
+      if (kind == cma::FrameRing::kMarker) {
+        if (c->queued.empty() && !ReadMarkedFrame(c)) return false;
+        InConn::Queued q = std::move(c->queued.front());
+        c->queued.pop_front();
+        n = q.bytes.size();
+        std::memcpy(recv_buf_.data(), q.bytes.data(), n);
+        passed = std::move(q.fd);
+      } else if (kind != cma::FrameRing::kFrame) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                             "cma van: pid {} wrote a ring record of unknown kind {}; closing",
+                             c->pid, kind);
+        return false;
+      }
+      if (!DispatchFrame(c, n, std::move(passed))) return false;
+      if (!running_.load(std::memory_order_relaxed)) return true;
+    }
+    return true;
+  }
+
+  // A marker whose socket frame is not read yet: the connector sent that frame before it
+  // wrote the marker, so it is in the socket (or the connection is gone). Queues it.
+  bool ReadMarkedFrame(InConn* c) {
+    const uint64_t deadline = GetNanosecond() + 2'000'000'000ull;
+    while (c->queued.empty()) {
+      UniqueFd passed;
+      const ssize_t n = ReadFrame(c->fd.get(), &passed);
+      if (n < 0 && n != -2) return false;
+      if (n > 0 && FrameTypeOf(static_cast<size_t>(n)) != kWake) {
+        c->queued.push_back(
+            {std::vector<char>(recv_buf_.data(), recv_buf_.data() + n), std::move(passed)});
+      } else if (n == 0) {
+        if (GetNanosecond() >= deadline) {
+          MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                               "cma van: pid {} marked a socket frame it did not send; closing",
                                c->pid);
           return false;
         }
-        if (!OnHello(c, &r, flags)) return false;
-      } else if (!c->hello) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
-                             "cma van: frame before handshake from pid {}; closing", c->pid);
-        return false;
-      } else if (type == kProof && c->handshake) {
-        if (!OnProof(c, &r)) return false;
-      } else if (c->handshake) {
-        MP_LOG_ERROR_LIMITED(log_limit_, kLog,
-                             "cma van: frame type {} from pid {} before it authenticated; closing",
-                             type, c->pid);
-        return false;
-      } else if (type == kStaging) {
-        OnStaging(c, &r, std::move(passed));
-      } else if (type == kBlock) {
-        OnBlock(c, &r, std::move(passed));
-      } else if (type == kBlockGone) {
-        OnBlockGone(c, &r);
-      } else if (type == kDevBlock) {
-        OnDevBlock(c, &r);
-      } else if (type == kDevGone) {
-        OnDevGone(c, &r);
-      } else if (type == kData) {
-        if (!OnData(c, flags, static_cast<size_t>(n))) return false;
-      } else {
-        MP_LOG_ERROR(kLog, "cma van: dropped a doorbell frame of unknown type {}", type);
+        pollfd p{c->fd.get(), POLLIN, 0};
+        ::poll(&p, 1, 100);
       }
-      if (!running_.load(std::memory_order_relaxed)) return true;
     }
+    return true;
+  }
+
+  // Polls every inbound frame ring and dispatches what waits (requires rx_mu_). Returns
+  // whether anything was there.
+  bool ServeRings() {
+    if (rings_.load(std::memory_order_relaxed) == 0) return false;
+    ready_.clear();
+    for (const auto& [id, c] : in_conns_) {
+      if (c->ring && !c->ring->Empty()) ready_.push_back(id);
+    }
+    if (ready_.empty()) return false;
+    const CmaVan* outer = t_dispatching_;
+    t_dispatching_ = this;
+    for (uint64_t id : ready_) {
+      auto it = in_conns_.find(id);
+      if (it == in_conns_.end()) continue;
+      if (!ServeRing(it->second.get())) CloseInbound(it);
+      if (!running_.load(std::memory_order_relaxed)) break;
+    }
+    t_dispatching_ = outer;
+    return true;
+  }
+
+  // Before the consumer sleeps (requires rx_mu_): asks every connector to ring the socket
+  // for its next frame. False when a frame is already waiting (do not sleep).
+  bool ArmRings() {
+    bool empty = true;
+    for (const auto& kv : in_conns_) {
+      if (kv.second->ring && !kv.second->ring->Arm()) empty = false;
+    }
+    return empty;
+  }
+  void DisarmRings() {
+    for (const auto& kv : in_conns_) {
+      if (kv.second->ring) kv.second->ring->Disarm();
+    }
+  }
+
+  void CloseInbound(std::unordered_map<uint64_t, std::unique_ptr<InConn>>::iterator it) {
+    ::epoll_ctl(data_epoll_.get(), EPOLL_CTL_DEL, it->second->fd.get(), nullptr);
+    if (it->second->ring) rings_.fetch_sub(1, std::memory_order_relaxed);
+    DropImports(it->second.get());
+    in_conns_.erase(it);
+  }
+
+  // One frame from an inbound connection, in recv_buf_ (requires rx_mu_). Returns false
+  // when the connection must be closed.
+  bool DispatchFrame(InConn* c, size_t n, UniqueFd passed) {
+    WireReader r(recv_buf_.data(), n);
+    uint32_t magic = 0;
+    uint16_t version = 0;
+    uint8_t type = 0, flags = 0;
+    if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&type) || !r.Get(&flags) ||
+        magic != kFrameMagic || version != kFrameVersion) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: dropped a malformed doorbell frame (pid {})",
+                           c->pid);
+      return true;
+    }
+    if (type == kHello) {
+      if (c->hello) {
+        MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: second handshake from pid {}; closing",
+                             c->pid);
+        return false;
+      }
+      return OnHello(c, &r, flags);
+    }
+    if (!c->hello) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: frame before handshake from pid {}; closing",
+                           c->pid);
+      return false;
+    }
+    if (type == kProof && c->handshake) return OnProof(c, &r);
+    if (c->handshake) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: frame type {} from pid {} before it authenticated; closing",
+                           type, c->pid);
+      return false;
+    }
+    switch (type) {
+      case kStaging: OnStaging(c, &r, std::move(passed)); return true;
+      case kBlock: OnBlock(c, &r, std::move(passed)); return true;
+      case kBlockGone: OnBlockGone(c, &r); return true;
+      case kDevBlock: OnDevBlock(c, &r); return true;
+      case kDevGone: OnDevGone(c, &r); return true;
+      case kData: return OnData(c, flags, n);
+      case kRing: return OnRing(c, std::move(passed));
+      case kWake: return true;
+      default:
+        MP_LOG_ERROR(kLog, "cma van: dropped a doorbell frame of unknown type {}", type);
+        return true;
+    }
+  }
+
+  bool OnRing(InConn* c, UniqueFd fd) {
+    if (c->ring || !fd.valid()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog,
+                           "cma van: pid {} sent a second frame ring or none; closing", c->pid);
+      return false;
+    }
+    auto ring = cma::FrameRing::Attach(fd.get(), kMaxRingBytes);
+    if (!ring.ok()) {
+      MP_LOG_ERROR_LIMITED(log_limit_, kLog, "cma van: refused the frame ring of pid {}: {}",
+                           c->pid, ring.status().message());
+      return false;
+    }
+    c->ring = std::move(ring).value();
+    rings_.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
 
@@ -2246,6 +2518,8 @@ class CmaVan : public Van {
   std::mutex rx_mu_;
   std::unordered_map<uint64_t, std::unique_ptr<InConn>> in_conns_;
   std::vector<char> recv_buf_ = std::vector<char>(kMaxFrameBytes + 64);
+  std::atomic<int> rings_{0};    // inbound connections with a frame ring
+  std::vector<uint64_t> ready_;  // ServeRings scratch
   std::string meta_buf_;
   std::vector<Source> sources_;
   std::vector<Source> slot_sources_;
