@@ -1,7 +1,8 @@
 // libFuzzer target: the same-host van's doorbell frames (van/cma). A real CmaVan runs in
 // this process; each input opens a unix-socket connection to it, performs the documented
 // handshake (or not, per the first byte) and sends the rest of the input as up to four
-// frames, then waits until the van closed the connection. Frames that name remote memory
+// frames, on the socket or (mode bit 5) through a frame ring it passed first, the way the
+// van's own connector sends them; then waits until the van closed the connection. Frames that name remote memory
 // make the van read this process's memory through process_vm_readv, which fails cleanly
 // on bad addresses, exactly as it would against a hostile peer.
 #include <poll.h>
@@ -17,6 +18,7 @@
 
 #include "common/wire.h"
 #include "van/cma/cma_van.h"
+#include "van/cma/frame_ring.h"
 
 namespace {
 
@@ -62,7 +64,7 @@ std::string Hello() {
   static uint8_t cookie[16] = {1};
   WireWriter w;
   w.Put<uint32_t>(0x4D43504D);  // "MPCM"
-  w.Put<uint16_t>(1);
+  w.Put<uint16_t>(2);
   w.Put<uint8_t>(1);  // kHello
   w.Put<uint8_t>(0);
   w.Put<uint32_t>(static_cast<uint32_t>(::getpid()));
@@ -71,6 +73,61 @@ std::string Hello() {
   w.PutBytes(cookie, 16);
   w.Put<uint8_t>(1);
   return w.Release();
+}
+
+std::string Preamble(uint8_t type) {
+  WireWriter w;
+  w.Put<uint32_t>(0x4D43504D);
+  w.Put<uint16_t>(2);
+  w.Put<uint8_t>(type);
+  w.Put<uint8_t>(0);
+  return w.Release();
+}
+
+// Passes a new frame ring over the socket (kRing with its memfd).
+std::unique_ptr<cma::FrameRing> PassRing(int fd) {
+  int ring_fd = -1;
+  auto ring = cma::FrameRing::Create(4096, &ring_fd);
+  if (!ring.ok()) return nullptr;
+  const std::string frame = Preamble(11);
+  iovec iov{const_cast<char*>(frame.data()), frame.size()};
+  msghdr mh{};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  mh.msg_control = control;
+  mh.msg_controllen = sizeof(control);
+  cmsghdr* c = CMSG_FIRSTHDR(&mh);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(c), &ring_fd, sizeof(int));
+  const bool sent = ::sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0;
+  ::close(ring_fd);
+  return sent ? std::move(ring).value() : nullptr;
+}
+
+// One frame through the ring when it fits (else the socket plus a marker), then the
+// doorbell if the van sleeps.
+bool SendFrame(int fd, cma::FrameRing* ring, const uint8_t* p, size_t n) {
+  if (ring == nullptr) return ::send(fd, p, n, MSG_NOSIGNAL) >= 0;
+  uint32_t kind = cma::FrameRing::kFrame;
+  if (n > ring->max_frame()) {
+    if (::send(fd, p, n, MSG_NOSIGNAL) < 0) return false;
+    kind = cma::FrameRing::kMarker;
+    n = 0;
+  }
+  for (int tries = 0;; ++tries) {
+    auto wrote = ring->TryWrite(kind, p, n);
+    if (!wrote.ok() || tries > 1000) return false;
+    if (*wrote) break;
+    ::usleep(100);
+  }
+  if (ring->TakeSleeper()) {
+    const std::string wake = Preamble(12);
+    (void)::send(fd, wake.data(), wake.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+  }
+  return true;
 }
 
 }  // namespace
@@ -87,12 +144,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const std::string hello = Hello();
     (void)::send(fd, hello.data(), hello.size(), MSG_NOSIGNAL);
   }
+  std::unique_ptr<cma::FrameRing> ring;
+  if (mode & 32) ring = PassRing(fd);
   const int frames = 1 + ((mode >> 1) & 1) + ((mode >> 3) & 3);
   const uint8_t* p = data + 1;
   size_t left = size - 1;
   for (int i = 0; i < frames; ++i) {
     const size_t n = i + 1 == frames ? left : left / static_cast<size_t>(frames - i);
-    if (::send(fd, p, n, MSG_NOSIGNAL) < 0) break;
+    if (!SendFrame(fd, ring.get(), p, n)) break;
     p += n;
     left -= n;
   }

@@ -25,7 +25,7 @@ void Write(const std::string& target, const std::string& name, const std::string
 std::string CmaPreamble(uint8_t type, uint8_t flags) {
   WireWriter w;
   w.Put<uint32_t>(0x4D43504D);
-  w.Put<uint16_t>(1);
+  w.Put<uint16_t>(2);
   w.Put<uint8_t>(type);
   w.Put<uint8_t>(flags);
   return w.Release();
@@ -91,7 +91,8 @@ int main(int argc, char** argv) {
   Write("rdma_wire", "refuse", "\x01" + rdma::EncodeRefuse(3, "too big"));
   Write("rdma_wire", "header",
         std::string(1, '\0') + rdma::EncodeHeaderFrame(EncodeMeta(req), {9}));
-  // cma_frames: mode byte (bit0 = send a valid hello first, bit2 = authenticated van)
+  // cma_frames: mode byte (bit0 = send a valid hello first, bit2 = authenticated van,
+  // bit5 = frames through a frame ring)
   {
     // A data frame with the meta inline: seq, nseg=0, Source(meta: inline at 0), meta.
     const std::string meta = EncodeMeta(hb);
@@ -118,6 +119,7 @@ int main(int argc, char** argv) {
     Write("cma_frames", "auth_hello",
           std::string(1, '\4') + CmaPreamble(1, 2) + h.Release() + hello);
     Write("cma_frames", "no_hello", std::string(1, '\0') + data);
+    Write("cma_frames", "data_inline_ring", std::string(1, '\x21') + data);
   }
   std::printf("seeds written under %s\n", g_root.c_str());
   return 0;

@@ -61,7 +61,7 @@ for t in $targets; do
   case "$t" in
     codec|auth) build "$t" ;;
     rdma_wire) build "$t" van/rdma/rdma_wire.cc van/rdma/verbs_ibv.cc -libverbs ;;
-    cma_frames) build "$t" van/cma/cma_van.cc van/cma/cma_device.cc van/device_copy.cc \
+    cma_frames) build "$t" van/cma/cma_van.cc van/cma/cma_device.cc van/cma/frame_ring.cc van/device_copy.cc \
                   van/delivery.cc common/net.cc common/affinity.cc tensor/shared_memory.cc ;;
     *) echo "fuzz: unknown target $t"; exit 2 ;;
   esac
