@@ -4,6 +4,12 @@
 // - Doorbell: one SOCK_SEQPACKET unix socket per (sender, receiver) pair in the abstract
 //   namespace. Seqpacket keeps frame boundaries, reports peer death as EOF and can carry
 //   memfds (SCM_RIGHTS) for the fallback, so it needs no extra rendezvous.
+// - Frame ring (frame_ring.h): after the handshake the connector passes a ring in shared
+//   memory, and its frames travel there: a memcpy and a store, seen by a polling receiver
+//   without a system call (a socket message costs each side ~5 us here). Frames carrying a
+//   descriptor, or too large, still go on the socket, and a marker in the ring keeps their
+//   place. A receiver about to sleep arms the ring; the next frame then also sends a kWake
+//   on the socket, so the epoll sets below wake it exactly as a socket frame would.
 // - Payload: the receiver *pulls*. A data frame names, per segment, the sender's address
 //   (CMA), a range of a shared staging buffer (fallback) or bytes inline in the frame
 //   (small segments). The receive thread asks its VanReceiver for the destination and
