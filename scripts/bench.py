@@ -116,22 +116,25 @@ def run_meshpost(binary, transport, shm, shape, m, n, iters, warmup):
 
 
 def parse_cluster_system(sysname):
-    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared][@noprogress][@nostage] ->
-    (transport, spin_us or None, trace, shared, progress, stage). @trace runs the cluster with
+    """meshpost-cluster-<transport>[@spin<us>][@trace][@shared][@noprogress][@nostage][@noring]
+    -> (transport, spin_us or None, trace, shared, progress, stage, ring). @trace runs the cluster with
     MESHPOST_TRACE=all into a temporary directory (the capture-overhead measurement of
     docs/profiling.md); @shared allocates the push and pull tensors in shared memory and
     answers through the outputs (issue 11); @noprogress sets MESHPOST_CALLER_PROGRESS=0
     (waiters are woken by the van's receive thread, as before caller-driven progress);
     @nostage sets MESHPOST_SHARED_PUSH_MIN=0 (ordinary pushes are read across processes,
-    not sent from a shared copy)."""
+    not sent from a shared copy); @noring sets MESHPOST_CMA_RING=0 (every same-host frame
+    through the unix socket, as before the frame ring)."""
     base, *mods = sysname.split("@")
     transport = base[len("meshpost-cluster-"):]
     if transport not in ("tcp", "cma", "cma-shm"):
         raise ValueError(f"unknown cluster system {sysname}")
-    spin, trace, shared, progress, stage = None, False, False, True, True
+    spin, trace, shared, progress, stage, ring = None, False, False, True, True, True
     for mod in mods:
         if mod == "nostage":
             stage = False
+        elif mod == "noring":
+            ring = False
         elif mod == "trace":
             trace = True
         elif mod == "shared":
@@ -143,12 +146,12 @@ def parse_cluster_system(sysname):
         else:
             raise ValueError(
                 f"{sysname}: expected @spin<microseconds>, @trace, @shared, @noprogress, "
-                "@nostage")
-    return transport, spin, trace, shared, progress, stage
+                "@nostage, @noring")
+    return transport, spin, trace, shared, progress, stage, ring
 
 
 def run_cluster(binary, sysname, shape, m, n, iters, warmup):
-    transport, spin, trace, shared, progress, stage = parse_cluster_system(sysname)
+    transport, spin, trace, shared, progress, stage, ring = parse_cluster_system(sysname)
     cmd = [binary, "--workers", str(m), "--servers", str(n), "--transport", transport] + \
         shape_flags(shape, iters, warmup)
     if shared:
@@ -158,6 +161,8 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
     env = dict(os.environ, MESHPOST_CALLER_PROGRESS="1" if progress else "0")
     if not stage:
         env["MESHPOST_SHARED_PUSH_MIN"] = "0"
+    if not ring:
+        env["MESHPOST_CMA_RING"] = "0"
     if trace:
         import shutil
         import tempfile
@@ -182,7 +187,7 @@ def run_cluster(binary, sysname, shape, m, n, iters, warmup):
 
 
 def run_python(python, sysname, shape, iters, warmup):
-    # python-<mode>[@noprogress][@nostage][@spin<us>]: as for the cluster systems.
+    # python-<mode>[@noprogress][@nostage][@noring][@spin<us>]: as for the cluster systems.
     base, *mods = sysname.split("@")
     mode = {"python-fserver": "fserver", "python-meshpost-shared": "shared"}[base]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench",
@@ -193,10 +198,13 @@ def run_python(python, sysname, shape, iters, warmup):
             env["MESHPOST_CALLER_PROGRESS"] = "0"
         elif mod == "nostage":
             env["MESHPOST_SHARED_PUSH_MIN"] = "0"
+        elif mod == "noring":
+            env["MESHPOST_CMA_RING"] = "0"
         elif mod.startswith("spin") and mod[4:].isdigit():
             env["MESHPOST_SPIN_US"] = mod[4:]
         else:
-            raise ValueError(f"{sysname}: expected @noprogress, @nostage or @spin<microseconds>")
+            raise ValueError(
+                f"{sysname}: expected @noprogress, @nostage, @noring or @spin<microseconds>")
     r = run_json([python, script, "--mode", mode, "--push", str(shape["push"]),
                   "--push-extra", str(shape["push_extra"]), "--pull", str(shape["pull"]),
                   "--iters", str(iters), "--warmup", str(warmup)], env=env)

@@ -1889,8 +1889,11 @@ class CmaVan : public Van {
       if (n == 0) break;
       if (n == -2) continue;
       if (n < 0) {
-        // What the peer wrote into its ring before it went is still delivered.
-        if (c->ring) ServeRing(c);
+        // What the peer wrote into its ring before it went is still delivered (bounded:
+        // nothing refills a ring whose writer is gone, unless it lives on elsewhere).
+        for (int i = 0; c->ring && i < 64 && !c->ring->Empty(); ++i) {
+          if (!ServeRing(c)) break;
+        }
         return false;
       }
       if (c->ring) {
@@ -1930,6 +1933,7 @@ class CmaVan : public Van {
   // socket frame each marker stands for (requires rx_mu_). Returns false when the
   // connection must be closed.
   bool ServeRing(InConn* c) {
+    if (c->superseded) return false;
     for (int budget = 0; budget < 64; ++budget) {
       uint32_t kind = 0;
       size_t n = 0;
