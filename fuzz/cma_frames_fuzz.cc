@@ -2,9 +2,9 @@
 // this process; each input opens a unix-socket connection to it, performs the documented
 // handshake (or not, per the first byte) and sends the rest of the input as up to four
 // frames, on the socket or (mode bit 5) through a frame ring it passed first, the way the
-// van's own connector sends them; then waits until the van closed the connection. Frames that name remote memory
-// make the van read this process's memory through process_vm_readv, which fails cleanly
-// on bad addresses, exactly as it would against a hostile peer.
+// van's own connector sends them; then waits until the van closed the connection. Frames that name
+// remote memory make the van read this process's memory through process_vm_readv, which fails
+// cleanly on bad addresses, exactly as it would against a hostile peer.
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
